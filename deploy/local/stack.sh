@@ -1,0 +1,83 @@
+# What the local stack is: its ports, folders, pinned versions and binaries, in one place.
+# Sourced (never run) by install.sh, ctl.sh, up.sh and down.sh; every value can be overridden by the
+# environment variable of the same name.
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
+LOCAL_DIR="$ROOT/.local"
+LOG_DIR="$LOCAL_DIR/logs"
+
+METERLINE_PG_PORT=${METERLINE_PG_PORT:-55432}
+METERLINE_KAFKA_PORT=${METERLINE_KAFKA_PORT:-59092}
+METERLINE_KAFKA_CONTROLLER_PORT=${METERLINE_KAFKA_CONTROLLER_PORT:-59093}
+METERLINE_STRIPE_MOCK_PORT=${METERLINE_STRIPE_MOCK_PORT:-12111}
+# How long `ctl.sh start` waits for a component to answer before it gives up.
+METERLINE_START_TIMEOUT=${METERLINE_START_TIMEOUT:-120}
+
+KAFKA_VERSION=3.9.2
+STRIPE_MOCK_VERSION=v0.197.0
+
+CACHE_DIR=${METERLINE_CACHE:-$HOME/.cache/meterline}
+KAFKA_LIBS="$CACHE_DIR/kafka-$KAFKA_VERSION/libs"
+STRIPE_MOCK_BIN="$CACHE_DIR/bin/stripe-mock"
+
+# The PostgreSQL cluster runs as the postgres user, which cannot enter a checkout under a mode-700
+# home; so the data (PostgreSQL's and Kafka's) lives in a folder of its own under /var/tmp, one per
+# checkout, and .local/ links to it.
+STATE_DIR="/var/tmp/meterline-$(printf '%s' "$ROOT" | sha256sum | cut -c1-12)"
+PG_DATA="$STATE_DIR/pgdata"
+PG_SOCKET_DIR="$STATE_DIR/pgsock"
+PG_LOG="$STATE_DIR/postgres.log"
+KAFKA_DATA="$STATE_DIR/kafka-data"
+
+KAFKA_CONF_DIR="$LOCAL_DIR/kafka"
+KAFKA_PID="$LOCAL_DIR/kafka.pid"
+KAFKA_LOG="$LOG_DIR/kafka.log"
+KAFKA_STDOUT="$LOG_DIR/kafka.stdout.log"
+STRIPE_MOCK_PID="$LOCAL_DIR/stripe-mock.pid"
+STRIPE_MOCK_LOG="$LOG_DIR/stripe-mock.log"
+
+say() { printf '%s\n' "$*"; }
+die() {
+    printf 'error: %s\n' "$*" >&2
+    exit 1
+}
+
+is_root() { [ "$(id -u)" -eq 0 ]; }
+
+# The user that owns and runs the PostgreSQL cluster: initdb refuses to run as root.
+pg_owner() { if is_root; then echo postgres; else id -un; fi; }
+
+# Run a PostgreSQL server binary as the cluster owner, from a folder that user can enter.
+as_pg_owner() {
+    if is_root; then
+        (cd "$STATE_DIR" && runuser -u postgres -- "$@")
+    else
+        (cd "$STATE_DIR" && "$@")
+    fi
+}
+
+# The newest installed PostgreSQL server binaries (initdb, pg_ctl, postgres), or nothing.
+pg_bindir() {
+    local dir
+    if [ -n "${METERLINE_PG_BIN:-}" ]; then
+        echo "$METERLINE_PG_BIN"
+        return
+    fi
+    if command -v pg_config >/dev/null 2>&1; then
+        dir=$(pg_config --bindir 2>/dev/null || true)
+        if [ -x "$dir/initdb" ] && [ -x "$dir/pg_ctl" ]; then
+            echo "$dir"
+            return
+        fi
+    fi
+    dir=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1)
+    if [ -n "$dir" ] && [ -x "$dir/initdb" ]; then
+        echo "$dir"
+    fi
+}
+
+kafka_libs_present() {
+    [ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] &&
+        [ -f "$KAFKA_LIBS/kafka-tools-$KAFKA_VERSION.jar" ] &&
+        [ -f "$KAFKA_LIBS/slf4j-reload4j-1.7.36.jar" ]
+}

@@ -1,0 +1,1 @@
+"""Meterline's public face: the `meterline` command line and the Python client for services."""

@@ -1,0 +1,1 @@
+"""One module per CLI command group, each a Typer app registered in meterline.cli."""

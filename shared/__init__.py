@@ -1,0 +1,1 @@
+"""Meterline's common package: settings, models, database access, event schema and API keys."""

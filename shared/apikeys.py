@@ -1,0 +1,191 @@
+"""API key management: create (plaintext returned once), verify, revoke, expire, list, usage."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from shared.access import member_role, require_manager, require_organization
+from shared.errors import Forbidden, InvalidInput, NotFound
+from shared.keys import generate_key, hash_key, hashes_match, parse_prefix
+from shared.models import ApiKey, Project
+
+
+@dataclass(frozen=True, slots=True)
+class CreatedKey:
+    key: ApiKey
+    plaintext: str  # shown once to the caller; never stored, never logged
+
+
+@dataclass(frozen=True, slots=True)
+class VerifiedKey:
+    """What a request may act as once its key is verified."""
+
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    project_id: uuid.UUID | None
+    user_id: uuid.UUID | None
+    expires_at: datetime | None
+
+
+def create_api_key(
+    session: Session,
+    *,
+    organization_id: uuid.UUID,
+    actor_id: uuid.UUID | None,
+    name: str,
+    pepper: bytes,
+    project_id: uuid.UUID | None = None,
+    user_id: uuid.UUID | None = None,
+    expires_at: datetime | None = None,
+    environment: str = "live",
+) -> CreatedKey:
+    require_organization(session, organization_id)
+    require_manager(session, organization_id, actor_id)
+    if not name.strip():
+        raise InvalidInput("key name must not be empty")
+    if project_id is not None:
+        project = session.get(Project, project_id)
+        if project is None or project.organization_id != organization_id:
+            raise NotFound(f"project {project_id} not found in organization {organization_id}")
+        if project.archived_at is not None:
+            raise InvalidInput(f"project {project_id} is archived")
+    if user_id is not None and member_role(session, organization_id, user_id) is None:
+        raise InvalidInput(f"user {user_id} is not a member of organization {organization_id}")
+    new = generate_key(environment)
+    key = ApiKey(
+        organization_id=organization_id,
+        project_id=project_id,
+        user_id=user_id,
+        created_by_user_id=actor_id,
+        name=name.strip(),
+        prefix=new.prefix,
+        key_hash=hash_key(new.plaintext, pepper),
+        expires_at=expires_at,
+    )
+    session.add(key)
+    session.flush()
+    return CreatedKey(key=key, plaintext=new.plaintext)
+
+
+def verify_api_key(
+    session: Session, plaintext: str, *, pepper: bytes, now: datetime
+) -> VerifiedKey | None:
+    """The key's identity if it is well formed, known, not revoked and not expired; else None."""
+    prefix = parse_prefix(plaintext)
+    if prefix is None:
+        return None
+    presented = hash_key(plaintext, pepper)
+    row = session.execute(
+        sa.select(
+            ApiKey.id,
+            ApiKey.organization_id,
+            ApiKey.project_id,
+            ApiKey.user_id,
+            ApiKey.expires_at,
+            ApiKey.revoked_at,
+            ApiKey.key_hash,
+        ).where(ApiKey.key_hash == presented)
+    ).one_or_none()
+    if row is None or not hashes_match(row.key_hash, presented):
+        return None
+    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
+        return None
+    return VerifiedKey(
+        id=row.id,
+        organization_id=row.organization_id,
+        project_id=row.project_id,
+        user_id=row.user_id,
+        expires_at=row.expires_at,
+    )
+
+
+def _managed_key(
+    session: Session, key_id: uuid.UUID, actor_id: uuid.UUID | None
+) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None:
+        raise NotFound(f"API key {key_id} not found")
+    require_manager(session, key.organization_id, actor_id)
+    return key
+
+
+def revoke_api_key(
+    session: Session, key_id: uuid.UUID, *, actor_id: uuid.UUID | None, now: datetime
+) -> ApiKey:
+    key = _managed_key(session, key_id, actor_id)
+    if key.revoked_at is None:
+        key.revoked_at = now
+    return key
+
+
+def expire_api_key(
+    session: Session,
+    key_id: uuid.UUID,
+    *,
+    actor_id: uuid.UUID | None,
+    expires_at: datetime,
+) -> ApiKey:
+    key = _managed_key(session, key_id, actor_id)
+    key.expires_at = expires_at
+    return key
+
+
+def find_api_key(session: Session, reference: str) -> ApiKey:
+    """A key by id or public prefix."""
+    try:
+        key = session.get(ApiKey, uuid.UUID(reference))
+    except ValueError:
+        key = session.scalar(sa.select(ApiKey).where(ApiKey.prefix == reference))
+    if key is None:
+        raise NotFound(f"API key {reference!r} not found")
+    return key
+
+
+def list_api_keys(
+    session: Session,
+    organization_id: uuid.UUID,
+    *,
+    actor_id: uuid.UUID | None,
+    include_revoked: bool = True,
+) -> list[ApiKey]:
+    """Keys of an organization, newest first. Only the prefix identifies them: no hash leaves here."""
+    require_organization(session, organization_id)
+    if actor_id is not None and member_role(session, organization_id, actor_id) is None:
+        raise Forbidden("only members may list an organization's keys")
+    query = sa.select(ApiKey).where(ApiKey.organization_id == organization_id)
+    if not include_revoked:
+        query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query.order_by(ApiKey.created_at.desc(), ApiKey.id.desc())))
+
+
+def record_key_usage(
+    session: Session, usage: dict[uuid.UUID, tuple[int, datetime]]
+) -> None:
+    """Add request counts and move last_used_at forward for many keys in one statement.
+
+    Ingest buffers per-key counts in memory and flushes them every few seconds, so a request
+    never waits on a write.
+    """
+    if not usage:
+        return
+    ids = list(usage)
+    counts = [usage[key_id][0] for key_id in ids]
+    last_used = [usage[key_id][1] for key_id in ids]
+    session.execute(
+        sa.text(
+            """
+            UPDATE api_keys AS k
+               SET usage_count = k.usage_count + u.n,
+                   last_used_at = GREATEST(COALESCE(k.last_used_at, u.at), u.at)
+              FROM unnest(CAST(:ids AS uuid[]), CAST(:counts AS bigint[]),
+                          CAST(:at AS timestamptz[])) AS u(id, n, at)
+             WHERE k.id = u.id
+            """
+        ),
+        {"ids": ids, "counts": counts, "at": last_used},
+    )

@@ -1,0 +1,75 @@
+"""Engines and units of work. Transactions begin here, at the edge; functions below take a session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from shared.errors import DatabaseUnavailable
+from shared.settings import Settings
+
+
+def where(database_url: str) -> str:
+    """host:port/db of a URL, never its password: safe for messages and logs."""
+    url = make_url(database_url)
+    return f"{url.host or 'localhost'}:{url.port or 5432}/{url.database}"
+
+
+def create_sync_engine(settings: Settings, **options: object) -> Engine:
+    return sa.create_engine(
+        settings.database_url,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5, "application_name": "meterline"},
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def create_async_db_engine(settings: Settings, **options: object) -> AsyncEngine:
+    return create_async_engine(
+        settings.database_url,
+        pool_pre_ping=True,
+        connect_args={"connect_timeout": 5, "application_name": "meterline"},
+        **options,  # type: ignore[arg-type]
+    )
+
+
+@contextmanager
+def unit_of_work(engine: Engine) -> Iterator[Session]:
+    """One transaction: commits when the block ends, rolls back if it raises."""
+    factory = sessionmaker(engine, expire_on_commit=False)
+    try:
+        with factory.begin() as session:
+            yield session
+    except sa_exc.OperationalError as exc:
+        if _is_connection_failure(exc):
+            raise DatabaseUnavailable(
+                f"database unreachable at {where(str(engine.url))}: {_first_line(exc)}"
+            ) from None
+        raise
+
+
+def check_database(engine: Engine) -> None:
+    """Raise DatabaseUnavailable with a one-line reason when the database does not answer."""
+    try:
+        with engine.connect() as connection:
+            connection.execute(sa.text("SELECT 1"))
+    except sa_exc.OperationalError as exc:
+        raise DatabaseUnavailable(
+            f"database unreachable at {where(str(engine.url))}: {_first_line(exc)}"
+        ) from None
+
+
+def _is_connection_failure(exc: sa_exc.OperationalError) -> bool:
+    return exc.connection_invalidated or "connect" in str(exc.orig).lower()
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip().splitlines()
+    return text[0] if text else type(orig).__name__

@@ -1,0 +1,247 @@
+"""The usage event and the Kafka envelope shared by ingest (producer) and aggregator (consumer).
+
+Pure values in, values out: validation takes `now` as an argument and never reads a clock.
+
+Envelope versions the aggregator reads:
+  v1  JSON object {"v": 1, "organization_id", "api_key_id", "received_at", "events": [...]}
+      carrying every event of one accepted request (they share an organization). Each event has
+      id, metric, quantity (decimal string), timestamp (RFC 3339), project_id (resolved by
+      ingest: the event's own, else the key's project, else null) and properties.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+import uuid
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import msgspec
+
+ENVELOPE_VERSION = 1
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_BODY_BYTES = 1024 * 1024
+MAX_QUANTITY = Decimal("1e12")
+MAX_PROPERTIES = 16
+MAX_PROPERTY_KEY = 64
+MAX_PROPERTY_VALUE = 256
+METRIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+EVENT_FIELDS = frozenset({"id", "metric", "quantity", "timestamp", "project_id", "properties"})
+
+
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """One validated event, as it travels inside an envelope."""
+
+    id: str
+    metric: str
+    quantity: Decimal
+    timestamp: datetime
+    project_id: uuid.UUID | None = None
+    properties: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Envelope(msgspec.Struct, frozen=True, kw_only=True):
+    v: int
+    organization_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    received_at: datetime
+    events: list[UsageEvent]
+
+
+class EnvelopeError(ValueError):
+    """An envelope the aggregator cannot read; the message is the dead-letter reason."""
+
+
+_encoder = msgspec.json.Encoder(decimal_format="string")
+_decoder = msgspec.json.Decoder(Envelope)
+
+
+def encode_envelope(envelope: Envelope) -> bytes:
+    return _encoder.encode(envelope)
+
+
+def decode_envelope(data: bytes) -> Envelope:
+    """Decode and re-check an envelope; raises EnvelopeError with a reason fit for the DLQ."""
+    try:
+        envelope = _decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        version = _peek_version(data)
+        if version is not None and version != ENVELOPE_VERSION:
+            raise EnvelopeError(f"unknown envelope version {version!r}") from None
+        raise EnvelopeError(f"malformed envelope: {exc}") from None
+    if envelope.v != ENVELOPE_VERSION:
+        raise EnvelopeError(f"unknown envelope version {envelope.v!r}")
+    if not envelope.events:
+        raise EnvelopeError("envelope has no events")
+    for index, event in enumerate(envelope.events):
+        reason = _recheck(event)
+        if reason:
+            raise EnvelopeError(f"events[{index}]: {reason}")
+    return envelope
+
+
+def _peek_version(data: bytes) -> object:
+    try:
+        raw = msgspec.json.decode(data)
+    except msgspec.DecodeError:
+        return None
+    return raw.get("v") if isinstance(raw, dict) else None
+
+
+def _recheck(event: UsageEvent) -> str | None:
+    if not 1 <= len(event.id) <= 128:
+        return "id must be 1-128 characters"
+    if not METRIC_RE.match(event.metric):
+        return "metric does not match ^[a-z][a-z0-9_.-]{0,63}$"
+    if not event.quantity.is_finite() or not 0 <= event.quantity <= MAX_QUANTITY:
+        return "quantity must be finite and within 0..1e12"
+    if event.timestamp.tzinfo is None:
+        return "timestamp has no time zone"
+    return None
+
+
+def parse_quantity(value: Any) -> Decimal:
+    """An exact Decimal from a JSON number or decimal string; ValueError names the problem."""
+    if isinstance(value, bool):
+        raise ValueError("quantity must be a number or a decimal string")
+    if isinstance(value, int):
+        quantity = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ValueError("quantity must be finite")
+        # repr() is the shortest string that round-trips: 0.1 stays 0.1, not 0.1000000000000000055...
+        quantity = Decimal(repr(value))
+    elif isinstance(value, str):
+        try:
+            quantity = Decimal(value.strip())
+        except InvalidOperation:
+            raise ValueError("quantity is not a decimal number") from None
+    else:
+        raise ValueError("quantity must be a number or a decimal string")
+    if not quantity.is_finite():
+        raise ValueError("quantity must be finite")
+    if quantity < 0 or quantity > MAX_QUANTITY:
+        raise ValueError("quantity must be between 0 and 1e12")
+    if quantity == 0:
+        return Decimal(0)
+    return quantity
+
+
+def parse_timestamp(value: Any) -> datetime:
+    if not isinstance(value, str):
+        raise ValueError("timestamp must be an RFC 3339 string")
+    text = value.strip()
+    if len(text) < 20 or text[10] not in "Tt ":
+        raise ValueError("timestamp must be an RFC 3339 date-time with a time zone")
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+    except ValueError:
+        raise ValueError("timestamp must be an RFC 3339 date-time with a time zone") from None
+    if parsed.tzinfo is None:
+        raise ValueError("timestamp must carry a time zone (Z or an offset)")
+    return parsed.astimezone(UTC)
+
+
+def validate_event(
+    raw: Any,
+    *,
+    now: datetime,
+    horizon: timedelta,
+    max_future: timedelta,
+) -> UsageEvent | list[str]:
+    """A UsageEvent, or every reason `raw` is not one (field named in each reason)."""
+    if not isinstance(raw, dict):
+        return ["event must be a JSON object"]
+    problems: list[str] = []
+    unknown = raw.keys() - EVENT_FIELDS
+    if unknown:
+        problems.append(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+
+    event_id = raw.get("id")
+    if not isinstance(event_id, str) or not 1 <= len(event_id) <= 128:
+        problems.append("id: required, a string of 1-128 characters")
+
+    metric = raw.get("metric")
+    if not isinstance(metric, str) or not METRIC_RE.match(metric):
+        problems.append("metric: required, must match ^[a-z][a-z0-9_.-]{0,63}$")
+
+    quantity = Decimal(1)
+    if "quantity" in raw:
+        try:
+            quantity = parse_quantity(raw["quantity"])
+        except ValueError as exc:
+            problems.append(f"quantity: {exc}")
+
+    timestamp = now
+    if raw.get("timestamp") is not None:
+        try:
+            timestamp = parse_timestamp(raw["timestamp"])
+        except ValueError as exc:
+            problems.append(f"timestamp: {exc}")
+        else:
+            if timestamp > now + max_future:
+                problems.append(
+                    f"timestamp: more than {int(max_future.total_seconds())} seconds in the future"
+                )
+            elif timestamp < now - horizon:
+                problems.append(f"timestamp: older than the lateness horizon ({horizon.days} days)")
+
+    project_id: uuid.UUID | None = None
+    if raw.get("project_id") is not None:
+        try:
+            project_id = uuid.UUID(str(raw["project_id"]))
+        except ValueError:
+            problems.append("project_id: not a valid id")
+
+    properties = raw.get("properties") or {}
+    if not isinstance(properties, dict):
+        problems.append("properties: must be an object of string -> string")
+        properties = {}
+    elif len(properties) > MAX_PROPERTIES:
+        problems.append(f"properties: at most {MAX_PROPERTIES} pairs")
+    elif not all(
+        isinstance(k, str)
+        and isinstance(v, str)
+        and len(k) <= MAX_PROPERTY_KEY
+        and len(v) <= MAX_PROPERTY_VALUE
+        for k, v in properties.items()
+    ):
+        problems.append(
+            f"properties: keys and values must be strings (keys <= {MAX_PROPERTY_KEY}, "
+            f"values <= {MAX_PROPERTY_VALUE} characters)"
+        )
+
+    if problems:
+        return problems
+    assert isinstance(event_id, str) and isinstance(metric, str)
+    return UsageEvent(
+        id=event_id,
+        metric=metric,
+        quantity=quantity,
+        timestamp=timestamp,
+        project_id=project_id,
+        properties=properties,
+    )
+
+
+def fingerprint(event: UsageEvent) -> bytes:
+    """What makes two events with one id 'the same': metric, quantity, timestamp, project."""
+    quantity = event.quantity.normalize() if event.quantity else Decimal(0)
+    text = "\x1f".join(
+        (
+            event.metric,
+            format(quantity, "f"),
+            event.timestamp.astimezone(UTC).isoformat(),
+            str(event.project_id or ""),
+        )
+    )
+    return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+
+def window_start(timestamp: datetime, window_seconds: int) -> datetime:
+    """The start of the aggregation window that holds `timestamp` (windows align to the epoch)."""
+    epoch = int(timestamp.timestamp())
+    return datetime.fromtimestamp(epoch - epoch % window_seconds, tz=UTC)

@@ -1,0 +1,62 @@
+"""API key format, generation and keyed hashing (DESIGN.md section 3). Pure: no database here.
+
+A key reads `ml_<env>_<prefix>_<secret><check>`: the prefix is public and shown in lists; the secret
+carries 256 bits from `secrets`; a 6-character checksum lets a mistyped key be refused without a
+database round trip. Only HMAC-SHA-256(pepper, key) is stored.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import re
+import secrets
+import zlib
+from dataclasses import dataclass
+
+_PREFIX_BYTES = 6  # 8 base32 characters of public prefix
+_SECRET_BYTES = 32  # 256 bits
+_KEY_RE = re.compile(r"^ml_(live|test)_([a-z2-7]{8})_([a-z2-7]{52})([a-z2-7]{6})$")
+
+
+def _b32(data: bytes) -> str:
+    return base64.b32encode(data).decode().rstrip("=").lower()
+
+
+def _checksum(body: str) -> str:
+    return _b32(zlib.crc32(body.encode()).to_bytes(4, "big"))[:6]
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A freshly minted key. `plaintext` exists only here, to be shown once."""
+
+    plaintext: str
+    prefix: str
+
+
+def generate_key(environment: str = "live") -> NewKey:
+    prefix = _b32(secrets.token_bytes(_PREFIX_BYTES))[:8]
+    secret = _b32(secrets.token_bytes(_SECRET_BYTES))
+    body = f"ml_{environment}_{prefix}_{secret}"
+    return NewKey(plaintext=body + _checksum(body), prefix=prefix)
+
+
+def parse_prefix(plaintext: str) -> str | None:
+    """The public prefix of a well-formed key with a valid checksum, else None."""
+    match = _KEY_RE.match(plaintext)
+    if match is None:
+        return None
+    body = plaintext[:-6]
+    if not hmac.compare_digest(_checksum(body), match.group(4)):
+        return None
+    return match.group(2)
+
+
+def hash_key(plaintext: str, pepper: bytes) -> bytes:
+    return hmac.new(pepper, plaintext.encode(), hashlib.sha256).digest()
+
+
+def hashes_match(stored: bytes, presented: bytes) -> bool:
+    return hmac.compare_digest(stored, presented)

@@ -1,0 +1,50 @@
+"""Usage records: one row per (organization, project, key, metric, window), the billing truth."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.models.base import Base, IdMixin, TimestampMixin
+
+USAGE_RECORD_KEY = (
+    "organization_id",
+    "project_id",
+    "api_key_id",
+    "metric",
+    "window_start",
+    "window_seconds",
+)
+
+
+class UsageRecord(IdMixin, TimestampMixin, Base):
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        # The upsert target. NULLS NOT DISTINCT: organization-level usage (no project, no key)
+        # must still land in one row per window, not one row per insert.
+        Index(
+            "uq_usage_records_window",
+            *USAGE_RECORD_KEY,
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+        Index("ix_usage_records_org_window", "organization_id", "window_start"),
+        Index("ix_usage_records_project_window", "project_id", "window_start"),
+        Index("ix_usage_records_key_window", "api_key_id", "window_start"),
+    )
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    # NO ACTION: a project or key with usage cannot be deleted on its own (see ApiKey).
+    project_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("projects.id"))
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+    metric: Mapped[str] = mapped_column(String(64))
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    quantity: Mapped[Decimal] = mapped_column(Numeric, default=Decimal(0))
+    event_count: Mapped[int] = mapped_column(BigInteger, default=0)

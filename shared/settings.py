@@ -1,0 +1,122 @@
+"""The one settings object, read from the environment (and `.local/env` written by `make up`)."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigurationError
+
+
+def _env_file() -> Path | None:
+    explicit = os.environ.get("METERLINE_ENV_FILE")
+    if explicit:
+        return Path(explicit)
+    local = Path.cwd() / ".local" / "env"
+    return local if local.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Everything configurable. Defaults match what `make up` starts on loopback."""
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    database_url: str = Field(
+        "postgresql+psycopg://meterline:meterline@127.0.0.1:55432/meterline",
+        validation_alias="DATABASE_URL",
+    )
+    kafka_bootstrap_servers: str = Field("127.0.0.1:59092", validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    stripe_api_base: str = Field("http://127.0.0.1:12111", validation_alias="STRIPE_API_BASE")
+    stripe_api_key: SecretStr = Field(SecretStr("sk_test_123"), validation_alias="STRIPE_API_KEY")
+    stripe_webhook_secret: SecretStr = Field(
+        SecretStr(""), validation_alias="METERLINE_STRIPE_WEBHOOK_SECRET"
+    )
+    api_key_pepper: SecretStr = Field(SecretStr(""), validation_alias="METERLINE_API_KEY_PEPPER")
+    api_key_environment: str = Field("live", validation_alias="METERLINE_API_KEY_ENVIRONMENT")
+
+    topic_prefix: str = Field("meterline", validation_alias="METERLINE_TOPIC_PREFIX")
+    topic_partitions: int = Field(4, ge=1, le=1024, validation_alias="METERLINE_TOPIC_PARTITIONS")
+    window_seconds: int = Field(3600, ge=60, le=86400, validation_alias="METERLINE_WINDOW_SECONDS")
+    lateness_horizon_days: int = Field(
+        35, ge=1, le=366, validation_alias="METERLINE_LATENESS_HORIZON_DAYS"
+    )
+    max_future_seconds: int = Field(300, ge=0, le=3600, validation_alias="METERLINE_MAX_FUTURE_SECONDS")
+    key_cache_ttl_seconds: float = Field(
+        2.0, gt=0, le=5, validation_alias="METERLINE_KEY_CACHE_TTL_SECONDS"
+    )
+    log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
+    log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
+
+    @field_validator("database_url")
+    @classmethod
+    def _psycopg_driver(cls, value: str) -> str:
+        for prefix in ("postgresql://", "postgres://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        if not value.startswith("postgresql+psycopg://"):
+            raise ValueError("must be a postgresql:// or postgresql+psycopg:// URL")
+        return value
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        if not value or any(c not in "abcdefghijklmnopqrstuvwxyz0123456789._-" for c in value):
+            raise ValueError("must be lowercase letters, digits, '.', '_' or '-'")
+        return value
+
+    @field_validator("api_key_environment")
+    @classmethod
+    def _environment(cls, value: str) -> str:
+        if value not in ("live", "test"):
+            raise ValueError("must be 'live' or 'test'")
+        return value
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.topic_prefix}.usage.events"
+
+    @property
+    def dlq_topic(self) -> str:
+        return f"{self.topic_prefix}.usage.events.dlq"
+
+    @property
+    def lateness_horizon(self) -> timedelta:
+        return timedelta(days=self.lateness_horizon_days)
+
+    @property
+    def libpq_url(self) -> str:
+        """The URL without the SQLAlchemy driver suffix, for psql, pg_dump and raw psycopg."""
+        return self.database_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+    def pepper_bytes(self) -> bytes:
+        pepper = self.api_key_pepper.get_secret_value()
+        if len(pepper) < 16:
+            raise ConfigurationError(
+                "METERLINE_API_KEY_PEPPER is not set (or shorter than 16 characters); "
+                "run `make up` or set it to a long random secret"
+            )
+        return pepper.encode()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; a bad value is one clear ConfigurationError naming the variable."""
+    env_file = _env_file()
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = str(error["loc"][0]) if error["loc"] else "?"
+            alias = Settings.model_fields[field].validation_alias if field in Settings.model_fields else None
+            problems.append(f"{alias or field}: {error['msg']}")
+        raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return load_settings()
