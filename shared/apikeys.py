@@ -104,9 +104,7 @@ def verify_api_key(
     )
 
 
-def _managed_key(
-    session: Session, key_id: uuid.UUID, actor_id: uuid.UUID | None
-) -> ApiKey:
+def _managed_key(session: Session, key_id: uuid.UUID, actor_id: uuid.UUID | None) -> ApiKey:
     key = session.get(ApiKey, key_id)
     if key is None:
         raise NotFound(f"API key {key_id} not found")
@@ -153,7 +151,7 @@ def list_api_keys(
     actor_id: uuid.UUID | None,
     include_revoked: bool = True,
 ) -> list[ApiKey]:
-    """Keys of an organization, newest first. Only the prefix identifies them: no hash leaves here."""
+    """Keys of an organization, newest first; the prefix identifies them, no hash leaves here."""
     require_organization(session, organization_id)
     if actor_id is not None and member_role(session, organization_id, actor_id) is None:
         raise Forbidden("only members may list an organization's keys")
@@ -163,9 +161,7 @@ def list_api_keys(
     return list(session.scalars(query.order_by(ApiKey.created_at.desc(), ApiKey.id.desc())))
 
 
-def record_key_usage(
-    session: Session, usage: dict[uuid.UUID, tuple[int, datetime]]
-) -> None:
+def record_key_usage(session: Session, usage: dict[uuid.UUID, tuple[int, datetime]]) -> None:
     """Add request counts and move last_used_at forward for many keys in one statement.
 
     Ingest buffers per-key counts in memory and flushes them every few seconds, so a request

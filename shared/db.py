@@ -1,4 +1,4 @@
-"""Engines and units of work. Transactions begin here, at the edge; functions below take a session."""
+"""Engines and units of work: transactions begin here, at the edge; callees take a session."""
 
 from __future__ import annotations
 

@@ -112,7 +112,7 @@ def parse_quantity(value: Any) -> Decimal:
     elif isinstance(value, float):
         if not math.isfinite(value):
             raise ValueError("quantity must be finite")
-        # repr() is the shortest string that round-trips: 0.1 stays 0.1, not 0.1000000000000000055...
+        # repr() is the shortest round-tripping text: 0.1 stays 0.1, not 0.1000000000000000055...
         quantity = Decimal(repr(value))
     elif isinstance(value, str):
         try:

@@ -30,7 +30,9 @@ class Settings(BaseSettings):
         "postgresql+psycopg://meterline:meterline@127.0.0.1:55432/meterline",
         validation_alias="DATABASE_URL",
     )
-    kafka_bootstrap_servers: str = Field("127.0.0.1:59092", validation_alias="KAFKA_BOOTSTRAP_SERVERS")
+    kafka_bootstrap_servers: str = Field(
+        "127.0.0.1:59092", validation_alias="KAFKA_BOOTSTRAP_SERVERS"
+    )
     stripe_api_base: str = Field("http://127.0.0.1:12111", validation_alias="STRIPE_API_BASE")
     stripe_api_key: SecretStr = Field(SecretStr("sk_test_123"), validation_alias="STRIPE_API_KEY")
     stripe_webhook_secret: SecretStr = Field(
@@ -45,7 +47,9 @@ class Settings(BaseSettings):
     lateness_horizon_days: int = Field(
         35, ge=1, le=366, validation_alias="METERLINE_LATENESS_HORIZON_DAYS"
     )
-    max_future_seconds: int = Field(300, ge=0, le=3600, validation_alias="METERLINE_MAX_FUTURE_SECONDS")
+    max_future_seconds: int = Field(
+        300, ge=0, le=3600, validation_alias="METERLINE_MAX_FUTURE_SECONDS"
+    )
     key_cache_ttl_seconds: float = Field(
         2.0, gt=0, le=5, validation_alias="METERLINE_KEY_CACHE_TTL_SECONDS"
     )
@@ -104,7 +108,7 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: object) -> Settings:
-    """Read and validate settings; a bad value is one clear ConfigurationError naming the variable."""
+    """Read and validate settings; a bad value is one ConfigurationError naming the variable."""
     env_file = _env_file()
     try:
         return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
@@ -112,7 +116,11 @@ def load_settings(**overrides: object) -> Settings:
         problems = []
         for error in exc.errors():
             field = str(error["loc"][0]) if error["loc"] else "?"
-            alias = Settings.model_fields[field].validation_alias if field in Settings.model_fields else None
+            alias = (
+                Settings.model_fields[field].validation_alias
+                if field in Settings.model_fields
+                else None
+            )
             problems.append(f"{alias or field}: {error['msg']}")
         raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
 

@@ -28,11 +28,10 @@ def read_env_file(path: Path = ROOT / ".local" / "env") -> dict[str, str]:
     values: dict[str, str] = {}
     if not path.is_file():
         return values
-    for line in path.read_text().splitlines():
-        line = line.strip()
+    for raw in path.read_text().splitlines():
+        line = raw.strip().removeprefix("export ").strip()
         if not line or line.startswith("#"):
             continue
-        line = line.removeprefix("export ").strip()
         key, _, value = line.partition("=")
         values[key.strip()] = value.strip().strip("'\"")
     return values
