@@ -107,7 +107,10 @@ def parse_quantity(value: Any) -> Decimal:
     """An exact Decimal from a JSON number or decimal string; ValueError names the problem."""
     if isinstance(value, bool):
         raise ValueError("quantity must be a number or a decimal string")
-    if isinstance(value, int):
+    if isinstance(value, Decimal):
+        # JSON numbers decoded exactly (a decoder's float_hook=Decimal), as ingest does.
+        quantity = value
+    elif isinstance(value, int):
         quantity = Decimal(value)
     elif isinstance(value, float):
         if not math.isfinite(value):

@@ -53,6 +53,18 @@ class Settings(BaseSettings):
     key_cache_ttl_seconds: float = Field(
         2.0, gt=0, le=5, validation_alias="METERLINE_KEY_CACHE_TTL_SECONDS"
     )
+    # Ingest: per-key token bucket (requests per second, per worker process), how long a request
+    # may wait for the broker's acknowledgement before answering 503, how often key usage is flushed.
+    ingest_rate_limit_per_second: float = Field(
+        1000.0, gt=0, validation_alias="METERLINE_INGEST_RATE_LIMIT_PER_SECOND"
+    )
+    ingest_rate_limit_burst: int = Field(2000, ge=1, validation_alias="METERLINE_INGEST_RATE_LIMIT_BURST")
+    ingest_publish_timeout_seconds: float = Field(
+        5.0, gt=0, le=60, validation_alias="METERLINE_INGEST_PUBLISH_TIMEOUT_SECONDS"
+    )
+    key_usage_flush_seconds: float = Field(
+        3.0, gt=0, le=60, validation_alias="METERLINE_KEY_USAGE_FLUSH_SECONDS"
+    )
     log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
     log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
 
