@@ -1,0 +1,1 @@
+"""Billing: pricing, invoices, Stripe meter reports, reconciliation, webhooks and the scheduler."""

@@ -1,0 +1,120 @@
+"""Pricing: plan prices and a period's quantities in, rounded line amounts out (DESIGN.md 5).
+
+Pure functions over Decimal and int minor units: no session, no clock, no floats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from typing import Literal
+
+MinorUnits = int
+Quantity = Decimal
+PriceModel = Literal["per_unit", "package", "graduated", "volume"]
+Aggregation = Literal["sum", "max"]
+
+ZERO = Decimal(0)
+
+
+@dataclass(frozen=True)
+class Tier:
+    """Units in (previous up_to, up_to] cost unit_amount each; up_to None is the open last tier."""
+
+    up_to: Decimal | None
+    unit_amount: Decimal = ZERO
+    flat_amount: MinorUnits = 0
+
+
+@dataclass(frozen=True)
+class MeteredPrice:
+    model: PriceModel
+    included: Decimal = ZERO
+    unit_amount: Decimal = ZERO
+    package_size: int = 1
+    package_amount: MinorUnits = 0
+    tiers: tuple[Tier, ...] = ()
+    aggregation: Aggregation = "sum"
+    stripe_meter: str | None = None
+
+
+@dataclass(frozen=True)
+class PricedLine:
+    metric: str
+    quantity: Quantity
+    billable_quantity: Quantity
+    amount: MinorUnits
+
+
+@dataclass(frozen=True)
+class PlanPrice:
+    """What an invoice needs from a plan: the flat fee for its interval and the metered prices."""
+
+    flat_amount: MinorUnits
+    metered: dict[str, MeteredPrice] = field(default_factory=dict)
+
+
+def billable_quantity(quantity: Quantity, price: MeteredPrice) -> Quantity:
+    return max(ZERO, quantity - price.included)
+
+
+def exact_amount(billable: Quantity, price: MeteredPrice) -> Decimal:
+    """The unrounded amount in minor units for a billable quantity; 0 costs 0 in every model."""
+    if billable <= 0:
+        return ZERO
+    if price.model == "per_unit":
+        return billable * price.unit_amount
+    if price.model == "package":
+        packages = (billable / Decimal(price.package_size)).to_integral_value(ROUND_CEILING)
+        return packages * price.package_amount
+    if price.model == "graduated":
+        return _graduated(billable, price.tiers)
+    return _volume(billable, price.tiers)
+
+
+def _graduated(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
+    total = ZERO
+    lower = ZERO
+    for tier in tiers:
+        upper = billable if tier.up_to is None else min(billable, tier.up_to)
+        if upper > lower:
+            total += (upper - lower) * tier.unit_amount + tier.flat_amount
+        if tier.up_to is None or billable <= tier.up_to:
+            break
+        lower = tier.up_to
+    return total
+
+
+def _volume(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
+    for tier in tiers:
+        if tier.up_to is None or billable <= tier.up_to:
+            return billable * tier.unit_amount + tier.flat_amount
+    raise ValueError("tiers must end with an open tier (up_to null)")
+
+
+def round_amount(amount: Decimal) -> MinorUnits:
+    """The one rounding of a line: half up to an integer number of minor units."""
+    return int(amount.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def price_metric(metric: str, quantity: Quantity, price: MeteredPrice) -> PricedLine:
+    billable = billable_quantity(quantity, price)
+    return PricedLine(
+        metric=metric,
+        quantity=quantity,
+        billable_quantity=billable,
+        amount=round_amount(exact_amount(billable, price)),
+    )
+
+
+def price_period(plan: PlanPrice, quantities: dict[str, Quantity]) -> list[PricedLine]:
+    """One line per metered metric of the plan, in metric order; a metric with no usage is 0."""
+    return [
+        price_metric(metric, quantities.get(metric, ZERO), price)
+        for metric, price in sorted(plan.metered.items())
+    ]
+
+
+def invoice_total(flat_amount: MinorUnits, lines: Sequence[PricedLine]) -> MinorUnits:
+    return flat_amount + sum(line.amount for line in lines)
