@@ -33,7 +33,11 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     table = Table(*headers, show_edge=False, pad_edge=False)
     for row in rows:
         table.add_row(*["" if value is None else str(value) for value in row])
-    Console(soft_wrap=True).print(table)
+    # Never cut ids: a terminal too narrow wraps the table, a pipe gets full-width lines.
+    console = Console(soft_wrap=True)
+    if not console.is_terminal:
+        console = Console(soft_wrap=True, width=max(console.width, 250))
+    console.print(table)
 
 
 def fail(message: str, *, code: str = "error", as_json: bool = False) -> typer.Exit:
@@ -57,9 +61,13 @@ def cli_errors(as_json: bool = False) -> Iterator[None]:
     except MeterlineError as exc:
         raise fail(exc.message, code=exc.code, as_json=as_json) from None
     except sa_exc.IntegrityError as exc:
-        raise fail(f"conflicts with existing data: {_first_line(exc)}", code="conflict", as_json=as_json) from None
+        raise fail(
+            f"conflicts with existing data: {_first_line(exc)}", code="conflict", as_json=as_json
+        ) from None
     except sa_exc.OperationalError as exc:
-        raise fail(f"database error: {_first_line(exc)}", code="database_unavailable", as_json=as_json) from None
+        raise fail(
+            f"database error: {_first_line(exc)}", code="database_unavailable", as_json=as_json
+        ) from None
     except sa_exc.ProgrammingError as exc:
         raise fail(
             f"database is not migrated or refused the query ({_first_line(exc)}); "

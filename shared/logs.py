@@ -37,7 +37,14 @@ def redact(text: str) -> str:
             text = text.replace(secret, "[REDACTED]")
     for pattern in _SECRET_PATTERNS:
         if pattern.groups:
-            text = pattern.sub(lambda m: (m.group(1) or "") + "[REDACTED]" + (m.group(2) if (m.lastindex or 0) >= 2 else ""), text)
+            text = pattern.sub(
+                lambda m: (
+                    (m.group(1) or "")
+                    + "[REDACTED]"
+                    + (m.group(2) if (m.lastindex or 0) >= 2 else "")
+                ),
+                text,
+            )
         else:
             text = pattern.sub("[REDACTED]", text)
     return text

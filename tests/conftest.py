@@ -23,7 +23,9 @@ def local_env() -> dict[str, str]:
     if os.environ.get("METERLINE_TEST_NO_UP") != "1":
         components.up()
     env = components.local_env()
-    missing = [k for k in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "STRIPE_API_BASE") if k not in env]
+    missing = [
+        k for k in ("DATABASE_URL", "KAFKA_BOOTSTRAP_SERVERS", "STRIPE_API_BASE") if k not in env
+    ]
     assert not missing, f".local/env lacks {missing}: run `make up`"
     return env
 
@@ -114,7 +116,9 @@ def db(engine: Engine) -> Iterator[Session]:
     code under test commits (its commits become savepoints)."""
     connection = engine.connect()
     outer = connection.begin()
-    session = Session(bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    session = Session(
+        bind=connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
     try:
         yield session
     finally:

@@ -43,20 +43,28 @@ def make_organization(
     session.add(organization)
     session.flush()
     owner = owner or make_user(session)
-    session.add(OrganizationMember(organization_id=organization.id, user_id=owner.id, role=Role.OWNER))
+    session.add(
+        OrganizationMember(organization_id=organization.id, user_id=owner.id, role=Role.OWNER)
+    )
     session.flush()
     return organization
 
 
-def add_member(session: Session, organization: Organization, role: Role, user: User | None = None) -> User:
+def add_member(
+    session: Session, organization: Organization, role: Role, user: User | None = None
+) -> User:
     user = user or make_user(session)
     session.add(OrganizationMember(organization_id=organization.id, user_id=user.id, role=role))
     session.flush()
     return user
 
 
-def make_project(session: Session, organization: Organization, *, slug: str | None = None) -> Project:
-    project = Project(organization_id=organization.id, name="Project", slug=slug or f"p-{_suffix()}")
+def make_project(
+    session: Session, organization: Organization, *, slug: str | None = None
+) -> Project:
+    project = Project(
+        organization_id=organization.id, name="Project", slug=slug or f"p-{_suffix()}"
+    )
     session.add(project)
     session.flush()
     return project
@@ -118,7 +126,9 @@ def make_subscription(
     stripe_subscription_id: str | None = None,
 ) -> Subscription:
     start = period_start or datetime(2026, 11, 1, tzinfo=UTC)
-    end = period_end or (start + (timedelta(days=30) if interval == BillingInterval.MONTH else timedelta(days=365)))
+    end = period_end or (
+        start + (timedelta(days=30) if interval == BillingInterval.MONTH else timedelta(days=365))
+    )
     subscription = Subscription(
         organization_id=organization.id,
         plan_id=plan.id,

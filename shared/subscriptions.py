@@ -1,0 +1,164 @@
+"""Subscription lifecycle: create, change plan, cancel (at period end or now), renew, status."""
+
+from __future__ import annotations
+
+import calendar
+import uuid
+from datetime import datetime, timedelta
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from shared.access import require_organization
+from shared.errors import Conflict, InvalidInput, NotFound
+from shared.models import BillingInterval, Plan, Subscription, SubscriptionStatus
+
+#: Statuses in which a subscription still bills.
+LIVE_STATUSES = frozenset(
+    {
+        SubscriptionStatus.TRIALING,
+        SubscriptionStatus.ACTIVE,
+        SubscriptionStatus.PAST_DUE,
+        SubscriptionStatus.UNPAID,
+        SubscriptionStatus.INCOMPLETE,
+        SubscriptionStatus.PAUSED,
+    }
+)
+
+
+def add_interval(start: datetime, interval: BillingInterval) -> datetime:
+    """One billing interval after `start`, as Stripe counts it (Jan 31 + 1 month = Feb 28/29)."""
+    months = 1 if interval == BillingInterval.MONTH else 12
+    month_index = start.month - 1 + months
+    year = start.year + month_index // 12
+    month = month_index % 12 + 1
+    day = min(start.day, calendar.monthrange(year, month)[1])
+    return start.replace(year=year, month=month, day=day)
+
+
+def _plan(session: Session, plan_id: uuid.UUID) -> Plan:
+    plan = session.get(Plan, plan_id)
+    if plan is None:
+        raise NotFound(f"plan {plan_id} not found")
+    if not plan.active:
+        raise InvalidInput(f"plan {plan.key!r} is not active")
+    return plan
+
+
+def _subscription(session: Session, subscription_id: uuid.UUID) -> Subscription:
+    subscription = session.get(Subscription, subscription_id, with_for_update=True)
+    if subscription is None:
+        raise NotFound(f"subscription {subscription_id} not found")
+    return subscription
+
+
+def create_subscription(
+    session: Session,
+    *,
+    organization_id: uuid.UUID,
+    plan_id: uuid.UUID,
+    interval: BillingInterval,
+    now: datetime,
+    trial_days: int = 0,
+    stripe_subscription_id: str | None = None,
+) -> Subscription:
+    require_organization(session, organization_id)
+    _plan(session, plan_id)
+    live = session.scalar(
+        sa.select(Subscription.id).where(
+            Subscription.organization_id == organization_id,
+            Subscription.status.in_(LIVE_STATUSES),
+        )
+    )
+    if live is not None:
+        raise Conflict(f"organization {organization_id} already has a live subscription ({live})")
+    subscription = Subscription(
+        organization_id=organization_id,
+        plan_id=plan_id,
+        status=SubscriptionStatus.TRIALING if trial_days else SubscriptionStatus.ACTIVE,
+        billing_interval=interval,
+        current_period_start=now,
+        current_period_end=add_interval(now, interval),
+        cancel_at_period_end=False,
+        trial_end=now + timedelta(days=trial_days) if trial_days else None,
+        stripe_subscription_id=stripe_subscription_id,
+    )
+    session.add(subscription)
+    session.flush()
+    return subscription
+
+
+def change_plan(
+    session: Session,
+    subscription_id: uuid.UUID,
+    *,
+    plan_id: uuid.UUID,
+    interval: BillingInterval | None = None,
+) -> Subscription:
+    """Switch plan (and optionally interval); the new prices apply from the next billing run."""
+    subscription = _subscription(session, subscription_id)
+    if subscription.status not in LIVE_STATUSES:
+        raise Conflict(f"subscription {subscription_id} is {subscription.status}, not live")
+    subscription.plan_id = _plan(session, plan_id).id
+    if interval is not None:
+        subscription.billing_interval = interval
+    session.flush()
+    return subscription
+
+
+def cancel_at_period_end(session: Session, subscription_id: uuid.UUID) -> Subscription:
+    subscription = _subscription(session, subscription_id)
+    subscription.cancel_at_period_end = True
+    session.flush()
+    return subscription
+
+
+def cancel_now(session: Session, subscription_id: uuid.UUID, *, now: datetime) -> Subscription:
+    subscription = _subscription(session, subscription_id)
+    subscription.status = SubscriptionStatus.CANCELED
+    subscription.canceled_at = now
+    subscription.cancel_at_period_end = False
+    session.flush()
+    return subscription
+
+
+def renew_period(session: Session, subscription_id: uuid.UUID, *, now: datetime) -> Subscription:
+    """Roll every period that has ended by `now` forward; a subscription set to cancel at period
+    end is canceled instead of renewed."""
+    subscription = _subscription(session, subscription_id)
+    if subscription.status not in LIVE_STATUSES:
+        return subscription
+    while subscription.current_period_end <= now:
+        if subscription.cancel_at_period_end:
+            subscription.status = SubscriptionStatus.CANCELED
+            subscription.canceled_at = subscription.current_period_end
+            break
+        subscription.current_period_start = subscription.current_period_end
+        subscription.current_period_end = add_interval(
+            subscription.current_period_start, subscription.billing_interval
+        )
+        if subscription.trial_end and subscription.trial_end <= subscription.current_period_start:
+            subscription.status = SubscriptionStatus.ACTIVE
+    session.flush()
+    return subscription
+
+
+def set_status(
+    session: Session, subscription_id: uuid.UUID, status: SubscriptionStatus, *, now: datetime
+) -> Subscription:
+    subscription = _subscription(session, subscription_id)
+    subscription.status = status
+    if status == SubscriptionStatus.CANCELED and subscription.canceled_at is None:
+        subscription.canceled_at = now
+    session.flush()
+    return subscription
+
+
+def organization_subscription(session: Session, organization_id: uuid.UUID) -> Subscription | None:
+    """The organization's live subscription, if any."""
+    return session.scalar(
+        sa.select(Subscription).where(
+            Subscription.organization_id == organization_id,
+            Subscription.status.in_(LIVE_STATUSES),
+        )
+    )
