@@ -28,7 +28,7 @@ MAX_QUANTITY = Decimal("1e12")
 MAX_PROPERTIES = 16
 MAX_PROPERTY_KEY = 64
 MAX_PROPERTY_VALUE = 256
-METRIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+METRIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}\Z")  # \Z: `$` would allow a trailing newline
 EVENT_FIELDS = frozenset({"id", "metric", "quantity", "timestamp", "project_id", "properties"})
 
 
