@@ -273,9 +273,10 @@ start_stripe_mock() {
     port_taken "$METERLINE_STRIPE_MOCK_PORT" &&
         die "stripe-mock: port $METERLINE_STRIPE_MOCK_PORT is taken (set METERLINE_STRIPE_MOCK_PORT)"
     rm -f "$STRIPE_MOCK_PID"
-    # HTTP only: naming just -http-addr leaves stripe-mock's HTTPS listener off.
-    launch "$STRIPE_MOCK_PID" "$STRIPE_MOCK_LOG" \
-        "$STRIPE_MOCK_BIN" -http-addr "127.0.0.1:$METERLINE_STRIPE_MOCK_PORT"
+    # stripe-mock opens an HTTPS listener on all interfaces unless told where (-http-addr does not
+    # turn it off, and no flag does); so it goes to loopback on a port the system picks.
+    launch "$STRIPE_MOCK_PID" "$STRIPE_MOCK_LOG" "$STRIPE_MOCK_BIN" \
+        -http-addr "127.0.0.1:$METERLINE_STRIPE_MOCK_PORT" -https-addr 127.0.0.1:0
     deadline=$((SECONDS + METERLINE_START_TIMEOUT))
     until stripe_mock_answers 2>/dev/null; do
         sleep 0.2

@@ -42,8 +42,12 @@ if [ -f "$ROOT/pyproject.toml" ]; then
     if [ -f "$stamp" ]; then
         say "venv: up to date with pyproject.toml"
     else
-        say "venv: pip install -e '.[dev]'"
-        (cd "$ROOT" && "$ROOT/.venv/bin/python" -m pip install -q -e '.[dev]')
+        say "venv: pip install -e '.[dev]' (log: $LOG_DIR/pip.log)"
+        mkdir -p "$LOG_DIR"
+        if ! (cd "$ROOT" && "$ROOT/.venv/bin/python" -m pip install -e '.[dev]') >"$LOG_DIR/pip.log" 2>&1; then
+            tail -n 30 "$LOG_DIR/pip.log" >&2
+            die "pip install failed; the whole log is $LOG_DIR/pip.log"
+        fi
         rm -f "$ROOT"/.venv/.installed-*
         touch "$stamp"
     fi

@@ -1,4 +1,4 @@
-"""Whether a local component really answers: a Kafka metadata request, an HTTP request, a TCP connect.
+"""Whether a local component really answers: Kafka metadata, an HTTP request, a TCP connect.
 
 Used by ctl.sh to wait for a start; standard library only, so it runs before the venv exists.
 Exit status 0 when the component answers as required, 1 otherwise (the reason on stderr).
@@ -71,7 +71,9 @@ def probe_kafka(address: str, timeout: float) -> None:
     """Ready means: a metadata answer that lists a broker, and a leader for every partition."""
     client_id = b"meterline-probe"
     correlation_id = 1
-    request = struct.pack(">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(client_id))
+    request = struct.pack(
+        ">hhih", METADATA_API_KEY, METADATA_VERSION, correlation_id, len(client_id)
+    )
     request += client_id + struct.pack(">i?", -1, False)
     with socket.create_connection(split_address(address), timeout=timeout) as sock:
         sock.settimeout(timeout)
@@ -115,12 +117,14 @@ def probe_kafka(address: str, timeout: float) -> None:
 
 
 def probe_http(url: str, user: str | None, timeout: float) -> None:
-    request = urllib.request.Request(url)
+    if not url.startswith(("http://", "https://")):
+        raise NotReady(f"not an HTTP URL: {url}")
+    request = urllib.request.Request(url)  # noqa: S310 (the scheme is checked above)
     if user is not None:
         credentials = base64.b64encode(f"{user}:".encode()).decode()
         request.add_header("Authorization", f"Basic {credentials}")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
             status = response.status
     except urllib.error.HTTPError as error:
         status = error.code

@@ -1,6 +1,7 @@
 # What the local stack is: its ports, folders, pinned versions and binaries, in one place.
-# Sourced (never run) by install.sh, ctl.sh, up.sh and down.sh; every value can be overridden by the
-# environment variable of the same name.
+# Sourced (never run) by install.sh, ctl.sh, up.sh and down.sh. The ports, the cache folder and the
+# start timeout can be overridden by the METERLINE_* environment variables named below.
+# shellcheck shell=bash disable=SC2034  # the variables are used by the scripts that source this
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd -P)
 LOCAL_DIR="$ROOT/.local"

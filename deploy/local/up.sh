@@ -28,8 +28,8 @@ export STRIPE_API_BASE=http://127.0.0.1:$METERLINE_STRIPE_MOCK_PORT
 export STRIPE_API_KEY=sk_test_123
 export METERLINE_API_KEY_PEPPER=$pepper
 export METERLINE_STRIPE_WEBHOOK_SECRET=$webhook_secret
-export METERLINE_KAFKA_LIBS=$KAFKA_LIBS
-export METERLINE_LOCAL_CTL=$ROOT/deploy/local/ctl.sh
+export METERLINE_KAFKA_LIBS='$KAFKA_LIBS'
+export METERLINE_LOCAL_CTL='$ROOT/deploy/local/ctl.sh'
 EOF
     mv "$LOCAL_DIR/env.partial" "$LOCAL_DIR/env"
 )
