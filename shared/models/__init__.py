@@ -1,6 +1,14 @@
 """Every table Meterline owns; importing this package registers them all on `Base.metadata`."""
 
 from shared.models.base import Base
+from shared.models.billing import (
+    BillingRun,
+    Invoice,
+    InvoiceLine,
+    ReconciliationMismatch,
+    StripeMeterReport,
+    StripeWebhookEvent,
+)
 from shared.models.identity import Account, Session, User, VerificationToken
 from shared.models.keys import ApiKey
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
@@ -16,13 +24,19 @@ __all__ = [
     "ApiKey",
     "Base",
     "BillingInterval",
+    "BillingRun",
+    "Invoice",
+    "InvoiceLine",
     "Organization",
     "OrganizationMember",
     "Plan",
     "Project",
+    "ReconciliationMismatch",
     "ReplayRun",
     "Role",
     "Session",
+    "StripeMeterReport",
+    "StripeWebhookEvent",
     "Subscription",
     "SubscriptionStatus",
     "UsageEventLedger",
