@@ -1,0 +1,88 @@
+"""The plan catalogue: upsert plans from a validated plan file (by key) and list them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from services.billing.schemas import validate_plan_file
+from shared.errors import InvalidInput
+from shared.models import Plan
+
+_FIELDS = (
+    "name",
+    "description",
+    "price_monthly",
+    "price_yearly",
+    "currency",
+    "stripe_price_id_monthly",
+    "stripe_price_id_yearly",
+    "features",
+    "active",
+)
+
+
+def read_plan_file(path: Path) -> list[dict[str, Any]]:
+    """Parse a JSON or YAML plan file and validate every plan in it."""
+    import json
+
+    import yaml
+
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        # Floats are parsed as floats on purpose: validation refuses them where the schema wants
+        # decimal strings, so "0.05" must be quoted and no binary fraction reaches a price.
+        document = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidInput(f"{path}: not valid JSON or YAML: {first}") from None
+    return validate_plan_file(document)
+
+
+def apply_plans(session: Session, plans: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Create or update each plan by key; returns (key, created|updated|unchanged) per plan."""
+    keys = [plan["key"] for plan in plans]
+    existing = {
+        plan.key: plan for plan in session.scalars(sa.select(Plan).where(Plan.key.in_(keys)))
+    }
+    outcome: list[tuple[str, str]] = []
+    for values in plans:
+        plan = existing.get(values["key"])
+        if plan is None:
+            session.add(Plan(key=values["key"], **{name: values[name] for name in _FIELDS}))
+            outcome.append((values["key"], "created"))
+            continue
+        changed = False
+        for name in _FIELDS:
+            if getattr(plan, name) != values[name]:
+                setattr(plan, name, values[name])
+                changed = True
+        outcome.append((values["key"], "updated" if changed else "unchanged"))
+    session.flush()
+    return outcome
+
+
+def list_plans(session: Session) -> list[Plan]:
+    return list(session.scalars(sa.select(Plan).order_by(Plan.key)))
+
+
+def plan_document(plan: Plan) -> dict[str, Any]:
+    return {
+        "id": str(plan.id),
+        "key": plan.key,
+        "name": plan.name,
+        "description": plan.description,
+        "price_monthly": plan.price_monthly,
+        "price_yearly": plan.price_yearly,
+        "currency": plan.currency,
+        "stripe_price_id_monthly": plan.stripe_price_id_monthly,
+        "stripe_price_id_yearly": plan.stripe_price_id_yearly,
+        "features": plan.features,
+        "active": plan.active,
+    }
