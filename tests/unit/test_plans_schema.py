@@ -6,9 +6,7 @@ from services.billing.schemas import validate_plan_file
 from shared.errors import InvalidInput
 
 
-def test_apply_refuses_a_float_unit_amount_and_an_open_tier_that_is_not_last(
-    tmp_path: Path,
-) -> None:
+def test_a_float_unit_amount_and_a_misplaced_open_tier_are_named_by_path() -> None:
     document = {
         "plans": [
             {"key": "a", "features": {}},
