@@ -62,6 +62,11 @@ stop_pid() {
 
 port_taken() { probe --timeout 1 tcp "127.0.0.1:$1" 2>/dev/null; }
 
+# Running, but started with other ports than this call asks for (a changed METERLINE_*_PORT).
+wrong_port() {
+    die "$1 of this checkout is running, but not on port $2 as asked; use ctl.sh restart $1"
+}
+
 fail_start() {
     local name=$1 log=$2 reason=$3
     say "error: $name $reason; the last lines of $log:" >&2
@@ -138,6 +143,8 @@ start_postgres() {
     ensure_state
     pg_init
     if pg_running; then
+        [ "$(sed -n 4p "$PG_DATA/postmaster.pid")" = "$METERLINE_PG_PORT" ] ||
+            wrong_port postgres "$METERLINE_PG_PORT"
         say "postgres: already running on 127.0.0.1:$METERLINE_PG_PORT"
     else
         port_taken "$METERLINE_PG_PORT" &&
@@ -204,6 +211,8 @@ start_kafka() {
     kafka_libs_present || die "no Kafka jars in $KAFKA_LIBS; run deploy/local/install.sh"
     ensure_state
     if kafka_pid >/dev/null; then
+        grep -qF "PLAINTEXT://127.0.0.1:$METERLINE_KAFKA_PORT," "$KAFKA_CONFIG" ||
+            wrong_port kafka "$METERLINE_KAFKA_PORT"
         say "kafka: already running on 127.0.0.1:$METERLINE_KAFKA_PORT"
     else
         for port in "$METERLINE_KAFKA_PORT" "$METERLINE_KAFKA_CONTROLLER_PORT"; do
@@ -267,6 +276,8 @@ start_stripe_mock() {
     [ -x "$STRIPE_MOCK_BIN" ] || die "no stripe-mock at $STRIPE_MOCK_BIN; run deploy/local/install.sh"
     ensure_state
     if stripe_mock_pid >/dev/null; then
+        live_pid "$STRIPE_MOCK_PID" "-http-addr 127.0.0.1:$METERLINE_STRIPE_MOCK_PORT " >/dev/null ||
+            wrong_port stripe-mock "$METERLINE_STRIPE_MOCK_PORT"
         say "stripe-mock: already running on 127.0.0.1:$METERLINE_STRIPE_MOCK_PORT"
         return
     fi

@@ -66,7 +66,7 @@ else
     rm -rf "$KAFKA_LIBS.partial"
     # Into a side folder first, so that an interrupted download is never taken for a complete one.
     # The plugin version is pinned so that every machine resolves the same jars the same way.
-    mvn -q -B -f "$work/pom.xml" \
+    mvn -q -B -Dstyle.color=never -f "$work/pom.xml" \
         org.apache.maven.plugins:maven-dependency-plugin:2.8:copy-dependencies \
         -DoutputDirectory="$KAFKA_LIBS.partial"
     rm -rf "$KAFKA_LIBS"
