@@ -1,0 +1,73 @@
+"""Usage recording (upsert) and querying by metric, project, key and granularity."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+from sqlalchemy.orm import Session
+
+from shared.usage import UsageDelta, query_usage, record_usage, usage_totals
+from tests import factories
+
+T0 = datetime(2026, 11, 24, 0, tzinfo=UTC)
+
+
+def test_upsert_adds_to_existing_windows_including_null_project_and_key(db: Session) -> None:
+    org = factories.make_organization(db)
+    delta = UsageDelta(org.id, None, None, "api_calls", T0, 3600, Decimal("1.5"), 1)
+    record_usage(db, [delta, delta])
+    record_usage(db, [delta])
+    rows = query_usage(db, org.id, start=T0, end=T0 + timedelta(hours=1))
+    assert [(r.quantity, r.event_count) for r in rows] == [(Decimal("4.5"), 3)]
+
+
+def test_query_groups_and_buckets(db: Session) -> None:
+    org = factories.make_organization(db)
+    web = factories.make_project(db, org)
+    app = factories.make_project(db, org)
+    record_usage(
+        db,
+        [
+            UsageDelta(org.id, web.id, None, "api_calls", T0, 3600, Decimal(2), 2),
+            UsageDelta(
+                org.id, web.id, None, "api_calls", T0 + timedelta(hours=1), 3600, Decimal(3), 3
+            ),
+            UsageDelta(org.id, app.id, None, "api_calls", T0, 3600, Decimal(5), 1),
+            UsageDelta(org.id, app.id, None, "storage_gb", T0, 3600, Decimal("0.25"), 1),
+            UsageDelta(
+                org.id, app.id, None, "api_calls", T0 + timedelta(days=1), 3600, Decimal(7), 1
+            ),
+        ],
+    )
+    hourly = query_usage(db, org.id, start=T0, end=T0 + timedelta(days=1))
+    assert [(r.start, r.metric, r.quantity) for r in hourly] == [
+        (T0, "api_calls", Decimal(7)),
+        (T0, "storage_gb", Decimal("0.25")),
+        (T0 + timedelta(hours=1), "api_calls", Decimal(3)),
+    ]
+    daily = query_usage(
+        db, org.id, start=T0, end=T0 + timedelta(days=2), granularity="day", metric="api_calls"
+    )
+    assert [(r.start, r.quantity, r.event_count) for r in daily] == [
+        (T0, Decimal(10), 6),
+        (T0 + timedelta(days=1), Decimal(7), 1),
+    ]
+    by_project = query_usage(
+        db, org.id, start=T0, end=T0 + timedelta(hours=1), group_by="project", metric="api_calls"
+    )
+    assert {r.project_id: r.quantity for r in by_project} == {
+        web.id: Decimal(2),
+        app.id: Decimal(5),
+    }
+    assert usage_totals(db, org.id, start=T0, end=T0 + timedelta(days=2)) == {
+        "api_calls": Decimal(17),
+        "storage_gb": Decimal("0.25"),
+    }
+
+
+def test_query_never_returns_another_organizations_usage(db: Session) -> None:
+    mine = factories.make_organization(db)
+    theirs = factories.make_organization(db)
+    record_usage(db, [UsageDelta(theirs.id, None, None, "api_calls", T0, 3600, Decimal(9), 9)])
+    assert query_usage(db, mine.id, start=T0, end=T0 + timedelta(days=1)) == []
