@@ -26,7 +26,7 @@ def create_sync_engine(settings: Settings, **options: object) -> Engine:
         settings.database_url,
         pool_pre_ping=True,
         connect_args={"connect_timeout": 5, "application_name": "meterline"},
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 
@@ -35,7 +35,7 @@ def create_async_db_engine(settings: Settings, **options: object) -> AsyncEngine
         settings.database_url,
         pool_pre_ping=True,
         connect_args={"connect_timeout": 5, "application_name": "meterline"},
-        **options,  # type: ignore[arg-type]
+        **options,
     )
 
 

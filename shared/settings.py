@@ -53,17 +53,33 @@ class Settings(BaseSettings):
     key_cache_ttl_seconds: float = Field(
         2.0, gt=0, le=5, validation_alias="METERLINE_KEY_CACHE_TTL_SECONDS"
     )
-    # Ingest: per-key token bucket (requests per second, per worker process), how long a request
-    # may wait for the broker's acknowledgement before answering 503, how often key usage is flushed.
+    # Ingest: per-key token bucket (requests per second, per worker process), how long a
+    # request may wait for the broker's acknowledgement before answering 503, how often key
+    # usage is flushed.
     ingest_rate_limit_per_second: float = Field(
         1000.0, gt=0, validation_alias="METERLINE_INGEST_RATE_LIMIT_PER_SECOND"
     )
-    ingest_rate_limit_burst: int = Field(2000, ge=1, validation_alias="METERLINE_INGEST_RATE_LIMIT_BURST")
+    ingest_rate_limit_burst: int = Field(
+        2000, ge=1, validation_alias="METERLINE_INGEST_RATE_LIMIT_BURST"
+    )
     ingest_publish_timeout_seconds: float = Field(
         5.0, gt=0, le=60, validation_alias="METERLINE_INGEST_PUBLISH_TIMEOUT_SECONDS"
     )
     key_usage_flush_seconds: float = Field(
         3.0, gt=0, le=60, validation_alias="METERLINE_KEY_USAGE_FLUSH_SECONDS"
+    )
+    aggregator_batch_messages: int = Field(
+        500, ge=1, le=100_000, validation_alias="METERLINE_AGGREGATOR_BATCH_MESSAGES"
+    )
+    aggregator_batch_seconds: float = Field(
+        0.25, gt=0, le=30, validation_alias="METERLINE_AGGREGATOR_BATCH_SECONDS"
+    )
+    aggregator_web_host: str = Field("127.0.0.1", validation_alias="METERLINE_AGGREGATOR_HOST")
+    aggregator_web_port: int = Field(
+        6066, ge=0, le=65535, validation_alias="METERLINE_AGGREGATOR_PORT"
+    )
+    ledger_grace_hours: int = Field(
+        48, ge=0, le=24 * 30, validation_alias="METERLINE_LEDGER_GRACE_HOURS"
     )
     log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
     log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
@@ -123,7 +139,7 @@ def load_settings(**overrides: object) -> Settings:
     """Read and validate settings; a bad value is one ConfigurationError naming the variable."""
     env_file = _env_file()
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -79,7 +79,7 @@ def merge_deltas(deltas: Iterable[UsageDelta]) -> list[UsageDelta]:
             merged[key] = d
         else:
             merged[key] = UsageDelta(
-                *key,  # type: ignore[arg-type]
+                *key,
                 quantity=prior.quantity + d.quantity,
                 event_count=prior.event_count + d.event_count,
             )

@@ -9,6 +9,7 @@ import typer
 
 from meterline.commands import context
 from meterline.output import cli_errors, print_json, print_table
+from shared.models import Role
 
 app = typer.Typer(
     no_args_is_help=False,
@@ -27,9 +28,8 @@ RoleOption = Annotated[
 ]
 
 
-def _role(value: str):  # type: ignore[no-untyped-def]
+def _role(value: str) -> Role:
     from shared.errors import InvalidInput
-    from shared.models import Role
 
     try:
         return Role(value.lower())
