@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from meterline.commands import context
-from meterline.output import cli_errors, print_json, print_table
+from meterline.output import cli_errors, print_json
 
 app = typer.Typer(no_args_is_help=True, help="Schema migrations and sample data.")
 
