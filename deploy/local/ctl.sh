@@ -200,7 +200,12 @@ kafka_write_config() {
 kafka_format() {
     local cluster_id
     [ -f "$KAFKA_DATA/meta.properties" ] && return
-    cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    # 16 random bytes in base64url, as Kafka's own ids; never with a leading '-', which the
+    # storage tool's option parser would take for an option (Kafka's generator avoids it too).
+    cluster_id=-
+    while [ "${cluster_id#-}" != "$cluster_id" ]; do
+        cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    done
     say "kafka: formatting $KAFKA_DATA (cluster $cluster_id)"
     "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_CONFIG" \
         >>"$KAFKA_STDOUT" 2>&1 9>&- || fail_start kafka "$KAFKA_STDOUT" "storage format failed"
