@@ -1,7 +1,72 @@
-"""`meterline ingest`: placeholder group, filled in by the ingest work."""
+"""`meterline ingest`: run the HTTP ingest service (POST /v1/events -> Kafka)."""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
+import tempfile
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="ingest (not built yet)")
+from meterline.output import cli_errors
+
+app = typer.Typer(no_args_is_help=True, help="The HTTP ingest service.")
+
+
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on.", envvar="METERLINE_INGEST_HOST")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int,
+        typer.Option(help="Port to listen on.", envvar="METERLINE_INGEST_PORT", min=1, max=65535),
+    ] = 8080,
+    workers: Annotated[
+        int,
+        typer.Option(
+            help="Worker processes (each has its own producer, key cache and rate limiter).",
+            envvar="METERLINE_INGEST_WORKERS",
+            min=1,
+            max=64,
+        ),
+    ] = 1,
+) -> None:
+    """Serve POST /v1/events, GET /v1/usage, /healthz, /readyz, /metrics and /openapi.json."""
+    with cli_errors():
+        import uvicorn
+
+        from shared.logs import configure_logging, log_event, register_secret
+        from shared.settings import get_settings
+
+        settings = get_settings()
+        register_secret(settings.pepper_bytes().decode())  # refuses a missing pepper up front
+        configure_logging(settings.log_level, settings.log_format)
+        # Metrics of all workers are summed from one directory, fresh for each run.
+        metrics_dir = tempfile.mkdtemp(prefix="meterline-ingest-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+
+        log_event(
+            logging.getLogger("meterline.ingest"),
+            "ingest_serving",
+            host=host,
+            port=port,
+            workers=workers,
+        )
+        try:
+            uvicorn.run(
+                "services.ingest.app:create_app",
+                factory=True,
+                host=host,
+                port=port,
+                workers=workers,
+                loop="uvloop",
+                http="httptools",
+                access_log=False,
+                log_config=None,
+                timeout_graceful_shutdown=10,
+            )
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)

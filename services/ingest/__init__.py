@@ -1,0 +1,1 @@
+"""HTTP ingest: authenticate by API key, validate usage events, publish them to Kafka."""

@@ -1,0 +1,150 @@
+"""HTTP adaptation: read the request, call the service, map its errors to status codes.
+
+Every error is rendered as {"error": {"code", "message", "details"}}; 429 and 503 carry Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.ingest import metrics
+from services.ingest.publisher import RETRY_AFTER_SECONDS
+from services.ingest.schemas import Accepted, encoder, openapi_document
+from services.ingest.service import IngestService
+from shared.errors import (
+    InvalidInput,
+    MeterlineError,
+    PayloadTooLarge,
+    RateLimited,
+    UnsupportedMediaType,
+)
+from shared.events import MAX_BODY_BYTES, parse_timestamp
+from shared.logs import log_event
+
+logger = logging.getLogger("meterline.ingest")
+
+JSON = "application/json"
+
+
+def _service(request: Request) -> IngestService:
+    service: IngestService = request.app.state.service
+    return service
+
+
+def error_response(exc: MeterlineError) -> Response:
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+    elif exc.status == 503:
+        headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+    elif exc.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return Response(encoder.encode(exc.to_dict()), exc.status, headers, JSON)
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == JSON or (media.startswith("application/") and media.endswith("+json"))
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed the limit."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def post_events(request: Request) -> Response:
+    service = _service(request)
+    try:
+        key = await service.authenticate(request.headers.get("authorization"))
+        if not _is_json(request.headers.get("content-type")):
+            raise UnsupportedMediaType("send the events as application/json")
+        accepted = await service.ingest(key, await read_body(request))
+    except MeterlineError as exc:
+        metrics.REQUESTS.labels(str(exc.status)).inc()
+        return error_response(exc)
+    metrics.REQUESTS.labels("202").inc()
+    return Response(encoder.encode(Accepted(accepted)), 202, media_type=JSON)
+
+
+async def get_usage(request: Request) -> Response:
+    service = _service(request)
+    params = request.query_params
+    try:
+        key = await service.authenticate(request.headers.get("authorization"))
+        unknown = set(params) - {"metric", "from", "to", "group_by", "granularity"}
+        if unknown:
+            raise InvalidInput(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+        usage = await service.usage(
+            key,
+            start=_instant(params.get("from"), "from"),
+            end=_instant(params.get("to"), "to"),
+            metric=params.get("metric") or None,
+            group_by=params.get("group_by") or None,
+            granularity=params.get("granularity") or "hour",
+        )
+    except MeterlineError as exc:
+        return error_response(exc)
+    return Response(encoder.encode(usage), 200, media_type=JSON)
+
+
+def _instant(value: str | None, name: str) -> Any:
+    if not value:
+        return None
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise InvalidInput(f"{name}: {exc}") from None
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    service = _service(request)
+    database = await request.app.state.queries.ping()
+    broker = await service.publisher.ready()
+    body = {
+        "database": "ok" if database else "unreachable",
+        "broker": "ok" if broker else "unreachable",
+    }
+    if not (database and broker):
+        log_event(logger, "not_ready", logging.WARNING, **body)
+    return JSONResponse(body, 200 if database and broker else 503)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE)
+
+
+_OPENAPI = encoder.encode(openapi_document())
+
+
+async def openapi(request: Request) -> Response:
+    return Response(_OPENAPI, media_type=JSON)
+
+
+routes = [
+    Route("/v1/events", post_events, methods=["POST"]),
+    Route("/v1/usage", get_usage, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+    Route("/metrics", metrics_endpoint, methods=["GET"]),
+    Route("/openapi.json", openapi, methods=["GET"]),
+]

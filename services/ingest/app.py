@@ -1,0 +1,94 @@
+"""Wiring: settings, database engine, caches, Kafka publisher and routes; start and stop.
+
+`create_app()` is what uvicorn runs in each worker (`meterline ingest serve`); tests pass their
+own settings and, for in-process tests, an in-memory publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.ingest.api import error_response, routes
+from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache
+from services.ingest.publisher import EventPublisher, KafkaPublisher
+from services.ingest.queries import IngestQueries
+from services.ingest.ratelimit import RateLimiter
+from services.ingest.service import IngestService
+from shared.db import create_async_db_engine
+from shared.errors import MeterlineError
+from shared.logs import configure_logging, log_event, register_secret
+from shared.settings import Settings, get_settings
+
+logger = logging.getLogger("meterline.ingest")
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    publisher: EventPublisher | None = None,
+    configure_logs: bool = True,
+) -> Starlette:
+    settings = settings or get_settings()
+    pepper = settings.pepper_bytes()
+    register_secret(pepper.decode())
+    if configure_logs:
+        configure_logging(settings.log_level, settings.log_format)
+    # kafka-python narrates every connection at INFO; its warnings and errors are what matter.
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine = create_async_db_engine(settings, pool_size=5, max_overflow=5)
+        queries = IngestQueries(engine, pepper=pepper)
+        background: list[asyncio.Task[None]] = []
+        chosen = publisher
+        if chosen is None:
+            kafka = KafkaPublisher(settings)
+            background.append(
+                asyncio.create_task(kafka.connect([settings.events_topic, settings.dlq_topic]))
+            )
+            chosen = kafka
+        tally = KeyUsageTally(queries.record_key_usage)
+        service = IngestService(
+            settings,
+            keys=KeyCache(queries.verify_key, pepper=pepper, ttl=settings.key_cache_ttl_seconds),
+            projects=ProjectCache(queries.projects, ttl=settings.key_cache_ttl_seconds),
+            limiter=RateLimiter(
+                settings.ingest_rate_limit_per_second, settings.ingest_rate_limit_burst
+            ),
+            tally=tally,
+            publisher=chosen,
+            usage=queries.usage,
+        )
+        background.append(asyncio.create_task(tally.run(settings.key_usage_flush_seconds)))
+        app.state.service = service
+        app.state.queries = queries
+        log_event(logger, "ingest_started", topic=settings.events_topic)
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await service.aclose()
+            await engine.dispose()
+            log_event(logger, "ingest_stopped")
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log_event(
+            logger, "request_failed", logging.ERROR, path=request.url.path, error=repr(exc)[:300]
+        )
+        return error_response(MeterlineError("internal error"))
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={Exception: unexpected},
+    )

@@ -1,0 +1,96 @@
+"""The database side of ingest, one function per question, each on an async engine.
+
+Connection failures become DatabaseUnavailable (503): a request never waits on a dead database for
+longer than the driver's connect timeout.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime
+from typing import TypeVar
+
+import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.orm import Session
+
+from services.ingest.keycache import ProjectInfo
+from shared.apikeys import VerifiedKey, record_key_usage, verify_api_key
+from shared.errors import DatabaseUnavailable
+from shared.models import Project
+from shared.usage import Granularity, GroupBy, UsageRow, query_usage
+
+T = TypeVar("T")
+
+
+class IngestQueries:
+    def __init__(self, engine: AsyncEngine, *, pepper: bytes) -> None:
+        self._engine = engine
+        self._pepper = pepper
+
+    async def _read(self, work: Callable[[Session], T]) -> T:
+        try:
+            async with self._engine.connect() as connection:
+                return await connection.run_sync(lambda sync: work(Session(bind=sync)))
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, OSError) as exc:
+            raise DatabaseUnavailable(f"database unavailable ({type(exc).__name__})") from None
+
+    async def _write(self, work: Callable[[Session], None]) -> None:
+        try:
+            async with self._engine.begin() as connection:
+                await connection.run_sync(lambda sync: work(Session(bind=sync)))
+        except (sa_exc.OperationalError, sa_exc.InterfaceError, OSError) as exc:
+            raise DatabaseUnavailable(f"database unavailable ({type(exc).__name__})") from None
+
+    async def verify_key(self, plaintext: str, now: datetime) -> VerifiedKey | None:
+        return await self._read(
+            lambda session: verify_api_key(session, plaintext, pepper=self._pepper, now=now)
+        )
+
+    async def projects(self, project_ids: set[uuid.UUID]) -> dict[uuid.UUID, ProjectInfo]:
+        def fetch(session: Session) -> dict[uuid.UUID, ProjectInfo]:
+            rows = session.execute(
+                sa.select(Project.id, Project.organization_id, Project.archived_at).where(
+                    Project.id.in_(project_ids)
+                )
+            )
+            return {
+                row.id: ProjectInfo(row.organization_id, row.archived_at is not None)
+                for row in rows
+            }
+
+        return await self._read(fetch)
+
+    async def record_key_usage(self, usage: dict[uuid.UUID, tuple[int, datetime]]) -> None:
+        await self._write(lambda session: record_key_usage(session, usage))
+
+    async def usage(
+        self,
+        organization_id: uuid.UUID,
+        *,
+        start: datetime,
+        end: datetime,
+        metric: str | None,
+        group_by: GroupBy | None,
+        granularity: Granularity,
+    ) -> list[UsageRow]:
+        return await self._read(
+            lambda session: query_usage(
+                session,
+                organization_id,
+                start=start,
+                end=end,
+                metric=metric,
+                group_by=group_by,
+                granularity=granularity,
+            )
+        )
+
+    async def ping(self) -> bool:
+        try:
+            await self._read(lambda session: session.execute(sa.text("SELECT 1")))
+        except DatabaseUnavailable:
+            return False
+        return True

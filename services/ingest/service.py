@@ -1,0 +1,385 @@
+"""The decisions of ingest: who is asking, may they, are the events valid, what goes on the topic.
+
+A request goes: authenticate -> rate limit -> parse and validate -> check projects -> build the
+envelope -> publish and wait for the broker's acknowledgement. Nothing here knows HTTP: errors are
+shared.errors exceptions that api.py maps to status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any, Protocol
+
+import msgspec
+
+from services.ingest import metrics
+from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache, ProjectInfo
+from services.ingest.publisher import EventPublisher
+from services.ingest.ratelimit import RateLimiter
+from services.ingest.schemas import (
+    EventIn,
+    UsageOut,
+    UsageRowOut,
+    batch_decoder,
+    event_decoder,
+    generic_decoder,
+)
+from shared.apikeys import VerifiedKey
+from shared.errors import Forbidden, InvalidInput, RateLimited, Unauthenticated
+from shared.events import (
+    ENVELOPE_VERSION,
+    MAX_EVENTS_PER_REQUEST,
+    MAX_QUANTITY,
+    METRIC_RE,
+    Envelope,
+    UsageEvent,
+    encode_envelope,
+    validate_event,
+)
+from shared.logs import log_event
+from shared.settings import Settings
+from shared.usage import Granularity, GroupBy, UsageRow
+
+logger = logging.getLogger("meterline.ingest")
+
+UNAUTHENTICATED_MESSAGE = "missing, unknown, revoked or expired API key"
+# One Kafka message stays under the broker's default 1 MB message.max.bytes; a larger envelope is
+# split into several envelopes of the same organization (same key, so same partition and order).
+MAX_MESSAGE_BYTES = 900_000
+_ZERO = Decimal(0)
+MAX_USAGE_RANGE = timedelta(days=400)
+
+
+def parse_bearer(authorization: str | None) -> str | None:
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return None
+    token = token.strip()
+    return token or None
+
+
+def parse_events(
+    body: bytes,
+    *,
+    now: datetime,
+    horizon: timedelta,
+    max_future: timedelta,
+    default_project: uuid.UUID | None = None,
+) -> list[UsageEvent]:
+    """Every event of a request body, validated, or InvalidInput listing each bad event by index.
+
+    The fast path decodes in C into typed structs and checks only what needs values; whatever it
+    does not accept is handed to shared.events.validate_event, the authority on the rules, which
+    either accepts it too or names every problem.
+    """
+    earliest, latest = now - horizon, now + max_future
+    fast = _decode_fast(body)
+    if fast is not None:
+        events = _accept_fast(fast, now, earliest, latest, default_project)
+        if events is not None:
+            return events
+    return _parse_slow(
+        body, now=now, horizon=horizon, max_future=max_future, default_project=default_project
+    )
+
+
+def _decode_fast(body: bytes) -> list[EventIn] | None:
+    try:
+        return batch_decoder.decode(body).events
+    except msgspec.MsgspecError:
+        pass
+    try:
+        return [event_decoder.decode(body)]
+    except msgspec.MsgspecError:
+        return None
+
+
+def _accept_fast(
+    decoded: list[EventIn],
+    now: datetime,
+    earliest: datetime,
+    latest: datetime,
+    default_project: uuid.UUID | None,
+) -> list[UsageEvent] | None:
+    events = []
+    for item in decoded:
+        quantity = item.quantity
+        if not quantity.is_finite() or quantity < 0 or quantity > MAX_QUANTITY:
+            return None
+        timestamp = item.timestamp
+        if timestamp is None:
+            timestamp = now
+        elif timestamp > latest or timestamp < earliest:
+            return None
+        elif timestamp.tzinfo is not UTC:
+            timestamp = timestamp.astimezone(UTC)
+        events.append(
+            UsageEvent(
+                id=item.id,
+                metric=item.metric,
+                quantity=quantity if quantity else _ZERO,
+                timestamp=timestamp,
+                project_id=item.project_id or default_project,
+                properties=item.properties or {},
+            )
+        )
+    return events
+
+
+def _parse_slow(
+    body: bytes,
+    *,
+    now: datetime,
+    horizon: timedelta,
+    max_future: timedelta,
+    default_project: uuid.UUID | None,
+) -> list[UsageEvent]:
+    try:
+        raw = generic_decoder.decode(body)
+    except msgspec.MsgspecError:
+        raise InvalidInput("body is not valid JSON") from None
+    items = _event_items(raw)
+    events: list[UsageEvent] = []
+    problems: list[dict[str, Any]] = []
+    for index, item in enumerate(items):
+        result = validate_event(item, now=now, horizon=horizon, max_future=max_future)
+        if isinstance(result, list):
+            problems.append({"index": index, "reason": "; ".join(result)})
+        else:
+            if result.project_id is None and default_project is not None:
+                result = msgspec.structs.replace(result, project_id=default_project)
+            events.append(result)
+    if problems:
+        metrics.EVENTS_REJECTED.inc(len(items))
+        raise InvalidInput(
+            f"{len(problems)} of {len(items)} events are invalid; nothing was accepted",
+            details=problems,
+        )
+    return events
+
+
+def _event_items(raw: Any) -> list[Any]:
+    if not (isinstance(raw, dict) and "events" in raw):
+        return [raw]
+    extra = raw.keys() - {"events"}
+    if extra:
+        raise InvalidInput(
+            'a batch is {"events": [...]} with no other field; '
+            f"unknown field(s): {', '.join(sorted(map(str, extra)))}"
+        )
+    items = raw["events"]
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_EVENTS_PER_REQUEST:
+        raise InvalidInput(f"events must be a list of 1 to {MAX_EVENTS_PER_REQUEST} events")
+    return items
+
+
+def check_projects(
+    events: Sequence[UsageEvent], key: VerifiedKey, projects: Mapping[uuid.UUID, ProjectInfo]
+) -> None:
+    """Forbidden unless every event's project belongs to the key's organization (and, for a
+    project-scoped key, is that project). Unknown projects read the same as foreign ones."""
+    problems = []
+    for index, event in enumerate(events):
+        project_id = event.project_id
+        if project_id is None:
+            continue
+        if key.project_id is not None and project_id != key.project_id:
+            problems.append({"index": index, "reason": "this key may only write its own project"})
+            continue
+        info = projects.get(project_id)
+        if info is None or info.organization_id != key.organization_id:
+            problems.append(
+                {"index": index, "reason": f"project {project_id} is not in this organization"}
+            )
+        elif info.archived:
+            problems.append({"index": index, "reason": f"project {project_id} is archived"})
+    if problems:
+        raise Forbidden("the key may not write to some of these projects", details=problems)
+
+
+def build_envelopes(
+    key: VerifiedKey, events: list[UsageEvent], received_at: datetime
+) -> list[bytes]:
+    """The encoded envelope of one request: one message, or several if it would be too large."""
+    value = encode_envelope(
+        Envelope(
+            v=ENVELOPE_VERSION,
+            organization_id=key.organization_id,
+            api_key_id=key.id,
+            received_at=received_at,
+            events=events,
+        )
+    )
+    if len(value) <= MAX_MESSAGE_BYTES or len(events) == 1:
+        return [value]
+    half = len(events) // 2
+    return build_envelopes(key, events[:half], received_at) + build_envelopes(
+        key, events[half:], received_at
+    )
+
+
+def _decimal_text(value: Decimal) -> str:
+    """Plain notation without trailing zeros: 1.50 -> "1.5", 1E+3 -> "1000"."""
+    text = format(value.normalize(), "f") if value else "0"
+    return text
+
+
+class UsageReader(Protocol):
+    async def __call__(
+        self,
+        organization_id: uuid.UUID,
+        *,
+        start: datetime,
+        end: datetime,
+        metric: str | None,
+        group_by: GroupBy | None,
+        granularity: Granularity,
+    ) -> list[UsageRow]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    horizon: timedelta
+    max_future: timedelta
+    publish_timeout: float
+
+
+class IngestService:
+    """One per worker process: the caches, the rate limiter and the publisher it decides with."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        keys: KeyCache,
+        projects: ProjectCache,
+        limiter: RateLimiter,
+        tally: KeyUsageTally,
+        publisher: EventPublisher,
+        usage: UsageReader,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.topic = settings.events_topic
+        self.limits = Limits(
+            horizon=settings.lateness_horizon,
+            max_future=timedelta(seconds=settings.max_future_seconds),
+            publish_timeout=settings.ingest_publish_timeout_seconds,
+        )
+        self.keys = keys
+        self.projects = projects
+        self.limiter = limiter
+        self.tally = tally
+        self.publisher = publisher
+        self.usage_reader = usage
+        self.clock = clock
+
+    async def authenticate(self, authorization: str | None) -> VerifiedKey:
+        """The verified key of a request, counted against its rate limit."""
+        plaintext = parse_bearer(authorization)
+        now = self.clock()
+        key = await self.keys.get(plaintext, now) if plaintext else None
+        if key is None:
+            raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
+        self.tally.record(key.id, now)
+        wait = self.limiter.acquire(key.id)
+        if wait > 0:
+            raise RateLimited("over this key's rate limit", retry_after=wait)
+        return key
+
+    async def ingest(self, key: VerifiedKey, body: bytes) -> int:
+        """Validate every event of `body`, publish them, and return how many the broker holds."""
+        received_at = self.clock()
+        limits = self.limits
+        events = parse_events(
+            body,
+            now=received_at,
+            horizon=limits.horizon,
+            max_future=limits.max_future,
+            default_project=key.project_id,
+        )
+        project_ids = {e.project_id for e in events if e.project_id is not None}
+        if project_ids and not (key.project_id is not None and project_ids == {key.project_id}):
+            known = await self.projects.get_many(project_ids) if key.project_id is None else {}
+            try:
+                check_projects(events, key, known)
+            except Forbidden:
+                metrics.EVENTS_REJECTED.inc(len(events))
+                raise
+        values = build_envelopes(key, events, received_at)
+        started = time.perf_counter()
+        await self.publisher.publish_all(
+            self.topic,
+            str(key.organization_id).encode(),
+            values,
+            int(received_at.timestamp() * 1000),
+            wait_seconds=limits.publish_timeout,
+        )
+        metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
+        metrics.EVENTS_ACCEPTED.inc(len(events))
+        log_event(
+            logger, "events_published", logging.DEBUG, count=len(events), messages=len(values)
+        )
+        return len(events)
+
+    async def usage(
+        self,
+        key: VerifiedKey,
+        *,
+        start: datetime | None,
+        end: datetime | None,
+        metric: str | None,
+        group_by: str | None,
+        granularity: str,
+    ) -> UsageOut:
+        """The key's organization's usage in [start, end) (default: the last 24 hours)."""
+        problems = []
+        if group_by not in (None, "project", "api_key", "metric"):
+            problems.append("group_by: one of project, api_key, metric")
+        if granularity not in ("hour", "day"):
+            problems.append("granularity: one of hour, day")
+        if metric is not None and not METRIC_RE.match(metric):
+            problems.append("metric: must match ^[a-z][a-z0-9_.-]{0,63}$")
+        end = end or self.clock()
+        start = start or end - timedelta(days=1)
+        if start >= end:
+            problems.append("from: must be before to")
+        elif end - start > MAX_USAGE_RANGE:
+            problems.append(f"from/to: at most {MAX_USAGE_RANGE.days} days apart")
+        if problems:
+            raise InvalidInput("invalid usage query", details=problems)
+        rows = await self.usage_reader(
+            key.organization_id,
+            start=start,
+            end=end,
+            metric=metric,
+            group_by=group_by,  # type: ignore[arg-type]
+            granularity=granularity,  # type: ignore[arg-type]
+        )
+        return UsageOut(
+            start=start,
+            end=end,
+            granularity=granularity,
+            data=[
+                UsageRowOut(
+                    start=row.start,
+                    metric=row.metric,
+                    quantity=_decimal_text(row.quantity),
+                    event_count=row.event_count,
+                    project_id=row.project_id if group_by == "project" else msgspec.UNSET,
+                    api_key_id=row.api_key_id if group_by == "api_key" else msgspec.UNSET,
+                )
+                for row in rows
+            ],
+        )
+
+    async def aclose(self) -> None:
+        await self.tally.flush()
+        await self.publisher.close()
