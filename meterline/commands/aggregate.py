@@ -1,7 +1,69 @@
-"""`meterline aggregate`: placeholder group, filled in by the aggregate work."""
+"""`meterline aggregate`: run the stream aggregator; maintain the event ledger's partitions."""
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="aggregate (not built yet)")
+from meterline.output import cli_errors, print_json
+
+app = typer.Typer(no_args_is_help=True, help="Roll usage events from Kafka into usage_records.")
+
+
+@app.command("run")
+def run(
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="Port of /healthz and /metrics (default 6066).",
+            envvar="METERLINE_AGGREGATOR_PORT",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option(help="Log level.", envvar="METERLINE_LOG_LEVEL")
+    ] = "INFO",
+) -> None:
+    """Consume the events topic until stopped (SIGTERM/SIGINT finish the running batch first)."""
+    with cli_errors():
+        from faust.worker import Worker
+
+        from services.aggregator.app import create_app
+        from shared.logs import configure_logging, register_secret
+        from shared.settings import load_settings
+
+        overrides = {"aggregator_web_port": port} if port is not None else {}
+        settings = load_settings(**overrides)
+        register_secret(settings.api_key_pepper.get_secret_value())
+        configure_logging(log_level, settings.log_format)
+        faust_app, _ = create_app(settings)
+        worker = Worker(faust_app, loglevel=log_level, quiet=True, override_logging=False)
+    worker.execute_from_commandline()
+
+
+@app.command("prune-ledger")
+def prune_ledger(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the partitions that would be dropped.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Create the current and next month's ledger partitions; drop those past the horizon."""
+    with cli_errors(as_json):
+        from datetime import UTC, datetime
+
+        from meterline.commands.context import engine, settings
+        from services.aggregator.ledger_partitions import ledger_cutoff, maintain_ledger
+
+        now = datetime.now(UTC)
+        created, dropped = maintain_ledger(engine(), settings(), now, dry_run=dry_run)
+        cutoff = ledger_cutoff(now, settings())
+        if as_json:
+            print_json(
+                {"cutoff": cutoff, "created": created, "dropped": dropped, "dry_run": dry_run}
+            )
+            return
+        verb = "would drop" if dry_run else "dropped"
+        typer.echo(f"ledger cutoff {cutoff.isoformat()}")
+        typer.echo(f"created: {', '.join(created) or 'none'}")
+        typer.echo(f"{verb}: {', '.join(dropped) or 'none'}")

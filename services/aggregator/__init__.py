@@ -1,0 +1,1 @@
+"""The aggregator: Kafka usage events -> event ledger + usage_records windows (Faust)."""

@@ -1,0 +1,267 @@
+"""Wiring of the aggregator: the Faust app, its one agent, the hourly ledger maintenance, /healthz
+and /metrics. The batch loop here runs the numbered steps written down in service.py."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faust
+from faust.types import EventT
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from services.aggregator import metrics
+from services.aggregator.batch import DeadLetter, SourceRecord
+from services.aggregator.ledger_partitions import maintain_ledger
+from services.aggregator.schemas import dead_letter_headers, encode_dead_letter
+from services.aggregator.service import BatchApplier, BatchResult, is_transient
+from shared.db import create_sync_engine
+from shared.logs import log_event
+from shared.settings import Settings
+
+logger = logging.getLogger("meterline.aggregator")
+
+MAINTENANCE_SECONDS = 3600.0
+BACKOFF_FIRST_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 10.0
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class Backoff:
+    """Doubling pauses between retries of one failing dependency, capped."""
+
+    def __init__(self) -> None:
+        self.delay = BACKOFF_FIRST_SECONDS
+
+    async def pause(self) -> None:
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, BACKOFF_MAX_SECONDS)
+
+
+class Aggregator:
+    """Runs batches to completion: a failing dependency is retried, never skipped or acked."""
+
+    def __init__(self, app: faust.App, applier: BatchApplier, settings: Settings) -> None:
+        self.app = app
+        self.applier = applier
+        self.settings = settings
+        self.waiting_for: str | None = None
+        self.last_batch_at: datetime | None = None
+
+    async def process(self, events: Sequence[EventT]) -> None:
+        work = asyncio.ensure_future(self._process(events))
+        try:
+            # Shielded: a shutdown in the middle lets the batch finish its commit and DLQ acks.
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            if not work.done():
+                # Faust acks the events of a `take` even when the loop body is cancelled. Marking
+                # their messages acked first turns that ack into a no-op: the offsets are never
+                # committed and the batch is delivered again (the ledger makes that harmless).
+                for event in events:
+                    event.message.acked = True
+                log_event(logger, "batch_abandoned_on_shutdown", logging.WARNING, n=len(events))
+            raise
+
+    async def _process(self, events: Sequence[EventT]) -> None:
+        started = time.perf_counter()
+        records = [_source_record(event) for event in events]
+        # (1) + (2): decode, then one database transaction; retried whole while the database is
+        # unreachable, so nothing is acked (step 4) before it is committed.
+        result = await self._apply_until_committed(records)
+        # (3) dead letters are sent and acknowledged before the offsets may move.
+        await self._send_dead_letters(result.dead_letters)
+        # (4) returning lets `take` ack the events; Faust commits their offsets after this.
+        self.last_batch_at = utc_now()
+        metrics.EVENTS.inc(result.counted)
+        metrics.DUPLICATES.inc(result.duplicates)
+        metrics.CONFLICTS.inc(result.conflicts)
+        metrics.BATCH_SECONDS.observe(time.perf_counter() - started)
+        self._observe_lag(events)
+        log_event(
+            logger,
+            "batch_applied",
+            logging.DEBUG,
+            messages=len(records),
+            counted=result.counted,
+            duplicates=result.duplicates,
+            conflicts=result.conflicts,
+            dead_letters=len(result.dead_letters),
+        )
+
+    async def _apply_until_committed(self, records: list[SourceRecord]) -> BatchResult:
+        backoff = Backoff()
+        while True:
+            try:
+                result = await asyncio.to_thread(self.applier.apply, records)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                metrics.RETRIES.labels("database").inc()
+                self.waiting_for = "database"
+                log_event(
+                    logger,
+                    "batch_waiting_for_database",
+                    logging.WARNING,
+                    retry_in_seconds=backoff.delay,
+                    error=str(getattr(exc, "orig", None) or exc).splitlines()[0][:200],
+                )
+                await backoff.pause()
+                continue
+            if self.waiting_for == "database":
+                log_event(logger, "database_available_again")
+            self.waiting_for = None
+            return result
+
+    async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
+        if not letters:
+            return
+        backoff = Backoff()
+        failed_at = utc_now()
+        while True:
+            try:
+                await asyncio.gather(
+                    *(
+                        self.app.producer.send_and_wait(
+                            self.settings.dlq_topic,
+                            letter.source.key,
+                            encode_dead_letter(letter, failed_at),
+                            None,
+                            None,
+                            dead_letter_headers(letter),
+                        )
+                        for letter in letters
+                    )
+                )
+                break
+            except Exception as exc:
+                # A letter sent twice is fine (the DLQ is at least once); one lost is not.
+                metrics.RETRIES.labels("broker").inc()
+                self.waiting_for = "broker"
+                log_event(logger, "dlq_send_retry", logging.WARNING, error=str(exc)[:200])
+                await backoff.pause()
+        self.waiting_for = None
+        for letter in letters:
+            metrics.DLQ.labels(letter.code).inc()
+            log_event(
+                logger,
+                "dead_letter_sent",
+                logging.WARNING,
+                code=letter.code,
+                reason=letter.reason,
+                partition=letter.source.partition,
+                offset=letter.source.offset,
+            )
+
+    def _observe_lag(self, events: Sequence[EventT]) -> None:
+        last: dict[Any, int] = {}
+        for event in events:
+            tp = event.message.tp
+            last[tp] = max(last.get(tp, -1), event.message.offset)
+        for tp, offset in last.items():
+            try:
+                highwater = self.app.consumer.highwater(tp)
+            except Exception:  # noqa: S112  (lag is best effort: no highwater yet after a rebalance)
+                continue
+            if highwater is not None:
+                metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(highwater - offset - 1, 0))
+
+    async def maintain(self) -> None:
+        """Create this and next month's ledger partitions; drop those past the horizon."""
+        try:
+            created, dropped = await asyncio.to_thread(
+                maintain_ledger, self.applier.engine, self.settings, utc_now()
+            )
+        except Exception as exc:
+            log_event(logger, "ledger_maintenance_failed", logging.WARNING, error=str(exc)[:200])
+            return
+        log_event(logger, "ledger_maintained", created=created, dropped=dropped)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "status": "ok" if self.waiting_for is None else f"waiting_for_{self.waiting_for}",
+            "last_batch_at": self.last_batch_at.isoformat() if self.last_batch_at else None,
+            "assigned_partitions": sorted(tp.partition for tp in self.app.consumer.assignment())
+            if self.app.consumer
+            else [],
+        }
+
+
+def _source_record(event: EventT) -> SourceRecord:
+    message = event.message
+    timestamp = message.timestamp
+    return SourceRecord(
+        topic=message.topic,
+        partition=message.partition,
+        offset=message.offset,
+        timestamp_ms=int(timestamp * 1000) if timestamp else None,
+        key=message.key,
+        value=message.value or b"",
+    )
+
+
+def app_id(settings: Settings) -> str:
+    """The consumer group: every instance with this id shares the topic's partitions."""
+    return f"{settings.topic_prefix}-aggregator"
+
+
+def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
+    app = faust.App(
+        app_id(settings),
+        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        key_serializer="raw",
+        value_serializer="raw",
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=settings.topic_partitions,
+        producer_acks=-1,
+        broker_commit_interval=1.0,
+        web_enabled=True,
+        web_bind=settings.aggregator_web_host,
+        web_host=settings.aggregator_web_host,
+        web_port=settings.aggregator_web_port,
+        datadir=Path(tempfile.gettempdir()) / "meterline-faust" / app_id(settings),
+    )
+    events_topic = app.topic(
+        settings.events_topic,
+        key_type=bytes,
+        value_type=bytes,
+        partitions=settings.topic_partitions,
+    )
+    app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
+    engine = create_sync_engine(settings, pool_size=2, max_overflow=2)
+    aggregator = Aggregator(app, BatchApplier(engine, settings, clock=utc_now), settings)
+
+    @app.agent(events_topic, name="aggregate")
+    async def aggregate(stream: faust.StreamT[bytes]) -> None:
+        assert isinstance(stream, faust.Stream)
+        async for events in stream.take_events(
+            settings.aggregator_batch_messages, within=settings.aggregator_batch_seconds
+        ):
+            await aggregator.process(events)
+
+    @app.timer(interval=MAINTENANCE_SECONDS)
+    async def maintain_ledger_hourly() -> None:
+        await aggregator.maintain()
+
+    @app.task
+    async def maintain_ledger_at_start() -> None:
+        await aggregator.maintain()
+
+    @app.page("/healthz")
+    async def healthz(web: Any, request: Any) -> Any:
+        return web.json(aggregator.health())
+
+    @app.page("/metrics")
+    async def prometheus(web: Any, request: Any) -> Any:
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+
+    return app, aggregator

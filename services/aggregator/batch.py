@@ -1,0 +1,191 @@
+"""The pure core of a batch: Kafka records in, countable events and dead letters out.
+
+No session, clock or network here: `now` and the ledger's answers come in as arguments, so every
+rule (what is unreadable, what is too old, which duplicate wins) is a value-in, value-out function.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from shared.events import (
+    Envelope,
+    EnvelopeError,
+    UsageEvent,
+    decode_envelope,
+    encode_envelope,
+    fingerprint,
+    window_start,
+)
+
+EventKey = tuple[uuid.UUID, str]
+"""(organization id, event id): the identity the ledger counts once."""
+
+
+@dataclass(frozen=True, slots=True)
+class SourceRecord:
+    """One Kafka message, as read from the events topic."""
+
+    topic: str
+    partition: int
+    offset: int
+    timestamp_ms: int | None
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record (or one event of it) that is not counted, with the reason it goes to the DLQ."""
+
+    source: SourceRecord
+    code: str
+    reason: str
+    retryable: bool
+    # What `meterline replay dlq` would re-publish: the original bytes, or a one-event envelope
+    # when only one event of a request is refused.
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CountableEvent:
+    """A readable event with what the ledger and the window upsert need."""
+
+    organization_id: uuid.UUID
+    api_key_id: uuid.UUID | None
+    received_at: datetime
+    event: UsageEvent
+    fingerprint: bytes
+    window_start: datetime
+    source: SourceRecord
+
+    @property
+    def key(self) -> EventKey:
+        return (self.organization_id, self.event.id)
+
+    def as_envelope(self) -> bytes:
+        """This event alone, in the envelope format, for a dead letter about it alone."""
+        return encode_envelope(
+            Envelope(
+                v=1,
+                organization_id=self.organization_id,
+                api_key_id=self.api_key_id,
+                received_at=self.received_at,
+                events=[self.event],
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRules:
+    """The bounds an event must meet to be counted."""
+
+    cutoff: datetime  # events older than this have no ledger partition to dedupe against
+    max_future: timedelta  # how far an event may be ahead of the time ingest received it
+    window_seconds: int
+
+
+# Reasons that a later fix (new code, repaired reference data) can cure: `replay dlq` re-sends them.
+RETRYABLE_CODES = frozenset({"unknown_version", "unknown_reference", "database_rejected"})
+
+
+def dead_letter(source: SourceRecord, code: str, reason: str, payload: bytes) -> DeadLetter:
+    return DeadLetter(
+        source=source,
+        code=code,
+        reason=reason,
+        retryable=code in RETRYABLE_CODES,
+        payload=payload,
+    )
+
+
+def read_records(
+    records: Iterable[SourceRecord], rules: ReadRules
+) -> tuple[list[CountableEvent], list[DeadLetter]]:
+    """Decode every record; the unreadable and the out-of-bounds become dead letters."""
+    events: list[CountableEvent] = []
+    dead: list[DeadLetter] = []
+    for record in records:
+        try:
+            envelope = decode_envelope(record.value)
+        except EnvelopeError as exc:
+            code = "unknown_version" if str(exc).startswith("unknown envelope") else "malformed"
+            dead.append(dead_letter(record, code, str(exc), record.value))
+            continue
+        for usage in envelope.events:
+            countable = CountableEvent(
+                organization_id=envelope.organization_id,
+                api_key_id=envelope.api_key_id,
+                received_at=envelope.received_at,
+                event=usage,
+                fingerprint=fingerprint(usage),
+                window_start=window_start(usage.timestamp, rules.window_seconds),
+                source=record,
+            )
+            problem = _out_of_bounds(countable, rules)
+            if problem:
+                dead.append(dead_letter(record, problem[0], problem[1], countable.as_envelope()))
+            else:
+                events.append(countable)
+    return events, dead
+
+
+def _out_of_bounds(event: CountableEvent, rules: ReadRules) -> tuple[str, str] | None:
+    if event.event.timestamp < rules.cutoff:
+        return (
+            "too_old",
+            f"event {event.event.id!r}: timestamp {event.event.timestamp.isoformat()} is older "
+            f"than the ledger horizon ({rules.cutoff.isoformat()})",
+        )
+    if event.event.timestamp > event.received_at + rules.max_future:
+        return (
+            "too_far_ahead",
+            f"event {event.event.id!r}: timestamp is more than "
+            f"{int(rules.max_future.total_seconds())} seconds after received_at",
+        )
+    return None
+
+
+@dataclass(slots=True)
+class Selection:
+    """A batch split by the ledger: the events to count, the repeats, the conflicting repeats."""
+
+    new: list[CountableEvent] = field(default_factory=list)
+    duplicates: int = 0
+    conflicts: list[CountableEvent] = field(default_factory=list)
+
+
+def select_new_events(
+    events: Sequence[CountableEvent], recorded: Mapping[EventKey, bytes]
+) -> Selection:
+    """First accepted wins: against the ledger, then within the batch in offset order.
+
+    `recorded` maps (organization, event id) to the fingerprint the ledger holds. A repeat with
+    the same fingerprint is a duplicate (a retry or a redelivery); with another fingerprint it is a
+    conflicting duplicate, not counted, and sent to the DLQ by the caller.
+    """
+    selection = Selection()
+    seen: dict[EventKey, bytes] = dict(recorded)
+    for event in events:
+        earlier = seen.get(event.key)
+        if earlier is None:
+            seen[event.key] = event.fingerprint
+            selection.new.append(event)
+        elif earlier == event.fingerprint:
+            selection.duplicates += 1
+        else:
+            selection.conflicts.append(event)
+    return selection
+
+
+def conflict_letter(event: CountableEvent) -> DeadLetter:
+    return dead_letter(
+        event.source,
+        "conflicting_duplicate",
+        f"event {event.event.id!r} was already counted with different content "
+        "(metric, quantity, timestamp or project); the first accepted version wins",
+        event.as_envelope(),
+    )

@@ -1,0 +1,308 @@
+"""SQL of the aggregator and replay: locks, ledger lookups, the set-based insert and window upsert.
+
+Every function takes a Connection inside the caller's transaction; none commits.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from services.aggregator.batch import CountableEvent, EventKey
+
+# Advisory lock namespaces (the two-int4 lock space, apart from anyone's single-bigint locks).
+# Live batches hold REPLAY_LOCK shared; replay and ledger maintenance hold it exclusive, so neither
+# can interleave with a batch. ORG_LOCK serialises two consumers of one organization (a rebalance).
+LOCK_NAMESPACE = 0x4D4C  # "ML"
+REPLAY_LOCK = (LOCK_NAMESPACE, 1)
+ORG_LOCK_NAMESPACE = 0x4D4D
+
+
+def lock_shared_for_batch(connection: Connection, organization_ids: Iterable[uuid.UUID]) -> None:
+    """Replay lock shared, then every organization of the batch exclusive, in one sorted order."""
+    connection.execute(
+        sa.text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
+        {"ns": REPLAY_LOCK[0], "key": REPLAY_LOCK[1]},
+    )
+    connection.execute(
+        sa.text(
+            # Sorted in the subquery so two batches take overlapping locks in the same order.
+            "SELECT count(pg_advisory_xact_lock(:ns, h)) FROM ("
+            "  SELECT DISTINCT hashtext(o::text) AS h FROM unnest(CAST(:orgs AS uuid[])) AS o"
+            "  ORDER BY h) AS ordered"
+        ),
+        {"ns": ORG_LOCK_NAMESPACE, "orgs": sorted(set(organization_ids))},
+    )
+
+
+def lock_exclusive(connection: Connection) -> None:
+    """Wait for running batches to finish and hold new ones off until this transaction ends."""
+    connection.execute(
+        sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
+        {"ns": REPLAY_LOCK[0], "key": REPLAY_LOCK[1]},
+    )
+
+
+def recorded_fingerprints(
+    connection: Connection, keys: Iterable[EventKey], cutoff: datetime
+) -> dict[EventKey, bytes]:
+    """The ledger's fingerprint for each (organization, event id) it holds since `cutoff`."""
+    distinct = set(keys)
+    if not distinct:
+        return {}
+    organizations, event_ids = zip(*distinct, strict=True)
+    rows = connection.execute(
+        sa.text(
+            "SELECT l.organization_id, l.event_id, l.fingerprint"
+            "  FROM usage_event_ledger AS l"
+            "  JOIN unnest(CAST(:orgs AS uuid[]), CAST(:ids AS text[]))"
+            "       AS b(organization_id, event_id)"
+            "    ON l.organization_id = b.organization_id AND l.event_id = b.event_id"
+            " WHERE l.event_time >= :cutoff"
+        ),
+        {"orgs": list(organizations), "ids": list(event_ids), "cutoff": cutoff},
+    )
+    return {(row[0], row[1]): bytes(row[2]) for row in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class References:
+    """Which ids of a batch exist, and the organization each project and key belongs to."""
+
+    organizations: frozenset[uuid.UUID]
+    project_owner: dict[uuid.UUID, uuid.UUID]
+    key_owner: dict[uuid.UUID, uuid.UUID]
+
+    def problem(self, event: CountableEvent) -> str | None:
+        if event.organization_id not in self.organizations:
+            return f"unknown organization {event.organization_id}"
+        project = event.event.project_id
+        if project is not None and self.project_owner.get(project) != event.organization_id:
+            return f"unknown project {project} for organization {event.organization_id}"
+        key = event.api_key_id
+        if key is not None and self.key_owner.get(key) != event.organization_id:
+            return f"unknown api key {key} for organization {event.organization_id}"
+        return None
+
+
+def existing_references(connection: Connection, events: Sequence[CountableEvent]) -> References:
+    organizations = sorted({e.organization_id for e in events})
+    projects = sorted({e.event.project_id for e in events if e.event.project_id is not None})
+    keys = sorted({e.api_key_id for e in events if e.api_key_id is not None})
+    found_orgs = connection.execute(
+        sa.text("SELECT id FROM organizations WHERE id = ANY(CAST(:ids AS uuid[]))"),
+        {"ids": organizations},
+    ).scalars()
+    project_owner: dict[uuid.UUID, uuid.UUID] = {}
+    if projects:
+        rows = connection.execute(
+            sa.text(
+                "SELECT id, organization_id FROM projects WHERE id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": projects},
+        )
+        project_owner = {row[0]: row[1] for row in rows}
+    key_owner: dict[uuid.UUID, uuid.UUID] = {}
+    if keys:
+        rows = connection.execute(
+            sa.text(
+                "SELECT id, organization_id FROM api_keys WHERE id = ANY(CAST(:ids AS uuid[]))"
+            ),
+            {"ids": keys},
+        )
+        key_owner = {row[0]: row[1] for row in rows}
+    return References(frozenset(found_orgs), project_owner, key_owner)
+
+
+_BATCH_CTE = """
+WITH batch AS (
+    SELECT * FROM unnest(
+        CAST(:orgs AS uuid[]), CAST(:ids AS text[]), CAST(:times AS timestamptz[]),
+        CAST(:fingerprints AS bytea[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),
+        CAST(:metrics AS text[]), CAST(:quantities AS numeric[]), CAST(:windows AS timestamptz[])
+    ) AS b(organization_id, event_id, event_time, fingerprint, project_id, api_key_id,
+           metric, quantity, window_start)
+), recorded AS (
+    INSERT INTO usage_event_ledger (organization_id, event_id, event_time, fingerprint)
+    SELECT organization_id, event_id, event_time, fingerprint FROM batch
+    ON CONFLICT DO NOTHING
+    RETURNING organization_id, event_id, event_time
+)
+"""
+
+
+# Both statements are constants (no input is ever formatted into them).
+_RECORD_AND_ADD_USAGE = (
+    _BATCH_CTE  # noqa: S608
+    + """
+, counted AS (
+    INSERT INTO usage_records AS u (id, organization_id, project_id, api_key_id, metric,
+                                    window_start, window_seconds, quantity, event_count)
+    SELECT gen_random_uuid(), b.organization_id, b.project_id, b.api_key_id, b.metric,
+           b.window_start, :window_seconds, sum(b.quantity), count(*)
+      FROM batch AS b
+      JOIN recorded AS r USING (organization_id, event_id, event_time)
+     GROUP BY b.organization_id, b.project_id, b.api_key_id, b.metric, b.window_start
+    ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start, window_seconds)
+    DO UPDATE SET quantity = u.quantity + excluded.quantity,
+                  event_count = u.event_count + excluded.event_count,
+                  updated_at = now()
+)
+SELECT count(*) FROM recorded
+"""
+)
+_RECORD_ONLY = _BATCH_CTE + "SELECT count(*) FROM recorded"  # noqa: S608
+
+
+def _batch_arrays(events: Sequence[CountableEvent]) -> dict[str, list[object]]:
+    return {
+        "orgs": [e.organization_id for e in events],
+        "ids": [e.event.id for e in events],
+        "times": [e.event.timestamp for e in events],
+        "fingerprints": [e.fingerprint for e in events],
+        "projects": [e.event.project_id for e in events],
+        "keys": [e.api_key_id for e in events],
+        "metrics": [e.event.metric for e in events],
+        "quantities": [e.event.quantity for e in events],
+        "windows": [e.window_start for e in events],
+    }
+
+
+def record_and_add_usage(
+    connection: Connection, events: Sequence[CountableEvent], window_seconds: int
+) -> int:
+    """Insert the events into the ledger and add exactly the inserted ones to their windows.
+
+    One statement: the window upsert joins on what the ledger insert returned, so an event the
+    ledger already held can never be added, whatever the caller's lookup believed.
+    Returns the number of events counted.
+    """
+    if not events:
+        return 0
+    result = connection.execute(
+        sa.text(_RECORD_AND_ADD_USAGE),
+        {**_batch_arrays(events), "window_seconds": window_seconds},
+    )
+    return int(result.scalar_one())
+
+
+def record_events(connection: Connection, events: Sequence[CountableEvent]) -> int:
+    """Insert events into the ledger only (replay: windows are replaced, not added to)."""
+    if not events:
+        return 0
+    result = connection.execute(sa.text(_RECORD_ONLY), _batch_arrays(events))
+    return int(result.scalar_one())
+
+
+WindowKey = tuple[uuid.UUID, uuid.UUID | None, uuid.UUID | None, str, datetime]
+"""(organization, project, api key, metric, window start): one usage_records row."""
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTotal:
+    quantity: Decimal
+    event_count: int
+
+
+def window_totals(
+    connection: Connection,
+    *,
+    start: datetime,
+    end: datetime,
+    window_seconds: int,
+    organization_id: uuid.UUID | None,
+    metric: str | None,
+) -> dict[WindowKey, WindowTotal]:
+    """The usage_records rows with window_start in [start, end), filtered, locked for update."""
+    rows = connection.execute(
+        sa.text(
+            "SELECT organization_id, project_id, api_key_id, metric, window_start,"
+            "       quantity, event_count"
+            "  FROM usage_records"
+            " WHERE window_start >= :start AND window_start < :end"
+            "   AND window_seconds = :window_seconds"
+            "   AND (CAST(:org AS uuid) IS NULL OR organization_id = CAST(:org AS uuid))"
+            "   AND (CAST(:metric AS text) IS NULL OR metric = CAST(:metric AS text))"
+            "   FOR UPDATE"
+        ),
+        {
+            "start": start,
+            "end": end,
+            "window_seconds": window_seconds,
+            "org": organization_id,
+            "metric": metric,
+        },
+    )
+    return {
+        (row[0], row[1], row[2], row[3], row[4]): WindowTotal(Decimal(row[5]), int(row[6]))
+        for row in rows
+    }
+
+
+def replace_windows(
+    connection: Connection,
+    *,
+    window_seconds: int,
+    upsert: dict[WindowKey, WindowTotal],
+    delete: Iterable[WindowKey],
+) -> None:
+    """Set the given windows to exactly these totals and delete the others (set-based)."""
+    gone = list(delete)
+    if gone:
+        orgs, projects, keys, metrics, starts = (list(c) for c in zip(*gone, strict=True))
+        connection.execute(
+            sa.text(
+                "DELETE FROM usage_records AS u USING unnest("
+                "  CAST(:orgs AS uuid[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),"
+                "  CAST(:metrics AS text[]), CAST(:starts AS timestamptz[]))"
+                "  AS d(organization_id, project_id, api_key_id, metric, window_start)"
+                " WHERE u.organization_id = d.organization_id"
+                "   AND u.project_id IS NOT DISTINCT FROM d.project_id"
+                "   AND u.api_key_id IS NOT DISTINCT FROM d.api_key_id"
+                "   AND u.metric = d.metric AND u.window_start = d.window_start"
+                "   AND u.window_seconds = :window_seconds"
+            ),
+            {
+                "orgs": orgs,
+                "projects": projects,
+                "keys": keys,
+                "metrics": metrics,
+                "starts": starts,
+                "window_seconds": window_seconds,
+            },
+        )
+    if upsert:
+        keys_list = list(upsert)
+        orgs, projects, api_keys, metrics, starts = (list(c) for c in zip(*keys_list, strict=True))
+        connection.execute(
+            sa.text(
+                "INSERT INTO usage_records AS u (id, organization_id, project_id, api_key_id,"
+                "       metric, window_start, window_seconds, quantity, event_count)"
+                " SELECT gen_random_uuid(), r.organization_id, r.project_id, r.api_key_id,"
+                "        r.metric, r.window_start, :window_seconds, r.q, r.n FROM unnest("
+                "  CAST(:orgs AS uuid[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),"
+                "  CAST(:metrics AS text[]), CAST(:starts AS timestamptz[]),"
+                "  CAST(:quantities AS numeric[]), CAST(:counts AS bigint[]))"
+                "  AS r(organization_id, project_id, api_key_id, metric, window_start, q, n)"
+                " ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start,"
+                "              window_seconds)"
+                " DO UPDATE SET quantity = excluded.quantity, event_count = excluded.event_count,"
+                "               updated_at = now()"
+            ),
+            {
+                "orgs": orgs,
+                "projects": projects,
+                "keys": api_keys,
+                "metrics": metrics,
+                "starts": starts,
+                "quantities": [upsert[k].quantity for k in keys_list],
+                "counts": [upsert[k].event_count for k in keys_list],
+                "window_seconds": window_seconds,
+            },
+        )

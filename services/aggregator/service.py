@@ -1,0 +1,145 @@
+"""Applying one batch to PostgreSQL: the ledger decides what is new, the windows get exactly that.
+
+The order of a batch (the guarantee rests on it; services/aggregator/app.py runs the steps):
+  (1) decode + validate every record; the unreadable become dead letters, nothing is sent yet.
+  (2) one PostgreSQL transaction: the replay lock shared and the organizations' locks in sorted
+      order, the ledger lookup, the insert of new ledger rows and the window upserts; commit.
+  (3) send the dead letters (unreadable, unknown references, conflicting duplicates) and wait for
+      the broker's ack.
+  (4) only then return, so that Faust acks the messages and may commit their offsets.
+A crash anywhere before (4) redelivers the batch; the ledger rows committed in (2) make the
+redelivery count nothing twice, and dead letters may be sent twice (at least once, by design).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Engine
+
+from services.aggregator import repository
+from services.aggregator.batch import (
+    CountableEvent,
+    DeadLetter,
+    ReadRules,
+    SourceRecord,
+    conflict_letter,
+    dead_letter,
+    read_records,
+    select_new_events,
+)
+from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
+from shared.logs import log_event
+from shared.settings import Settings
+
+logger = logging.getLogger("meterline.aggregator")
+
+
+@dataclass(slots=True)
+class BatchResult:
+    counted: int = 0
+    duplicates: int = 0
+    conflicts: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A failure of the database itself (down, restarting, deadlock): retry the whole batch."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | ConnectionError)
+
+
+class BatchApplier:
+    """Steps (1) and (2) of a batch, synchronous (the Faust agent runs it in a worker thread)."""
+
+    def __init__(self, engine: Engine, settings: Settings, clock: Callable[[], datetime]) -> None:
+        self.engine = engine
+        self._settings = settings
+        self._clock = clock
+        self._partitions = PartitionKeeper(engine)
+
+    def rules(self, now: datetime) -> ReadRules:
+        return ReadRules(
+            cutoff=ledger_cutoff(now, self._settings),
+            max_future=timedelta(seconds=self._settings.max_future_seconds),
+            window_seconds=self._settings.window_seconds,
+        )
+
+    def apply(self, records: Sequence[SourceRecord]) -> BatchResult:
+        """Count a batch once. Transient database errors propagate (the caller retries all of
+        it); a record the database refuses on its own is isolated and dead-lettered."""
+        try:
+            return self._apply(records)
+        except sa_exc.DBAPIError as exc:
+            if is_transient(exc):
+                raise
+            # A partition dropped under our cache, or a record the database refuses: go one
+            # record at a time so that only the refused one is dead-lettered.
+            self._partitions.forget()
+            log_event(
+                logger,
+                "batch_isolating_records",
+                logging.WARNING,
+                records=len(records),
+                error=type(exc.orig or exc).__name__,
+            )
+            return self._apply_one_by_one(records)
+
+    def _apply_one_by_one(self, records: Sequence[SourceRecord]) -> BatchResult:
+        total = BatchResult()
+        for record in records:
+            try:
+                result = self._apply([record])
+            except sa_exc.DBAPIError as exc:
+                if is_transient(exc):
+                    raise
+                self._partitions.forget()
+                reason = str(exc.orig or exc).strip().splitlines()[0]
+                result = BatchResult(
+                    dead_letters=[dead_letter(record, "database_rejected", reason, record.value)]
+                )
+            total.counted += result.counted
+            total.duplicates += result.duplicates
+            total.conflicts += result.conflicts
+            total.dead_letters += result.dead_letters
+        return total
+
+    def _apply(self, records: Sequence[SourceRecord]) -> BatchResult:
+        # (1) decode + validate.
+        events, dead = read_records(records, self.rules(self._clock()))
+        result = BatchResult(dead_letters=dead)
+        if not events:
+            return result
+        self._partitions.ensure(months_for(e.event.timestamp for e in events))
+        # (2) one transaction: locks, ledger lookup, new ledger rows, window upserts; commit.
+        with self.engine.begin() as connection:
+            repository.lock_shared_for_batch(connection, (e.organization_id for e in events))
+            # The cutoff is read again under the lock: maintenance (which holds it exclusively)
+            # never drops a partition that this transaction is about to write.
+            cutoff = self.rules(self._clock()).cutoff
+            references = repository.existing_references(connection, events)
+            countable: list[CountableEvent] = []
+            for event in events:
+                problem = references.problem(event)
+                if problem:
+                    result.dead_letters.append(
+                        dead_letter(event.source, "unknown_reference", problem, event.as_envelope())
+                    )
+                else:
+                    countable.append(event)
+            recorded = repository.recorded_fingerprints(
+                connection, (e.key for e in countable), cutoff
+            )
+            selection = select_new_events(countable, recorded)
+            result.counted = repository.record_and_add_usage(
+                connection, selection.new, self._settings.window_seconds
+            )
+        result.duplicates = selection.duplicates + len(selection.new) - result.counted
+        result.conflicts = len(selection.conflicts)
+        result.dead_letters += [conflict_letter(e) for e in selection.conflicts]
+        return result

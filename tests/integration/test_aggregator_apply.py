@@ -1,0 +1,277 @@
+"""A batch applied to real PostgreSQL: the ledger counts each (organization, event id) once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from services.aggregator.ledger_partitions import (
+    existing_partitions,
+    maintain_ledger,
+    month_start,
+    partition_name,
+)
+from services.aggregator.service import BatchApplier
+from shared.settings import Settings
+from tests.aggregator_support import envelope_bytes, event, make_tenant, record, totals, windows
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+
+@pytest.fixture
+def applier(engine: Engine, settings: Settings) -> BatchApplier:
+    return BatchApplier(engine, settings, clock=lambda: NOW)
+
+
+def test_same_batch_applied_twice_counts_once(engine: Engine, applier: BatchApplier) -> None:
+    tenant = make_tenant(engine)
+    batch = [
+        record(
+            envelope_bytes(
+                tenant.organization_id,
+                [event("a", timestamp=NOW), event("b", quantity=2, timestamp=NOW)],
+            )
+        )
+    ]
+
+    first = applier.apply(batch)
+    second = applier.apply(batch)
+
+    assert (first.counted, second.counted, second.duplicates) == (2, 0, 2)
+    assert totals(engine, tenant.organization_id) == (Decimal(3), 2)
+
+
+def test_duplicate_ids_inside_one_batch_count_once(engine: Engine, applier: BatchApplier) -> None:
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    batch = [
+        record(envelope_bytes(org, [event("x", timestamp=NOW), event("x", timestamp=NOW)])),
+        record(envelope_bytes(org, [event("x", timestamp=NOW), event("y", timestamp=NOW)])),
+    ]
+
+    result = applier.apply(batch)
+
+    assert (result.counted, result.duplicates) == (2, 2)
+    assert totals(engine, org) == (Decimal(2), 2)
+
+
+def test_same_event_id_in_two_organizations_counts_in_each(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    one, two = make_tenant(engine), make_tenant(engine)
+
+    applier.apply(
+        [
+            record(envelope_bytes(one.organization_id, [event("shared", timestamp=NOW)])),
+            record(envelope_bytes(two.organization_id, [event("shared", timestamp=NOW)])),
+        ]
+    )
+
+    assert totals(engine, one.organization_id) == (Decimal(1), 1)
+    assert totals(engine, two.organization_id) == (Decimal(1), 1)
+
+
+def test_conflicting_duplicate_is_not_counted_and_is_dead_lettered(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    applier.apply([record(envelope_bytes(org, [event("c", quantity=5, timestamp=NOW)]))])
+
+    result = applier.apply([record(envelope_bytes(org, [event("c", quantity=7, timestamp=NOW)]))])
+
+    assert result.conflicts == 1
+    assert [letter.code for letter in result.dead_letters] == ["conflicting_duplicate"]
+    assert totals(engine, org) == (Decimal(5), 1)
+
+
+def test_conflict_with_another_timestamp_is_caught_across_windows(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    applier.apply([record(envelope_bytes(org, [event("t", timestamp=NOW)]))])
+
+    result = applier.apply(
+        [
+            record(
+                envelope_bytes(
+                    org, [event("t", timestamp=NOW - timedelta(days=3))], received_at=NOW
+                )
+            )
+        ]
+    )
+
+    assert result.conflicts == 1
+    assert totals(engine, org) == (Decimal(1), 1)
+
+
+def test_late_event_updates_the_window_it_belongs_to(
+    engine: Engine, applier: BatchApplier, settings: Settings
+) -> None:
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    late = NOW - timedelta(days=20)
+
+    applier.apply([record(envelope_bytes(org, [event("now", timestamp=NOW)]))])
+    applier.apply(
+        [record(envelope_bytes(org, [event("late", quantity=4, timestamp=late)], received_at=NOW))]
+    )
+
+    late_window = datetime.fromtimestamp(
+        int(late.timestamp()) // settings.window_seconds * settings.window_seconds, tz=UTC
+    )
+    assert windows(engine, org)[(None, None, "api_calls", late_window)] == (Decimal(4), 1)
+
+
+def test_projects_keys_and_metrics_get_their_own_windows(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    tenant = make_tenant(engine, projects=2, keys=2)
+    org = tenant.organization_id
+    p1, p2 = tenant.project_ids
+    k1, k2 = tenant.key_ids
+    applier.apply(
+        [
+            record(envelope_bytes(org, [event("1", timestamp=NOW, project_id=p1)], api_key_id=k1)),
+            record(envelope_bytes(org, [event("2", timestamp=NOW, project_id=p2)], api_key_id=k1)),
+            record(envelope_bytes(org, [event("3", timestamp=NOW, project_id=p1)], api_key_id=k2)),
+            record(
+                envelope_bytes(
+                    org,
+                    [event("4", timestamp=NOW, metric="storage_gb", quantity="0.5")],
+                    api_key_id=k2,
+                )
+            ),
+            record(envelope_bytes(org, [event("5", timestamp=NOW, project_id=p1)], api_key_id=k1)),
+        ]
+    )
+
+    by_key = {(k[0], k[1], k[2]): v for k, v in windows(engine, org).items()}
+    assert by_key == {
+        (p1, k1, "api_calls"): (Decimal(2), 2),
+        (p2, k1, "api_calls"): (Decimal(1), 1),
+        (p1, k2, "api_calls"): (Decimal(1), 1),
+        (None, k2, "storage_gb"): (Decimal("0.5"), 1),
+    }
+
+
+def test_unknown_organization_is_dead_lettered_and_the_rest_is_counted(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    import uuid
+
+    tenant = make_tenant(engine)
+    stranger = uuid.uuid4()
+
+    result = applier.apply(
+        [
+            record(envelope_bytes(stranger, [event("s", timestamp=NOW)])),
+            record(envelope_bytes(tenant.organization_id, [event("ok", timestamp=NOW)])),
+        ]
+    )
+
+    assert [letter.code for letter in result.dead_letters] == ["unknown_reference"]
+    assert str(stranger) in result.dead_letters[0].reason
+    assert totals(engine, tenant.organization_id) == (Decimal(1), 1)
+
+
+def test_project_of_another_organization_is_dead_lettered(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    mine, theirs = make_tenant(engine), make_tenant(engine)
+
+    result = applier.apply(
+        [
+            record(
+                envelope_bytes(
+                    mine.organization_id,
+                    [event("p", timestamp=NOW, project_id=theirs.project_ids[0])],
+                )
+            )
+        ]
+    )
+
+    assert [letter.code for letter in result.dead_letters] == ["unknown_reference"]
+    assert totals(engine, mine.organization_id) == (Decimal(0), 0)
+
+
+@pytest.mark.parametrize(
+    ("value", "code"),
+    [
+        (b"not json", "malformed"),
+        (b'{"v": 9, "organization_id": "x"}', "unknown_version"),
+        (
+            b'{"v": 1, "organization_id": "00000000-0000-0000-0000-000000000001",'
+            b' "api_key_id": null,'
+            b' "received_at": "2026-11-24T10:00:00Z", "events": [{"id": "n", "metric": "api_calls",'
+            b' "quantity": "-1", "timestamp": "2026-11-24T10:00:00Z"}]}',
+            "malformed",
+        ),
+    ],
+)
+def test_unreadable_envelope_is_dead_lettered_and_the_next_is_counted(
+    engine: Engine, applier: BatchApplier, value: bytes, code: str
+) -> None:
+    tenant = make_tenant(engine)
+
+    result = applier.apply(
+        [
+            record(value),
+            record(envelope_bytes(tenant.organization_id, [event("after", timestamp=NOW)])),
+        ]
+    )
+
+    assert [letter.code for letter in result.dead_letters] == [code]
+    assert result.dead_letters[0].payload == value
+    assert totals(engine, tenant.organization_id) == (Decimal(1), 1)
+
+
+def test_event_older_than_the_ledger_horizon_is_dead_lettered(
+    engine: Engine, applier: BatchApplier, settings: Settings
+) -> None:
+    tenant = make_tenant(engine)
+    old = NOW - settings.lateness_horizon - timedelta(days=5)
+
+    result = applier.apply(
+        [
+            record(
+                envelope_bytes(
+                    tenant.organization_id,
+                    [event("old", timestamp=old), event("new", timestamp=NOW)],
+                    received_at=NOW,
+                )
+            )
+        ]
+    )
+
+    assert [letter.code for letter in result.dead_letters] == ["too_old"]
+    assert totals(engine, tenant.organization_id) == (Decimal(1), 1)
+
+
+def test_ledger_partitions_are_created_on_demand_and_old_ones_dropped(
+    engine: Engine, settings: Settings
+) -> None:
+    later = NOW + timedelta(days=400)
+    stale_month = month_start(later - timedelta(days=90))
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                f'CREATE TABLE IF NOT EXISTS "{partition_name(stale_month)}" PARTITION OF '
+                f"usage_event_ledger FOR VALUES FROM ('{stale_month.isoformat()}') "
+                f"TO ('{(stale_month + timedelta(days=31)).replace(day=1).isoformat()}')"
+            )
+        )
+
+    created, dropped = maintain_ledger(engine, settings, later)
+
+    with engine.connect() as connection:
+        names = {p.name for p in existing_partitions(connection)}
+    assert partition_name(month_start(later)) in names
+    assert partition_name(stale_month) in dropped
+    assert partition_name(stale_month) not in names
+    assert created
