@@ -25,7 +25,7 @@ from shared.errors import (
     UnsupportedMediaType,
 )
 from shared.events import MAX_BODY_BYTES, parse_timestamp
-from shared.logs import log_event
+from shared.logs import log_event, redact
 
 logger = logging.getLogger("meterline.ingest")
 
@@ -45,7 +45,10 @@ def error_response(exc: MeterlineError) -> Response:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     elif exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
-    return Response(encoder.encode(exc.to_dict()), exc.status, headers, JSON)
+    # Error bodies may quote what the client sent (a field name, a value); a key pasted there by
+    # mistake is not sent back.
+    body = redact(encoder.encode(exc.to_dict()).decode()).encode()
+    return Response(body, exc.status, headers, JSON)
 
 
 def _is_json(content_type: str | None) -> bool:

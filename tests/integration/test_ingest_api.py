@@ -1,0 +1,394 @@
+"""POST /v1/events and GET /v1/usage of the real service (a subprocess), real PostgreSQL, Kafka."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import httpx
+import pytest
+from sqlalchemy.engine import Engine
+
+from shared.apikeys import revoke_api_key
+from shared.db import unit_of_work
+from shared.events import MAX_BODY_BYTES
+from shared.settings import Settings
+from shared.usage import UsageDelta, record_usage
+from tests.ingest_support import (
+    IngestServer,
+    Tenant,
+    bearer,
+    event,
+    make_tenant,
+    read_topic,
+    rfc3339,
+    run_ingest,
+)
+
+REVOCATION_BOUND_SECONDS = 1.0  # the service below runs with METERLINE_KEY_CACHE_TTL_SECONDS=1
+
+
+@pytest.fixture(scope="module")
+def server(
+    service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[IngestServer]:
+    log = tmp_path_factory.mktemp("ingest") / "ingest.log"
+    with run_ingest(
+        service_env,
+        log,
+        METERLINE_KEY_CACHE_TTL_SECONDS=str(REVOCATION_BOUND_SECONDS),
+        METERLINE_INGEST_RATE_LIMIT_PER_SECOND="20",
+        METERLINE_INGEST_RATE_LIMIT_BURST="40",
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def tenant(engine: Engine) -> Tenant:
+    return make_tenant(engine)
+
+
+@pytest.fixture
+def client(server: IngestServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        yield http
+
+
+def test_valid_batch_is_on_the_topic_keyed_by_organization(
+    client: httpx.Client, tenant: Tenant, settings: Settings
+) -> None:
+    events = [event(f"batch-{i}", quantity=f"{i}.5") for i in range(3)]
+    before = datetime.now(UTC)
+    response = client.post("/v1/events", json={"events": events}, headers=bearer(tenant.key))
+    assert response.status_code == 202, response.text
+    assert response.json() == {"accepted": 3}
+
+    records = read_topic(
+        settings.kafka_bootstrap_servers, settings.events_topic, tenant.organization_id, expect=1
+    )
+    assert len(records) == 1
+    record = records[0]
+    assert record.key == str(tenant.organization_id).encode()
+    envelope = record.envelope
+    assert envelope.organization_id == tenant.organization_id
+    assert envelope.api_key_id == tenant.key_id
+    assert [e.id for e in envelope.events] == ["batch-0", "batch-1", "batch-2"]
+    assert [e.quantity for e in envelope.events] == [Decimal("0.5"), Decimal("1.5"), Decimal("2.5")]
+    assert envelope.received_at >= before - timedelta(seconds=1)
+    assert record.timestamp_ms == int(envelope.received_at.timestamp() * 1000)
+
+
+def test_single_event_without_project_gets_the_scoped_keys_project(
+    client: httpx.Client, tenant: Tenant, settings: Settings
+) -> None:
+    response = client.post("/v1/events", json=event("one"), headers=bearer(tenant.scoped_key))
+    assert response.status_code == 202, response.text
+    [record] = read_topic(
+        settings.kafka_bootstrap_servers, settings.events_topic, tenant.organization_id, expect=1
+    )
+    assert record.envelope.events[0].project_id == tenant.project_id
+    assert record.envelope.api_key_id == tenant.scoped_key_id
+
+
+def test_invalid_event_anywhere_in_a_batch_publishes_nothing(
+    client: httpx.Client, tenant: Tenant, settings: Settings
+) -> None:
+    events = [event("good-1"), event("bad", quantity=-1), event("good-2"), {"metric": "x"}]
+    response = client.post("/v1/events", json={"events": events}, headers=bearer(tenant.key))
+    assert response.status_code == 422
+    details = response.json()["error"]["details"]
+    assert [d["index"] for d in details] == [1, 3]
+    assert "quantity" in details[0]["reason"]
+    assert "id" in details[1]["reason"]
+    records = read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.events_topic,
+        tenant.organization_id,
+        expect=1,
+        timeout=3,
+    )
+    assert records == []
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{}, bearer("ml_live_aaaaaaaa_" + "a" * 58), {"Authorization": "Basic dXNlcjpwYXNz"}],
+    ids=["missing", "unknown", "not-bearer"],
+)
+def test_missing_or_unknown_key_is_401(client: httpx.Client, headers: dict[str, str]) -> None:
+    response = client.post("/v1/events", json=event(), headers=headers)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+def test_expired_key_is_401_with_the_same_message(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    from shared.models import Organization
+    from tests import factories
+
+    with unit_of_work(engine) as session:
+        organization = session.get(Organization, tenant.organization_id)
+        assert organization is not None
+        expired = factories.make_api_key(
+            session, organization, expires_at=datetime.now(UTC) - timedelta(seconds=1)
+        )
+    unknown = client.post("/v1/events", json=event(), headers=bearer("ml_live_x"))
+    response = client.post("/v1/events", json=event(), headers=bearer(expired.plaintext))
+    assert response.status_code == 401
+    assert response.json() == unknown.json()
+
+
+def test_revoked_key_is_refused_within_bound(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    assert client.post("/v1/events", json=event(), headers=bearer(tenant.key)).status_code == 202
+    with unit_of_work(engine) as session:
+        revoke_api_key(session, tenant.key_id, actor_id=None, now=datetime.now(UTC))
+    revoked_at = time.monotonic()
+    statuses = []
+    while time.monotonic() - revoked_at < REVOCATION_BOUND_SECONDS + 3:
+        statuses.append(
+            (
+                time.monotonic() - revoked_at,
+                client.post("/v1/events", json=event(), headers=bearer(tenant.key)).status_code,
+            )
+        )
+        if statuses[-1][1] == 401:
+            break
+        time.sleep(0.05)
+    refused_after, status = statuses[-1]
+    assert status == 401
+    # The bound, plus the time a request and the cache's database read take.
+    assert refused_after <= REVOCATION_BOUND_SECONDS + 0.5
+    assert {s for _, s in statuses[:-1]} <= {202}
+
+
+def test_project_of_another_organization_is_403(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    other = make_tenant(engine)
+    response = client.post(
+        "/v1/events", json=event(project_id=str(other.project_id)), headers=bearer(tenant.key)
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["details"][0]["index"] == 0
+
+
+def test_project_scoped_key_cannot_write_another_project(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    from shared.models import Organization
+    from tests import factories
+
+    with unit_of_work(engine) as session:
+        organization = session.get(Organization, tenant.organization_id)
+        assert organization is not None
+        sibling = factories.make_project(session, organization)
+    response = client.post(
+        "/v1/events", json=event(project_id=str(sibling.id)), headers=bearer(tenant.scoped_key)
+    )
+    assert response.status_code == 403
+    allowed = client.post(
+        "/v1/events", json=event(project_id=str(sibling.id)), headers=bearer(tenant.key)
+    )
+    assert allowed.status_code == 202
+
+
+def test_body_over_one_mebibyte_is_413(client: httpx.Client, tenant: Tenant) -> None:
+    body = b'{"events": [' + b" " * MAX_BODY_BYTES + b"]}"
+    response = client.post(
+        "/v1/events",
+        content=body,
+        headers={**bearer(tenant.key), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 413
+
+
+def test_non_json_content_type_is_415(client: httpx.Client, tenant: Tenant) -> None:
+    response = client.post(
+        "/v1/events",
+        content=b"id=1&metric=x",
+        headers={**bearer(tenant.key), "Content-Type": "application/x-www-form-urlencoded"},
+    )
+    assert response.status_code == 415
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b'{"events": []}', "1 to 1000"),
+        (b'{"id": "a", "metric": "Bad Metric"}', "metric"),
+        (b'{"id": "a", "metric": "m", "quantity": "NaN"}', "quantity"),
+        (b'{"id": "a", "metric": "m", "timestamp": "2026-11-24T10:00:00"}', "time zone"),
+    ],
+    ids=["malformed", "empty-batch", "metric", "nan", "naive-timestamp"],
+)
+def test_invalid_body_is_422_with_reason(
+    client: httpx.Client, tenant: Tenant, body: bytes, reason: str
+) -> None:
+    response = client.post(
+        "/v1/events",
+        content=body,
+        headers={**bearer(tenant.key), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+    assert reason in response.text
+
+
+def test_batch_of_1001_events_is_422(client: httpx.Client, tenant: Tenant) -> None:
+    events = [event(f"e{i}") for i in range(1001)]
+    response = client.post("/v1/events", json={"events": events}, headers=bearer(tenant.key))
+    assert response.status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("offset", "accepted"),
+    [
+        (timedelta(minutes=4), True),
+        (timedelta(minutes=6), False),
+        (-timedelta(days=34), True),
+        (-timedelta(days=36), False),
+    ],
+    ids=["4min-ahead", "6min-ahead", "34days-old", "36days-old"],
+)
+def test_timestamp_window_is_five_minutes_ahead_to_the_lateness_horizon(
+    client: httpx.Client, tenant: Tenant, offset: timedelta, accepted: bool
+) -> None:
+    stamp = rfc3339(datetime.now(UTC) + offset)
+    response = client.post("/v1/events", json=event(timestamp=stamp), headers=bearer(tenant.key))
+    assert response.status_code == (202 if accepted else 422), response.text
+
+
+def test_over_the_rate_limit_is_429_with_retry_after(client: httpx.Client, tenant: Tenant) -> None:
+    statuses = []
+    for _ in range(80):
+        response = client.get("/v1/usage", headers=bearer(tenant.key))
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert int(response.headers["Retry-After"]) >= 1
+            break
+    assert statuses[-1] == 429
+    assert set(statuses[:-1]) == {200}
+
+
+def test_usage_is_read_for_the_keys_own_organization_only(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    other = make_tenant(engine)
+    hour = datetime(2026, 11, 20, 10, tzinfo=UTC)
+    with unit_of_work(engine) as session:
+        record_usage(
+            session,
+            [
+                UsageDelta(
+                    tenant.organization_id,
+                    tenant.project_id,
+                    tenant.key_id,
+                    "api_calls",
+                    hour,
+                    3600,
+                    Decimal("2.50"),
+                    2,
+                ),
+                UsageDelta(
+                    tenant.organization_id,
+                    None,
+                    tenant.key_id,
+                    "api_calls",
+                    hour + timedelta(hours=1),
+                    3600,
+                    Decimal("1"),
+                    1,
+                ),
+                UsageDelta(
+                    tenant.organization_id, None, None, "storage_gb", hour, 3600, Decimal("7"), 1
+                ),
+                UsageDelta(
+                    other.organization_id, None, None, "api_calls", hour, 3600, Decimal("100"), 1
+                ),
+            ],
+        )
+    params = {"from": rfc3339(hour), "to": rfc3339(hour + timedelta(days=1)), "granularity": "day"}
+    response = client.get("/v1/usage", params=params, headers=bearer(tenant.key))
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["granularity"] == "day"
+    assert body["data"] == [
+        {
+            "start": "2026-11-20T00:00:00Z",
+            "metric": "api_calls",
+            "quantity": "3.5",
+            "event_count": 3,
+        },
+        {
+            "start": "2026-11-20T00:00:00Z",
+            "metric": "storage_gb",
+            "quantity": "7",
+            "event_count": 1,
+        },
+    ]
+    by_project = client.get(
+        "/v1/usage",
+        params={**params, "granularity": "hour", "group_by": "project", "metric": "api_calls"},
+        headers=bearer(tenant.key),
+    ).json()["data"]
+    assert [(r["start"], r["project_id"], r["quantity"]) for r in by_project] == [
+        ("2026-11-20T10:00:00Z", str(tenant.project_id), "2.5"),
+        ("2026-11-20T11:00:00Z", None, "1"),
+    ]
+    theirs = client.get("/v1/usage", params=params, headers=bearer(other.key)).json()["data"]
+    assert [r["quantity"] for r in theirs] == ["100"]
+
+
+def test_usage_with_bad_parameters_is_422(client: httpx.Client, tenant: Tenant) -> None:
+    for params in ({"from": "yesterday"}, {"granularity": "week"}, {"group_by": "org"}):
+        response = client.get("/v1/usage", params=params, headers=bearer(tenant.key))
+        assert response.status_code == 422, params
+
+
+def test_health_readiness_metrics_and_openapi_answer(client: httpx.Client) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json() == {"database": "ok", "broker": "ok"}
+    metrics = client.get("/metrics").text
+    assert "meterline_ingest_requests_total" in metrics
+    assert "meterline_ingest_publish_seconds_bucket" in metrics
+    document = client.get("/openapi.json").json()
+    assert set(document["paths"]) >= {"/v1/events", "/v1/usage"}
+
+
+def test_logs_and_bodies_contain_no_key_or_pepper(
+    client: httpx.Client, server: IngestServer, tenant: Tenant, service_env: dict[str, str]
+) -> None:
+    pepper = service_env["METERLINE_API_KEY_PEPPER"]
+    bodies = [
+        client.post("/v1/events", json=event(), headers=bearer(tenant.key)).text,
+        client.post(
+            "/v1/events", json={"events": [{"id": tenant.key}]}, headers=bearer(tenant.key)
+        ).text,
+        client.post("/v1/events", json=event(), headers=bearer(tenant.key + "x")).text,
+        client.get("/v1/usage", params={"from": tenant.key}, headers=bearer(tenant.key)).text,
+    ]
+    # Unknown query parameters are echoed by name only; make one the key itself.
+    bodies.append(
+        client.get("/v1/usage", params={tenant.key: "1"}, headers=bearer(tenant.key)).text
+    )
+    time.sleep(0.5)
+    logs = server.logs()
+    assert logs  # the service did log
+    for text in [*bodies, logs]:
+        assert tenant.key not in text
+        assert pepper not in text
+
+
+def test_unknown_project_reads_as_forbidden_not_missing(
+    client: httpx.Client, tenant: Tenant
+) -> None:
+    response = client.post(
+        "/v1/events", json=event(project_id=str(uuid.uuid4())), headers=bearer(tenant.key)
+    )
+    assert response.status_code == 403
