@@ -1,0 +1,206 @@
+"""Invoices of one subscription: priced usage lines per period, and adjustments for late usage.
+
+A period's invoice is a draft while the period is open and final once it closed. A final invoice
+never changes: usage that arrives after it (late events) becomes an adjustment line on the newest
+invoice of the subscription, for the difference between the price of the period's true quantity
+and what was already billed for it. Pure: values in, the invoices as they should be out.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from services.billing.periods import Period
+from services.billing.pricing import ZERO, PlanPrice, billable_quantity, price_metric
+
+Totals = dict[tuple[datetime, str], Decimal]
+
+
+@dataclass(frozen=True)
+class Subject:
+    """What billing needs to know of one subscription."""
+
+    subscription_id: uuid.UUID
+    organization_id: uuid.UUID
+    currency: str
+    plan: PlanPrice
+
+
+def _usage_lines(plan: PlanPrice, period: Period, totals: Totals) -> list[dict[str, Any]]:
+    lines = []
+    for metric, price in sorted(plan.metered.items()):
+        line = price_metric(metric, totals.get((period.start, metric), ZERO), price)
+        lines.append(
+            {
+                "metric": metric,
+                "kind": "usage",
+                "quantity": line.quantity,
+                "billable_quantity": line.billable_quantity,
+                "amount": line.amount,
+                "adjusts_period_start": None,
+            }
+        )
+    return lines
+
+
+def _adjustment_lines(
+    plan: PlanPrice,
+    frozen: list[dict[str, Any]],
+    billed_elsewhere: list[dict[str, Any]],
+    totals: Totals,
+) -> list[dict[str, Any]]:
+    """Adjustments for each final period whose true usage differs from what was billed for it."""
+    lines = []
+    for invoice in frozen:
+        start = invoice["period_start"]
+        for metric, price in sorted(plan.metered.items()):
+            billed = [
+                line
+                for line in billed_elsewhere
+                if line["metric"] == metric
+                and (
+                    (line["kind"] == "usage" and line["_period_start"] == start)
+                    or (line["kind"] == "adjustment" and line["adjusts_period_start"] == start)
+                )
+            ]
+            billed_quantity = sum((line["quantity"] for line in billed), ZERO)
+            billed_amount = sum(line["amount"] for line in billed)
+            true = price_metric(metric, totals.get((start, metric), ZERO), price)
+            if true.quantity == billed_quantity and true.amount == billed_amount:
+                continue
+            lines.append(
+                {
+                    "metric": metric,
+                    "kind": "adjustment",
+                    "quantity": true.quantity - billed_quantity,
+                    "billable_quantity": true.billable_quantity
+                    - billable_quantity(billed_quantity, price),
+                    "amount": true.amount - billed_amount,
+                    "adjusts_period_start": start,
+                }
+            )
+    return lines
+
+
+def plan_invoices(
+    subject: Subject,
+    periods: list[Period],
+    existing: list[dict[str, Any]],
+    totals: Totals,
+    as_of: datetime,
+) -> list[dict[str, Any]]:
+    """Every invoice of the subscription that should be written: new ones and changed drafts.
+
+    `periods` are the periods to invoice (oldest first, the open one last); `existing` the
+    subscription's stored invoices that are drafts or recent enough to receive late usage.
+    """
+    by_start = {invoice["period_start"]: invoice for invoice in existing}
+    frozen = [invoice for invoice in existing if invoice["status"] == "final"]
+    # Drafts whose period closed (a webhook may have moved the subscription on) are finalised too.
+    starts = {period.start for period in periods}
+    for invoice in existing:
+        if invoice["status"] == "draft" and invoice["period_start"] not in starts:
+            periods = [*periods, Period(invoice["period_start"], invoice["period_end"])]
+    periods = sorted(periods, key=lambda period: period.start)
+    target = next(
+        (p for p in reversed(periods) if by_start.get(p.start, {}).get("status") != "final"), None
+    )
+
+    desired = []
+    for period in periods:
+        stored = by_start.get(period.start)
+        if stored is not None and stored["status"] == "final":
+            continue
+        closed = period.closed_at(as_of)
+        lines = _usage_lines(subject.plan, period, totals)
+        if period == target:
+            elsewhere = [
+                line | {"_period_start": invoice["period_start"]}
+                for invoice in frozen
+                for line in invoice["lines"]
+            ] + [
+                line | {"_period_start": other["period_start"]}
+                for other in desired
+                for line in other["lines"]
+            ]
+            lines += _adjustment_lines(subject.plan, frozen, elsewhere, totals)
+        elif stored is not None:
+            # A draft finalised now keeps the adjustments it already carried; anything newer
+            # goes to the target invoice.
+            lines += [dict(line) for line in stored["lines"] if line["kind"] == "adjustment"]
+        desired.append(
+            {
+                "id": stored["id"] if stored else uuid.uuid4(),
+                "organization_id": subject.organization_id,
+                "subscription_id": subject.subscription_id,
+                "period_start": period.start,
+                "period_end": period.end,
+                "currency": subject.currency,
+                "status": "final" if closed else "draft",
+                "flat_amount": subject.plan.flat_amount,
+                "total": subject.plan.flat_amount + sum(line["amount"] for line in lines),
+                "finalized_at": as_of if closed else None,
+                "lines": lines,
+            }
+        )
+    return [
+        invoice for invoice in desired if _changed(invoice, by_start.get(invoice["period_start"]))
+    ]
+
+
+_COMPARED_LINE = (
+    "metric",
+    "kind",
+    "quantity",
+    "billable_quantity",
+    "amount",
+    "adjusts_period_start",
+)
+
+
+def _line_key(line: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(line[k] for k in _COMPARED_LINE)
+
+
+def _line_order(line: dict[str, Any]) -> tuple[str, str, str]:
+    adjusts = line["adjusts_period_start"]
+    return (line["metric"], line["kind"], adjusts.isoformat() if adjusts else "")
+
+
+def _changed(desired: dict[str, Any], stored: dict[str, Any] | None) -> bool:
+    if stored is None:
+        return True
+    if any(desired[k] != stored[k] for k in ("status", "period_end", "flat_amount", "total")):
+        return True
+    ours = [_line_key(line) for line in sorted(desired["lines"], key=_line_order)]
+    theirs = [_line_key(line) for line in sorted(stored["lines"], key=_line_order)]
+    return ours != theirs
+
+
+def invoice_document(invoice: dict[str, Any]) -> dict[str, Any]:
+    """The `billing run --json` shape of DESIGN.md section 5."""
+    return {
+        "id": str(invoice["id"]),
+        "organization_id": str(invoice["organization_id"]),
+        "subscription_id": str(invoice["subscription_id"]),
+        "period_start": invoice["period_start"].isoformat(),
+        "period_end": invoice["period_end"].isoformat(),
+        "currency": invoice["currency"],
+        "status": invoice["status"],
+        "flat_amount": invoice["flat_amount"],
+        "lines": [
+            {
+                "metric": line["metric"],
+                "quantity": str(line["quantity"]),
+                "billable_quantity": str(line["billable_quantity"]),
+                "amount": line["amount"],
+                "kind": line["kind"],
+            }
+            for line in invoice["lines"]
+        ],
+        "total": invoice["total"],
+    }

@@ -1,0 +1,206 @@
+"""SQL of billing, set-based: subscriptions to bill, period totals from usage_records, invoices."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.engine import Connection
+
+from shared.models import Invoice, InvoiceLine, Organization, Plan, Subscription
+
+
+@dataclass(frozen=True)
+class PeriodQuery:
+    """Which usage to total: one subscription's organization over [start, end), for these metrics;
+    `max_metrics` are totalled as the largest window (summed over projects and keys)."""
+
+    subscription_id: uuid.UUID
+    organization_id: uuid.UUID
+    start: datetime
+    end: datetime
+    metrics: tuple[str, ...]
+    max_metrics: tuple[str, ...]
+
+
+def subscriptions_to_bill(
+    connection: Connection, *, organization_id: uuid.UUID | None = None
+) -> list[sa.Row[Any]]:
+    query = (
+        sa.select(
+            Subscription.id,
+            Subscription.organization_id,
+            Subscription.status,
+            Subscription.billing_interval,
+            Subscription.current_period_start,
+            Subscription.current_period_end,
+            Subscription.stripe_subscription_id,
+            Plan.id.label("plan_id"),
+            Plan.features,
+            Plan.price_monthly,
+            Plan.price_yearly,
+            Plan.currency,
+            Organization.stripe_customer_id,
+        )
+        .join(Plan, Plan.id == Subscription.plan_id)
+        .join(Organization, Organization.id == Subscription.organization_id)
+        .order_by(Subscription.id)
+    )
+    if organization_id is not None:
+        query = query.where(Subscription.organization_id == organization_id)
+    return list(connection.execute(query))
+
+
+_TOTALS = sa.text(
+    """
+    WITH p AS (
+        SELECT * FROM unnest(
+            CAST(:subscription_ids AS uuid[]), CAST(:organization_ids AS uuid[]),
+            CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]),
+            CAST(:metrics AS text[]), CAST(:max_metrics AS text[])
+        ) AS p(subscription_id, organization_id, period_start, period_end, metrics, max_metrics)
+    ),
+    windows AS (
+        -- A "max" metric keeps one row per window (its projects and keys summed); a "sum" metric
+        -- collapses to one row per period right here, which keeps the second grouping small.
+        SELECT p.subscription_id, p.period_start, u.metric,
+               CASE WHEN u.metric = ANY(string_to_array(p.max_metrics, ','))
+                    THEN u.window_start END AS window_start,
+               sum(u.quantity) AS quantity
+        FROM p
+        JOIN usage_records u
+          ON u.organization_id = p.organization_id
+         AND u.window_start >= p.period_start AND u.window_start < p.period_end
+         AND u.metric = ANY(string_to_array(p.metrics, ','))
+        GROUP BY 1, 2, 3, 4
+    )
+    SELECT subscription_id, period_start, metric, sum(quantity) AS total, max(quantity) AS peak
+    FROM windows GROUP BY 1, 2, 3
+    """
+)
+
+
+def period_totals(
+    connection: Connection, queries: Sequence[PeriodQuery]
+) -> dict[uuid.UUID, dict[tuple[datetime, str], Decimal]]:
+    """Per subscription, each (period start, metric)'s quantity by its aggregation; one query."""
+    if not queries:
+        return {}
+    rows = connection.execute(
+        _TOTALS,
+        {
+            "subscription_ids": [q.subscription_id for q in queries],
+            "organization_ids": [q.organization_id for q in queries],
+            "starts": [q.start for q in queries],
+            "ends": [q.end for q in queries],
+            "metrics": [",".join(q.metrics) for q in queries],
+            "max_metrics": [",".join(q.max_metrics) for q in queries],
+        },
+    )
+    max_of = {(q.subscription_id, q.start): set(q.max_metrics) for q in queries}
+    totals: dict[uuid.UUID, dict[tuple[datetime, str], Decimal]] = {}
+    for row in rows:
+        use_max = row.metric in max_of[(row.subscription_id, row.period_start)]
+        totals.setdefault(row.subscription_id, {})[(row.period_start, row.metric)] = (
+            row.peak if use_max else row.total
+        )
+    return totals
+
+
+def invoices_of(
+    connection: Connection, subscription_ids: Iterable[uuid.UUID], *, since: datetime
+) -> dict[uuid.UUID, list[dict[str, Any]]]:
+    """Each subscription's invoices that are draft or ended after `since`, with their lines."""
+    ids = list(subscription_ids)
+    if not ids:
+        return {}
+    invoices = connection.execute(
+        sa.select(Invoice)
+        .where(Invoice.subscription_id.in_(ids))
+        .where(sa.or_(Invoice.status == "draft", Invoice.period_end > since))
+        .order_by(Invoice.subscription_id, Invoice.period_start)
+    ).mappings()
+    by_id: dict[uuid.UUID, dict[str, Any]] = {}
+    result: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for invoice in invoices:
+        document = dict(invoice) | {"lines": []}
+        by_id[invoice["id"]] = document
+        result.setdefault(invoice["subscription_id"], []).append(document)
+    if by_id:
+        lines = connection.execute(
+            sa.select(InvoiceLine)
+            .where(InvoiceLine.invoice_id.in_(list(by_id)))
+            .order_by(InvoiceLine.invoice_id, InvoiceLine.kind.desc(), InvoiceLine.metric)
+        ).mappings()
+        for line in lines:
+            by_id[line["invoice_id"]]["lines"].append(dict(line))
+    return result
+
+
+def save_invoice(connection: Connection, invoice: dict[str, Any]) -> uuid.UUID:
+    """Insert or update an invoice (by subscription and period) and replace its lines."""
+    values = {k: invoice[k] for k in _INVOICE_COLUMNS}
+    statement = pg.insert(Invoice).values(id=invoice["id"], **values)
+    statement = statement.on_conflict_do_update(
+        index_elements=[Invoice.subscription_id, Invoice.period_start],
+        set_={
+            "status": statement.excluded.status,
+            "period_end": statement.excluded.period_end,
+            "flat_amount": statement.excluded.flat_amount,
+            "total": statement.excluded.total,
+            "finalized_at": statement.excluded.finalized_at,
+            "updated_at": sa.func.now(),
+        },
+    ).returning(Invoice.id)
+    invoice_id: uuid.UUID = connection.execute(statement).scalar_one()
+    connection.execute(sa.delete(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id))
+    if invoice["lines"]:
+        connection.execute(
+            sa.insert(InvoiceLine),
+            [
+                {
+                    "id": uuid.uuid4(),
+                    "invoice_id": invoice_id,
+                    **{k: line[k] for k in _LINE_COLUMNS},
+                }
+                for line in invoice["lines"]
+            ],
+        )
+    return invoice_id
+
+
+_INVOICE_COLUMNS = (
+    "organization_id",
+    "subscription_id",
+    "period_start",
+    "period_end",
+    "currency",
+    "status",
+    "flat_amount",
+    "total",
+    "finalized_at",
+)
+_LINE_COLUMNS = (
+    "metric",
+    "kind",
+    "quantity",
+    "billable_quantity",
+    "amount",
+    "adjusts_period_start",
+)
+
+
+def advance_period(
+    connection: Connection, subscription_id: uuid.UUID, start: datetime, end: datetime
+) -> None:
+    connection.execute(
+        sa.update(Subscription)
+        .where(Subscription.id == subscription_id)
+        .values(current_period_start=start, current_period_end=end, updated_at=sa.func.now())
+    )

@@ -1,0 +1,344 @@
+"""A billing run: for every subscription, price its periods, write its invoices and meter report
+intents in one unit of work, then report to Stripe and reconcile. Idempotent by construction: a
+rerun with no new usage finds every invoice and every reported total already as it should be.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from services.billing import repository
+from services.billing.gateway import BillingGateway
+from services.billing.invoices import Subject, invoice_document, plan_invoices
+from services.billing.periods import Period, periods_to_bill
+from services.billing.reporting import (
+    UsageToReport,
+    ledger_rows,
+    plan_report,
+    record_intents,
+    report_document,
+    send_unsent,
+)
+from services.billing.schemas import plan_price
+from shared.logs import log_event
+from shared.models import BillingRun, Organization, Plan, Subscription
+
+logger = logging.getLogger("meterline.billing")
+
+# Statuses whose subscription still renews (gets a next period) when the current one closes.
+RENEWING = frozenset({"active", "trialing", "past_due", "unpaid", "paused"})
+# Statuses that are billed at all; an incomplete subscription never started.
+BILLED = RENEWING | {"canceled"}
+
+
+@dataclass
+class RunResult:
+    run_id: uuid.UUID | None
+    as_of: datetime
+    invoices: list[dict[str, Any]] = field(default_factory=list)
+    reported: list[dict[str, Any]] = field(default_factory=list)
+    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    subscriptions: int = 0
+
+    def document(self) -> dict[str, Any]:
+        """`billing run --json`, the shape of DESIGN.md section 5."""
+        return {
+            "as_of": self.as_of.isoformat(),
+            "invoices": [invoice_document(invoice) for invoice in self.invoices],
+            "reported": [report_document(row) for row in self.reported],
+            "mismatches": self.mismatches,
+        }
+
+
+@dataclass
+class _Work:
+    """One subscription's share of a run, prepared before its unit of work."""
+
+    row: Any
+    subject: Subject
+    periods: list[Period]
+    existing: list[dict[str, Any]]
+    meters: dict[str, str]
+
+
+Progress = Callable[[int, int], None]
+
+
+def run_billing(
+    engine: Engine,
+    *,
+    as_of: datetime,
+    now: datetime,
+    lateness_horizon: timedelta,
+    organization_id: uuid.UUID | None = None,
+    dry_run: bool = False,
+    gateway: BillingGateway | None = None,
+    reconcile: bool = True,
+    progress: Progress | None = None,
+) -> RunResult:
+    result = RunResult(run_id=None, as_of=as_of)
+    with engine.connect() as connection:
+        work = _prepare(connection, as_of, lateness_horizon, organization_id)
+        totals = repository.period_totals(connection, _queries(work))
+    result.subscriptions = len(work)
+    if not dry_run:
+        result.run_id = _start_run(engine, as_of)
+    try:
+        for done, item in enumerate(work, start=1):
+            if gateway is not None and not dry_run:
+                _link_stripe(engine, gateway, item)
+            written = _bill_subscription(engine, item, totals, as_of, now, dry_run, gateway)
+            result.invoices.extend(written)
+            if progress is not None:
+                progress(done, len(work))
+        if gateway is not None and not dry_run:
+            ids = [item.subject.subscription_id for item in work]
+            result.reported = send_unsent(engine, gateway, now, ids)
+            if reconcile:
+                from services.billing.reconcile import reconcile_run
+
+                result.mismatches = reconcile_run(
+                    engine, gateway, work_ids=ids, run_id=result.run_id, as_of=as_of, now=now
+                )
+                # Fixes (missing deltas) are intents too: send them in the same run.
+                result.reported += send_unsent(engine, gateway, now, ids)
+    except Exception as exc:
+        if result.run_id is not None:
+            _finish_run(engine, result, status="failed", error=str(exc)[:1000])
+        raise
+    if result.run_id is not None:
+        _finish_run(engine, result, status="finished")
+    log_event(
+        logger,
+        "billing_run_finished",
+        subscriptions=result.subscriptions,
+        invoices_changed=len(result.invoices),
+        reported=len(result.reported),
+        mismatches=len(result.mismatches),
+        dry_run=dry_run,
+    )
+    return result
+
+
+def _prepare(
+    connection: Connection,
+    as_of: datetime,
+    horizon: timedelta,
+    organization_id: uuid.UUID | None,
+) -> list[_Work]:
+    rows = [
+        row
+        for row in repository.subscriptions_to_bill(connection, organization_id=organization_id)
+        if str(row.status) in BILLED
+    ]
+    existing = repository.invoices_of(connection, [row.id for row in rows], since=as_of - horizon)
+    prices: dict[uuid.UUID, Any] = {}
+    work = []
+    for row in rows:
+        interval = str(row.billing_interval)
+        flat = row.price_yearly if interval == "year" else row.price_monthly
+        key = (row.plan_id, interval)
+        if key not in prices:
+            prices[key] = plan_price(row.features or {}, flat)
+        plan = prices[key]
+        periods = periods_to_bill(
+            Period(row.current_period_start, row.current_period_end),
+            interval,
+            as_of,
+            renews=str(row.status) in RENEWING,
+        )
+        work.append(
+            _Work(
+                row=row,
+                subject=Subject(row.id, row.organization_id, row.currency, plan),
+                periods=periods,
+                existing=existing.get(row.id, []),
+                meters={m: p.stripe_meter for m, p in plan.metered.items() if p.stripe_meter},
+            )
+        )
+    return work
+
+
+def _queries(work: list[_Work]) -> list[repository.PeriodQuery]:
+    queries = []
+    for item in work:
+        metered = item.subject.plan.metered
+        metrics = tuple(sorted(metered))
+        if not metrics:
+            continue
+        max_metrics = tuple(m for m in metrics if metered[m].aggregation == "max")
+        starts: dict[datetime, datetime] = {p.start: p.end for p in item.periods}
+        for invoice in item.existing:
+            starts.setdefault(invoice["period_start"], invoice["period_end"])
+        for start, end in starts.items():
+            queries.append(
+                repository.PeriodQuery(
+                    item.subject.subscription_id,
+                    item.subject.organization_id,
+                    start,
+                    end,
+                    metrics,
+                    max_metrics,
+                )
+            )
+    return queries
+
+
+def _bill_subscription(
+    engine: Engine,
+    item: _Work,
+    totals: dict[uuid.UUID, dict[tuple[datetime, str], Any]],
+    as_of: datetime,
+    now: datetime,
+    dry_run: bool,
+    gateway: BillingGateway | None,
+) -> list[dict[str, Any]]:
+    subscription_id = item.subject.subscription_id
+    own = totals.get(subscription_id, {})
+    invoices = plan_invoices(item.subject, item.periods, item.existing, own, as_of)
+    if dry_run:
+        return invoices
+    with engine.begin() as connection:
+        for invoice in invoices:
+            repository.save_invoice(connection, invoice)
+        if item.periods and item.periods[-1].start != item.row.current_period_start:
+            last = item.periods[-1]
+            repository.advance_period(connection, subscription_id, last.start, last.end)
+        if gateway is not None:
+            customer_id = _customer_of(connection, item)
+            if customer_id:
+                record_intents(connection, _intents(connection, item, own, customer_id, now))
+    return invoices
+
+
+def _intents(
+    connection: Connection,
+    item: _Work,
+    totals: dict[tuple[datetime, str], Any],
+    customer_id: str,
+    now: datetime,
+) -> list[dict[str, Any]]:
+    ledger = ledger_rows(connection, [item.subject.subscription_id])
+    ends = {p.start: p.end for p in item.periods}
+    for invoice in item.existing:
+        ends.setdefault(invoice["period_start"], invoice["period_end"])
+    # A period that Stripe was told about but that now has no usage (a replay corrected it)
+    # totals 0, so the compensating delta is still sent.
+    keys = set(totals) | {
+        (start, metric) for (_, metric, start) in ledger if start in ends and metric in item.meters
+    }
+    intents = []
+    for start, metric in sorted(keys):
+        if metric not in item.meters:
+            continue
+        total = totals.get((start, metric), Decimal(0))
+        usage = UsageToReport(
+            item.subject.subscription_id,
+            customer_id,
+            metric,
+            item.meters[metric],
+            start,
+            ends[start],
+            total,
+        )
+        intent = plan_report(usage, ledger.get((usage.subscription_id, metric, start), []), now)
+        if intent is not None:
+            intents.append(intent)
+    return intents
+
+
+def _customer_of(connection: Connection, item: _Work) -> str | None:
+    return connection.execute(
+        sa.select(Organization.stripe_customer_id).where(
+            Organization.id == item.subject.organization_id
+        )
+    ).scalar_one_or_none()
+
+
+def _link_stripe(engine: Engine, gateway: BillingGateway, item: _Work) -> None:
+    """Create the organization's Stripe customer and the subscription's Stripe subscription where
+    they have none. The calls carry idempotency keys on our ids, so a crash between the call and
+    the write below links the same Stripe objects on the next run."""
+    row = item.row
+    if str(row.status) not in RENEWING:
+        return
+    with engine.connect() as connection:
+        org = connection.execute(
+            sa.select(Organization.name, Organization.stripe_customer_id).where(
+                Organization.id == row.organization_id
+            )
+        ).one()
+        plan = connection.execute(
+            sa.select(Plan.name, Plan.stripe_price_id_monthly, Plan.stripe_price_id_yearly).where(
+                Plan.id == row.plan_id
+            )
+        ).one()
+        sub = connection.execute(
+            sa.select(Subscription.stripe_subscription_id).where(Subscription.id == row.id)
+        ).scalar_one()
+    customer_id = org.stripe_customer_id or gateway.create_customer(
+        str(row.organization_id), org.name
+    )
+    if org.stripe_customer_id is None:
+        with engine.begin() as connection:
+            connection.execute(
+                sa.update(Organization)
+                .where(Organization.id == row.organization_id)
+                .values(stripe_customer_id=customer_id)
+            )
+    if sub is not None:
+        return
+    interval = str(row.billing_interval)
+    price_column = "stripe_price_id_yearly" if interval == "year" else "stripe_price_id_monthly"
+    price_id = getattr(plan, price_column)
+    if price_id is None:
+        amount = row.price_yearly if interval == "year" else row.price_monthly
+        price_id = gateway.ensure_price(str(row.plan_id), plan.name, interval, amount, row.currency)
+        with engine.begin() as connection:
+            connection.execute(
+                sa.update(Plan).where(Plan.id == row.plan_id).values({price_column: price_id})
+            )
+    stripe_subscription_id = gateway.create_subscription(str(row.id), customer_id, price_id)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(Subscription)
+            .where(Subscription.id == row.id)
+            .values(stripe_subscription_id=stripe_subscription_id, stripe_customer_id=customer_id)
+        )
+
+
+def _start_run(engine: Engine, as_of: datetime) -> uuid.UUID:
+    with engine.begin() as connection:
+        run_id = uuid.uuid4()
+        connection.execute(
+            sa.insert(BillingRun).values(id=run_id, as_of=as_of, dry_run=False, status="running")
+        )
+    return run_id
+
+
+def _finish_run(
+    engine: Engine, result: RunResult, *, status: str, error: str | None = None
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(BillingRun)
+            .where(BillingRun.id == result.run_id)
+            .values(
+                status=status,
+                finished_at=sa.func.now(),
+                subscriptions=result.subscriptions,
+                invoices_changed=len(result.invoices),
+                reported=len(result.reported),
+                mismatches=len(result.mismatches),
+                error=error,
+            )
+        )

@@ -1,0 +1,254 @@
+"""`meterline billing run` over seeded usage_records: invoices computed by hand, idempotent reruns,
+late usage after finalisation as an adjustment on the next invoice."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from shared.db import unit_of_work
+from shared.models import Invoice, InvoiceLine, Subscription, UsageRecord
+from tests import factories
+
+ROOT = Path(__file__).resolve().parents[2]
+MELINE = str(ROOT / ".venv" / "bin" / "meterline")
+NOV = datetime(2026, 11, 1, tzinfo=UTC)
+FEATURES = {
+    "metered": {
+        "api_calls": {
+            "included": 100000,
+            "model": "graduated",
+            "tiers": [
+                {"up_to": 1000000, "unit_amount": "0.05"},
+                {"up_to": None, "unit_amount": "0.02", "flat_amount": 500},
+            ],
+        },
+        "storage_gb": {"included": 0, "model": "per_unit", "unit_amount": "12.5"},
+        "exports": {"included": 10, "model": "package", "package_size": 100, "package_amount": 200},
+        "seats": {
+            "included": 0,
+            "model": "volume",
+            "aggregation": "max",
+            "tiers": [{"up_to": 10, "unit_amount": "800"}, {"up_to": None, "unit_amount": "600"}],
+        },
+    }
+}
+
+
+def seed(engine: Engine, *, interval: str = "month") -> dict[str, Any]:
+    """An organization on the DESIGN.md example plan (4900/month, 49000/year) with two projects."""
+    with unit_of_work(engine) as session:
+        organization = factories.make_organization(session)
+        project_a = factories.make_project(session, organization)
+        project_b = factories.make_project(session, organization)
+        plan = factories.make_plan(
+            session, price_monthly=4900, price_yearly=49000, features=FEATURES
+        )
+        subscription = factories.make_subscription(
+            session,
+            organization,
+            plan,
+            interval=factories.BillingInterval(interval),
+            period_start=NOV,
+            period_end=datetime(2026, 12, 1, tzinfo=UTC) if interval == "month" else None,
+        )
+        return {
+            "organization_id": organization.id,
+            "subscription_id": subscription.id,
+            "projects": (project_a.id, project_b.id),
+        }
+
+
+def add_usage(
+    engine: Engine, org: dict[str, Any], rows: list[tuple[int, str, datetime, str]]
+) -> None:
+    """rows: (project index, metric, window start, quantity)."""
+    with unit_of_work(engine) as session:
+        for project, metric, window_start, quantity in rows:
+            session.add(
+                UsageRecord(
+                    organization_id=org["organization_id"],
+                    project_id=org["projects"][project],
+                    api_key_id=None,
+                    metric=metric,
+                    window_start=window_start,
+                    window_seconds=3600,
+                    quantity=Decimal(quantity),
+                    event_count=1,
+                )
+            )
+
+
+def billing_run(
+    service_env: dict[str, str], org: dict[str, Any], as_of: datetime, *extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            MELINE,
+            "billing",
+            "run",
+            "--as-of",
+            as_of.isoformat(),
+            "--organization",
+            str(org["organization_id"]),
+            "--no-stripe",
+            "--json",
+            *extra,
+        ],
+        check=False,
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+
+
+def november_usage(org: dict[str, Any]) -> list[tuple[int, str, datetime, str]]:
+    h = lambda n: NOV + timedelta(hours=n)  # noqa: E731
+    return [
+        (0, "api_calls", h(1), "1500000"),
+        (1, "api_calls", h(2), "600000"),
+        (0, "storage_gb", h(1), "1.25"),
+        (1, "storage_gb", h(5), "2.25"),
+        (0, "exports", h(3), "250"),
+        # seats ("max"): window h(1) sums both projects to 11; window h(2) has 8; max is 11.
+        (0, "seats", h(1), "6"),
+        (1, "seats", h(1), "5"),
+        (0, "seats", h(2), "8"),
+        # Outside the period: never billed in November.
+        (0, "api_calls", NOV - timedelta(hours=1), "999999"),
+        (0, "api_calls", datetime(2026, 12, 1, tzinfo=UTC), "999999"),
+    ]
+
+
+def lines_of(invoice: dict[str, Any]) -> dict[tuple[str, str], tuple[str, str, int]]:
+    return {
+        (line["metric"], line["kind"]): (
+            line["quantity"],
+            line["billable_quantity"],
+            line["amount"],
+        )
+        for line in invoice["lines"]
+    }
+
+
+def test_billing_run_prices_seeded_usage_as_computed_by_hand(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+
+    result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert set(document) == {"as_of", "invoices", "reported", "mismatches"}
+    assert document["reported"] == [] and document["mismatches"] == []
+    [invoice] = document["invoices"]
+    assert set(invoice) == {
+        "id", "organization_id", "subscription_id", "period_start", "period_end",
+        "currency", "status", "flat_amount", "lines", "total",
+    }  # fmt: skip
+    assert invoice["status"] == "draft"
+    assert invoice["flat_amount"] == 4900
+    assert {k: (Decimal(q), Decimal(b), a) for k, (q, b, a) in lines_of(invoice).items()} == {
+        # 2,000,000 billable: 1,000,000 x 0.05 + 1,000,000 x 0.02 + 500 flat of tier 2
+        ("api_calls", "usage"): (Decimal(2100000), Decimal(2000000), 70500),
+        # 3.5 x 12.5 = 43.75 -> 44 (half up, once)
+        ("storage_gb", "usage"): (Decimal("3.5"), Decimal("3.5"), 44),
+        # 240 billable -> 3 packages of 100 at 200
+        ("exports", "usage"): (Decimal(250), Decimal(240), 600),
+        # max window 11 seats, all at the second volume tier: 11 x 600
+        ("seats", "usage"): (Decimal(11), Decimal(11), 6600),
+    }
+    assert invoice["total"] == 4900 + 70500 + 44 + 600 + 6600
+    assert all(isinstance(line["amount"], int) for line in invoice["lines"])
+    assert all(isinstance(line["quantity"], str) for line in invoice["lines"])
+
+
+def _snapshot(engine: Engine, subscription_id: Any) -> list[Any]:
+    with engine.connect() as connection:
+        invoices = connection.execute(
+            sa.select(Invoice.id, Invoice.status, Invoice.total, Invoice.updated_at)
+            .where(Invoice.subscription_id == subscription_id)
+            .order_by(Invoice.period_start)
+        ).all()
+        lines = connection.execute(
+            sa.select(InvoiceLine.id, InvoiceLine.amount, InvoiceLine.updated_at)
+            .join(Invoice, Invoice.id == InvoiceLine.invoice_id)
+            .where(Invoice.subscription_id == subscription_id)
+            .order_by(InvoiceLine.id)
+        ).all()
+        subscription = connection.execute(
+            sa.select(Subscription.current_period_start, Subscription.updated_at).where(
+                Subscription.id == subscription_id
+            )
+        ).all()
+    return [invoices, lines, subscription]
+
+
+def test_a_second_run_with_no_new_usage_changes_nothing(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    as_of = datetime(2026, 12, 2, tzinfo=UTC)
+    first = billing_run(service_env, org, as_of)
+    assert first.returncode == 0, first.stderr
+    before = _snapshot(engine, org["subscription_id"])
+
+    second = billing_run(service_env, org, as_of)
+
+    assert second.returncode == 0, second.stderr
+    assert json.loads(second.stdout)["invoices"] == []
+    assert _snapshot(engine, org["subscription_id"]) == before
+    assert [status for _, status, _, _ in before[0]] == ["final", "draft"]
+
+
+def test_late_usage_after_finalisation_is_an_adjustment_on_the_next_invoice(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    closed = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+    november = next(i for i in json.loads(closed.stdout)["invoices"] if i["status"] == "final")
+    # A late event for November: 1,000,000 more API calls, all in the 0.02 tier.
+    add_usage(engine, org, [(1, "api_calls", NOV + timedelta(days=20), "1000000")])
+
+    result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    [december] = json.loads(result.stdout)["invoices"]
+    assert december["status"] == "draft"
+    assert december["period_start"].startswith("2026-12-01")
+    assert lines_of(december)[("api_calls", "adjustment")] == ("1000000", "1000000", 20000)
+    # December's own usage: 999,999 calls on Dec 1, 899,999 billable x 0.05 = 44,999.95 -> 45,000.
+    assert lines_of(december)[("api_calls", "usage")] == ("999999", "899999", 45000)
+    assert december["total"] == 4900 + 45000 + 20000
+    with engine.connect() as connection:
+        stored_total = connection.execute(
+            sa.select(Invoice.total).where(Invoice.id == november["id"])
+        ).scalar_one()
+    assert stored_total == november["total"]
+
+
+def test_a_yearly_plan_bills_the_yearly_flat_fee(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine, interval="year")
+    add_usage(engine, org, [(0, "exports", NOV + timedelta(days=100), "111")])
+
+    result = billing_run(service_env, org, datetime(2027, 3, 1, tzinfo=UTC))
+
+    [invoice] = json.loads(result.stdout)["invoices"]
+    assert invoice["flat_amount"] == 49000
+    # 111 - 10 included = 101 billable exports: two started packages of 100 at 200.
+    assert invoice["total"] == 49000 + 400
