@@ -43,9 +43,15 @@ class IngestServer:
 
 @contextmanager
 def run_ingest(
-    env: dict[str, str], log_path: Path, *, workers: int = 1, **overrides: str
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    workers: int = 1,
+    ready_path: str = "/readyz",
+    **overrides: str,
 ) -> Iterator[IngestServer]:
-    """`meterline ingest serve` on a free port, ready (database and broker) before it yields."""
+    """`meterline ingest serve` on a free port, answering 200 on `ready_path` before it yields
+    (/readyz: database and broker reachable)."""
     port = free_port()
     # Keys are made by tests.factories with its pepper: the service must hash with the same one
     # (service_env keeps the pepper of .local/env when that file has one).
@@ -61,7 +67,7 @@ def run_ingest(
         )
     server = IngestServer(f"http://127.0.0.1:{port}", log_path, process)
     try:
-        wait_ready(server)
+        wait_ready(server, ready_path)
         yield server
     finally:
         if process.poll() is None:
@@ -73,13 +79,13 @@ def run_ingest(
                 process.wait(5)
 
 
-def wait_ready(server: IngestServer, timeout: float = 60.0) -> None:
+def wait_ready(server: IngestServer, path: str = "/readyz", timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise RuntimeError(f"ingest exited early:\n{server.logs()[-3000:]}")
         try:
-            if httpx.get(server.url + "/readyz", timeout=2).status_code == 200:
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
