@@ -127,12 +127,21 @@ def event(event_id: str | None = None, **fields: object) -> dict[str, object]:
 @dataclass(frozen=True)
 class TopicRecord:
     key: bytes
-    envelope: Envelope
+    raw_value: bytes
     timestamp_ms: int
+
+    @property
+    def envelope(self) -> Envelope:
+        return decode_envelope(self.raw_value)
 
 
 def read_topic(
-    bootstrap: str, topic: str, organization_id: uuid.UUID, *, expect: int, timeout: float = 20.0
+    bootstrap: str,
+    topic: str,
+    organization_id: uuid.UUID,
+    *,
+    expect: int,
+    timeout: float = 20.0,
 ) -> list[TopicRecord]:
     """Every record of `organization_id` on the topic, once at least `expect` are there."""
     from kafka import KafkaConsumer
@@ -152,9 +161,7 @@ def read_topic(
         while time.monotonic() < deadline and len(found) < expect:
             for message in consumer:
                 if message.key == wanted:
-                    found.append(
-                        TopicRecord(message.key, decode_envelope(message.value), message.timestamp)
-                    )
+                    found.append(TopicRecord(message.key, message.value, message.timestamp))
     finally:
         consumer.close()
     return found
