@@ -208,7 +208,7 @@ class AggregatorProcess:
     def start(self) -> AggregatorProcess:
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "meterline.cli", "aggregate", "run"],
+            [str(Path(sys.executable).parent / "meterline"), "aggregate", "run"],
             env=self.env,
             cwd=ROOT,
             stdout=log,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 import typer
@@ -28,7 +29,7 @@ def run(
     with cli_errors():
         from faust.worker import Worker
 
-        from services.aggregator.app import create_app
+        from services.aggregator.app import create_app, wait_for_topics
         from shared.logs import configure_logging, register_secret
         from shared.settings import load_settings
 
@@ -36,6 +37,11 @@ def run(
         settings = load_settings(**overrides)
         register_secret(settings.api_key_pepper.get_secret_value())
         configure_logging(log_level, settings.log_format)
+        if logging.getLogger().level >= logging.INFO:
+            # Faust, mode and aiokafka narrate every start-up step at INFO; keep their warnings.
+            for name in ("faust", "mode", "aiokafka"):
+                logging.getLogger(name).setLevel(logging.WARNING)
+        wait_for_topics(settings)
         faust_app, _ = create_app(settings)
         worker = Worker(faust_app, loglevel=log_level, quiet=True, override_logging=False)
     worker.execute_from_commandline()

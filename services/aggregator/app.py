@@ -209,12 +209,34 @@ def _source_record(event: EventT) -> SourceRecord:
     )
 
 
+def wait_for_topics(settings: Settings) -> None:
+    """Create the events and DLQ topics if absent, waiting for the broker: Faust does not declare
+    a source topic, and a group that starts before its topic exists is assigned nothing."""
+    from services.ingest.publisher import ensure_topics
+
+    backoff = BACKOFF_FIRST_SECONDS
+    while True:
+        try:
+            created = ensure_topics(settings)
+        except Exception as exc:
+            log_event(logger, "broker_unavailable", logging.WARNING, error=str(exc)[:200])
+            time.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_SECONDS)
+            continue
+        if created:
+            log_event(logger, "topics_created", topics=created)
+        return
+
+
 def app_id(settings: Settings) -> str:
     """The consumer group: every instance with this id shares the topic's partitions."""
     return f"{settings.topic_prefix}-aggregator"
 
 
 def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
+    # Faust keeps no state of ours here (no tables), but it insists on a data directory.
+    datadir = Path(tempfile.gettempdir()) / "meterline-faust" / app_id(settings)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id(settings),
         broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
@@ -228,7 +250,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         web_bind=settings.aggregator_web_host,
         web_host=settings.aggregator_web_host,
         web_port=settings.aggregator_web_port,
-        datadir=Path(tempfile.gettempdir()) / "meterline-faust" / app_id(settings),
+        datadir=datadir,
     )
     events_topic = app.topic(
         settings.events_topic,
@@ -262,6 +284,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:
-        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST)
+        # aiohttp refuses a charset inside content_type; the exposition format is UTF-8 text.
+        return web.bytes(generate_latest(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
 
     return app, aggregator

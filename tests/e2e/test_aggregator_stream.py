@@ -1,0 +1,91 @@
+"""The real aggregator process against real Kafka and PostgreSQL: totals equal the distinct events."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+
+from sqlalchemy.engine import Engine
+
+from tests.aggregator_support import (
+    AggregatorProcess,
+    Producer,
+    create_topics,
+    dead_letters,
+    envelope_bytes,
+    event,
+    make_tenant,
+    totals,
+    wait_for,
+)
+
+
+def test_stream_with_repeats_late_events_and_poison_counts_each_distinct_event_once(
+    engine: Engine, service_env: dict[str, str], topic_prefix: str, tmp_path: Path
+) -> None:
+    bootstrap = service_env["KAFKA_BOOTSTRAP_SERVERS"]
+    events_topic, dlq_topic = f"{topic_prefix}.usage.events", f"{topic_prefix}.usage.events.dlq"
+    create_topics(bootstrap, [events_topic, dlq_topic], partitions=4)
+    tenants = [make_tenant(engine, projects=2, keys=2) for _ in range(3)]
+    now = datetime.now(UTC)
+    rng = random.Random(7)
+    expected: dict[object, tuple[Decimal, int]] = {}
+    producer = Producer(bootstrap)
+    sent_batches = []
+    for tenant in tenants:
+        org = tenant.organization_id
+        distinct = []
+        for i in range(300):
+            late = i % 10 == 0
+            distinct.append(
+                event(
+                    f"e{i}",
+                    quantity=rng.choice(["1", "2", "0.25", "10"]),
+                    timestamp=now
+                    - (timedelta(days=rng.randint(1, 30)) if late else timedelta(seconds=i)),
+                    project_id=rng.choice([None, *tenant.project_ids]),
+                    metric=rng.choice(["api_calls", "storage_gb"]),
+                )
+            )
+        expected[org] = (sum((e.quantity for e in distinct), Decimal(0)), len(distinct))
+        for start in range(0, len(distinct), 25):
+            chunk = distinct[start : start + 25]
+            # Each chunk once, some twice (a client retry), plus one id repeated inside it.
+            value = envelope_bytes(
+                org, [*chunk, chunk[0]], api_key_id=rng.choice(tenant.key_ids), received_at=now
+            )
+            sent_batches.append((org, value))
+            if start % 50 == 0:
+                sent_batches.append((org, value))
+    sent_batches.insert(40, (tenants[0].organization_id, b"{not an envelope"))
+    for org, value in sent_batches:
+        producer.send(events_topic, org, value)
+    producer.flush()
+    env = {**service_env, "METERLINE_TOPIC_PREFIX": topic_prefix}
+    aggregator = AggregatorProcess(env, tmp_path / "aggregator.log").start()
+    try:
+        wait_for(
+            lambda: all(
+                totals(engine, t.organization_id)[1] >= expected[t.organization_id][1]
+                for t in tenants
+            ),
+            timeout=90,
+            what="every distinct event counted",
+        )
+        # Replay the whole stream into the same group's topic once more: still counted once.
+        for org, value in sent_batches[:30]:
+            producer.send(events_topic, org, value)
+        producer.flush()
+        wait_for(lambda: len(dead_letters(bootstrap, dlq_topic)) >= 1, timeout=30, what="the DLQ")
+        assert aggregator.health() is not None
+    finally:
+        aggregator.stop()
+        producer.close()
+
+    for tenant in tenants:
+        assert totals(engine, tenant.organization_id) == expected[tenant.organization_id]
+    letters = dead_letters(bootstrap, dlq_topic)
+    assert [letter["code"] for letter in letters] == ["malformed"]
+    assert letters[0]["reason"].startswith("malformed envelope")
