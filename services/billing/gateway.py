@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import stripe
 
@@ -57,7 +57,14 @@ class BillingGateway(Protocol):
         self, plan_id: str, plan_name: str, interval: str, unit_amount: int, currency: str
     ) -> str: ...
 
-    def create_subscription(self, subscription_id: str, customer_id: str, price_id: str) -> str: ...
+    def create_subscription(
+        self,
+        subscription_id: str,
+        customer_id: str,
+        price_id: str,
+        period_start: datetime,
+        period_end: datetime,
+    ) -> str: ...
 
     def get_subscription(self, stripe_subscription_id: str) -> StripeSubscription: ...
 
@@ -180,13 +187,24 @@ class StripeGateway:
         )
         return str(price.id)
 
-    def create_subscription(self, subscription_id: str, customer_id: str, price_id: str) -> str:
+    def create_subscription(
+        self,
+        subscription_id: str,
+        customer_id: str,
+        price_id: str,
+        period_start: datetime,
+        period_end: datetime,
+    ) -> str:
+        # Backdated to our period's start and anchored at its end, so Stripe's first period is ours.
         created = self._call(
             "create_subscription",
             self.client.v1.subscriptions.create,
             {
                 "customer": customer_id,
                 "items": [{"price": price_id}],
+                "backdate_start_date": _epoch(period_start),
+                "billing_cycle_anchor": _epoch(period_end),
+                "proration_behavior": "none",
                 "metadata": {"meterline_subscription_id": subscription_id},
             },
             {"idempotency_key": f"meterline:create_subscription:{subscription_id}"},
@@ -218,9 +236,10 @@ class StripeGateway:
         return self._meters.get(event_name)
 
 
-def subscription_from_stripe(found: stripe.Subscription) -> StripeSubscription:
+def subscription_from_stripe(obj: stripe.Subscription | dict[str, Any]) -> StripeSubscription:
     """Our view of a Stripe subscription (or a webhook's object). Since the 2025 API versions the
     period lives on the subscription items; older payloads keep it on the subscription."""
+    found: dict[str, Any] = obj.to_dict() if isinstance(obj, stripe.StripeObject) else obj
     items = found["items"]["data"] if found.get("items") else []
     item = items[0] if items else None
     price = item["price"] if item else None

@@ -307,7 +307,9 @@ def _link_stripe(engine: Engine, gateway: BillingGateway, item: _Work) -> None:
             connection.execute(
                 sa.update(Plan).where(Plan.id == row.plan_id).values({price_column: price_id})
             )
-    stripe_subscription_id = gateway.create_subscription(str(row.id), customer_id, price_id)
+    stripe_subscription_id = gateway.create_subscription(
+        str(row.id), customer_id, price_id, row.current_period_start, row.current_period_end
+    )
     with engine.begin() as connection:
         connection.execute(
             sa.update(Subscription)
