@@ -81,6 +81,17 @@ class Settings(BaseSettings):
     ledger_grace_hours: int = Field(
         48, ge=0, le=24 * 30, validation_alias="METERLINE_LEDGER_GRACE_HOURS"
     )
+    billing_interval_seconds: int = Field(
+        3600, ge=10, le=7 * 86400, validation_alias="METERLINE_BILLING_INTERVAL_SECONDS"
+    )
+    billing_host: str = Field("127.0.0.1", validation_alias="METERLINE_BILLING_HOST")
+    billing_port: int = Field(8082, ge=0, le=65535, validation_alias="METERLINE_BILLING_PORT")
+    stripe_rate_per_second: float = Field(
+        25.0, gt=0, le=1000, validation_alias="METERLINE_STRIPE_RATE_PER_SECOND"
+    )
+    stripe_settle_seconds: int = Field(
+        900, ge=0, le=86400, validation_alias="METERLINE_STRIPE_SETTLE_SECONDS"
+    )
     log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
     log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
 
