@@ -125,3 +125,45 @@ def _print_run(document: dict[str, Any]) -> None:
                 for m in document["mismatches"]
             ],
         )
+
+
+@app.command("serve")
+def serve(
+    host: Annotated[
+        str | None, typer.Option(help="Listen address.", envvar="METERLINE_BILLING_HOST")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Listen port.", envvar="METERLINE_BILLING_PORT")
+    ] = None,
+    interval: Annotated[
+        int | None,
+        typer.Option(
+            "--interval",
+            help="Seconds between scheduled billing runs.",
+            envvar="METERLINE_BILLING_INTERVAL_SECONDS",
+        ),
+    ] = None,
+    schedule: Annotated[
+        bool, typer.Option("--schedule/--no-schedule", help="Run billing on the interval.")
+    ] = True,
+) -> None:
+    """Serve POST /v1/stripe/webhook and run billing every interval (one run at a time)."""
+    with cli_errors():
+        import uvicorn
+
+        from services.billing.app import build_app
+        from shared.logs import configure_logging
+        from shared.settings import load_settings
+
+        overrides: dict[str, Any] = {}
+        if interval is not None:
+            overrides["billing_interval_seconds"] = interval
+        settings = load_settings(**overrides)
+        configure_logging(settings.log_level, settings.log_format)
+        uvicorn.run(
+            build_app(settings, schedule=schedule),
+            host=host or settings.billing_host,
+            port=port if port is not None else settings.billing_port,
+            log_config=None,
+            access_log=False,
+        )

@@ -6,7 +6,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -24,6 +24,7 @@ def stripe_gateway(settings: Settings) -> StripeGateway:
     return StripeGateway(
         settings.stripe_api_key.get_secret_value(),
         settings.stripe_api_base,
+        rate_per_second=settings.stripe_rate_per_second,
     )
 
 
@@ -69,6 +70,7 @@ def run_once(
                 organization_id=organization_id,
                 dry_run=dry_run,
                 gateway=gateway if use_stripe else None,
+                settle=timedelta(seconds=settings.stripe_settle_seconds),
                 progress=progress,
             )
 

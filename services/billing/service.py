@@ -83,6 +83,7 @@ def run_billing(
     dry_run: bool = False,
     gateway: BillingGateway | None = None,
     reconcile: bool = True,
+    settle: timedelta = timedelta(0),
     progress: Progress | None = None,
 ) -> RunResult:
     result = RunResult(run_id=None, as_of=as_of)
@@ -107,7 +108,13 @@ def run_billing(
                 from services.billing.reconcile import reconcile_run
 
                 result.mismatches = reconcile_run(
-                    engine, gateway, work_ids=ids, run_id=result.run_id, as_of=as_of, now=now
+                    engine,
+                    gateway,
+                    work_ids=ids,
+                    run_id=result.run_id,
+                    as_of=as_of,
+                    now=now,
+                    settle=settle,
                 )
                 # Fixes (missing deltas) are intents too: send them in the same run.
                 result.reported += send_unsent(engine, gateway, now, ids)
