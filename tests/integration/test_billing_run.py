@@ -252,3 +252,32 @@ def test_a_yearly_plan_bills_the_yearly_flat_fee(
     assert invoice["flat_amount"] == 49000
     # 111 - 10 included = 101 billable exports: two started packages of 100 at 200.
     assert invoice["total"] == 49000 + 400
+
+
+def test_a_dry_run_prints_invoices_but_writes_nothing(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, [(0, "exports", NOV + timedelta(hours=1), "20")])
+
+    result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC), "--dry-run")
+
+    [invoice] = json.loads(result.stdout)["invoices"]
+    assert invoice["total"] == 4900 + 200
+    assert _snapshot(engine, org["subscription_id"])[0] == []
+
+
+def test_a_run_is_refused_while_another_holds_the_billing_lock(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    from services.billing.runner import billing_lock
+
+    org = seed(engine)
+    with billing_lock(engine) as held:
+        assert held
+        result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC))
+
+    assert result.returncode == 1
+    assert "another billing run is in progress" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _snapshot(engine, org["subscription_id"])[0] == []
