@@ -143,10 +143,12 @@ def invoices_of(
     return result
 
 
-def save_invoice(connection: Connection, invoice: dict[str, Any]) -> uuid.UUID:
-    """Insert or update an invoice (by subscription and period) and replace its lines."""
-    values = {k: invoice[k] for k in _INVOICE_COLUMNS}
-    statement = pg.insert(Invoice).values(id=invoice["id"], **values)
+def save_invoices(connection: Connection, invoices: list[dict[str, Any]]) -> None:
+    """Insert or update invoices (by subscription and period) and replace their lines, in three
+    set-based statements whatever the number of invoices."""
+    if not invoices:
+        return
+    statement = pg.insert(Invoice)
     statement = statement.on_conflict_do_update(
         index_elements=[Invoice.subscription_id, Invoice.period_start],
         set_={
@@ -157,22 +159,23 @@ def save_invoice(connection: Connection, invoice: dict[str, Any]) -> uuid.UUID:
             "finalized_at": statement.excluded.finalized_at,
             "updated_at": sa.func.now(),
         },
-    ).returning(Invoice.id)
-    invoice_id: uuid.UUID = connection.execute(statement).scalar_one()
-    connection.execute(sa.delete(InvoiceLine).where(InvoiceLine.invoice_id == invoice_id))
-    if invoice["lines"]:
-        connection.execute(
-            sa.insert(InvoiceLine),
-            [
-                {
-                    "id": uuid.uuid4(),
-                    "invoice_id": invoice_id,
-                    **{k: line[k] for k in _LINE_COLUMNS},
-                }
-                for line in invoice["lines"]
-            ],
-        )
-    return invoice_id
+    )
+    connection.execute(
+        statement,
+        [
+            {"id": invoice["id"], **{k: invoice[k] for k in _INVOICE_COLUMNS}}
+            for invoice in invoices
+        ],
+    )
+    ids = [invoice["id"] for invoice in invoices]
+    connection.execute(sa.delete(InvoiceLine).where(InvoiceLine.invoice_id.in_(ids)))
+    lines = [
+        {"id": uuid.uuid4(), "invoice_id": invoice["id"], **{k: line[k] for k in _LINE_COLUMNS}}
+        for invoice in invoices
+        for line in invoice["lines"]
+    ]
+    if lines:
+        connection.execute(sa.insert(InvoiceLine), lines)
 
 
 _INVOICE_COLUMNS = (
@@ -196,11 +199,32 @@ _LINE_COLUMNS = (
 )
 
 
-def advance_period(
-    connection: Connection, subscription_id: uuid.UUID, start: datetime, end: datetime
+def advance_periods(
+    connection: Connection, periods: list[tuple[uuid.UUID, datetime, datetime]]
 ) -> None:
+    """Move subscriptions to their new current period: (subscription id, start, end) each."""
+    if not periods:
+        return
     connection.execute(
-        sa.update(Subscription)
-        .where(Subscription.id == subscription_id)
-        .values(current_period_start=start, current_period_end=end, updated_at=sa.func.now())
+        sa.text(
+            "UPDATE subscriptions AS s SET current_period_start = p.start,"
+            " current_period_end = p.end_, updated_at = now()"
+            " FROM unnest(CAST(:ids AS uuid[]), CAST(:starts AS timestamptz[]),"
+            "             CAST(:ends AS timestamptz[])) AS p(id, start, end_)"
+            " WHERE s.id = p.id"
+        ),
+        {
+            "ids": [p[0] for p in periods],
+            "starts": [p[1] for p in periods],
+            "ends": [p[2] for p in periods],
+        },
     )
+
+
+def customers_of(connection: Connection, organization_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
+    rows = connection.execute(
+        sa.select(Organization.id, Organization.stripe_customer_id)
+        .where(Organization.id.in_(organization_ids))
+        .where(Organization.stripe_customer_id.is_not(None))
+    )
+    return {row.id: row.stripe_customer_id for row in rows}

@@ -14,6 +14,7 @@ from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from services.billing import repository
@@ -71,6 +72,9 @@ class _Work:
 
 
 Progress = Callable[[int, int], None]
+# Subscriptions written per transaction: large enough that a 10,000-subscription run is a few
+# dozen round trips, small enough that a retry of one chunk, one by one, stays quick.
+CHUNK = 500
 
 
 def run_billing(
@@ -94,13 +98,34 @@ def run_billing(
     if not dry_run:
         result.run_id = _start_run(engine, as_of)
     try:
-        for done, item in enumerate(work, start=1):
+        for done in range(0, len(work), CHUNK):
+            chunk = work[done : done + CHUNK]
             if gateway is not None and not dry_run:
-                _link_stripe(engine, gateway, item)
-            written = _bill_subscription(engine, item, totals, as_of, now, dry_run, gateway)
-            result.invoices.extend(written)
+                for item in chunk:
+                    if (
+                        item.row.stripe_customer_id is None
+                        or item.row.stripe_subscription_id is None
+                    ):
+                        _link_stripe(engine, gateway, item)
+            planned = [
+                (
+                    item,
+                    plan_invoices(
+                        item.subject,
+                        item.periods,
+                        item.existing,
+                        totals.get(item.subject.subscription_id, {}),
+                        as_of,
+                    ),
+                )
+                for item in chunk
+            ]
+            for _, invoices in planned:
+                result.invoices.extend(invoices)
+            if not dry_run:
+                _write_chunk(engine, planned, totals, now, gateway is not None)
             if progress is not None:
-                progress(done, len(work))
+                progress(done + len(chunk), len(work))
         if gateway is not None and not dry_run:
             ids = [item.subject.subscription_id for item in work]
             result.reported = send_unsent(engine, gateway, now, ids)
@@ -200,41 +225,67 @@ def _queries(work: list[_Work]) -> list[repository.PeriodQuery]:
     return queries
 
 
-def _bill_subscription(
+def _write_chunk(
     engine: Engine,
-    item: _Work,
+    planned: list[tuple[_Work, list[dict[str, Any]]]],
     totals: dict[uuid.UUID, dict[tuple[datetime, str], Any]],
-    as_of: datetime,
     now: datetime,
-    dry_run: bool,
-    gateway: BillingGateway | None,
-) -> list[dict[str, Any]]:
-    subscription_id = item.subject.subscription_id
-    own = totals.get(subscription_id, {})
-    invoices = plan_invoices(item.subject, item.periods, item.existing, own, as_of)
-    if dry_run:
-        return invoices
-    with engine.begin() as connection:
-        for invoice in invoices:
-            repository.save_invoice(connection, invoice)
-        if item.periods and item.periods[-1].start != item.row.current_period_start:
-            last = item.periods[-1]
-            repository.advance_period(connection, subscription_id, last.start, last.end)
-        if gateway is not None:
-            customer_id = _customer_of(connection, item)
-            if customer_id:
-                record_intents(connection, _intents(connection, item, own, customer_id, now))
-    return invoices
+    report: bool,
+) -> None:
+    """Write a chunk of subscriptions in one transaction: each subscription's invoices, period
+    and report intents land together or not at all (a chunk only ever holds whole subscriptions).
+    If the chunk fails, each subscription is retried in a transaction of its own, so one bad
+    subscription neither holds back nor hides behind the others."""
+    try:
+        with engine.begin() as connection:
+            _write(connection, planned, totals, now, report)
+    except sa_exc.DBAPIError:
+        if len(planned) == 1:
+            raise
+        for one in planned:
+            with engine.begin() as connection:
+                _write(connection, [one], totals, now, report)
+
+
+def _write(
+    connection: Connection,
+    planned: list[tuple[_Work, list[dict[str, Any]]]],
+    totals: dict[uuid.UUID, dict[tuple[datetime, str], Any]],
+    now: datetime,
+    report: bool,
+) -> None:
+    repository.save_invoices(connection, [inv for _, invoices in planned for inv in invoices])
+    repository.advance_periods(
+        connection,
+        [
+            (item.subject.subscription_id, item.periods[-1].start, item.periods[-1].end)
+            for item, _ in planned
+            if item.periods and item.periods[-1].start != item.row.current_period_start
+        ],
+    )
+    if not report:
+        return
+    reporting = [item for item, _ in planned if item.meters]
+    customers = repository.customers_of(
+        connection, [item.subject.organization_id for item in reporting]
+    )
+    ledger = ledger_rows(connection, [item.subject.subscription_id for item in reporting])
+    intents = []
+    for item in reporting:
+        customer_id = customers.get(item.subject.organization_id)
+        if customer_id:
+            own = totals.get(item.subject.subscription_id, {})
+            intents += _intents(ledger, item, own, customer_id, now)
+    record_intents(connection, intents)
 
 
 def _intents(
-    connection: Connection,
+    ledger: dict[Any, list[dict[str, Any]]],
     item: _Work,
     totals: dict[tuple[datetime, str], Any],
     customer_id: str,
     now: datetime,
 ) -> list[dict[str, Any]]:
-    ledger = ledger_rows(connection, [item.subject.subscription_id])
     ends = {p.start: p.end for p in item.periods}
     for invoice in item.existing:
         ends.setdefault(invoice["period_start"], invoice["period_end"])
@@ -261,14 +312,6 @@ def _intents(
         if intent is not None:
             intents.append(intent)
     return intents
-
-
-def _customer_of(connection: Connection, item: _Work) -> str | None:
-    return connection.execute(
-        sa.select(Organization.stripe_customer_id).where(
-            Organization.id == item.subject.organization_id
-        )
-    ).scalar_one_or_none()
 
 
 def _link_stripe(engine: Engine, gateway: BillingGateway, item: _Work) -> None:
