@@ -1,7 +1,194 @@
-"""`meterline replay`: placeholder group, filled in by the replay work."""
+"""`meterline replay`: rebuild usage windows of a time range from Kafka; re-publish dead letters.
+
+`meterline replay --from T1 --to T2 ...` runs the group's callback (no sub-command);
+`meterline replay dlq` is the one sub-command.
+"""
 
 from __future__ import annotations
 
+import sys
+from datetime import datetime
+from typing import Annotated, Any
+
 import typer
 
-app = typer.Typer(no_args_is_help=True, help="replay (not built yet)")
+from meterline.output import cli_errors, fail, print_json, print_table
+
+app = typer.Typer(
+    invoke_without_command=True,
+    help="Rebuild usage_records windows in [--from, --to) from the events topic.",
+)
+
+
+def _instant(value: str, option: str) -> datetime:
+    from shared.events import parse_timestamp
+
+    try:
+        return parse_timestamp(value)
+    except ValueError as exc:
+        raise typer.BadParameter(f"{exc} (e.g. 2026-11-24T10:00:00Z)", param_hint=option) from None
+
+
+@app.callback()
+def replay_range(
+    ctx: typer.Context,
+    from_: Annotated[
+        str | None,
+        typer.Option("--from", help="Range start, RFC 3339 (inclusive; widened to its window)."),
+    ] = None,
+    to: Annotated[
+        str | None,
+        typer.Option("--to", help="Range end, RFC 3339 (exclusive; widened to its window)."),
+    ] = None,
+    organization: Annotated[
+        str | None, typer.Option("--organization", help="Only this organization's id.")
+    ] = None,
+    metric: Annotated[str | None, typer.Option("--metric", help="Only this metric.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Compute and print the changes; write nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Replay [--from, --to): every window in range ends equal to its distinct accepted events."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if from_ is None or to is None:
+        raise fail(
+            "both --from and --to are required (or use `meterline replay dlq`)", as_json=as_json
+        )
+    with cli_errors(as_json):
+        import uuid
+
+        from meterline.commands.context import engine, settings
+        from services.aggregator.replay import ReplayRequest, replay
+        from services.aggregator.topic_reader import TopicReader
+        from shared.errors import InvalidInput
+
+        try:
+            organization_id = uuid.UUID(organization) if organization else None
+        except ValueError:
+            raise InvalidInput(f"--organization: {organization!r} is not an id") from None
+        request = ReplayRequest(
+            start=_instant(from_, "--from"),
+            end=_instant(to, "--to"),
+            organization_id=organization_id,
+            metric=metric,
+            dry_run=dry_run,
+        )
+        config = settings()
+        reader = TopicReader(config.kafka_bootstrap_servers, config.events_topic)
+        try:
+            report = _with_progress(
+                lambda on_record, on_total: replay(
+                    engine(),
+                    config,
+                    reader,
+                    request,
+                    now=datetime.now().astimezone(),
+                    on_record=on_record,
+                    on_total=on_total,
+                ),
+                quiet=as_json,
+            )
+        finally:
+            reader.close()
+        _print_report(report, as_json)
+
+
+def _with_progress(run: Any, *, quiet: bool) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    console = Console(file=sys.stderr)
+    with Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("records"),
+        console=console,
+        disable=quiet or not console.is_terminal,
+        transient=True,
+    ) as progress:
+        task = progress.add_task("replay", total=0)
+
+        def on_total(more: int) -> None:
+            progress.update(task, total=(progress.tasks[0].total or 0) + more)
+
+        return run(lambda: progress.advance(task), on_total)
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    from services.aggregator.replay import change_document
+
+    if as_json:
+        print_json(
+            {
+                "from": report.start,
+                "to": report.end,
+                "organization_id": report.organization_id,
+                "metric": report.metric,
+                "dry_run": report.dry_run,
+                "records_read": report.records_read,
+                "events_counted": report.events_counted,
+                "events_recorded": report.events_recorded,
+                "windows_changed": report.windows_changed,
+                "changes": [change_document(c) for c in report.changes],
+            }
+        )
+        return
+    mode = "dry run: nothing written" if report.dry_run else "applied"
+    typer.echo(
+        f"replayed [{report.start.isoformat()}, {report.end.isoformat()}) ({mode}): "
+        f"{report.records_read} records read, {report.events_counted} distinct events in range, "
+        f"{report.windows_changed} windows changed"
+    )
+    if report.changes:
+        print_table(
+            [
+                "metric",
+                "quantity before",
+                "quantity after",
+                "events before",
+                "events after",
+                "windows changed",
+            ],
+            [
+                [
+                    c.metric,
+                    c.quantity_before,
+                    c.quantity_after,
+                    c.events_before,
+                    c.events_after,
+                    c.windows_changed,
+                ]
+                for c in report.changes
+            ],
+        )
+
+
+@app.command("dlq")
+def replay_dlq(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be re-published; send nothing.")
+    ] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
+) -> None:
+    """Re-publish dead letters with a retryable reason (unknown version, unknown reference,
+    database refusal) to the events topic; the others are counted by reason and left."""
+    with cli_errors(as_json):
+        from meterline.commands.context import settings
+        from services.aggregator.dlq_replay import replay_dead_letters
+
+        report = replay_dead_letters(settings(), dry_run=dry_run)
+    document = {
+        "dry_run": report.dry_run,
+        "read": report.read,
+        "republished": report.republished,
+        "skipped": dict(report.skipped),
+    }
+    if as_json:
+        print_json(document)
+        return
+    verb = "would re-publish" if dry_run else "re-published"
+    skipped = ", ".join(f"{code}: {n}" for code, n in sorted(report.skipped.items())) or "none"
+    typer.echo(f"{report.read} dead letters read, {verb} {report.republished}; left: {skipped}")

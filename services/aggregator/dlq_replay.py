@@ -1,0 +1,109 @@
+"""`meterline replay dlq`: re-publish dead letters whose reason a fix can cure to the events topic.
+
+Progress is the offsets of its own consumer group, committed after the re-published records are
+acknowledged, so each run handles the letters that arrived since the last one. Re-publishing is
+safe whatever happened before: the ledger counts an event id once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from services.aggregator.schemas import decode_dead_letter
+from shared.errors import BrokerUnavailable
+from shared.logs import log_event
+from shared.settings import Settings
+
+logger = logging.getLogger("meterline.replay")
+
+
+@dataclass(slots=True)
+class DlqReplayReport:
+    read: int = 0
+    republished: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    dry_run: bool = False
+
+
+def dlq_group(settings: Settings) -> str:
+    return f"{settings.topic_prefix}-dlq-replay"
+
+
+def replay_dead_letters(settings: Settings, *, dry_run: bool = False) -> DlqReplayReport:
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka.errors import KafkaError
+    from kafka.structs import OffsetAndMetadata
+
+    report = DlqReplayReport(dry_run=dry_run)
+    servers = settings.kafka_bootstrap_servers.split(",")
+    try:
+        consumer: Any = KafkaConsumer(
+            bootstrap_servers=servers,
+            group_id=dlq_group(settings),
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+        )
+        producer: Any = None if dry_run else KafkaProducer(bootstrap_servers=servers, acks="all")
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"cannot reach Kafka: {exc}") from None
+    try:
+        partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
+        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        if not tps:
+            return report
+        consumer.assign(tps)
+        end = consumer.end_offsets(tps)
+        for tp in tps:
+            committed = consumer.committed(tp)
+            if committed is None:
+                consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+        pending: list[Any] = []  # futures of the re-published records
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            for tp, messages in consumer.poll(timeout_ms=1000).items():
+                for message in messages:
+                    if message.offset >= end[tp]:
+                        break
+                    report.read += 1
+                    try:
+                        letter = decode_dead_letter(message.value or b"")
+                    except (msgspec.DecodeError, ValueError):
+                        report.skipped["unreadable_dead_letter"] += 1
+                        continue
+                    if not letter.retryable:
+                        report.skipped[letter.code] += 1
+                        continue
+                    report.republished += 1
+                    if producer is not None:
+                        pending.append(
+                            producer.send(
+                                settings.events_topic,
+                                key=message.key,
+                                value=letter.payload_bytes(),
+                            )
+                        )
+        if producer is not None:
+            producer.flush(timeout=60)
+            for future in pending:
+                future.get(timeout=60)  # raises if any record was not acknowledged
+            # Exactly the end offsets taken at the start: letters read past them are not handled.
+            consumer.commit({tp: OffsetAndMetadata(end[tp], None, -1) for tp in tps})
+    finally:
+        consumer.close()
+        if producer is not None:
+            producer.close(timeout=10)
+    log_event(
+        logger,
+        "dead_letters_replayed",
+        read=report.read,
+        republished=report.republished,
+        skipped=dict(report.skipped),
+        dry_run=dry_run,
+    )
+    return report

@@ -1,0 +1,339 @@
+"""Replay: rebuild the usage_records windows of a time range from the events topic.
+
+Safe while the live aggregator runs, in two phases:
+  phase 1  read the topic, without locks, from the offsets of (range start - max future) to the
+           end offsets E1 taken at the start (an event's timestamp is at most max_future ahead of
+           the record's, so nothing of the range lies before);
+  phase 2  one transaction: take the replay lock exclusive (live batches wait), read E1 -> E2 (the
+           end offsets now), look the range's event ids up in the ledger, record the events the
+           ledger lacks (first accepted wins: an id the ledger holds with other content is not
+           counted), and set every window of the range to the recomputed totals; commit.
+Whatever the live aggregator committed is in the ledger and replaced here; whatever it has not yet
+applied (before E2) is recorded here and becomes a duplicate there; after E2 it adds as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from services.aggregator import repository
+from services.aggregator.batch import CountableEvent, EventKey, ReadRules, read_records
+from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
+from services.aggregator.repository import WindowKey, WindowTotal
+from services.aggregator.topic_reader import TopicReader
+from shared.errors import InvalidInput
+from shared.events import window_start
+from shared.logs import log_event
+from shared.settings import Settings
+
+logger = logging.getLogger("meterline.replay")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayRequest:
+    start: datetime
+    end: datetime
+    organization_id: uuid.UUID | None = None
+    metric: str | None = None
+    dry_run: bool = False
+
+
+@dataclass(slots=True)
+class MetricChange:
+    metric: str
+    quantity_before: Decimal = Decimal(0)
+    quantity_after: Decimal = Decimal(0)
+    events_before: int = 0
+    events_after: int = 0
+    windows_changed: int = 0
+
+
+@dataclass(slots=True)
+class ReplayReport:
+    start: datetime
+    end: datetime
+    organization_id: uuid.UUID | None
+    metric: str | None
+    dry_run: bool
+    records_read: int = 0
+    events_counted: int = 0
+    events_recorded: int = 0
+    changes: list[MetricChange] = field(default_factory=list)
+
+    @property
+    def windows_changed(self) -> int:
+        return sum(c.windows_changed for c in self.changes)
+
+
+def aligned_range(start: datetime, end: datetime, window_seconds: int) -> tuple[datetime, datetime]:
+    """[start, end) widened to whole windows: a window is rebuilt whole or not at all."""
+    if end <= start:
+        raise InvalidInput("--to must be after --from")
+    first = window_start(start, window_seconds)
+    last = window_start(end - timedelta(microseconds=1), window_seconds)
+    return first, last + timedelta(seconds=window_seconds)
+
+
+class EventVersions:
+    """Every distinct version (by fingerprint) of each event id read, in offset order."""
+
+    def __init__(self, organization_id: uuid.UUID | None) -> None:
+        self._organization_id = organization_id
+        self.versions: dict[EventKey, list[CountableEvent]] = {}
+
+    def add(self, events: Iterable[CountableEvent]) -> None:
+        for event in events:
+            if self._organization_id and event.organization_id != self._organization_id:
+                continue
+            known = self.versions.setdefault(event.key, [])
+            if all(v.fingerprint != event.fingerprint for v in known):
+                known.append(event)
+
+    def accepted(self, recorded: dict[EventKey, bytes]) -> Iterable[tuple[CountableEvent, bool]]:
+        """(the accepted version, whether the ledger already holds it) for each id: the ledger's
+        version if it has one, else the first read. An id whose ledger version was not read
+        (its timestamp lies outside what was read) yields nothing."""
+        for key, versions in self.versions.items():
+            fingerprint = recorded.get(key)
+            if fingerprint is None:
+                yield versions[0], False
+                continue
+            for version in versions:
+                if version.fingerprint == fingerprint:
+                    yield version, True
+                    break
+
+
+def replay(
+    engine: Engine,
+    settings: Settings,
+    reader: TopicReader,
+    request: ReplayRequest,
+    *,
+    now: datetime,
+    on_record: Callable[[], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> ReplayReport:
+    start, end = aligned_range(request.start, request.end, settings.window_seconds)
+    cutoff = ledger_cutoff(now, settings)
+    if start < cutoff:
+        raise InvalidInput(
+            f"the range starts before the ledger horizon ({cutoff.isoformat()}): events that old "
+            "are no longer deduplicated, so they cannot be replayed"
+        )
+    rules = ReadRules(
+        cutoff=cutoff,
+        max_future=timedelta(seconds=settings.max_future_seconds),
+        window_seconds=settings.window_seconds,
+    )
+    read_from = start - rules.max_future
+    _refuse_if_not_retained(reader, read_from)
+    report = ReplayReport(start, end, request.organization_id, request.metric, request.dry_run)
+    versions = EventVersions(request.organization_id)
+
+    # Phase 1: no locks.
+    offsets = reader.offsets_since(read_from)
+    first_end = reader.end_offsets()
+    if on_total:
+        on_total(sum(first_end[p] - offsets[p] for p in offsets))
+    report.records_read += _read_into(versions, reader, offsets, first_end, rules, on_record)
+    # Partitions first: their DDL takes the lock exclusive, so it cannot run under phase 2's.
+    PartitionKeeper(engine).ensure(
+        months_for(v[0].event.timestamp for v in versions.versions.values())
+    )
+
+    # Phase 2: live batches wait from here until the commit.
+    with engine.connect() as connection, connection.begin() as transaction:
+        repository.lock_exclusive(connection)
+        second_end = reader.end_offsets()
+        if on_total:
+            on_total(sum(second_end[p] - first_end.get(p, 0) for p in second_end))
+        report.records_read += _read_into(versions, reader, first_end, second_end, rules, on_record)
+        counted, to_record = _accepted_in_range(connection, versions, cutoff, request, start, end)
+        report.events_counted = len(counted)
+        before = repository.window_totals(
+            connection,
+            start=start,
+            end=end,
+            window_seconds=settings.window_seconds,
+            organization_id=request.organization_id,
+            metric=request.metric,
+        )
+        after = _window_totals(counted)
+        report.changes = _changes(before, after)
+        changed = {k: v for k, v in after.items() if before.get(k) != v}
+        if request.dry_run:
+            transaction.rollback()
+        else:
+            report.events_recorded = repository.record_events(connection, to_record)
+            repository.replace_windows(
+                connection,
+                window_seconds=settings.window_seconds,
+                upsert=changed,
+                delete=[k for k in before if k not in after],
+            )
+            _record_run(connection, report, now)
+            transaction.commit()
+    if request.dry_run:
+        with engine.begin() as connection:
+            _record_run(connection, report, now)
+    log_event(
+        logger,
+        "replay_finished",
+        start=start.isoformat(),
+        end=end.isoformat(),
+        dry_run=request.dry_run,
+        records_read=report.records_read,
+        events_counted=report.events_counted,
+        events_recorded=report.events_recorded,
+        windows_changed=report.windows_changed,
+    )
+    return report
+
+
+def _refuse_if_not_retained(reader: TopicReader, read_from: datetime) -> None:
+    since_ms = int(read_from.timestamp() * 1000)
+    for partition, (offset, timestamp_ms) in reader.oldest_retained().items():
+        if timestamp_ms is None or timestamp_ms > since_ms:
+            raise InvalidInput(
+                f"the topic no longer holds the start of this range: partition {partition} "
+                f"starts at offset {offset}"
+                + (
+                    f" ({datetime.fromtimestamp(timestamp_ms / 1000, tz=UTC).isoformat()})"
+                    if timestamp_ms
+                    else ""
+                )
+                + "; pick a later --from"
+            )
+
+
+def _read_into(
+    versions: EventVersions,
+    reader: TopicReader,
+    start: dict[int, int],
+    end: dict[int, int],
+    rules: ReadRules,
+    on_record: Callable[[], None] | None,
+) -> int:
+    count = 0
+    chunk = []
+    for record in reader.read(start, end, on_record):
+        chunk.append(record)
+        count += 1
+        if len(chunk) >= 1000:
+            versions.add(read_records(chunk, rules)[0])
+            chunk = []
+    versions.add(read_records(chunk, rules)[0])
+    return count
+
+
+def _accepted_in_range(
+    connection: Connection,
+    versions: EventVersions,
+    cutoff: datetime,
+    request: ReplayRequest,
+    start: datetime,
+    end: datetime,
+) -> tuple[list[CountableEvent], list[CountableEvent]]:
+    """The events that count in the range, and those of them the ledger does not hold yet."""
+    in_range = [
+        key
+        for key, known in versions.versions.items()
+        if any(start <= v.event.timestamp < end for v in known)
+    ]
+    recorded = repository.recorded_fingerprints(connection, in_range, cutoff)
+    candidates = EventVersions(None)
+    candidates.versions = {key: versions.versions[key] for key in in_range}
+    counted: list[CountableEvent] = []
+    to_record: list[CountableEvent] = []
+    chosen = [
+        (event, held)
+        for event, held in candidates.accepted(recorded)
+        if start <= event.event.timestamp < end
+        and (request.metric is None or event.event.metric == request.metric)
+    ]
+    references = repository.existing_references(connection, [e for e, _ in chosen])
+    for event, held in chosen:
+        if references.problem(event):
+            continue  # the live aggregator dead-letters it; a replay does not count it either
+        counted.append(event)
+        if not held:
+            to_record.append(event)
+    return counted, to_record
+
+
+def _window_totals(events: Iterable[CountableEvent]) -> dict[WindowKey, WindowTotal]:
+    quantity: dict[WindowKey, Decimal] = defaultdict(Decimal)
+    count: dict[WindowKey, int] = defaultdict(int)
+    for e in events:
+        key = (e.organization_id, e.event.project_id, e.api_key_id, e.event.metric, e.window_start)
+        quantity[key] += e.event.quantity
+        count[key] += 1
+    return {k: WindowTotal(quantity[k], count[k]) for k in quantity}
+
+
+def _changes(
+    before: dict[WindowKey, WindowTotal], after: dict[WindowKey, WindowTotal]
+) -> list[MetricChange]:
+    by_metric: dict[str, MetricChange] = {}
+    for key in before.keys() | after.keys():
+        change = by_metric.setdefault(key[3], MetricChange(key[3]))
+        old, new = before.get(key), after.get(key)
+        if old:
+            change.quantity_before += old.quantity
+            change.events_before += old.event_count
+        if new:
+            change.quantity_after += new.quantity
+            change.events_after += new.event_count
+        if old != new:
+            change.windows_changed += 1
+    return sorted(by_metric.values(), key=lambda c: c.metric)
+
+
+def _record_run(connection: Connection, report: ReplayReport, now: datetime) -> None:
+    connection.execute(
+        sa.text(
+            "INSERT INTO replay_runs (id, range_start, range_end, organization_id, metric, dry_run,"
+            "  status, events_read, windows_changed, changes, finished_at)"
+            " VALUES (gen_random_uuid(), :start, :end, :org, :metric, :dry_run, :status,"
+            "  :read, :changed, CAST(:changes AS jsonb), :now)"
+        ),
+        {
+            "start": report.start,
+            "end": report.end,
+            "org": report.organization_id,
+            "metric": report.metric,
+            "dry_run": report.dry_run,
+            "status": "dry_run" if report.dry_run else "applied",
+            "read": report.records_read,
+            "changed": report.windows_changed,
+            "changes": _changes_json(report.changes),
+            "now": now,
+        },
+    )
+
+
+def _changes_json(changes: list[MetricChange]) -> str:
+    import json
+
+    return json.dumps([change_document(c) for c in changes])
+
+
+def change_document(change: MetricChange) -> dict[str, object]:
+    return {
+        "metric": change.metric,
+        "quantity_before": str(change.quantity_before),
+        "quantity_after": str(change.quantity_after),
+        "events_before": change.events_before,
+        "events_after": change.events_after,
+        "windows_changed": change.windows_changed,
+    }
