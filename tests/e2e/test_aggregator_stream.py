@@ -1,4 +1,4 @@
-"""The real aggregator process against real Kafka and PostgreSQL: totals equal the distinct events."""
+"""The real aggregator process on real Kafka and PostgreSQL: totals equal the distinct events."""
 
 from __future__ import annotations
 
