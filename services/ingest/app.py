@@ -56,9 +56,15 @@ def create_app(
             )
             chosen = kafka
         tally = KeyUsageTally(queries.record_key_usage)
+        keys = KeyCache(
+            queries.verify_key,
+            pepper=pepper,
+            ttl=settings.key_cache_ttl_seconds,
+            changes=queries.key_changes,
+        )
         service = IngestService(
             settings,
-            keys=KeyCache(queries.verify_key, pepper=pepper, ttl=settings.key_cache_ttl_seconds),
+            keys=keys,
             projects=ProjectCache(queries.projects, ttl=settings.key_cache_ttl_seconds),
             limiter=RateLimiter(
                 settings.ingest_rate_limit_per_second, settings.ingest_rate_limit_burst
@@ -68,6 +74,7 @@ def create_app(
             usage=queries.usage,
         )
         background.append(asyncio.create_task(tally.run(settings.key_usage_flush_seconds)))
+        background.append(asyncio.create_task(keys.run_polls()))
         app.state.service = service
         app.state.queries = queries
         log_event(logger, "ingest_started", topic=settings.events_topic)

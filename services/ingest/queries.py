@@ -16,10 +16,10 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
-from services.ingest.keycache import ProjectInfo
+from services.ingest.keycache import CHANGE_MARGIN, KeyChanges, ProjectInfo
 from shared.apikeys import VerifiedKey, record_key_usage, verify_api_key
 from shared.errors import DatabaseUnavailable
-from shared.models import Project
+from shared.models import ApiKey, Project
 from shared.usage import Granularity, GroupBy, UsageRow, query_usage
 
 T = TypeVar("T")
@@ -48,6 +48,29 @@ class IngestQueries:
         return await self._read(
             lambda session: verify_api_key(session, plaintext, pepper=self._pepper, now=now)
         )
+
+    async def key_changes(self, since: datetime | None) -> KeyChanges:
+        """Keys revoked or otherwise changed since `since` (default: the last CHANGE_MARGIN).
+
+        A key never changed since its creation (updated_at = created_at) is left out: nothing
+        cached about it can be stale, and a freshly seeded key set is not re-read for nothing.
+        """
+
+        def fetch(session: Session) -> KeyChanges:
+            as_of = session.scalar(sa.select(sa.func.now()))
+            assert as_of is not None
+            lower = since or as_of - CHANGE_MARGIN
+            hashes = session.scalars(
+                sa.select(ApiKey.key_hash).where(
+                    sa.or_(
+                        sa.and_(ApiKey.updated_at >= lower, ApiKey.updated_at > ApiKey.created_at),
+                        ApiKey.revoked_at >= lower,
+                    )
+                )
+            )
+            return KeyChanges(list(hashes), as_of)
+
+        return await self._read(fetch)
 
     async def projects(self, project_ids: set[uuid.UUID]) -> dict[uuid.UUID, ProjectInfo]:
         def fetch(session: Session) -> dict[uuid.UUID, ProjectInfo]:

@@ -269,3 +269,45 @@ def test_rate_limiter_allows_the_burst_then_asks_to_wait() -> None:
     clock.now = 0.1
     assert limiter.acquire(key_id) == 0.0
     assert limiter.acquire(uuid.uuid4()) == 0.0  # other keys have their own bucket
+
+
+def test_key_cache_polls_keep_a_hot_key_cached_and_drop_a_changed_one() -> None:
+    from services.ingest.keycache import KeyChanges
+    from shared.keys import hash_key
+
+    clock = FakeClock()
+    plaintext = generate_key().plaintext
+    pepper = b"p" * 16
+    reads: list[str] = []
+    changed: list[bytes] = []
+    verified = key()
+
+    async def verify(text: str, now: datetime) -> VerifiedKey | None:
+        reads.append(text)
+        return verified
+
+    async def changes(since: datetime | None) -> KeyChanges:
+        return KeyChanges(list(changed), NOW)
+
+    async def scenario() -> None:
+        cache = KeyCache(verify, pepper=pepper, ttl=2.0, changes=changes, clock=clock)
+        await cache.get(plaintext, NOW)
+        for step in range(1, 20):  # a poll every second vouches for the entry: no re-read
+            clock.now = float(step)
+            await cache.poll()
+            await cache.get(plaintext, NOW)
+        assert len(reads) == 1
+        changed.append(hash_key(plaintext, pepper))
+        clock.now = 20.0
+        await cache.poll()
+        await cache.get(plaintext, NOW)
+        assert len(reads) == 2
+        # Polls failing: the entry is trusted for `ttl` after the last good one, then re-read.
+        clock.now = 21.9
+        await cache.get(plaintext, NOW)
+        assert len(reads) == 2
+        clock.now = 22.1
+        await cache.get(plaintext, NOW)
+        assert len(reads) == 3
+
+    asyncio.run(scenario())

@@ -1,0 +1,341 @@
+"""Ingest throughput and latency against the real broker and database, next to Kafka's own ceiling.
+
+1. A fresh database with 1,000 organizations, each with one API key (bulk insert).
+2. `meterline ingest serve --workers 2` as a subprocess.
+3. wrk (one thread, tests/bench/wrk/ingest.lua) posting batches of 100, then of 1, fresh ids,
+   keys rotating: events/s accepted, requests/s, p50/p99 latency.
+4. An open-loop generator (tests/bench/wrk/openloop.py) at half the batch-100 request rate: p99
+   measured from each request's scheduled start.
+5. Kafka's ProducerPerformance with the same record size (acks=all, idempotent): the raw ceiling,
+   and the ratio ingest/raw.
+CPU seconds of the service, the broker, PostgreSQL and the load generator are read from /proc over
+each run. Goal on a 2-core machine: >= 50,000 events/s with batches of 100, p99 < 50 ms at half
+that load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.engine import make_url
+
+from shared import migrate
+from shared.events import Envelope, UsageEvent, encode_envelope
+from shared.ids import uuid7
+from shared.keys import generate_key, hash_key
+from shared.models import ApiKey, Organization
+from tests import components, factories
+from tests.ingest_support import run_ingest
+
+ROOT = Path(__file__).resolve().parents[2]
+WRK_DIR = Path(__file__).resolve().parent / "wrk"
+ORGANIZATIONS = 1000
+BATCH_SECONDS = float(os.environ.get("BENCH_INGEST_SECONDS", "15"))
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@contextmanager
+def bench_database(admin_url: str) -> Iterator[str]:
+    admin = make_url(admin_url).set(drivername="postgresql+psycopg")
+    name = f"meterline_bench_{secrets.token_hex(4)}"
+    engine = sa.create_engine(admin, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = admin.set(database=name).render_as_string(hide_password=False)
+    try:
+        migrate.upgrade(url)
+        yield url
+    finally:
+        with engine.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def seed_keys(database_url: str, count: int) -> list[str]:
+    """`count` organizations with one key each, in two statements; the keys' plaintexts."""
+    run = secrets.token_hex(3)
+    organizations = [
+        {"id": uuid7(), "name": f"Bench {i}", "slug": f"bench-{run}-{i}"} for i in range(count)
+    ]
+    keys = [generate_key() for _ in range(count)]
+    rows = [
+        {
+            "id": uuid7(),
+            "organization_id": organization["id"],
+            "name": "bench",
+            "prefix": key.prefix,
+            "key_hash": hash_key(key.plaintext, factories.PEPPER),
+        }
+        for organization, key in zip(organizations, keys, strict=True)
+    ]
+    engine = sa.create_engine(database_url)
+    with engine.begin() as connection:
+        connection.execute(sa.insert(Organization.__table__), organizations)
+        connection.execute(sa.insert(ApiKey.__table__), rows)
+    engine.dispose()
+    return [key.plaintext for key in keys]
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLK_TCK
+
+
+def processes(predicate: str, value: str | int) -> list[int]:
+    """Pids whose process group ('pgrp') or command name ('comm') matches."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        pgrp = int(stat.rsplit(")", 1)[1].split()[2])
+        if (predicate == "pgrp" and pgrp == value) or (predicate == "comm" and comm == value):
+            found.append(int(entry.name))
+    return found
+
+
+@dataclass
+class CpuWatch:
+    """CPU seconds so far of each group of processes; `load` is this process's finished children
+    (the load generator is waited for before the second snapshot)."""
+
+    groups: dict[str, list[int]]
+
+    def snapshot(self) -> dict[str, float]:
+        seconds = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        seconds["load"] = children.ru_utime + children.ru_stime
+        return seconds
+
+
+def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    return ", ".join(f"{name} {100 * (after[name] - before[name]) / wall:.0f}%" for name in before)
+
+
+def run_wrk(
+    url: str, keys_file: Path, *, batch: int, connections: int, seconds: float, watch: CpuWatch
+) -> dict[str, float]:
+    env = {**os.environ, "BATCH": str(batch), "KEYS_FILE": str(keys_file)}
+    env["RUN_ID"] = f"w{batch}-{secrets.token_hex(3)}"
+    command = [
+        "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "10s",
+        "-s", str(WRK_DIR / "ingest.lua"), url + "/v1/events",
+    ]  # fmt: skip
+    before = watch.snapshot()
+    started = time.monotonic()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    output, _ = process.communicate()
+    wall = time.monotonic() - started
+    after = watch.snapshot()
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"wrk printed no result:\n{output}")
+    result = json.loads(match.group(1))
+    ok = result["requests"] - result["status_errors"] - result["timeouts"]
+    duration = result["duration_us"] / 1e6
+    summary = {
+        "requests_per_s": result["requests"] / duration,
+        "events_per_s": ok * batch / duration,
+        "errors": result["status_errors"] + result["timeouts"] + result["connect_errors"],
+        "p50_ms": result["p50_us"] / 1000,
+        "p99_ms": result["p99_us"] / 1000,
+        "max_ms": result["max_us"] / 1000,
+    }
+    print(
+        f"  batch {batch:>3}, {connections} connections, {duration:.0f} s: "
+        f"{summary['events_per_s']:,.0f} events/s accepted, "
+        f"{summary['requests_per_s']:,.0f} requests/s, p50 {summary['p50_ms']:.1f} ms, "
+        f"p99 {summary['p99_ms']:.1f} ms, max {summary['max_ms']:.0f} ms, "
+        f"non-202 {summary['errors']}",
+        flush=True,
+    )
+    print(f"    CPU (100% = one core): {cpu_share(before, after, wall)}", flush=True)
+    return summary
+
+
+def run_open_loop(
+    url: str, keys_file: Path, *, batch: int, rate: float, seconds: float, watch: CpuWatch
+) -> dict[str, object]:
+    command = [
+        sys.executable, str(WRK_DIR / "openloop.py"), url, str(keys_file),
+        "--rate", f"{rate:.1f}", "--duration", str(seconds), "--batch", str(batch),
+        "--connections", "64", "--run-id", f"o{secrets.token_hex(3)}",
+    ]  # fmt: skip
+    before = watch.snapshot()
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    output, _ = process.communicate()
+    wall = time.monotonic() - started
+    after = watch.snapshot()
+    match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
+    if match is None:
+        raise RuntimeError(f"open-loop generator printed no result:\n{output}")
+    result: dict[str, object] = json.loads(match.group(1))
+    print(
+        f"  open loop, batch {batch}, {rate:,.0f} requests/s scheduled "
+        f"({rate * batch:,.0f} events/s): achieved {result['achieved_rps']:,.0f} requests/s, "
+        f"p50 {result['p50_ms']:.1f} ms, p90 {result['p90_ms']:.1f} ms, "
+        f"p99 {result['p99_ms']:.1f} ms, max {result['max_ms']:.0f} ms, "
+        f"statuses {result['statuses']}",
+        flush=True,
+    )
+    print(f"    CPU (100% = one core): {cpu_share(before, after, wall)}", flush=True)
+    return result
+
+
+def envelope_size(batch: int) -> int:
+    """Bytes of the envelope ingest publishes for one request of `batch` bench events."""
+    from datetime import UTC, datetime
+    from decimal import Decimal
+
+    now = datetime.now(UTC)
+    events = [
+        UsageEvent(
+            id=f"w100-abcdef-1-{10_000 + i}-{i}",
+            metric="api_calls",
+            quantity=Decimal(1),
+            timestamp=now,
+            properties={"region": "eu"},
+        )
+        for i in range(batch)
+    ]
+    return len(
+        encode_envelope(
+            Envelope(
+                v=1, organization_id=uuid7(), api_key_id=uuid7(), received_at=now, events=events
+            )
+        )
+    )
+
+
+def kafka_ceiling(env: dict[str, str], topic_prefix: str, record_size: int) -> dict[str, float]:
+    """Kafka's ProducerPerformance: records/s of `record_size` with ingest's producer settings."""
+    from kafka.admin import KafkaAdminClient
+
+    libs = env.get("METERLINE_KAFKA_LIBS") or str(
+        Path(os.environ.get("METERLINE_CACHE", Path.home() / ".cache" / "meterline"))
+        / "kafka-3.9.2"
+        / "libs"
+    )
+    bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
+    topic = f"{topic_prefix}.bench.raw"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    try:
+        admin.create_topics({topic: {"num_partitions": 4, "replication_factor": -1}})
+    finally:
+        admin.close()
+    records = int(os.environ.get("BENCH_RAW_RECORDS", "20000"))
+    command = [
+        shutil.which("java") or "java", "-Xmx512m", "-cp", f"{libs}/*",
+        "org.apache.kafka.tools.ProducerPerformance",
+        "--topic", topic, "--num-records", str(records), "--record-size", str(record_size),
+        "--throughput", "-1", "--producer-props", f"bootstrap.servers={bootstrap}", "acks=all",
+        "enable.idempotence=true", "linger.ms=2", f"batch.size={256 * 1024}",
+    ]  # fmt: skip
+    output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    line = output.strip().splitlines()[-1]
+    match = re.search(
+        r"([\d.]+) records/sec \(([\d.]+) MB/sec\), ([\d.]+) ms avg latency.*?"
+        r"(\d+) ms 50th, (\d+) ms 95th, (\d+) ms 99th",
+        line,
+    )
+    if match is None:
+        raise RuntimeError(f"unexpected ProducerPerformance output:\n{output}")
+    result = {
+        "records_per_s": float(match.group(1)),
+        "mb_per_s": float(match.group(2)),
+        "p50_ms": float(match.group(4)),
+        "p99_ms": float(match.group(6)),
+    }
+    print(
+        f"  Kafka ProducerPerformance, {records} records of {record_size} bytes: "
+        f"{result['records_per_s']:,.0f} records/s ({result['mb_per_s']:.1f} MB/s), "
+        f"p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms",
+        flush=True,
+    )
+    return result
+
+
+def main() -> None:
+    components.up()
+    env = components.local_env()
+    workers = int(os.environ.get("BENCH_INGEST_WORKERS", "2"))
+    with bench_database(env["DATABASE_URL"]) as database_url, tempfile.TemporaryDirectory() as tmp:
+        keys = seed_keys(database_url, ORGANIZATIONS)
+        keys_file = Path(tmp) / "keys.txt"
+        keys_file.write_text("\n".join(keys) + "\n")
+        prefix = f"bench{secrets.token_hex(3)}"
+        service_env = {
+            **os.environ,
+            **env,
+            "DATABASE_URL": database_url,
+            "METERLINE_TOPIC_PREFIX": prefix,
+            "METERLINE_LOG_LEVEL": "WARNING",
+            "METERLINE_INGEST_RATE_LIMIT_PER_SECOND": "1000000",
+            "METERLINE_INGEST_RATE_LIMIT_BURST": "1000000",
+        }
+        print(
+            f"ingest: {workers} workers, {ORGANIZATIONS} organizations/keys, "
+            f"{os.cpu_count()} cores",
+            flush=True,
+        )
+        with run_ingest(service_env, Path(tmp) / "ingest.log", workers=workers) as server:
+            kafka_pid = int((ROOT / ".local" / "kafka.pid").read_text().strip())
+            watch = CpuWatch(
+                {
+                    "ingest": processes("pgrp", server.process.pid),
+                    "kafka": [kafka_pid],
+                    "postgres": processes("comm", "postgres"),
+                }
+            )
+            # Warm-up: every key verified once, topic metadata and connections in place.
+            run_wrk(server.url, keys_file, batch=100, connections=16, seconds=3, watch=watch)
+            print("measured:", flush=True)
+            batch100 = run_wrk(
+                server.url, keys_file, batch=100, connections=32, seconds=BATCH_SECONDS, watch=watch
+            )
+            run_wrk(
+                server.url, keys_file, batch=1, connections=32, seconds=BATCH_SECONDS, watch=watch
+            )
+            half_rate = batch100["requests_per_s"] / 2
+            half = run_open_loop(
+                server.url, keys_file, batch=100, rate=half_rate, seconds=BATCH_SECONDS, watch=watch
+            )
+        size = envelope_size(100)
+        raw = kafka_ceiling(env, prefix, size)
+    ratio = batch100["requests_per_s"] / raw["records_per_s"]
+    print(
+        f"summary: {batch100['events_per_s']:,.0f} events/s accepted with batches of 100 "
+        f"(goal 50,000); p99 {half['p99_ms']:.1f} ms at half that load (goal < 50 ms); "
+        f"ingest/raw Kafka = {ratio:.2f} ({batch100['requests_per_s']:,.0f} vs "
+        f"{raw['records_per_s']:,.0f} messages/s of {size} bytes)",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
