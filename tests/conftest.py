@@ -35,7 +35,7 @@ def database_url(local_env: dict[str, str]) -> Iterator[str]:
     """A fresh database for this test run, migrated with Alembic (not create_all)."""
     admin_url = make_url(local_env["DATABASE_URL"]).set(drivername="postgresql+psycopg")
     name = f"meterline_test_{secrets.token_hex(4)}"
-    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT", pool_pre_ping=True)
     with admin.connect() as connection:
         connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
     url = admin_url.set(database=name).render_as_string(hide_password=False)

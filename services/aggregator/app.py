@@ -190,9 +190,11 @@ class Aggregator:
         return {
             "status": "ok" if self.waiting_for is None else f"waiting_for_{self.waiting_for}",
             "last_batch_at": self.last_batch_at.isoformat() if self.last_batch_at else None,
-            "assigned_partitions": sorted(tp.partition for tp in self.app.consumer.assignment())
-            if self.app.consumer
-            else [],
+            "assigned_partitions": sorted(
+                tp.partition
+                for tp in (self.app.consumer.assignment() if self.app.consumer else ())
+                if tp.topic == self.settings.events_topic
+            ),
         }
 
 
@@ -246,6 +248,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         topic_partitions=settings.topic_partitions,
         producer_acks=-1,
         broker_commit_interval=1.0,
+        # A killed instance's partitions move to the others after this long (Faust's default is
+        # 60 s); heartbeats run in the background every 3 s, so 10 s only catches the dead.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
         web_enabled=True,
         web_bind=settings.aggregator_web_host,
         web_host=settings.aggregator_web_host,
