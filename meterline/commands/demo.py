@@ -1,7 +1,343 @@
-"""`meterline demo`: being written."""
+"""`meterline demo`: the whole pipeline once on the local components, narrating each step.
+
+migrate -> seed -> demo keys -> start ingest and aggregator -> post traffic (with a retried batch
+and an invalid one) -> wait until usage_records hold exactly the accepted events -> bill -> stop.
+"""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any
 
-def demo() -> None:
-    """Run the pipeline end to end on the local components."""
+import typer
+
+from meterline.output import cli_errors, print_table
+
+
+def _say(step: str) -> None:
+    typer.secho(f"\n== {step}", bold=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class DemoKey:
+    organization: str
+    organization_id: uuid.UUID
+    project: str | None
+    project_id: uuid.UUID | None
+    plaintext: str
+
+
+@dataclass
+class Expected:
+    """What the pipeline must count: the distinct accepted events, by organization and metric."""
+
+    totals: dict[tuple[str, str], Decimal] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+
+    def add(self, organization: str, metric: str, quantity: Decimal) -> None:
+        key = (organization, metric)
+        self.totals[key] = self.totals.get(key, Decimal(0)) + quantity
+        self.events[organization] = self.events.get(organization, 0) + 1
+
+
+def _prepare(now: datetime) -> list[DemoKey]:
+    """Migrate, seed (once), and mint fresh demo keys: one per organization and one per project."""
+    from meterline.commands import context
+    from shared import migrate
+    from shared.apikeys import create_api_key
+    from shared.db import unit_of_work
+    from shared.organizations import find_organization, list_projects
+    from shared.seed import seed
+
+    settings = context.settings()
+    engine = context.engine()
+    _say("1. Migrate the database")
+    migrate.upgrade(settings.database_url)
+    typer.echo(f"schema at revision {migrate.current(settings.database_url)}")
+
+    _say("2. Seed plans, organizations, members, projects and subscriptions")
+    with unit_of_work(engine) as session:
+        result = seed(
+            session,
+            pepper=settings.pepper_bytes(),
+            now=now,
+            environment=settings.api_key_environment,
+        )
+    typer.echo(
+        f"plans {', '.join(result.plans)}; organizations {', '.join(result.organizations)}"
+        + (" (already there from an earlier run)" if result.already_seeded else "")
+    )
+
+    _say("3. Create demo API keys (only their prefixes are stored in clear)")
+    keys: list[DemoKey] = []
+    with unit_of_work(engine) as session:
+        for slug in ("acme", "globex"):
+            organization = find_organization(session, slug)
+            projects = {p.slug: p for p in list_projects(session, organization.id)}
+            for project_slug in (None, "web"):
+                project = projects.get(project_slug) if project_slug else None
+                created = create_api_key(
+                    session,
+                    organization_id=organization.id,
+                    actor_id=None,
+                    name=f"demo {now:%Y-%m-%d %H:%M}",
+                    pepper=settings.pepper_bytes(),
+                    project_id=project.id if project else None,
+                    environment=settings.api_key_environment,
+                )
+                keys.append(
+                    DemoKey(
+                        slug,
+                        organization.id,
+                        project_slug,
+                        project.id if project else None,
+                        created.plaintext,
+                    )
+                )
+                scope = f"project {project_slug}" if project_slug else "organization"
+                typer.echo(f"  {slug:<7} {scope:<13} key {created.key.prefix}")
+    return keys
+
+
+@contextmanager
+def _service(name: str, args: list[str], env: dict[str, str], log_dir: Path) -> Iterator[None]:
+    log_path = log_dir / f"demo-{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(  # noqa: S603 - our own console script
+            [sys.executable, "-m", "meterline", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        typer.echo(f"  started {name} (pid {process.pid}, log {log_path})")
+        try:
+            yield
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            typer.echo(f"  stopped {name}")
+        if process.returncode not in (0, -15, 143):
+            typer.echo(f"  {name} exited with status {process.returncode}; see {log_path}")
+
+
+def _wait_ready(base_url: str, timeout: float = 60.0) -> None:
+    import httpx
+
+    from shared.errors import MeterlineError
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            response = httpx.get(f"{base_url}/readyz", timeout=2)
+            if response.status_code == 200:
+                return
+            last = response.text
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    raise MeterlineError(f"ingest did not become ready at {base_url}: {last}")
+
+
+def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected:
+    import httpx
+
+    from meterline.client import MeterlineClient
+
+    _say("5. Post sample traffic through the ingest API")
+    expected = Expected()
+    metrics = [("api_calls", Decimal(1)), ("storage_gb", Decimal("0.5")), ("exports", Decimal(3))]
+    first_batch: list[dict[str, Any]] = []
+    for index, key in enumerate(keys):
+        events = []
+        for n in range(400 if key.organization == "acme" else 150):
+            metric, quantity = metrics[n % len(metrics)]
+            # Spread over the last three hours: several windows per metric.
+            timestamp = now - timedelta(minutes=(n * 7) % 180)
+            events.append(
+                {
+                    "id": f"demo-{uuid.uuid4()}",
+                    "metric": metric,
+                    "quantity": str(quantity),
+                    "timestamp": timestamp.isoformat().replace("+00:00", "Z"),
+                }
+            )
+            expected.add(key.organization, metric, quantity)
+        with MeterlineClient(base_url, key.plaintext) as client:
+            accepted = client.send(events)
+        scope = f"project {key.project}" if key.project else "organization"
+        typer.echo(f"  {key.organization:<7} {scope:<13} posted {len(events)}, accepted {accepted}")
+        if index == 0:
+            first_batch = events
+
+    # A client that timed out and retried: the same ids again must not count twice.
+    with MeterlineClient(base_url, keys[0].plaintext) as client:
+        accepted = client.send(first_batch)
+    typer.echo(f"  retried the first batch ({accepted} events, same ids): accepted, counted once")
+
+    # One invalid event makes the whole batch fail; nothing of it is published.
+    bad = [
+        {"id": f"demo-bad-{uuid.uuid4()}", "metric": "api_calls"},
+        {"id": f"demo-bad-{uuid.uuid4()}", "metric": "Not A Metric", "quantity": -1},
+    ]
+    response = httpx.post(
+        f"{base_url}/v1/events",
+        json={"events": bad},
+        headers={"Authorization": f"Bearer {keys[0].plaintext}"},
+        timeout=10,
+    )
+    details = response.json().get("error", {}).get("details")
+    typer.echo(f"  an invalid batch got {response.status_code}: {details}")
+    response = httpx.post(
+        f"{base_url}/v1/events",
+        json={"id": "x", "metric": "api_calls"},
+        headers={"Authorization": "Bearer ml_live_notakey"},
+        timeout=10,
+    )
+    typer.echo(f"  an unknown key got {response.status_code}")
+    return expected
+
+
+def _wait_for_usage(
+    base_url: str, keys: list[DemoKey], expected: Expected, now: datetime, timeout: float
+) -> dict[str, list[dict[str, Any]]]:
+    from meterline.client import MeterlineClient
+
+    _say("6. Wait until usage_records hold exactly the accepted events")
+    org_keys = {k.organization: k for k in keys if k.project is None}
+    params = {
+        "from": (now - timedelta(hours=4)).isoformat().replace("+00:00", "Z"),
+        "to": (now + timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
+        "granularity": "day",
+    }
+    started = time.monotonic()
+    deadline = started + timeout
+    usage: dict[str, list[dict[str, Any]]] = {}
+    while True:
+        totals: dict[tuple[str, str], Decimal] = {}
+        for organization, key in org_keys.items():
+            with MeterlineClient(base_url, key.plaintext) as client:
+                usage[organization] = client.usage(**params)["data"]
+            for row in usage[organization]:
+                metric_key = (organization, row["metric"])
+                totals[metric_key] = totals.get(metric_key, Decimal(0)) + Decimal(row["quantity"])
+        # Earlier demo runs added usage in the same windows: compare what this run added.
+        if all(totals.get(k, Decimal(0)) >= v for k, v in expected.totals.items()):
+            break
+        if time.monotonic() > deadline:
+            from shared.errors import MeterlineError
+
+            raise MeterlineError(
+                f"usage did not reach the accepted totals within {timeout:.0f} s; "
+                "see .local/logs/demo-aggregator.log"
+            )
+        time.sleep(0.5)
+    typer.echo(f"  visible after {time.monotonic() - started:.1f} s")
+    return usage
+
+
+def _exact_check(engine_url: str, keys: list[DemoKey], expected: Expected, since: datetime) -> None:
+    """This run's events, read back from the ledger, against what was accepted."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(engine_url)
+    try:
+        with engine.connect() as connection:
+            counted = dict(
+                connection.execute(
+                    sa.text(
+                        "SELECT o.slug, count(*) FROM usage_event_ledger l "
+                        "JOIN organizations o ON o.id = l.organization_id "
+                        "WHERE l.event_id LIKE 'demo-%' AND l.recorded_at >= :since "
+                        "GROUP BY o.slug"
+                    ),
+                    {"since": since},
+                ).all()
+            )
+    finally:
+        engine.dispose()
+    rows = [(slug, expected.events[slug], counted.get(slug, 0)) for slug in sorted(expected.events)]
+    print_table(["organization", "distinct events accepted", "events counted"], rows)
+    if any(accepted != got for _, accepted, got in rows):
+        from shared.errors import MeterlineError
+
+        raise MeterlineError("counted events differ from accepted events")
+
+
+def demo(
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for usage to become visible.")
+    ] = 120.0,
+) -> None:
+    """Run the pipeline end to end on the local components and print what happened."""
+    with cli_errors():
+        from meterline.commands import context
+
+        settings = context.settings()
+        now = datetime.now(UTC).replace(microsecond=0)
+        started_at = datetime.now(UTC) - timedelta(seconds=5)
+        keys = _prepare(now)
+
+        _say("4. Start the ingest service and the aggregator")
+        log_dir = Path(".local/logs")
+        log_dir.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        env = dict(os.environ)
+        env.setdefault("METERLINE_AGGREGATOR_PORT", str(_free_port()))
+        base_url = f"http://127.0.0.1:{port}"
+        with (
+            _service("ingest", ["ingest", "serve", "--port", str(port)], env, log_dir),
+            _service("aggregator", ["aggregate", "run"], env, log_dir),
+        ):
+            _wait_ready(base_url)
+            expected = _post_traffic(base_url, keys, now)
+            usage = _wait_for_usage(base_url, keys, expected, now, timeout)
+        for organization, rows in usage.items():
+            typer.echo(f"\n  usage of {organization} (today, all runs of the demo so far):")
+            print_table(
+                ["day", "metric", "quantity", "events"],
+                [(r["start"][:10], r["metric"], r["quantity"], r["event_count"]) for r in rows],
+            )
+        _exact_check(
+            settings.libpq_url.replace("postgresql://", "postgresql+psycopg://"),
+            keys,
+            expected,
+            started_at,
+        )
+
+        _say("7. Bill: price usage against the plans, record invoices, report to Stripe, reconcile")
+        billing = subprocess.run(
+            [sys.executable, "-m", "meterline", "billing", "run"],
+            env=dict(os.environ),
+            check=False,
+        )
+        if billing.returncode != 0:
+            typer.echo("  billing run reported unresolved mismatches (see the table above)")
+        _say("Done")
+        typer.echo(
+            "Posted traffic was counted exactly once (the retried batch and the invalid batch "
+            "added nothing). Services are stopped; `make down` stops PostgreSQL, Kafka and "
+            "stripe-mock."
+        )
