@@ -91,7 +91,7 @@ def run_billing(
     progress: Progress | None = None,
 ) -> RunResult:
     result = RunResult(run_id=None, as_of=as_of)
-    with engine.connect() as connection:
+    with engine.begin() as connection:
         work = _prepare(connection, as_of, lateness_horizon, organization_id)
         totals = repository.period_totals(connection, _queries(work))
     result.subscriptions = len(work)

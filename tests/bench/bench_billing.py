@@ -28,7 +28,8 @@ PERIOD_END = datetime(2026, 11, 1, tzinfo=UTC)
 METRICS = ("api_calls", "storage_gb", "exports", "seats", "egress_gb")
 FEATURES = """{"metered": {
   "api_calls": {"included": 1000, "model": "graduated", "tiers": [
-      {"up_to": 100000, "unit_amount": "0.05"}, {"up_to": null, "unit_amount": "0.02", "flat_amount": 500}]},
+      {"up_to": 100000, "unit_amount": "0.05"},
+      {"up_to": null, "unit_amount": "0.02", "flat_amount": 500}]},
   "storage_gb": {"model": "per_unit", "unit_amount": "12.5"},
   "exports": {"included": 10, "model": "package", "package_size": 100, "package_amount": 200},
   "seats": {"model": "volume", "aggregation": "max", "tiers": [
@@ -50,8 +51,9 @@ def _load(engine: sa.Engine, subscriptions: int, hours: int) -> int:
     with engine.begin() as connection:
         connection.execute(
             sa.text(
-                "INSERT INTO plans (id, key, name, price_monthly, price_yearly, currency, features)"
-                " VALUES (gen_random_uuid(), 'bench', 'Bench', 4900, 49000, 'usd', CAST(:f AS jsonb))"
+                "INSERT INTO plans (id, key, name, price_monthly, price_yearly, currency,"
+                " features) VALUES (gen_random_uuid(), 'bench', 'Bench', 4900, 49000, 'usd',"
+                " CAST(:f AS jsonb))"
             ),
             {"f": FEATURES},
         )
@@ -78,7 +80,8 @@ def _load(engine: sa.Engine, subscriptions: int, hours: int) -> int:
                 " window_start, window_seconds, quantity, event_count)"
                 " SELECT gen_random_uuid(), o.id, NULL, NULL, m.metric,"
                 "        CAST(:start AS timestamptz) + make_interval(hours => h), 3600,"
-                "        ((abs(hashtext(o.id::text || m.metric || h)) % 100000) / 100.0)::numeric, 1"
+                "        ((abs(hashtext(o.id::text || m.metric || h)) % 100000) / 100.0)::numeric,"
+                "        1"
                 " FROM organizations o"
                 " CROSS JOIN unnest(CAST(:metrics AS text[])) AS m(metric)"
                 " CROSS JOIN generate_series(0, 719, :step) AS h"
@@ -115,7 +118,7 @@ def main() -> None:
             work = service._prepare(connection, as_of, timedelta(days=35), None)
         prepare_seconds = time.perf_counter() - started
         started = time.perf_counter()
-        with engine.connect() as connection:
+        with engine.begin() as connection:
             totals = repository.period_totals(connection, service._queries(work))
         totals_seconds = time.perf_counter() - started
 
@@ -136,11 +139,13 @@ def main() -> None:
             f"{'met' if first_seconds < 10 else 'NOT met'})"
         )
         print(
-            f"second run (nothing new): {second_seconds:.2f}s, {len(second.invoices)} invoices written"
+            f"second run (nothing new): {second_seconds:.2f}s, "
+            f"{len(second.invoices)} invoices written"
         )
         print(
             f"where the time goes: load subscriptions and invoices {prepare_seconds:.2f}s, "
-            f"totals query {totals_seconds:.2f}s ({sum(len(v) for v in totals.values()):,} totals), "
+            f"totals query {totals_seconds:.2f}s "
+            f"({sum(len(v) for v in totals.values()):,} totals), "
             f"pricing and writing the rest of the first run "
             f"{max(0.0, first_seconds - prepare_seconds - totals_seconds):.2f}s"
         )
