@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import stripe
 from sqlalchemy.engine import Engine
@@ -22,7 +23,7 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def webhook_endpoint(engine: Engine, secret: str):  # type: ignore[no-untyped-def]
+def webhook_endpoint(engine: Engine, secret: str) -> Callable[[Request], Awaitable[JSONResponse]]:
     async def receive(request: Request) -> JSONResponse:
         if not secret:
             return _error(503, "not_configured", "the webhook endpoint secret is not configured")

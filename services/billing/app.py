@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
+from sqlalchemy.engine import Engine
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
@@ -22,7 +23,7 @@ from shared.settings import Settings
 logger = logging.getLogger("meterline.billing.scheduler")
 
 
-async def schedule_billing(settings: Settings, engine) -> None:  # type: ignore[no-untyped-def]
+async def schedule_billing(settings: Settings, engine: Engine) -> None:
     """Run billing every interval; a run still going elsewhere (the lock) is skipped, not queued."""
     while True:
         try:

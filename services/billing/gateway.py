@@ -119,7 +119,7 @@ class StripeGateway:
         self.backoff_seconds = backoff_seconds
         self._meters: dict[str, str] | None = None
 
-    def _call(self, operation: str, func, *args, **kwargs):  # type: ignore[no-untyped-def]
+    def _call(self, operation: str, func: Any, *args: Any, **kwargs: Any) -> Any:
         for attempt in range(self.max_retries + 1):
             self.pacer.wait()
             try:

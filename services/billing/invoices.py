@@ -110,7 +110,7 @@ def plan_invoices(
         (p for p in reversed(periods) if by_start.get(p.start, {}).get("status") != "final"), None
     )
 
-    desired = []
+    desired: list[dict[str, Any]] = []
     for period in periods:
         stored = by_start.get(period.start)
         if stored is not None and stored["status"] == "final":

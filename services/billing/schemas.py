@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
-from typing import Any
+from typing import Any, cast
 
-from services.billing.pricing import MeteredPrice, PlanPrice, Tier
+from services.billing.pricing import Aggregation, MeteredPrice, PlanPrice, PriceModel, Tier
 from shared.errors import InvalidInput
 
 MODELS = ("per_unit", "package", "graduated", "volume")
@@ -146,13 +146,13 @@ def _metered(name: str, raw: Any, path: str, problems: _Problems) -> MeteredPric
     if len(problems.items) > before:
         return None
     return MeteredPrice(
-        model=model,
+        model=cast(PriceModel, model),
         included=included or Decimal(0),
         unit_amount=unit_amount,
         package_size=package_size,
         package_amount=package_amount,
         tiers=tiers,
-        aggregation=aggregation,
+        aggregation=cast(Aggregation, aggregation),
         stripe_meter=meter,
     )
 

@@ -173,7 +173,7 @@ def _prepare(
         if str(row.status) in BILLED
     ]
     existing = repository.invoices_of(connection, [row.id for row in rows], since=as_of - horizon)
-    prices: dict[uuid.UUID, Any] = {}
+    prices: dict[tuple[uuid.UUID, str], Any] = {}
     work = []
     for row in rows:
         interval = str(row.billing_interval)
