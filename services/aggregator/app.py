@@ -64,12 +64,15 @@ class Aggregator:
             await asyncio.shield(work)
         except asyncio.CancelledError:
             if not work.done():
-                # Faust acks the events of a `take` even when the loop body is cancelled. Marking
-                # their messages acked first turns that ack into a no-op: the offsets are never
-                # committed and the batch is delivered again (the ledger makes that harmless).
-                for event in events:
-                    event.message.acked = True
+                _never_commit(events)
                 log_event(logger, "batch_abandoned_on_shutdown", logging.WARNING, n=len(events))
+            raise
+        except Exception as exc:
+            # Not a dependency failure (those are retried inside): a bug or a refusal we do not
+            # understand. Stop the worker rather than skip the batch; a restart redelivers it.
+            _never_commit(events)
+            log_event(logger, "batch_failed", logging.ERROR, error=repr(exc)[:500])
+            await self.app.crash(exc)
             raise
 
     async def _process(self, events: Sequence[EventT]) -> None:
@@ -196,6 +199,14 @@ class Aggregator:
                 if tp.topic == self.settings.events_topic
             ),
         }
+
+
+def _never_commit(events: Sequence[EventT]) -> None:
+    """Faust acks the events of a `take` even when the loop body raised or was cancelled. Marking
+    their messages acked first turns that ack into a no-op: their offsets are never committed, and
+    the batch is delivered again after a restart (the ledger makes that harmless)."""
+    for event in events:
+        event.message.acked = True
 
 
 def _source_record(event: EventT) -> SourceRecord:

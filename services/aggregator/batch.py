@@ -7,9 +7,11 @@ rule (what is unreadable, what is too old, which duplicate wins) is a value-in, 
 from __future__ import annotations
 
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from decimal import Decimal
 
 from shared.events import (
     Envelope,
@@ -23,6 +25,9 @@ from shared.events import (
 
 EventKey = tuple[uuid.UUID, str]
 """(organization id, event id): the identity the ledger counts once."""
+
+WindowKey = tuple[uuid.UUID, uuid.UUID | None, uuid.UUID | None, str, datetime]
+"""(organization, project, api key, metric, window start): one usage_records row."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,3 +194,20 @@ def conflict_letter(event: CountableEvent) -> DeadLetter:
         "(metric, quantity, timestamp or project); the first accepted version wins",
         event.as_envelope(),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class WindowTotal:
+    quantity: Decimal
+    event_count: int
+
+
+def sum_windows(events: Iterable[CountableEvent]) -> dict[WindowKey, WindowTotal]:
+    """Quantity and count per usage_records window of the given events."""
+    quantity: dict[WindowKey, Decimal] = defaultdict(Decimal)
+    count: dict[WindowKey, int] = defaultdict(int)
+    for e in events:
+        key = (e.organization_id, e.event.project_id, e.api_key_id, e.event.metric, e.window_start)
+        quantity[key] += e.event.quantity
+        count[key] += 1
+    return {k: WindowTotal(quantity[k], count[k]) for k in quantity}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,9 +25,16 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from services.aggregator import repository
-from services.aggregator.batch import CountableEvent, EventKey, ReadRules, read_records
+from services.aggregator.batch import (
+    CountableEvent,
+    EventKey,
+    ReadRules,
+    WindowKey,
+    WindowTotal,
+    read_records,
+    sum_windows,
+)
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
-from services.aggregator.repository import WindowKey, WindowTotal
 from services.aggregator.topic_reader import TopicReader
 from shared.errors import InvalidInput
 from shared.events import window_start
@@ -168,7 +174,7 @@ def replay(
             organization_id=request.organization_id,
             metric=request.metric,
         )
-        after = _window_totals(counted)
+        after = sum_windows(counted)
         report.changes = _changes(before, after)
         changed = {k: v for k, v in after.items() if before.get(k) != v}
         if request.dry_run:
@@ -269,16 +275,6 @@ def _accepted_in_range(
         if not held:
             to_record.append(event)
     return counted, to_record
-
-
-def _window_totals(events: Iterable[CountableEvent]) -> dict[WindowKey, WindowTotal]:
-    quantity: dict[WindowKey, Decimal] = defaultdict(Decimal)
-    count: dict[WindowKey, int] = defaultdict(int)
-    for e in events:
-        key = (e.organization_id, e.event.project_id, e.api_key_id, e.event.metric, e.window_start)
-        quantity[key] += e.event.quantity
-        count[key] += 1
-    return {k: WindowTotal(quantity[k], count[k]) for k in quantity}
 
 
 def _changes(

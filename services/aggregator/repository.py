@@ -14,7 +14,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from services.aggregator.batch import CountableEvent, EventKey
+from services.aggregator.batch import CountableEvent, EventKey, WindowKey, WindowTotal
 
 # Advisory lock namespaces (the two-int4 lock space, apart from anyone's single-bigint locks).
 # Live batches hold REPLAY_LOCK shared; replay and ledger maintenance hold it exclusive, so neither
@@ -120,94 +120,74 @@ def existing_references(connection: Connection, events: Sequence[CountableEvent]
     return References(frozenset(found_orgs), project_owner, key_owner)
 
 
-_BATCH_CTE = """
-WITH batch AS (
-    SELECT * FROM unnest(
-        CAST(:orgs AS uuid[]), CAST(:ids AS text[]), CAST(:times AS timestamptz[]),
-        CAST(:fingerprints AS bytea[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),
-        CAST(:metrics AS text[]), CAST(:quantities AS numeric[]), CAST(:windows AS timestamptz[])
-    ) AS b(organization_id, event_id, event_time, fingerprint, project_id, api_key_id,
-           metric, quantity, window_start)
-), recorded AS (
-    INSERT INTO usage_event_ledger (organization_id, event_id, event_time, fingerprint)
-    SELECT organization_id, event_id, event_time, fingerprint FROM batch
-    ON CONFLICT DO NOTHING
-    RETURNING organization_id, event_id, event_time
+_RECORD_EVENTS = sa.text(
+    "INSERT INTO usage_event_ledger (organization_id, event_id, event_time, fingerprint)"
+    " SELECT * FROM unnest(CAST(:orgs AS uuid[]), CAST(:ids AS text[]),"
+    "                      CAST(:times AS timestamptz[]), CAST(:fingerprints AS bytea[]))"
+    " ON CONFLICT DO NOTHING"
 )
-"""
-
-
-# Both statements are constants (no input is ever formatted into them).
-_RECORD_AND_ADD_USAGE = (
-    _BATCH_CTE  # noqa: S608
-    + """
-, counted AS (
-    INSERT INTO usage_records AS u (id, organization_id, project_id, api_key_id, metric,
-                                    window_start, window_seconds, quantity, event_count)
-    SELECT gen_random_uuid(), b.organization_id, b.project_id, b.api_key_id, b.metric,
-           b.window_start, :window_seconds, sum(b.quantity), count(*)
-      FROM batch AS b
-      JOIN recorded AS r USING (organization_id, event_id, event_time)
-     GROUP BY b.organization_id, b.project_id, b.api_key_id, b.metric, b.window_start
-    ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start, window_seconds)
-    DO UPDATE SET quantity = u.quantity + excluded.quantity,
-                  event_count = u.event_count + excluded.event_count,
-                  updated_at = now()
-)
-SELECT count(*) FROM recorded
-"""
-)
-_RECORD_ONLY = _BATCH_CTE + "SELECT count(*) FROM recorded"  # noqa: S608
-
-
-def _batch_arrays(events: Sequence[CountableEvent]) -> dict[str, list[object]]:
-    return {
-        "orgs": [e.organization_id for e in events],
-        "ids": [e.event.id for e in events],
-        "times": [e.event.timestamp for e in events],
-        "fingerprints": [e.fingerprint for e in events],
-        "projects": [e.event.project_id for e in events],
-        "keys": [e.api_key_id for e in events],
-        "metrics": [e.event.metric for e in events],
-        "quantities": [e.event.quantity for e in events],
-        "windows": [e.window_start for e in events],
-    }
-
-
-def record_and_add_usage(
-    connection: Connection, events: Sequence[CountableEvent], window_seconds: int
-) -> int:
-    """Insert the events into the ledger and add exactly the inserted ones to their windows.
-
-    One statement: the window upsert joins on what the ledger insert returned, so an event the
-    ledger already held can never be added, whatever the caller's lookup believed.
-    Returns the number of events counted.
-    """
-    if not events:
-        return 0
-    result = connection.execute(
-        sa.text(_RECORD_AND_ADD_USAGE),
-        {**_batch_arrays(events), "window_seconds": window_seconds},
-    )
-    return int(result.scalar_one())
 
 
 def record_events(connection: Connection, events: Sequence[CountableEvent]) -> int:
-    """Insert events into the ledger only (replay: windows are replaced, not added to)."""
+    """Insert the events into the ledger; returns how many were new to it (the others are
+    left as they are: first accepted wins)."""
     if not events:
         return 0
-    result = connection.execute(sa.text(_RECORD_ONLY), _batch_arrays(events))
-    return int(result.scalar_one())
+    result = connection.execute(
+        _RECORD_EVENTS,
+        {
+            "orgs": [e.organization_id for e in events],
+            "ids": [e.event.id for e in events],
+            "times": [e.event.timestamp for e in events],
+            "fingerprints": [e.fingerprint for e in events],
+        },
+    )
+    return int(result.rowcount)
 
 
-WindowKey = tuple[uuid.UUID, uuid.UUID | None, uuid.UUID | None, str, datetime]
-"""(organization, project, api key, metric, window start): one usage_records row."""
+def _window_arrays(totals: dict[WindowKey, WindowTotal]) -> dict[str, list[object]]:
+    keys = list(totals)
+    return {
+        "orgs": [k[0] for k in keys],
+        "projects": [k[1] for k in keys],
+        "keys": [k[2] for k in keys],
+        "metrics": [k[3] for k in keys],
+        "starts": [k[4] for k in keys],
+        "quantities": [totals[k].quantity for k in keys],
+        "counts": [totals[k].event_count for k in keys],
+    }
 
 
-@dataclass(frozen=True, slots=True)
-class WindowTotal:
-    quantity: Decimal
-    event_count: int
+_WINDOW_ROWS = (
+    "INSERT INTO usage_records AS u (id, organization_id, project_id, api_key_id,"
+    "       metric, window_start, window_seconds, quantity, event_count)"
+    " SELECT gen_random_uuid(), r.organization_id, r.project_id, r.api_key_id,"
+    "        r.metric, r.window_start, :window_seconds, r.q, r.n FROM unnest("
+    "  CAST(:orgs AS uuid[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),"
+    "  CAST(:metrics AS text[]), CAST(:starts AS timestamptz[]),"
+    "  CAST(:quantities AS numeric[]), CAST(:counts AS bigint[]))"
+    "  AS r(organization_id, project_id, api_key_id, metric, window_start, q, n)"
+    " ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start,"
+    "              window_seconds)"
+)
+_ADD_TO_WINDOWS = sa.text(
+    _WINDOW_ROWS + " DO UPDATE SET quantity = u.quantity + excluded.quantity,"
+    "               event_count = u.event_count + excluded.event_count, updated_at = now()"
+)
+_SET_WINDOWS = sa.text(
+    _WINDOW_ROWS + " DO UPDATE SET quantity = excluded.quantity,"
+    "               event_count = excluded.event_count, updated_at = now()"
+)
+
+
+def add_to_windows(
+    connection: Connection, totals: dict[WindowKey, WindowTotal], window_seconds: int
+) -> None:
+    """quantity += sum, event_count += n for each window (one statement for the batch)."""
+    if totals:
+        connection.execute(
+            _ADD_TO_WINDOWS, {**_window_arrays(totals), "window_seconds": window_seconds}
+        )
 
 
 def window_totals(
@@ -278,31 +258,6 @@ def replace_windows(
             },
         )
     if upsert:
-        keys_list = list(upsert)
-        orgs, projects, api_keys, metrics, starts = (list(c) for c in zip(*keys_list, strict=True))
         connection.execute(
-            sa.text(
-                "INSERT INTO usage_records AS u (id, organization_id, project_id, api_key_id,"
-                "       metric, window_start, window_seconds, quantity, event_count)"
-                " SELECT gen_random_uuid(), r.organization_id, r.project_id, r.api_key_id,"
-                "        r.metric, r.window_start, :window_seconds, r.q, r.n FROM unnest("
-                "  CAST(:orgs AS uuid[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),"
-                "  CAST(:metrics AS text[]), CAST(:starts AS timestamptz[]),"
-                "  CAST(:quantities AS numeric[]), CAST(:counts AS bigint[]))"
-                "  AS r(organization_id, project_id, api_key_id, metric, window_start, q, n)"
-                " ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start,"
-                "              window_seconds)"
-                " DO UPDATE SET quantity = excluded.quantity, event_count = excluded.event_count,"
-                "               updated_at = now()"
-            ),
-            {
-                "orgs": orgs,
-                "projects": projects,
-                "keys": api_keys,
-                "metrics": metrics,
-                "starts": starts,
-                "quantities": [upsert[k].quantity for k in keys_list],
-                "counts": [upsert[k].event_count for k in keys_list],
-                "window_seconds": window_seconds,
-            },
+            _SET_WINDOWS, {**_window_arrays(upsert), "window_seconds": window_seconds}
         )

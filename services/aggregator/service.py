@@ -31,6 +31,7 @@ from services.aggregator.batch import (
     dead_letter,
     read_records,
     select_new_events,
+    sum_windows,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
 from shared.logs import log_event
@@ -47,8 +48,14 @@ class BatchResult:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
+class LedgerChangedUnderBatch(Exception):
+    """The ledger gained rows this batch's lookup did not see; the batch is rolled back."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """A failure of the database itself (down, restarting, deadlock): retry the whole batch."""
+    if isinstance(exc, LedgerChangedUnderBatch):
+        return True
     if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
         return True
     return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | ConnectionError)
@@ -136,10 +143,17 @@ class BatchApplier:
                 connection, (e.key for e in countable), cutoff
             )
             selection = select_new_events(countable, recorded)
-            result.counted = repository.record_and_add_usage(
-                connection, selection.new, self._settings.window_seconds
+            result.counted = repository.record_events(connection, selection.new)
+            if result.counted != len(selection.new):
+                # Only a writer that skipped the organization lock could get here: roll back
+                # and let the retry's lookup see what it wrote.
+                raise LedgerChangedUnderBatch(
+                    f"{len(selection.new) - result.counted} ledger rows appeared during the batch"
+                )
+            repository.add_to_windows(
+                connection, sum_windows(selection.new), self._settings.window_seconds
             )
-        result.duplicates = selection.duplicates + len(selection.new) - result.counted
+        result.duplicates = selection.duplicates
         result.conflicts = len(selection.conflicts)
         result.dead_letters += [conflict_letter(e) for e in selection.conflicts]
         return result

@@ -1,0 +1,298 @@
+"""Aggregator throughput and visibility latency against the real broker and database.
+
+(a) The aggregator alone: a topic pre-filled with envelopes of 100 events (ingest's batch shape)
+    and of 1 event, then `meterline aggregate run`: events/s from the first counted event to the
+    last (start-up and the group join are not counted).
+(b) End to end: `meterline ingest serve --workers 2` + the aggregator, wrk posting batches of 100
+    for BENCH_AGG_SECONDS; sustained events/s = accepted events / time until all are in
+    usage_records.
+(c) Visibility: an open-loop client at ~5,000 events/s (50 requests/s of 100 events); each request
+    carries one probe event with a metric of its own, and its latency is the probe row's
+    created_at (the aggregator's transaction start, so a few ms early) minus the time the 202
+    arrived. p50/p99.
+CPU of the aggregator, ingest, Kafka and PostgreSQL is read from /proc for each run.
+Goals on a 2-core box: >= 30,000 events/s end to end; p99 visibility < 2 s at 5,000 events/s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import statistics
+import tempfile
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from shared.events import Envelope, UsageEvent, encode_envelope
+from tests import components
+from tests.aggregator_support import AggregatorProcess, Producer, create_topics, wait_for
+from tests.bench.bench_ingest import (
+    bench_database,
+    cpu_seconds,
+    processes,
+    run_wrk,
+    seed_keys,
+)
+from tests.ingest_support import run_ingest
+
+ORGANIZATIONS = 1000
+PREFILL_EVENTS = int(os.environ.get("BENCH_AGG_PREFILL", "300000"))
+SINGLE_EVENTS = int(os.environ.get("BENCH_AGG_SINGLES", "30000"))
+E2E_SECONDS = float(os.environ.get("BENCH_AGG_SECONDS", "15"))
+LATENCY_SECONDS = float(os.environ.get("BENCH_AGG_LATENCY_SECONDS", "20"))
+LATENCY_RPS = 50
+
+
+def counted(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.text("SELECT coalesce(sum(event_count), 0) FROM usage_records")
+            ).scalar_one()
+        )
+
+
+def organization_ids(engine: sa.Engine) -> list[uuid.UUID]:
+    with engine.connect() as connection:
+        return list(connection.execute(sa.text("SELECT id FROM organizations")).scalars())
+
+
+def prefill(bootstrap: str, topic: str, orgs: list[uuid.UUID], events: int, per: int) -> None:
+    now = datetime.now(UTC)
+    producer = Producer(bootstrap)
+    run = secrets.token_hex(3)
+    for n in range(events // per):
+        org = orgs[n % len(orgs)]
+        batch = [
+            UsageEvent(id=f"{run}-{n}-{i}", metric="api_calls", quantity=1, timestamp=now)  # type: ignore[arg-type]
+            for i in range(per)
+        ]
+        value = encode_envelope(
+            Envelope(v=1, organization_id=org, api_key_id=None, received_at=now, events=batch)
+        )
+        producer.send(topic, org, value)
+    producer.flush()
+    producer.close()
+
+
+def topics_created(bootstrap: str, names: list[str]) -> bool:
+    try:
+        create_topics(bootstrap, names, 4)
+    except Exception:
+        return False
+    return True
+
+
+def cpu_of(groups: dict[str, list[int]]) -> dict[str, float]:
+    return {name: cpu_seconds(pids) for name, pids in groups.items()}
+
+
+def cpu_report(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    return ", ".join(f"{k} {100 * (after[k] - before[k]) / wall:.0f}%" for k in before)
+
+
+def groups(aggregator: AggregatorProcess, ingest_pgrp: int | None = None) -> dict[str, list[int]]:
+    found = {
+        "aggregator": processes("pgrp", aggregator.process.pid) if aggregator.process else [],
+        "kafka": [int(Path(components.ROOT / ".local" / "kafka.pid").read_text().strip())],
+        "postgres": processes("comm", "postgres"),
+    }
+    if ingest_pgrp is not None:
+        found["ingest"] = processes("pgrp", ingest_pgrp)
+    return found
+
+
+def measure_drain(
+    engine: sa.Engine, aggregator: AggregatorProcess, target: int, label: str
+) -> float:
+    wait_for(lambda: counted(engine) > 0, timeout=120, interval=0.05, what="the first batch")
+    started = time.monotonic()
+    first = counted(engine)
+    pids = groups(aggregator)
+    before = cpu_of(pids)
+    wait_for(lambda: counted(engine) >= target, timeout=600, interval=0.05, what="all events")
+    wall = time.monotonic() - started
+    rate = (target - first) / wall
+    print(f"  {label}: {rate:,.0f} events/s ({target - first:,} events in {wall:.1f}s)")
+    print(f"    cpu: {cpu_report(before, cpu_of(pids), wall)}", flush=True)
+    return rate
+
+
+def bench_alone(admin_url: str, env: dict[str, str], tmp: Path) -> None:
+    print("(a) aggregator alone, topic pre-filled", flush=True)
+    for per, total in ((100, PREFILL_EVENTS), (1, SINGLE_EVENTS)):
+        with bench_database(admin_url) as url:
+            seed_keys(url, ORGANIZATIONS)
+            engine = sa.create_engine(url)
+            prefix = f"bench{secrets.token_hex(3)}"
+            run_env = {**env, "DATABASE_URL": url, "METERLINE_TOPIC_PREFIX": prefix}
+            topic = f"{prefix}.usage.events"
+            # Other suites' fault tests may be restarting the broker: wait for it.
+            wait_for(
+                lambda names=[topic, topic + ".dlq"]: topics_created(  # type: ignore[misc]
+                    env["KAFKA_BOOTSTRAP_SERVERS"], names
+                ),
+                timeout=120,
+                interval=1,
+                what="the broker",
+            )
+            produce_started = time.monotonic()
+            prefill(env["KAFKA_BOOTSTRAP_SERVERS"], topic, organization_ids(engine), total, per)
+            print(
+                f"  pre-filled {total:,} events as {total // per:,} messages of {per} "
+                f"in {time.monotonic() - produce_started:.1f}s",
+                flush=True,
+            )
+            aggregator = AggregatorProcess(run_env, tmp / f"alone-{per}.log").start()
+            try:
+                measure_drain(engine, aggregator, total, f"envelopes of {per}")
+            finally:
+                aggregator.stop()
+                engine.dispose()
+
+
+def bench_end_to_end(admin_url: str, env: dict[str, str], tmp: Path) -> None:
+    print("(b) end to end: ingest (2 workers) -> Kafka -> aggregator", flush=True)
+    with bench_database(admin_url) as url:
+        keys = seed_keys(url, ORGANIZATIONS)
+        keys_file = tmp / "keys.txt"
+        keys_file.write_text("\n".join(keys) + "\n")
+        engine = sa.create_engine(url)
+        prefix = f"bench{secrets.token_hex(3)}"
+        run_env = {**env, "DATABASE_URL": url, "METERLINE_TOPIC_PREFIX": prefix}
+        with run_ingest(run_env, tmp / "ingest.log", workers=2) as server:
+            aggregator = AggregatorProcess(run_env, tmp / "e2e.log").start()
+            try:
+                wait_for(lambda: bool(aggregator.health()), timeout=60, what="aggregator up")
+                time.sleep(3)  # the group join
+                from tests.bench.bench_ingest import CpuWatch
+
+                kafka_pid = groups(aggregator)["kafka"][0]
+                watch = CpuWatch(server.process.pid, kafka_pid)
+                pids = groups(aggregator, server.process.pid)
+                before = cpu_of(pids)
+                started = time.monotonic()
+                result = run_wrk(
+                    server.url, keys_file, batch=100, connections=16, seconds=E2E_SECONDS,
+                    watch=watch,
+                )  # fmt: skip
+                sent_for = time.monotonic() - started
+                accepted = int(result["events_per_s"] * sent_for)
+                lag_at_end = accepted - counted(engine)
+                wait_for(
+                    lambda: counted(engine) >= accepted * 0.999, timeout=600, interval=0.1,
+                    what="usage_records to catch up",
+                )  # fmt: skip
+                total = counted(engine)
+                wall = time.monotonic() - started
+                print(
+                    f"  ingest accepted {result['events_per_s']:,.0f} events/s "
+                    f"for {sent_for:.0f}s; "
+                    f"aggregator behind by {lag_at_end:,} events when the load stopped"
+                )
+                print(
+                    f"  sustained end to end: {total / wall:,.0f} events/s "
+                    f"({total:,} events in usage_records {wall:.1f}s after the first request)"
+                )
+                print(f"    cpu: {cpu_report(before, cpu_of(pids), wall)}", flush=True)
+            finally:
+                aggregator.stop()
+                engine.dispose()
+
+
+async def open_loop_probes(url: str, keys: list[str], seconds: float) -> dict[str, float]:
+    import httpx
+
+    acks: dict[str, float] = {}
+    run = secrets.token_hex(3)
+    interval = 1 / LATENCY_RPS
+    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+
+        async def one(n: int) -> None:
+            probe = f"probe.{run}.{n}"
+            events = [{"id": f"{run}-{n}-{i}", "metric": "api_calls"} for i in range(99)]
+            events.append({"id": f"{run}-{n}-probe", "metric": probe})
+            response = await client.post(
+                "/v1/events",
+                json={"events": events},
+                headers={"Authorization": f"Bearer {keys[n % len(keys)]}"},
+            )
+            if response.status_code == 202:
+                acks[probe] = time.time()
+
+        tasks = []
+        started = time.monotonic()
+        n = 0
+        while time.monotonic() - started < seconds:
+            tasks.append(asyncio.create_task(one(n)))
+            n += 1
+            await asyncio.sleep(max(0.0, started + n * interval - time.monotonic()))
+        await asyncio.gather(*tasks)
+    return acks
+
+
+def bench_latency(admin_url: str, env: dict[str, str], tmp: Path) -> None:
+    print(f"(c) visibility latency at {LATENCY_RPS * 100:,} events/s", flush=True)
+    with bench_database(admin_url) as url:
+        keys = seed_keys(url, ORGANIZATIONS)
+        engine = sa.create_engine(url)
+        prefix = f"bench{secrets.token_hex(3)}"
+        run_env = {**env, "DATABASE_URL": url, "METERLINE_TOPIC_PREFIX": prefix}
+        with run_ingest(run_env, tmp / "ingest-latency.log", workers=2) as server:
+            aggregator = AggregatorProcess(run_env, tmp / "latency.log").start()
+            try:
+                wait_for(lambda: bool(aggregator.health()), timeout=60, what="aggregator up")
+                time.sleep(3)
+                acks = asyncio.run(open_loop_probes(server.url, keys, LATENCY_SECONDS))
+                wait_for(
+                    lambda: probes_visible(engine) >= len(acks), timeout=120, what="every probe"
+                )
+                with engine.connect() as connection:
+                    rows = connection.execute(
+                        sa.text(
+                            "SELECT metric, extract(epoch FROM created_at) FROM usage_records"
+                            " WHERE metric LIKE 'probe.%'"
+                        )
+                    ).all()
+            finally:
+                aggregator.stop()
+                engine.dispose()
+    latencies = sorted(
+        max(0.0, float(created) - acks[metric]) for metric, created in rows if metric in acks
+    )
+    p50 = statistics.median(latencies)
+    p99 = latencies[int(len(latencies) * 0.99) - 1]
+    print(
+        f"  {len(latencies)} probes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
+        f"max {latencies[-1] * 1000:.0f} ms (202 -> row in usage_records)",
+        flush=True,
+    )
+
+
+def probes_visible(engine: sa.Engine) -> int:
+    with engine.connect() as connection:
+        return int(
+            connection.execute(
+                sa.text("SELECT count(*) FROM usage_records WHERE metric LIKE 'probe.%'")
+            ).scalar_one()
+        )
+
+
+def main() -> None:
+    env = {**os.environ, **components.local_env()}
+    env.setdefault("METERLINE_API_KEY_PEPPER", "bench-pepper-" + "x" * 32)
+    env["METERLINE_LOG_LEVEL"] = "WARNING"
+    admin_url = env["DATABASE_URL"]
+    with tempfile.TemporaryDirectory() as tmp:
+        bench_alone(admin_url, env, Path(tmp))
+        bench_end_to_end(admin_url, env, Path(tmp))
+        bench_latency(admin_url, env, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
