@@ -46,6 +46,24 @@ def _create_database(admin_url: sa.URL) -> tuple[str, str]:
     return name, admin_url.set(database=name).render_as_string(hide_password=False)
 
 
+def _drop_database(admin_url: sa.URL, name: str) -> None:
+    """Drop the benchmark's database; an autovacuum worker still in it makes FORCE fail for a
+    non-superuser, so wait for it rather than leave gigabytes behind."""
+    admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        for attempt in range(30):
+            try:
+                with admin.connect() as connection:
+                    connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                return
+            except sa.exc.DBAPIError:
+                if attempt == 29:
+                    raise
+                time.sleep(1)
+    finally:
+        admin.dispose()
+
+
 def _load(engine: sa.Engine, subscriptions: int, hours: int) -> int:
     step = max(1, 720 // hours)
     with engine.begin() as connection:
@@ -152,10 +170,7 @@ def main() -> None:
         )
     finally:
         engine.dispose()
-        admin = sa.create_engine(admin_url, isolation_level="AUTOCOMMIT")
-        with admin.connect() as connection:
-            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+        _drop_database(admin_url, name)
 
 
 if __name__ == "__main__":
