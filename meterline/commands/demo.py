@@ -337,8 +337,9 @@ def demo(
             typer.echo(
                 "  Unresolved mismatches above are expected here: stripe-mock keeps no state and "
                 "answers every subscription lookup with the same canned fixture (its own price "
-                "and a random period), so reconciliation rightly flags price and period. Against "
-                "Stripe (test mode) the subscriptions Meterline created agree and the run exits 0."
+                "and a random period), so reconciliation rightly flags price and period. The "
+                "integration tests run the same reconciliation against a stateful Stripe fake, "
+                "where they agree."
             )
         _say("Done")
         typer.echo(
