@@ -87,12 +87,13 @@ def run(
         if as_json:
             print_json(document)
         else:
-            _print_run(document)
+            _print_run(document, {str(invoice["id"]) for invoice in result.invoices})
         if any(not m.get("resolved") for m in document["mismatches"]):
             raise typer.Exit(1)
 
 
-def _print_run(document: dict[str, Any]) -> None:
+def _print_run(document: dict[str, Any], changed: set[str]) -> None:
+    """Every invoice of the run; `changed` holds the ids of the ones this run wrote."""
     rows = [
         (
             inv["subscription_id"][:8],
@@ -101,13 +102,15 @@ def _print_run(document: dict[str, Any]) -> None:
             inv["status"],
             len(inv["lines"]),
             f"{inv['total']} {inv['currency']}",
+            "yes" if inv["id"] in changed else "",
         )
         for inv in document["invoices"]
     ]
-    print_table(["subscription", "from", "to", "status", "lines", "total"], rows)
+    print_table(["subscription", "from", "to", "status", "lines", "total", "changed"], rows)
     sys.stdout.write(
-        f"{len(document['invoices'])} invoices changed, {len(document['reported'])} meter events "
-        f"reported, {len(document['mismatches'])} mismatches\n"
+        f"{len(document['invoices'])} invoices, {len(changed)} changed, "
+        f"{len(document['reported'])} meter events reported, "
+        f"{len(document['mismatches'])} mismatches\n"
     )
     if document["mismatches"]:
         print_table(

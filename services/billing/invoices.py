@@ -93,7 +93,8 @@ def plan_invoices(
     totals: Totals,
     as_of: datetime,
 ) -> list[dict[str, Any]]:
-    """Every invoice of the subscription that should be written: new ones and changed drafts.
+    """Every invoice of the subscription that is not final yet, as it should be after this run
+    (`changed_invoices` picks the ones to write).
 
     `periods` are the periods to invoice (oldest first, the open one last); `existing` the
     subscription's stored invoices that are drafts or recent enough to receive late usage.
@@ -147,9 +148,31 @@ def plan_invoices(
                 "lines": lines,
             }
         )
+    return desired
+
+
+def changed_invoices(
+    desired: list[dict[str, Any]], existing: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The desired invoices that differ from what is stored: new ones and changed drafts."""
+    by_start = {invoice["period_start"]: invoice for invoice in existing}
     return [
         invoice for invoice in desired if _changed(invoice, by_start.get(invoice["period_start"]))
     ]
+
+
+def invoices_of_run(
+    desired: list[dict[str, Any]], existing: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """What a run lists for one subscription, changed or not, oldest first: the desired invoices
+    and the stored final ones it checked for late usage."""
+    starts = {invoice["period_start"] for invoice in desired}
+    frozen = [
+        invoice
+        for invoice in existing
+        if invoice["status"] == "final" and invoice["period_start"] not in starts
+    ]
+    return sorted([*frozen, *desired], key=lambda invoice: invoice["period_start"])
 
 
 _COMPARED_LINE = (
@@ -181,6 +204,12 @@ def _changed(desired: dict[str, Any], stored: dict[str, Any] | None) -> bool:
     return ours != theirs
 
 
+def _document_order(line: dict[str, Any]) -> tuple[bool, str, str]:
+    # Usage lines first, then adjustments: the same order for a computed and a stored invoice.
+    adjusts = line["adjusts_period_start"]
+    return (line["kind"] != "usage", line["metric"], adjusts.isoformat() if adjusts else "")
+
+
 def invoice_document(invoice: dict[str, Any]) -> dict[str, Any]:
     """The `billing run --json` shape of DESIGN.md section 5."""
     return {
@@ -200,7 +229,7 @@ def invoice_document(invoice: dict[str, Any]) -> dict[str, Any]:
                 "amount": line["amount"],
                 "kind": line["kind"],
             }
-            for line in invoice["lines"]
+            for line in sorted(invoice["lines"], key=_document_order)
         ],
         "total": invoice["total"],
     }

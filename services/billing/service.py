@@ -19,7 +19,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from services.billing import repository
 from services.billing.gateway import BillingGateway
-from services.billing.invoices import Subject, invoice_document, plan_invoices
+from services.billing.invoices import (
+    Subject,
+    changed_invoices,
+    invoice_document,
+    invoices_of_run,
+    plan_invoices,
+)
 from services.billing.periods import Period, periods_to_bill
 from services.billing.reporting import (
     UsageToReport,
@@ -43,9 +49,13 @@ BILLED = RENEWING | {"canceled"}
 
 @dataclass
 class RunResult:
+    """`invoices` are the ones this run wrote (new or changed); `billed` every invoice of the
+    run's periods, changed or not, which is what `billing run --json` lists."""
+
     run_id: uuid.UUID | None
     as_of: datetime
     invoices: list[dict[str, Any]] = field(default_factory=list)
+    billed: list[dict[str, Any]] = field(default_factory=list)
     reported: list[dict[str, Any]] = field(default_factory=list)
     mismatches: list[dict[str, Any]] = field(default_factory=list)
     subscriptions: int = 0
@@ -54,7 +64,7 @@ class RunResult:
         """`billing run --json`, the shape of DESIGN.md section 5."""
         return {
             "as_of": self.as_of.isoformat(),
-            "invoices": [invoice_document(invoice) for invoice in self.invoices],
+            "invoices": [invoice_document(invoice) for invoice in self.billed],
             "reported": [report_document(row) for row in self.reported],
             "mismatches": self.mismatches,
         }
@@ -107,21 +117,19 @@ def run_billing(
                         or item.row.stripe_subscription_id is None
                     ):
                         _link_stripe(engine, gateway, item)
-            planned = [
-                (
-                    item,
-                    plan_invoices(
-                        item.subject,
-                        item.periods,
-                        item.existing,
-                        totals.get(item.subject.subscription_id, {}),
-                        as_of,
-                    ),
+            planned = []
+            for item in chunk:
+                desired = plan_invoices(
+                    item.subject,
+                    item.periods,
+                    item.existing,
+                    totals.get(item.subject.subscription_id, {}),
+                    as_of,
                 )
-                for item in chunk
-            ]
-            for _, invoices in planned:
-                result.invoices.extend(invoices)
+                changed = changed_invoices(desired, item.existing)
+                planned.append((item, changed))
+                result.invoices.extend(changed)
+                result.billed.extend(invoices_of_run(desired, item.existing))
             if not dry_run:
                 _write_chunk(engine, planned, totals, now, gateway is not None)
             if progress is not None:

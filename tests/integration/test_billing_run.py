@@ -208,9 +208,47 @@ def test_a_second_run_with_no_new_usage_changes_nothing(
     second = billing_run(service_env, org, as_of)
 
     assert second.returncode == 0, second.stderr
-    assert json.loads(second.stdout)["invoices"] == []
     assert _snapshot(engine, org["subscription_id"]) == before
     assert [status for _, status, _, _ in before[0]] == ["final", "draft"]
+    assert json.loads(second.stdout)["reported"] == []
+
+
+def test_a_second_run_lists_the_same_invoices_with_the_same_amounts(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    as_of = datetime(2026, 12, 2, tzinfo=UTC)
+    first = json.loads(billing_run(service_env, org, as_of).stdout)
+
+    second = json.loads(billing_run(service_env, org, as_of).stdout)
+
+    assert [(i["period_start"][:10], i["status"]) for i in second["invoices"]] == [
+        ("2026-11-01", "final"),
+        ("2026-12-01", "draft"),
+    ]
+    assert second["invoices"] == first["invoices"]
+    assert second["invoices"][0]["total"] == 4900 + 70500 + 44 + 600 + 6600
+    assert second["reported"] == [] and second["mismatches"] == []
+
+
+def test_the_human_summary_of_a_rerun_lists_its_invoices_and_says_none_changed(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    as_of = datetime(2026, 12, 2, tzinfo=UTC)
+    billing_run(service_env, org, as_of)
+    command = [MELINE, "billing", "run", "--as-of", as_of.isoformat(), "--no-stripe"]
+    command += ["--organization", str(org["organization_id"])]
+
+    rerun = subprocess.run(
+        command, check=False, env=service_env, capture_output=True, text=True, timeout=120
+    )
+
+    assert rerun.returncode == 0, rerun.stderr
+    assert "2 invoices, 0 changed" in rerun.stdout
+    assert "2026-11-01" in rerun.stdout and "2026-12-01" in rerun.stdout
 
 
 def test_late_usage_after_finalisation_is_an_adjustment_on_the_next_invoice(
@@ -226,9 +264,11 @@ def test_late_usage_after_finalisation_is_an_adjustment_on_the_next_invoice(
     result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
-    [december] = json.loads(result.stdout)["invoices"]
+    listed = json.loads(result.stdout)["invoices"]
+    assert [i["period_start"][:10] for i in listed] == ["2026-11-01", "2026-12-01"]
+    assert listed[0] == november
+    december = listed[1]
     assert december["status"] == "draft"
-    assert december["period_start"].startswith("2026-12-01")
     assert lines_of(december)[("api_calls", "adjustment")] == ("1000000", "1000000", 20000)
     # December's own usage: 999,999 calls on Dec 1, 899,999 billable x 0.05 = 44,999.95 -> 45,000.
     assert lines_of(december)[("api_calls", "usage")] == ("999999", "899999", 45000)
