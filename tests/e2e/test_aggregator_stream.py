@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
+import httpx
 from sqlalchemy.engine import Engine
 
 from tests.aggregator_support import (
@@ -79,13 +80,39 @@ def test_stream_with_repeats_late_events_and_poison_counts_each_distinct_event_o
             producer.send(events_topic, org, value)
         producer.flush()
         wait_for(lambda: len(dead_letters(bootstrap, dlq_topic)) >= 1, timeout=30, what="the DLQ")
-        assert aggregator.health() is not None
+        health = aggregator.health()
+        exposition = httpx.get(f"http://127.0.0.1:{aggregator.port}/metrics", timeout=5).text
     finally:
         aggregator.stop()
         producer.close()
 
     for tenant in tenants:
         assert totals(engine, tenant.organization_id) == expected[tenant.organization_id]
+    assert health is not None and health["status"] == "ok"
+    assert sorted(health["assigned_partitions"]) == [0, 1, 2, 3]
+    counted = sum(n for _, n in expected.values())
+    assert f"meterline_aggregator_events_total {float(counted)}" in exposition
+    assert 'meterline_aggregator_dlq_total{code="malformed"} 1.0' in exposition
     letters = dead_letters(bootstrap, dlq_topic)
     assert [letter["code"] for letter in letters] == ["malformed"]
     assert letters[0]["reason"].startswith("malformed envelope")
+
+
+def test_prune_ledger_reports_partitions_as_json(service_env: dict[str, str]) -> None:
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "meterline"), "aggregate", "prune-ledger", "--json"],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert set(document) == {"cutoff", "created", "dropped", "dry_run"}
+    assert document["dropped"] == []
