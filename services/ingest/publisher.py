@@ -1,10 +1,14 @@
 """The Kafka edge of ingest: one small Protocol, a kafka-python implementation and an in-memory one.
 
-Bound on a request's wait: `publish_all` waits at most `timeout` seconds (settings
+Bound on a request's wait: `publish_all` waits at most `wait_seconds` (settings
 .ingest_publish_timeout_seconds, default 5) for the broker's acknowledgement of every message, then
 raises BrokerUnavailable (503 with Retry-After). A message answered 503 may still reach the topic
 later (the producer keeps retrying until its delivery timeout); the client's retry carries the same
 event ids and the aggregator's ledger counts each id once.
+
+Recovery: kafka-python's producer can wedge after a broker restart under load (its I/O thread
+stops sending, every future times out). So when nothing has been acknowledged for RESET_AFTER
+seconds while the broker accepts connections, the producer is thrown away and a new one made.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +29,7 @@ from shared.settings import Settings
 logger = logging.getLogger("meterline.ingest")
 
 RETRY_AFTER_SECONDS = 2
+RESET_AFTER = 10.0
 
 
 class EventPublisher(Protocol):
@@ -113,6 +119,10 @@ class KafkaPublisher:
         ]
         self._producer: Any = None
         self._known_topics: set[str] = set()
+        self._topics: list[str] = []
+        self._last_success = time.monotonic()
+        self._resetting = False
+        self._background: set[asyncio.Task[None]] = set()
 
     async def connect(self, topics: Sequence[str], *, retry_seconds: float = 1.0) -> None:
         """Create the topics if absent, then the producer, retrying until the broker answers.
@@ -122,6 +132,7 @@ class KafkaPublisher:
         """
         from kafka import KafkaProducer
 
+        self._topics = list(topics)
         while True:
             try:
                 created = await asyncio.to_thread(ensure_topics, self._settings)
@@ -134,6 +145,7 @@ class KafkaPublisher:
                 await asyncio.sleep(retry_seconds)
                 continue
             self._producer = producer
+            self._last_success = time.monotonic()
             log_event(logger, "broker_connected", topics=list(topics), created=created)
             return
 
@@ -171,6 +183,7 @@ class KafkaPublisher:
                     )
                     self._known_topics.add(topic)
             except Exception as exc:
+                await self._maybe_reset()
                 raise self._unavailable(exc) from None
             futures.append(_bridge(pending, loop))
         try:
@@ -178,7 +191,32 @@ class KafkaPublisher:
                 asyncio.gather(*futures), max(0.001, deadline - time.monotonic())
             )
         except Exception as exc:
+            await self._maybe_reset()
             raise self._unavailable(exc) from None
+        self._last_success = time.monotonic()
+
+    async def _maybe_reset(self) -> None:
+        """Replace a producer that acknowledged nothing for RESET_AFTER seconds while the broker
+        is reachable; requests in the meantime get 503 at once."""
+        stalled = time.monotonic() - self._last_success > RESET_AFTER
+        if self._resetting or self._producer is None or not stalled:
+            return
+        if not await self.ready():
+            return  # the broker is down: a new producer would not do better
+        self._resetting = True
+        old, self._producer = self._producer, None
+        log_event(logger, "producer_reset", logging.WARNING, stalled_seconds=RESET_AFTER)
+        # Its unacknowledged records were answered 503; close it without waiting on them.
+        threading.Thread(target=_close_quietly, args=(old, 0), daemon=True).start()
+        task = asyncio.create_task(self._reconnect())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _reconnect(self) -> None:
+        try:
+            await self.connect(self._topics)
+        finally:
+            self._resetting = False
 
     def _unavailable(self, exc: BaseException) -> BrokerUnavailable:
         reason = "timed out" if isinstance(exc, TimeoutError) else type(exc).__name__
@@ -188,7 +226,7 @@ class KafkaPublisher:
         )
 
     async def ready(self) -> bool:
-        if self._producer is None:
+        if self._producer is None and not self._resetting:
             return False
         for host, port in self._bootstrap:
             try:
@@ -200,8 +238,17 @@ class KafkaPublisher:
         return False
 
     async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
         if self._producer is not None:
-            await asyncio.to_thread(self._producer.close, 5)
+            await asyncio.to_thread(_close_quietly, self._producer, 5)
+
+
+def _close_quietly(producer: Any, timeout: float) -> None:
+    try:
+        producer.close(timeout)
+    except Exception as exc:
+        log_event(logger, "producer_close_failed", logging.WARNING, error=str(exc)[:200])
 
 
 def _bridge(pending: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:

@@ -84,8 +84,8 @@ def seed_keys(database_url: str, count: int) -> list[str]:
     ]
     engine = sa.create_engine(database_url)
     with engine.begin() as connection:
-        connection.execute(sa.insert(Organization.__table__), organizations)
-        connection.execute(sa.insert(ApiKey.__table__), rows)
+        connection.execute(sa.insert(Organization), organizations)
+        connection.execute(sa.insert(ApiKey), rows)
     engine.dispose()
     return [key.plaintext for key in keys]
 
@@ -120,24 +120,106 @@ def processes(predicate: str, value: str | int) -> list[int]:
 
 @dataclass
 class CpuWatch:
-    """CPU seconds so far of each group of processes; `load` is this process's finished children
-    (the load generator is waited for before the second snapshot)."""
+    """CPU seconds of groups of processes between two snapshots. Each group is found anew at each
+    snapshot (PostgreSQL starts a backend per connection) and only processes alive at both count;
+    `load` is this process's finished children (the load generator, waited for before the end)."""
 
-    groups: dict[str, list[int]]
+    ingest_group: int
+    kafka_pid: int
 
-    def snapshot(self) -> dict[str, float]:
-        seconds = {name: cpu_seconds(pids) for name, pids in self.groups.items()}
+    def snapshot(self) -> dict[str, dict[int, float]]:
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        seconds["load"] = children.ru_utime + children.ru_stime
-        return seconds
+        return {
+            "ingest": per_pid(processes("pgrp", self.ingest_group)),
+            "kafka": per_pid([self.kafka_pid]),
+            "postgres (all databases)": per_pid(processes("comm", "postgres")),
+            "load generator": {0: children.ru_utime + children.ru_stime},
+        }
 
 
-def cpu_share(before: dict[str, float], after: dict[str, float], wall: float) -> str:
-    return ", ".join(f"{name} {100 * (after[name] - before[name]) / wall:.0f}%" for name in before)
+def per_pid(pids: list[int]) -> dict[int, float]:
+    return {pid: cpu_seconds([pid]) for pid in pids}
+
+
+def cpu_share(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]], wall: float
+) -> str:
+    parts = []
+    for name, start in before.items():
+        used = sum(
+            after[name][pid] - seconds for pid, seconds in start.items() if pid in after[name]
+        )
+        parts.append(f"{name} {100 * used / wall:.0f}%")
+    return ", ".join(parts)
+
+
+def start_profile(pid: int, seconds: float, output: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy (if installed) sampling one ingest worker, without pausing it."""
+    py_spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if py_spy is None:
+        print("  (py-spy not installed: no profile)", flush=True)
+        return None
+    command = [
+        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
+        "--nonblocking", "--format", "raw", "--output", str(output),
+    ]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+PROFILE_AREAS = [
+    ("kafka-python producer", "kafka/"),
+    ("uvicorn + httptools", "uvicorn/"),
+    ("starlette", "starlette/"),
+    ("ingest: validate + envelope", "services/ingest/"),
+    ("shared (keys, events, logs)", "shared/"),
+    ("prometheus_client", "prometheus_client/"),
+    ("sqlalchemy + psycopg", "sqlalchemy/"),
+    ("asyncio / uvloop", "asyncio/"),
+]
+
+
+def summarize_profile(path: Path) -> None:
+    """Share of samples by area (the innermost frame of ours or a library's decides) and the
+    leaf functions that took most."""
+    if not path.exists():
+        return
+    areas: dict[str, int] = {}
+    leaves: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        leaves[frames[-1]] = leaves.get(frames[-1], 0) + count
+        area = "other"
+        for frame in reversed(frames):
+            found = next((name for name, marker in PROFILE_AREAS if marker in frame), None)
+            if found:
+                area = found
+                break
+        areas[area] = areas.get(area, 0) + count
+    if not total:
+        return
+    print("    profile of one ingest worker (share of its samples):", flush=True)
+    for name, count in sorted(areas.items(), key=lambda item: -item[1]):
+        print(f"      {100 * count / total:5.1f}%  {name}", flush=True)
+    print("    top leaf functions:", flush=True)
+    for name, count in sorted(leaves.items(), key=lambda item: -item[1])[:8]:
+        print(f"      {100 * count / total:5.1f}%  {name[:110]}", flush=True)
 
 
 def run_wrk(
-    url: str, keys_file: Path, *, batch: int, connections: int, seconds: float, watch: CpuWatch
+    url: str,
+    keys_file: Path,
+    *,
+    batch: int,
+    connections: int,
+    seconds: float,
+    watch: CpuWatch,
+    profile_pid: int | None = None,
 ) -> dict[str, float]:
     env = {**os.environ, "BATCH": str(batch), "KEYS_FILE": str(keys_file)}
     env["RUN_ID"] = f"w{batch}-{secrets.token_hex(3)}"
@@ -145,12 +227,16 @@ def run_wrk(
         "wrk", "-t1", f"-c{connections}", f"-d{seconds:.0f}s", "--timeout", "10s",
         "-s", str(WRK_DIR / "ingest.lua"), url + "/v1/events",
     ]  # fmt: skip
+    profile_path = Path(tempfile.gettempdir()) / f"ingest-profile-{secrets.token_hex(3)}.txt"
     before = watch.snapshot()
     started = time.monotonic()
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True)
+    profiler = start_profile(profile_pid, seconds - 1, profile_path) if profile_pid else None
     output, _ = process.communicate()
     wall = time.monotonic() - started
     after = watch.snapshot()
+    if profiler is not None:
+        profiler.wait(30)
     match = re.search(r"^RESULT (.*)$", output, re.MULTILINE)
     if match is None:
         raise RuntimeError(f"wrk printed no result:\n{output}")
@@ -174,6 +260,9 @@ def run_wrk(
         flush=True,
     )
     print(f"    CPU (100% = one core): {cpu_share(before, after, wall)}", flush=True)
+    if profiler is not None:
+        summarize_profile(profile_path)
+        profile_path.unlink(missing_ok=True)
     return summary
 
 
@@ -305,18 +394,19 @@ def main() -> None:
         )
         with run_ingest(service_env, Path(tmp) / "ingest.log", workers=workers) as server:
             kafka_pid = int((ROOT / ".local" / "kafka.pid").read_text().strip())
-            watch = CpuWatch(
-                {
-                    "ingest": processes("pgrp", server.process.pid),
-                    "kafka": [kafka_pid],
-                    "postgres": processes("comm", "postgres"),
-                }
-            )
+            watch = CpuWatch(server.process.pid, kafka_pid)
             # Warm-up: every key verified once, topic metadata and connections in place.
             run_wrk(server.url, keys_file, batch=100, connections=16, seconds=3, watch=watch)
             print("measured:", flush=True)
+            worker = max(processes("pgrp", server.process.pid))  # the last started: a worker
             batch100 = run_wrk(
-                server.url, keys_file, batch=100, connections=32, seconds=BATCH_SECONDS, watch=watch
+                server.url,
+                keys_file,
+                batch=100,
+                connections=32,
+                seconds=BATCH_SECONDS,
+                watch=watch,
+                profile_pid=worker,
             )
             run_wrk(
                 server.url, keys_file, batch=1, connections=32, seconds=BATCH_SECONDS, watch=watch
