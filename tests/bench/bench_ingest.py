@@ -337,7 +337,7 @@ def kafka_ceiling(env: dict[str, str], topic_prefix: str, record_size: int) -> d
         admin.create_topics({topic: {"num_partitions": 4, "replication_factor": -1}})
     finally:
         admin.close()
-    records = int(os.environ.get("BENCH_RAW_RECORDS", "20000"))
+    records = int(os.environ.get("BENCH_RAW_RECORDS", "15000"))
     command = [
         shutil.which("java") or "java", "-Xmx512m", "-cp", f"{libs}/*",
         "org.apache.kafka.tools.ProducerPerformance",
@@ -369,6 +369,19 @@ def kafka_ceiling(env: dict[str, str], topic_prefix: str, record_size: int) -> d
     return result
 
 
+def delete_topics(bootstrap: str, prefix: str) -> None:
+    """The benchmark's topics hold hundreds of megabytes: drop them."""
+    from kafka.admin import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
+    try:
+        mine = [t for t in admin.list_topics() if t.startswith(prefix + ".")]
+        if mine:
+            admin.delete_topics(mine)
+    finally:
+        admin.close()
+
+
 def main() -> None:
     components.up()
     env = components.local_env()
@@ -377,7 +390,7 @@ def main() -> None:
         keys = seed_keys(database_url, ORGANIZATIONS)
         keys_file = Path(tmp) / "keys.txt"
         keys_file.write_text("\n".join(keys) + "\n")
-        prefix = f"bench{secrets.token_hex(3)}"
+        prefix = f"benchingest{secrets.token_hex(3)}"
         service_env = {
             **os.environ,
             **env,
@@ -416,7 +429,10 @@ def main() -> None:
                 server.url, keys_file, batch=100, rate=half_rate, seconds=BATCH_SECONDS, watch=watch
             )
         size = envelope_size(100)
-        raw = kafka_ceiling(env, prefix, size)
+        try:
+            raw = kafka_ceiling(env, prefix, size)
+        finally:
+            delete_topics(env["KAFKA_BOOTSTRAP_SERVERS"], prefix)
     ratio = batch100["requests_per_s"] / raw["records_per_s"]
     print(
         f"summary: {batch100['events_per_s']:,.0f} events/s accepted with batches of 100 "
