@@ -185,3 +185,33 @@ def test_two_instances_share_partitions_and_one_killed_loses_nothing(
         two.stop()
     assert sorted(shares[0] + shares[1]) == [0, 1, 2, 3]
     assert after == [0, 1, 2, 3]
+
+
+def test_graceful_stop_during_a_database_outage_loses_and_doubles_nothing(
+    engine: Engine, service_env: dict[str, str], topic_prefix: str, tmp_path: Path
+) -> None:
+    work = Workload(engine, service_env, topic_prefix)
+    first = AggregatorProcess(work.env, tmp_path / "first.log").start()
+    try:
+        wait_for(lambda: bool((first.health() or {}).get("assigned_partitions")), timeout=90)
+        components.stop("postgres")
+        try:
+            work.produce()
+            wait_for(
+                lambda: (first.health() or {}).get("status") == "waiting_for_database",
+                timeout=60,
+                what="the batch to wait for the database",
+            )
+            first.stop()  # SIGTERM: the pending batch must not be acked on the way out
+        finally:
+            components.start("postgres")
+    finally:
+        first.kill()
+    engine.dispose()
+    # Whether the first instance gave its batch up on the way out (the usual case) or the
+    # database came back first (another suite may start it), the totals must end exact.
+    second = AggregatorProcess(work.env, tmp_path / "second.log").start()
+    try:
+        work.wait_until_all_counted()
+    finally:
+        second.stop()
