@@ -26,14 +26,58 @@ LIVE_STATUSES = frozenset(
 )
 
 
-def add_interval(start: datetime, interval: BillingInterval) -> datetime:
-    """One billing interval after `start`, as Stripe counts it (Jan 31 + 1 month = Feb 28/29)."""
-    months = 1 if interval == BillingInterval.MONTH else 12
-    month_index = start.month - 1 + months
-    year = start.year + month_index // 12
-    month = month_index % 12 + 1
-    day = min(start.day, calendar.monthrange(year, month)[1])
-    return start.replace(year=year, month=month, day=day)
+_MONTHS_PER_INTERVAL = {BillingInterval.MONTH: 1, BillingInterval.YEAR: 12}
+
+
+def _interval_months(interval: BillingInterval | str) -> int:
+    try:
+        return _MONTHS_PER_INTERVAL[BillingInterval(interval)]
+    except ValueError:
+        raise InvalidInput(f"unknown billing interval {interval!r}") from None
+
+
+def _shift_months(anchor: datetime, months: int) -> datetime:
+    """`anchor` moved by whole months, its day clamped to the target month's last day."""
+    year, month_index = divmod(anchor.month - 1 + months, 12)
+    year += anchor.year
+    day = min(anchor.day, calendar.monthrange(year, month_index + 1)[1])
+    return anchor.replace(year=year, month=month_index + 1, day=day)
+
+
+def period_bounds(
+    anchor: datetime, n: int, interval: BillingInterval | str
+) -> tuple[datetime, datetime]:
+    """The `n`-th billing period (0 starts at `anchor`; negative counts back) as Stripe anchors
+    it: every boundary is the anchor's day and time of day, clamped to the month, always counted
+    from the anchor and never from the previous boundary, so Jan 31 -> Feb 28 -> Mar 31."""
+    months = _interval_months(interval)
+    return _shift_months(anchor, n * months), _shift_months(anchor, (n + 1) * months)
+
+
+def period_containing(
+    anchor: datetime, moment: datetime, interval: BillingInterval | str
+) -> tuple[datetime, datetime]:
+    """The anchored period with start <= moment < end."""
+    months = _interval_months(interval)
+    n = ((moment.year - anchor.year) * 12 + moment.month - anchor.month) // months
+    start, end = period_bounds(anchor, n, interval)
+    # The month arithmetic can be one period off either way (day and time of day within it).
+    while moment < start:
+        n -= 1
+        start, end = period_bounds(anchor, n, interval)
+    while end <= moment:
+        n += 1
+        start, end = period_bounds(anchor, n, interval)
+    return start, end
+
+
+def next_period(
+    anchor: datetime, end: datetime, interval: BillingInterval | str
+) -> tuple[datetime, datetime]:
+    """The period that follows one ending at `end`: from `end` to the next anchored boundary.
+    On the anchor's grid that is simply the next anchored period; a period that ended off the
+    grid (set by hand or from before the anchor was stored) is brought back onto it."""
+    return end, period_containing(anchor, end, interval)[1]
 
 
 def _plan(session: Session, plan_id: uuid.UUID) -> Plan:
@@ -78,7 +122,8 @@ def create_subscription(
         status=SubscriptionStatus.TRIALING if trial_days else SubscriptionStatus.ACTIVE,
         billing_interval=interval,
         current_period_start=now,
-        current_period_end=add_interval(now, interval),
+        current_period_end=period_bounds(now, 0, interval)[1],
+        billing_cycle_anchor=now,
         cancel_at_period_end=False,
         trial_end=now + timedelta(days=trial_days) if trial_days else None,
         stripe_subscription_id=stripe_subscription_id,
@@ -123,19 +168,20 @@ def cancel_now(session: Session, subscription_id: uuid.UUID, *, now: datetime) -
 
 
 def renew_period(session: Session, subscription_id: uuid.UUID, *, now: datetime) -> Subscription:
-    """Roll every period that has ended by `now` forward; a subscription set to cancel at period
-    end is canceled instead of renewed."""
+    """Roll every period that has ended by `now` forward on the subscription's billing cycle
+    anchor; a subscription set to cancel at period end is canceled instead of renewed."""
     subscription = _subscription(session, subscription_id)
     if subscription.status not in LIVE_STATUSES:
         return subscription
+    # Rows from before the anchor was stored are anchored on their current period's start.
+    anchor = subscription.billing_cycle_anchor or subscription.current_period_start
     while subscription.current_period_end <= now:
         if subscription.cancel_at_period_end:
             subscription.status = SubscriptionStatus.CANCELED
             subscription.canceled_at = subscription.current_period_end
             break
-        subscription.current_period_start = subscription.current_period_end
-        subscription.current_period_end = add_interval(
-            subscription.current_period_start, subscription.billing_interval
+        subscription.current_period_start, subscription.current_period_end = next_period(
+            anchor, subscription.current_period_end, subscription.billing_interval
         )
         if subscription.trial_end and subscription.trial_end <= subscription.current_period_start:
             subscription.status = SubscriptionStatus.ACTIVE

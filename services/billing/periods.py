@@ -1,10 +1,15 @@
-"""Billing periods: which periods of a subscription a run at `as_of` must invoice. Pure."""
+"""Billing periods: which periods of a subscription a run at `as_of` must invoice. Pure.
+
+Periods roll forward on the subscription's billing cycle anchor (shared.subscriptions), the same
+arithmetic renew_period uses, so billing and the subscription lifecycle never disagree on a bound.
+"""
 
 from __future__ import annotations
 
-import calendar
 from dataclasses import dataclass
 from datetime import datetime
+
+from shared.subscriptions import next_period
 
 
 @dataclass(frozen=True)
@@ -16,27 +21,24 @@ class Period:
         return as_of >= self.end
 
 
-def add_interval(moment: datetime, interval: str) -> datetime:
-    """One month or year later, clamped to the month's last day (Jan 31 -> Feb 28), as Stripe."""
-    months = 12 if interval == "year" else 1
-    month_index = moment.month - 1 + months
-    year, month = moment.year + month_index // 12, month_index % 12 + 1
-    day = min(moment.day, calendar.monthrange(year, month)[1])
-    return moment.replace(year=year, month=month, day=day)
-
-
 def periods_to_bill(
-    current: Period, interval: str, as_of: datetime, *, renews: bool
+    current: Period,
+    interval: str,
+    as_of: datetime,
+    *,
+    renews: bool,
+    anchor: datetime | None = None,
 ) -> list[Period]:
     """The current period and every period closed since it began, oldest first.
 
+    `anchor` is the subscription's billing cycle anchor (None: the current period's start).
     A subscription that does not renew (canceled) has no period after its current one.
     A subscription whose period has not begun yet has nothing to bill.
     """
     if as_of < current.start:
         return []
+    anchor = anchor or current.start
     periods = [current]
     while renews and periods[-1].closed_at(as_of):
-        last = periods[-1]
-        periods.append(Period(last.end, add_interval(last.end, interval)))
+        periods.append(Period(*next_period(anchor, periods[-1].end, interval)))
     return periods

@@ -40,6 +40,7 @@ def subscriptions_to_bill(
             Subscription.billing_interval,
             Subscription.current_period_start,
             Subscription.current_period_end,
+            Subscription.billing_cycle_anchor,
             Subscription.stripe_subscription_id,
             Plan.id.label("plan_id"),
             Plan.features,

@@ -30,18 +30,17 @@ def stripe_gateway(settings: Settings) -> StripeGateway:
 
 @contextmanager
 def billing_lock(engine: Engine) -> Iterator[bool]:
-    """Yield whether this process holds the billing lock (session-level, on its own connection)."""
-    with engine.connect() as connection:
+    """Yield whether this process holds the billing lock (session-level, on its own connection,
+    in autocommit: the lock outlives statements, and no transaction stays open for the run)."""
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         held = bool(
             connection.execute(sa.select(sa.func.pg_try_advisory_lock(BILLING_LOCK))).scalar()
         )
-        connection.commit()
         try:
             yield held
         finally:
             if held:
                 connection.execute(sa.select(sa.func.pg_advisory_unlock(BILLING_LOCK)))
-                connection.commit()
 
 
 def run_once(

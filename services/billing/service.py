@@ -195,6 +195,7 @@ def _prepare(
             interval,
             as_of,
             renews=str(row.status) in RENEWING,
+            anchor=row.billing_cycle_anchor,
         )
         work.append(
             _Work(

@@ -77,7 +77,7 @@ def _apply_subscription(
     if theirs.period_start and theirs.period_end:
         values["current_period_start"] = theirs.period_start
         values["current_period_end"] = theirs.period_end
-    for field in ("canceled_at", "trial_end"):
+    for field in ("canceled_at", "trial_end", "billing_cycle_anchor"):
         if obj.get(field):
             values[field] = sa.func.to_timestamp(obj[field])
     connection.execute(sa.update(Subscription).where(Subscription.id == found.id).values(values))

@@ -67,6 +67,10 @@ class Subscription(IdMixin, TimestampMixin, Base):
     )
     current_period_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     current_period_end: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # Where periods are counted from, as Stripe's billing_cycle_anchor: every period boundary is
+    # this day and time of day, clamped to the month. NULL (rows from before it was stored) means
+    # the current_period_start.
+    billing_cycle_anchor: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     cancel_at_period_end: Mapped[bool] = mapped_column(Boolean, default=False)
     canceled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     trial_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

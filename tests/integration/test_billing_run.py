@@ -321,3 +321,31 @@ def test_a_run_is_refused_while_another_holds_the_billing_lock(
     assert "another billing run is in progress" in result.stderr
     assert "Traceback" not in result.stderr
     assert _snapshot(engine, org["subscription_id"])[0] == []
+
+
+def test_periods_billed_after_a_month_end_keep_the_anchor_day(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    with unit_of_work(engine) as session:
+        organization = factories.make_organization(session)
+        plan = factories.make_plan(session, price_monthly=1000)
+        factories.make_subscription(
+            session,
+            organization,
+            plan,
+            period_start=datetime(2027, 1, 31, tzinfo=UTC),
+            period_end=datetime(2027, 2, 28, tzinfo=UTC),
+        )
+        org = {"organization_id": organization.id}
+
+    result = billing_run(service_env, org, datetime(2027, 4, 1, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    assert [
+        (i["period_start"][:10], i["period_end"][:10], i["status"])
+        for i in json.loads(result.stdout)["invoices"]
+    ] == [
+        ("2027-01-31", "2027-02-28", "final"),
+        ("2027-02-28", "2027-03-31", "final"),
+        ("2027-03-31", "2027-04-30", "draft"),
+    ]
