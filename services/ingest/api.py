@@ -9,7 +9,7 @@ import logging
 import math
 from typing import Any
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -78,6 +78,10 @@ async def post_events(request: Request) -> Response:
         if not _is_json(request.headers.get("content-type")):
             raise UnsupportedMediaType("send the events as application/json")
         accepted = await service.ingest(key, await read_body(request))
+    except ClientDisconnect:
+        # The client left mid-body: nothing was published, and nobody is there to answer.
+        metrics.REQUESTS.labels("499").inc()
+        return Response(status_code=499)
     except MeterlineError as exc:
         metrics.REQUESTS.labels(str(exc.status)).inc()
         return error_response(exc)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import AsyncIterator
 
@@ -77,6 +78,9 @@ def create_app(
         background.append(asyncio.create_task(keys.run_polls()))
         app.state.service = service
         app.state.queries = queries
+        # Everything built so far lives as long as the process: keep it out of the collector's
+        # full passes, which otherwise rescan every module object and stall requests.
+        gc.freeze()
         log_event(logger, "ingest_started", topic=settings.events_topic)
         try:
             yield
