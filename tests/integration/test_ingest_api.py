@@ -42,6 +42,7 @@ def server(
         METERLINE_KEY_CACHE_TTL_SECONDS=str(REVOCATION_BOUND_SECONDS),
         METERLINE_INGEST_RATE_LIMIT_PER_SECOND="20",
         METERLINE_INGEST_RATE_LIMIT_BURST="40",
+        METERLINE_KEY_USAGE_FLUSH_SECONDS="0.5",
     ) as running:
         yield running
 
@@ -392,3 +393,25 @@ def test_unknown_project_reads_as_forbidden_not_missing(
         "/v1/events", json=event(project_id=str(uuid.uuid4())), headers=bearer(tenant.key)
     )
     assert response.status_code == 403
+
+
+def test_key_usage_count_and_last_used_are_flushed_in_the_background(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    from shared.models import ApiKey
+
+    for _ in range(3):
+        assert (
+            client.post("/v1/events", json=event(), headers=bearer(tenant.key)).status_code == 202
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with unit_of_work(engine) as session:
+            key = session.get(ApiKey, tenant.key_id)
+            assert key is not None
+            count, last_used = key.usage_count, key.last_used_at
+        if count >= 3:
+            break
+        time.sleep(0.2)
+    assert count == 3
+    assert last_used is not None
