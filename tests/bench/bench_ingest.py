@@ -384,6 +384,16 @@ def kafka_ceiling(env: dict[str, str], topic_prefix: str, record_size: int) -> d
     return result
 
 
+def ensure_wrk() -> None:
+    """wrk comes from Debian's packages; install it where we may (root), else say how."""
+    if shutil.which("wrk"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], check=False)
+    if not shutil.which("wrk"):
+        raise RuntimeError("wrk is not installed: `apt-get install -y wrk`")
+
+
 def delete_topics(bootstrap: str, prefix: str) -> None:
     """The benchmark's topics hold hundreds of megabytes: drop them."""
     from kafka.admin import KafkaAdminClient
@@ -398,6 +408,7 @@ def delete_topics(bootstrap: str, prefix: str) -> None:
 
 
 def main() -> None:
+    ensure_wrk()
     components.up()
     env = components.local_env()
     workers = int(os.environ.get("BENCH_INGEST_WORKERS", "2"))
