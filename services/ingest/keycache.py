@@ -142,7 +142,10 @@ class KeyCache:
         return dropped
 
     async def run_polls(self) -> None:
+        # Polls start every ttl/2 whatever each one took, so a slow database eats into the
+        # margin only once and a hot key stays cached while polls keep succeeding.
         while True:
+            started = self._clock()
             try:
                 dropped = await self.poll()
             except Exception as exc:
@@ -150,7 +153,7 @@ class KeyCache:
             else:
                 if dropped:
                     log_event(logger, "keys_dropped_from_cache", count=dropped)
-            await asyncio.sleep(self._ttl / 2)
+            await asyncio.sleep(max(0.0, self._ttl / 2 - (self._clock() - started)))
 
 
 class ProjectCache:
