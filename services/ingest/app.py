@@ -46,7 +46,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        engine = create_async_db_engine(settings, pool_size=5, max_overflow=5)
+        engine = create_async_db_engine(settings, pool_size=5, max_overflow=5, pool_timeout=5)
         queries = IngestQueries(engine, pepper=pepper)
         background: list[asyncio.Task[None]] = []
         chosen = publisher

@@ -23,6 +23,8 @@ from shared.models import ApiKey, Project
 from shared.usage import Granularity, GroupBy, UsageRow, query_usage
 
 T = TypeVar("T")
+# A dead or restarting database, or a pool with no connection free in time (TimeoutError).
+_UNAVAILABLE = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError, OSError)
 
 
 class IngestQueries:
@@ -34,14 +36,14 @@ class IngestQueries:
         try:
             async with self._engine.connect() as connection:
                 return await connection.run_sync(lambda sync: work(Session(bind=sync)))
-        except (sa_exc.OperationalError, sa_exc.InterfaceError, OSError) as exc:
+        except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"database unavailable ({type(exc).__name__})") from None
 
     async def _write(self, work: Callable[[Session], None]) -> None:
         try:
             async with self._engine.begin() as connection:
                 await connection.run_sync(lambda sync: work(Session(bind=sync)))
-        except (sa_exc.OperationalError, sa_exc.InterfaceError, OSError) as exc:
+        except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"database unavailable ({type(exc).__name__})") from None
 
     async def verify_key(self, plaintext: str, now: datetime) -> VerifiedKey | None:
