@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared import migrate
 from shared.settings import Settings, load_settings
-from tests import components
+from tests import components, factories
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +59,8 @@ def service_env(local_env: dict[str, str], database_url: str, run_prefix: str) -
     env.update(local_env)
     env["DATABASE_URL"] = database_url
     env["METERLINE_TOPIC_PREFIX"] = run_prefix
-    env.setdefault("METERLINE_API_KEY_PEPPER", "test-pepper-" + "x" * 32)
+    # The factories hash keys with this pepper; services started by tests must verify with it.
+    env["METERLINE_API_KEY_PEPPER"] = factories.PEPPER.decode()
     env["METERLINE_LOG_FORMAT"] = "json"
     return env
 
