@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, LargeBinary, String
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -13,6 +13,11 @@ from shared.models.base import Base, IdMixin, TimestampMixin
 
 class ApiKey(IdMixin, TimestampMixin, Base):
     __tablename__ = "api_keys"
+    # Ingest polls for keys changed since its last poll (revocation bound): keep that a range scan.
+    __table_args__ = (
+        Index("ix_api_keys_updated_at", "updated_at"),
+        Index("ix_api_keys_revoked_at", "revoked_at"),
+    )
 
     organization_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), index=True
