@@ -259,9 +259,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         topic_partitions=settings.topic_partitions,
         producer_acks=-1,
         broker_commit_interval=1.0,
-        # A killed instance's partitions move to the others after this long (Faust's default is
-        # 60 s); heartbeats run in the background every 3 s, so 10 s only catches the dead.
-        broker_session_timeout=10.0,
+        # A killed instance's partitions move to the others after this long. Not shorter: a
+        # broker restart slower than this expires the session, and the rejoin after it was seen
+        # to leave the consumer idle (tests/faults: broker restart with 10 s and 30 s).
+        broker_session_timeout=60.0,
         broker_heartbeat_interval=3.0,
         web_enabled=True,
         web_bind=settings.aggregator_web_host,
