@@ -16,7 +16,7 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
 from typing import Any
 
 import msgspec
@@ -25,6 +25,12 @@ ENVELOPE_VERSION = 1
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_BODY_BYTES = 1024 * 1024
 MAX_QUANTITY = Decimal("1e12")
+#: At most 12 decimal places: with the 1e12 bound a quantity has at most 25 significant digits,
+#: which PostgreSQL NUMERIC stores exactly and SUM_CONTEXT adds exactly.
+MAX_QUANTITY_PLACES = 12
+#: Sums of quantities (windows, periods, pricing) use this context, never the default 28 digits:
+#: a million events of 1e12 with 12 places needs 31 significant digits to stay exact.
+SUM_CONTEXT = Context(prec=80, rounding=ROUND_HALF_UP)
 MAX_PROPERTIES = 16
 MAX_PROPERTY_KEY = 64
 MAX_PROPERTY_VALUE = 256
@@ -67,6 +73,8 @@ def decode_envelope(data: bytes) -> Envelope:
     """Decode and re-check an envelope; raises EnvelopeError with a reason fit for the DLQ."""
     try:
         envelope = _decoder.decode(data)
+    except RecursionError:
+        raise EnvelopeError("malformed envelope: nested too deeply") from None
     except msgspec.DecodeError as exc:
         version = _peek_version(data)
         if version is not None and version != ENVELOPE_VERSION:
@@ -86,7 +94,7 @@ def decode_envelope(data: bytes) -> Envelope:
 def _peek_version(data: bytes) -> object:
     try:
         raw = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
         return None
     return raw.get("v") if isinstance(raw, dict) else None
 
@@ -96,8 +104,9 @@ def _recheck(event: UsageEvent) -> str | None:
         return "id must be 1-128 characters"
     if not METRIC_RE.match(event.metric):
         return "metric does not match ^[a-z][a-z0-9_.-]{0,63}$"
-    if not event.quantity.is_finite() or not 0 <= event.quantity <= MAX_QUANTITY:
-        return "quantity must be finite and within 0..1e12"
+    problem = quantity_problem(event.quantity)
+    if problem:
+        return problem
     if event.timestamp.tzinfo is None:
         return "timestamp has no time zone"
     return None
@@ -124,13 +133,27 @@ def parse_quantity(value: Any) -> Decimal:
             raise ValueError("quantity is not a decimal number") from None
     else:
         raise ValueError("quantity must be a number or a decimal string")
-    if not quantity.is_finite():
-        raise ValueError("quantity must be finite")
-    if quantity < 0 or quantity > MAX_QUANTITY:
-        raise ValueError("quantity must be between 0 and 1e12")
+    problem = quantity_problem(quantity)
+    if problem:
+        raise ValueError(problem)
     if quantity == 0:
         return Decimal(0)
     return quantity
+
+
+def quantity_problem(quantity: Decimal) -> str | None:
+    """Why `quantity` cannot be counted exactly, or None: finite, 0..1e12, at most 12 places."""
+    if not quantity.is_finite():
+        return "quantity must be finite"
+    if quantity < 0 or quantity > MAX_QUANTITY:
+        return "quantity must be between 0 and 1e12"
+    _, digits, exponent = quantity.as_tuple()
+    assert isinstance(exponent, int)
+    # Trailing zeros do not count as places: 1.000000000000000 is 1.
+    trailing = len(digits) - len(bytes(digits).rstrip(b"\x00")) if exponent < 0 else 0
+    if exponent + min(trailing, -exponent) < -MAX_QUANTITY_PLACES:
+        return f"quantity may have at most {MAX_QUANTITY_PLACES} decimal places"
+    return None
 
 
 def parse_timestamp(value: Any) -> datetime:
@@ -145,7 +168,10 @@ def parse_timestamp(value: Any) -> datetime:
         raise ValueError("timestamp must be an RFC 3339 date-time with a time zone") from None
     if parsed.tzinfo is None:
         raise ValueError("timestamp must carry a time zone (Z or an offset)")
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("timestamp is out of range") from None
 
 
 def validate_event(

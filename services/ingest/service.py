@@ -35,11 +35,11 @@ from shared.errors import Forbidden, InvalidInput, RateLimited, Unauthenticated
 from shared.events import (
     ENVELOPE_VERSION,
     MAX_EVENTS_PER_REQUEST,
-    MAX_QUANTITY,
     METRIC_RE,
     Envelope,
     UsageEvent,
     encode_envelope,
+    quantity_problem,
     validate_event,
 )
 from shared.logs import log_event
@@ -112,7 +112,7 @@ def _accept_fast(
     events = []
     for item in decoded:
         quantity = item.quantity
-        if not quantity.is_finite() or quantity < 0 or quantity > MAX_QUANTITY:
+        if quantity_problem(quantity):
             return None
         timestamp = item.timestamp
         if timestamp is None:
@@ -146,6 +146,8 @@ def _parse_slow(
         raw = generic_decoder.decode(body)
     except msgspec.MsgspecError:
         raise InvalidInput("body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidInput("body is nested too deeply") from None
     items = _event_items(raw)
     events: list[UsageEvent] = []
     problems: list[dict[str, Any]] = []
@@ -191,8 +193,11 @@ def check_projects(
         project_id = event.project_id
         if project_id is None:
             continue
-        if key.project_id is not None and project_id != key.project_id:
-            problems.append({"index": index, "reason": "this key may only write its own project"})
+        if key.project_id is not None:
+            if project_id != key.project_id:
+                reason = "this key may only write its own project"
+                problems.append({"index": index, "reason": reason})
+            # The key's own project was checked when the key was made; archiving revokes it.
             continue
         info = projects.get(project_id)
         if info is None or info.organization_id != key.organization_id:
@@ -348,7 +353,10 @@ class IngestService:
         if metric is not None and not METRIC_RE.match(metric):
             problems.append("metric: must match ^[a-z][a-z0-9_.-]{0,63}$")
         end = end or self.clock()
-        start = start or end - timedelta(days=1)
+        try:
+            start = start or end - timedelta(days=1)
+        except OverflowError:
+            raise InvalidInput("invalid usage query", details=["to: out of range"]) from None
         if start >= end:
             problems.append("from: must be before to")
         elif end - start > MAX_USAGE_RANGE:

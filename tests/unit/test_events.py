@@ -104,11 +104,20 @@ def test_envelope_round_trips(
         (b"not json", "malformed"),
         (b'{"v": 99, "organization_id": "x"}', "unknown envelope version"),
         (b"[]", "malformed"),
+        (b"[" * 100_000 + b"]" * 100_000, "malformed"),
+        (b'{"v": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "malformed"),
     ],
 )
 def test_unreadable_envelope_gives_a_reason(data: bytes, reason: str) -> None:
     with pytest.raises(EnvelopeError, match=reason):
         decode_envelope(data)
+
+
+def test_quantity_with_more_than_twelve_places_is_refused() -> None:
+    problems = validate_event({"id": "a", "metric": "m", "quantity": "0.0000000000001"}, **RULES)
+    assert isinstance(problems, list) and "decimal places" in problems[0]
+    event = validate_event({"id": "a", "metric": "m", "quantity": "2.500000000000000"}, **RULES)
+    assert isinstance(event, UsageEvent) and event.quantity == Decimal("2.5")
 
 
 def test_negative_quantity_in_envelope_is_refused() -> None:

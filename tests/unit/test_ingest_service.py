@@ -57,15 +57,38 @@ def test_single_event_gets_defaults() -> None:
 
 def test_quantities_stay_exact() -> None:
     body = (
-        b'{"events": [{"id": "a", "metric": "m", "quantity": 0.10000000000000000001},'
+        b'{"events": [{"id": "a", "metric": "m", "quantity": 0.100000000001},'
         b'{"id": "b", "metric": "m", "quantity": "12.5"},'
         b'{"id": "c", "metric": "m", "quantity": 0}]}'
     )
     assert [e.quantity for e in parse(body)] == [
-        Decimal("0.10000000000000000001"),
+        Decimal("0.100000000001"),
         Decimal("12.5"),
         Decimal(0),
     ]
+
+
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        # More places than NUMERIC sums keep exact, or than PostgreSQL stores at all.
+        (b'{"id": "a", "metric": "m", "quantity": 0.0000000000001}', "decimal places"),
+        (b'{"id": "a", "metric": "m", "quantity": "1E-20000"}', "decimal places"),
+        (b'{"id": "a", "metric": "m", "quantity": 1e-999999999}', "decimal places"),
+        # Valid RFC 3339 whose UTC instant falls outside what a datetime holds.
+        (b'{"id": "a", "metric": "m", "timestamp": "9999-12-31T23:59:59-23:59"}', "out of range"),
+        (b'{"id": "a", "metric": "m", "timestamp": "0001-01-01T00:00:00+01:00"}', "out of range"),
+    ],
+)
+def test_uncountable_values_are_refused_with_a_reason(body: bytes, reason: str) -> None:
+    with pytest.raises(InvalidInput) as raised:
+        parse(body)
+    assert reason in str(raised.value.details)
+
+
+def test_deeply_nested_body_is_invalid_input_not_a_crash() -> None:
+    with pytest.raises(InvalidInput, match="nested too deeply"):
+        parse(b"[" * 100_000 + b"]" * 100_000)
 
 
 def test_event_without_project_takes_the_default_project() -> None:
