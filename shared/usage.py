@@ -13,6 +13,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from shared.events import SUM_CONTEXT
+
 GroupBy = Literal["project", "api_key", "metric"]
 Granularity = Literal["hour", "day"]
 
@@ -80,7 +82,7 @@ def merge_deltas(deltas: Iterable[UsageDelta]) -> list[UsageDelta]:
         else:
             merged[key] = UsageDelta(
                 *key,
-                quantity=prior.quantity + d.quantity,
+                quantity=SUM_CONTEXT.add(prior.quantity, d.quantity),
                 event_count=prior.event_count + d.event_count,
             )
     return list(merged.values())
