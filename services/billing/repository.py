@@ -58,37 +58,78 @@ def subscriptions_to_bill(
     return list(connection.execute(query))
 
 
-_TOTALS = sa.text(
-    """
-    WITH windows AS (
-        -- A "max" metric keeps one row per window (its projects and keys summed); a "sum" metric
-        -- collapses to one row per period right here, which keeps the second grouping small.
-        SELECT p.subscription_id, p.period_start, p.metric, p.is_max,
-               CASE WHEN p.is_max THEN u.window_start END AS window_start,
-               sum(u.quantity) AS quantity
-        FROM billing_period_queries p
-        JOIN usage_records u
-          ON u.organization_id = p.organization_id AND u.metric = p.metric
-         AND u.window_start >= p.period_start AND u.window_start < p.period_end
-        GROUP BY 1, 2, 3, 4, 5
-    )
-    SELECT subscription_id, period_start, metric,
-           CASE WHEN bool_or(is_max) THEN max(quantity) ELSE sum(quantity) END AS quantity
-    FROM windows GROUP BY 1, 2, 3
-    """
+# The periods of a run go to a table of their own, created (and dropped) inside the run's
+# transaction: analysed, so the planner sees true row counts (an unnest hid them), and not
+# TEMPORARY, because parallel workers cannot read a temporary table. UNLOGGED: it never outlives
+# the transaction, and no one else can see it before it commits (it never does).
+_PERIODS = "billing_periods_{token}"
+_CREATE_PERIODS = (
+    "CREATE UNLOGGED TABLE {table} (pid integer, organization_id uuid,"
+    " period_start timestamptz, period_end timestamptz)"
+)
+_LOAD_PERIODS = (
+    "INSERT INTO {table} SELECT * FROM unnest(CAST(:pids AS integer[]),"
+    " CAST(:organization_ids AS uuid[]), CAST(:starts AS timestamptz[]),"
+    " CAST(:ends AS timestamptz[]))"
+)
+# "sum" totals: one pass over the usage of every period, grouped by the period's integer id and
+# the metric only. Joined on the organization alone (not organization and metric), every period
+# of a plan gets all its metrics in one hash probe; metrics a plan does not price are dropped
+# by the caller.
+_SUM_TOTALS = (
+    "SELECT p.pid, u.metric, sum(u.quantity) AS quantity FROM {table} p"
+    " JOIN usage_records u ON u.organization_id = p.organization_id"
+    " AND u.window_start >= p.period_start AND u.window_start < p.period_end"
+    " GROUP BY p.pid, u.metric"
+)
+# "max" totals: the largest window, each window summed over its projects and keys first. Only
+# the metrics some plan aggregates by max are read, so the per-window grouping stays as small
+# as the usage of those metrics.
+_MAX_TOTALS = (
+    "SELECT pid, metric, max(quantity) AS quantity FROM ("
+    " SELECT p.pid, u.metric, u.window_start, sum(u.quantity) AS quantity FROM {table} p"
+    " JOIN usage_records u ON u.organization_id = p.organization_id"
+    " AND u.window_start >= p.period_start AND u.window_start < p.period_end"
+    " WHERE u.metric = ANY(CAST(:metrics AS text[]))"
+    " GROUP BY p.pid, u.metric, u.window_start) AS windows"
+    " GROUP BY pid, metric"
+)
+# Above this many periods a run is "full": one parallel scan of usage_records hashed against
+# the periods beats probing the index once per period (tests/bench/bench_billing.py).
+_BULK_PERIODS = 1000
+_FULL_RUN_SETTINGS = (
+    "SET LOCAL enable_nestloop = off",
+    # Parallel query: the planner underestimates how many usage rows the periods select (the
+    # range condition), so it would gather every row to one process before aggregating; with
+    # the parallel costs at zero each worker joins and partially aggregates its share.
+    "SET LOCAL max_parallel_workers_per_gather = 2",
+    "SET LOCAL parallel_setup_cost = 0",
+    "SET LOCAL parallel_tuple_cost = 0",
+    # Compiling the expressions costs more than it saves on these plans (measured).
+    "SET LOCAL jit = off",
 )
 
-_BULK_ROWS = 5000
-_LOAD_QUERIES = sa.text(
-    """
-    INSERT INTO billing_period_queries
-    SELECT * FROM unnest(
-        CAST(:subscription_ids AS uuid[]), CAST(:organization_ids AS uuid[]),
-        CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]),
-        CAST(:metrics AS text[]), CAST(:is_max AS boolean[])
+
+def stage_periods(connection: Connection, queries: Sequence[PeriodQuery]) -> str:
+    """Load the periods (numbered by their position in `queries`) into a table of this
+    transaction, set the transaction up for their size, and return the table's name."""
+    table = _PERIODS.format(token=uuid.uuid4().hex[:12])
+    connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
+    if len(queries) > _BULK_PERIODS:
+        for setting in _FULL_RUN_SETTINGS:
+            connection.execute(sa.text(setting))
+    connection.execute(sa.text(_CREATE_PERIODS.format(table=table)))
+    connection.execute(
+        sa.text(_LOAD_PERIODS.format(table=table)),
+        {
+            "pids": list(range(len(queries))),
+            "organization_ids": [q.organization_id for q in queries],
+            "starts": [q.start for q in queries],
+            "ends": [q.end for q in queries],
+        },
     )
-    """
-)
+    connection.execute(sa.text(f"ANALYZE {table}"))
+    return table
 
 
 def period_totals(
@@ -96,42 +137,31 @@ def period_totals(
 ) -> dict[uuid.UUID, dict[tuple[datetime, str], Decimal]]:
     """Per subscription, each (period start, metric)'s quantity by its aggregation.
 
-    Runs in the caller's transaction. The periods go to an analysed temporary table first: with
-    true row counts the planner hashes the periods against one scan of usage_records for a full
-    run and probes the index for a small one (an unnest in the query hid the count, and a full
-    run sorted 3.6M rows on disk: tests/bench/bench_billing.py measures it).
+    Runs in the caller's transaction (the periods' table is dropped before it returns).
     """
-    rows = [(q, metric, metric in q.max_metrics) for q in queries for metric in q.metrics]
-    if not rows:
+    queries = [q for q in queries if q.metrics]
+    if not queries:
         return {}
-    connection.execute(
-        sa.text(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS billing_period_queries ("
-            " subscription_id uuid, organization_id uuid, period_start timestamptz,"
-            " period_end timestamptz, metric text, is_max boolean) ON COMMIT DROP"
+    table = stage_periods(connection, queries)
+    found = {
+        (row.pid, row.metric): row.quantity
+        for row in connection.execute(sa.text(_SUM_TOTALS.format(table=table)))
+    }
+    maxima: dict[tuple[int, str], Decimal] = {}
+    max_metrics = sorted({metric for q in queries for metric in q.max_metrics})
+    if max_metrics:
+        rows = connection.execute(
+            sa.text(_MAX_TOTALS.format(table=table)), {"metrics": max_metrics}
         )
-    )
-    connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
-    if len(rows) > _BULK_ROWS:
-        # The planner takes the periods for independent of the usage they select and would probe
-        # the index once per period; for a full run one scan hashed against them is ~2x faster.
-        connection.execute(sa.text("SET LOCAL enable_nestloop = off"))
-    connection.execute(
-        _LOAD_QUERIES,
-        {
-            "subscription_ids": [q.subscription_id for q, _, _ in rows],
-            "organization_ids": [q.organization_id for q, _, _ in rows],
-            "starts": [q.start for q, _, _ in rows],
-            "ends": [q.end for q, _, _ in rows],
-            "metrics": [metric for _, metric, _ in rows],
-            "is_max": [is_max for _, _, is_max in rows],
-        },
-    )
-    connection.execute(sa.text("ANALYZE billing_period_queries"))
+        maxima = {(row.pid, row.metric): row.quantity for row in rows}
+    connection.execute(sa.text(f"DROP TABLE {table}"))
     totals: dict[uuid.UUID, dict[tuple[datetime, str], Decimal]] = {}
-    for row in connection.execute(_TOTALS):
-        totals.setdefault(row.subscription_id, {})[(row.period_start, row.metric)] = row.quantity
-    connection.execute(sa.text("TRUNCATE billing_period_queries"))
+    for pid, query in enumerate(queries):
+        for metric in query.metrics:
+            source = maxima if metric in query.max_metrics else found
+            quantity = source.get((pid, metric))
+            if quantity is not None:
+                totals.setdefault(query.subscription_id, {})[(query.start, metric)] = quantity
     return totals
 
 
