@@ -37,7 +37,7 @@ from services.aggregator.batch import (
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
 from services.aggregator.topic_reader import TopicReader
 from shared.errors import InvalidInput
-from shared.events import window_start
+from shared.events import SUM_CONTEXT, window_start
 from shared.logs import log_event
 from shared.settings import Settings
 
@@ -175,7 +175,7 @@ def replay(
             metric=request.metric,
         )
         after = sum_windows(counted)
-        report.changes = _changes(before, after)
+        report.changes = metric_changes(before, after)
         changed = {k: v for k, v in after.items() if before.get(k) != v}
         if request.dry_run:
             transaction.rollback()
@@ -277,7 +277,7 @@ def _accepted_in_range(
     return counted, to_record
 
 
-def _changes(
+def metric_changes(
     before: dict[WindowKey, WindowTotal], after: dict[WindowKey, WindowTotal]
 ) -> list[MetricChange]:
     by_metric: dict[str, MetricChange] = {}
@@ -285,10 +285,10 @@ def _changes(
         change = by_metric.setdefault(key[3], MetricChange(key[3]))
         old, new = before.get(key), after.get(key)
         if old:
-            change.quantity_before += old.quantity
+            change.quantity_before = SUM_CONTEXT.add(change.quantity_before, old.quantity)
             change.events_before += old.event_count
         if new:
-            change.quantity_after += new.quantity
+            change.quantity_after = SUM_CONTEXT.add(change.quantity_after, new.quantity)
             change.events_after += new.event_count
         if old != new:
             change.windows_changed += 1

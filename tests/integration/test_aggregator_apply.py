@@ -275,3 +275,26 @@ def test_ledger_partitions_are_created_on_demand_and_old_ones_dropped(
     assert partition_name(stale_month) in dropped
     assert partition_name(stale_month) not in names
     assert created
+
+
+def test_window_of_1e12_and_1e_minus_12_is_stored_exactly(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+
+    applier.apply(
+        [
+            record(
+                envelope_bytes(
+                    org,
+                    [
+                        event("big", quantity="1000000000000", timestamp=NOW),
+                        event("tiny", quantity="0.000000000001", timestamp=NOW),
+                    ],
+                )
+            )
+        ]
+    )
+
+    assert totals(engine, org) == (Decimal("1000000000000.000000000001"), 2)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import Decimal, localcontext
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -14,9 +14,10 @@ from services.aggregator.batch import (
     SourceRecord,
     read_records,
     select_new_events,
+    sum_windows,
 )
 from services.aggregator.ledger_partitions import month_start, next_month, partition_name
-from services.aggregator.replay import aligned_range
+from services.aggregator.replay import aligned_range, metric_changes
 from shared.events import Envelope, UsageEvent, decode_envelope, encode_envelope, window_start
 
 NOW = datetime(2026, 11, 24, 10, 30, tzinfo=UTC)
@@ -142,3 +143,44 @@ def test_event_far_ahead_of_its_received_time_is_dead_lettered() -> None:
     events, dead = read_records([source([ahead], received_at=NOW)], RULES)
 
     assert events == [] and [d.code for d in dead] == ["too_far_ahead"]
+
+
+def test_window_of_1e12_and_1e_minus_12_sums_exactly_whatever_the_ambient_precision() -> None:
+    events, _ = read_records(
+        [source([usage("big", "1000000000000"), usage("tiny", "1e-12")])], RULES
+    )
+
+    with localcontext() as narrow:
+        narrow.prec = 12
+        [total] = sum_windows(events).values()
+
+    assert total.quantity == Decimal("1000000000000.000000000001")
+    assert total.event_count == 2
+
+
+def test_ten_thousand_events_of_1e12_and_one_of_1e_minus_12_sum_exactly() -> None:
+    events, _ = read_records(
+        [source([usage("big", "1000000000000"), usage("tiny", "1e-12")])], RULES
+    )
+    big, tiny = events
+
+    [total] = sum_windows([big] * 10_000 + [tiny]).values()
+
+    assert total.quantity == Decimal("10000000000000000.000000000001")
+    assert total.event_count == 10_001
+
+
+def test_replay_change_report_sums_exactly() -> None:
+    events, _ = read_records(
+        [source([usage("big", "1000000000000"), usage("tiny", "1e-12")])], RULES
+    )
+    big, tiny = (sum_windows([e]) for e in events)
+    many_windows = {
+        (k[0], k[1], k[2], k[3], k[4] + timedelta(hours=n)): v
+        for n in range(1, 10_001)
+        for k, v in big.items()
+    }
+
+    [change] = metric_changes({}, {**many_windows, **tiny})
+
+    assert change.quantity_after == Decimal("10000000000000000.000000000001")
