@@ -265,7 +265,7 @@ def _exact_check(engine_url: str, keys: list[DemoKey], expected: Expected, since
     engine = sa.create_engine(engine_url)
     try:
         with engine.connect() as connection:
-            counted = dict(
+            counted: dict[str, int] = dict(
                 connection.execute(
                     sa.text(
                         "SELECT o.slug, count(*) FROM usage_event_ledger l "
