@@ -195,35 +195,66 @@ def invoices_of(
     return result
 
 
+def final_periods(
+    connection: Connection, periods: Sequence[tuple[uuid.UUID, datetime]]
+) -> set[tuple[uuid.UUID, datetime]]:
+    """Which of these (subscription id, period start) already have a final invoice."""
+    if not periods:
+        return set()
+    rows = connection.execute(
+        sa.text(
+            "SELECT i.subscription_id, i.period_start FROM invoices AS i"
+            " JOIN unnest(CAST(:ids AS uuid[]), CAST(:starts AS timestamptz[])) AS p(id, start)"
+            " ON i.subscription_id = p.id AND i.period_start = p.start"
+            " WHERE i.status = 'final'"
+        ),
+        {"ids": [p[0] for p in periods], "starts": [p[1] for p in periods]},
+    )
+    return {(row.subscription_id, row.period_start) for row in rows}
+
+
 def save_invoices(connection: Connection, invoices: list[dict[str, Any]]) -> None:
-    """Insert or update invoices (by subscription and period) and replace their lines, in three
-    set-based statements whatever the number of invoices."""
+    """Insert new invoices and update drafts (by subscription and period), and replace the lines
+    of those written, in three set-based statements whatever the number of invoices.
+
+    A final invoice is never changed here: the update is conditional on the stored row being a
+    draft, and lines are written under the id the database returns for each row it wrote (an
+    existing draft keeps its id), so lines can never point at an id that was not stored.
+    """
     if not invoices:
         return
-    statement = pg.insert(Invoice)
-    statement = statement.on_conflict_do_update(
+    insert = pg.insert(Invoice)
+    statement = insert.on_conflict_do_update(
         index_elements=[Invoice.subscription_id, Invoice.period_start],
         set_={
-            "status": statement.excluded.status,
-            "period_end": statement.excluded.period_end,
-            "flat_amount": statement.excluded.flat_amount,
-            "total": statement.excluded.total,
-            "finalized_at": statement.excluded.finalized_at,
+            "status": insert.excluded.status,
+            "period_end": insert.excluded.period_end,
+            "flat_amount": insert.excluded.flat_amount,
+            "total": insert.excluded.total,
+            "finalized_at": insert.excluded.finalized_at,
             "updated_at": sa.func.now(),
         },
-    )
+        where=Invoice.status == "draft",
+    ).returning(Invoice.id, Invoice.subscription_id, Invoice.period_start)
+    written = {
+        (row.subscription_id, row.period_start): row.id
+        for row in connection.execute(
+            statement,
+            [
+                {"id": invoice["id"], **{k: invoice[k] for k in _INVOICE_COLUMNS}}
+                for invoice in invoices
+            ],
+        )
+    }
+    if not written:
+        return
     connection.execute(
-        statement,
-        [
-            {"id": invoice["id"], **{k: invoice[k] for k in _INVOICE_COLUMNS}}
-            for invoice in invoices
-        ],
+        sa.delete(InvoiceLine).where(InvoiceLine.invoice_id.in_(list(written.values())))
     )
-    ids = [invoice["id"] for invoice in invoices]
-    connection.execute(sa.delete(InvoiceLine).where(InvoiceLine.invoice_id.in_(ids)))
     lines = [
-        {"id": uuid.uuid4(), "invoice_id": invoice["id"], **{k: line[k] for k in _LINE_COLUMNS}}
+        {"id": uuid.uuid4(), "invoice_id": invoice_id, **{k: line[k] for k in _LINE_COLUMNS}}
         for invoice in invoices
+        if (invoice_id := written.get((invoice["subscription_id"], invoice["period_start"])))
         for line in invoice["lines"]
     ]
     if lines:

@@ -180,8 +180,10 @@ def _prepare(
         for row in repository.subscriptions_to_bill(connection, organization_id=organization_id)
         if str(row.status) in BILLED
     ]
-    existing = repository.invoices_of(connection, [row.id for row in rows], since=as_of - horizon)
+    since = as_of - horizon
+    existing = repository.invoices_of(connection, [row.id for row in rows], since=since)
     prices: dict[tuple[uuid.UUID, str], Any] = {}
+    periods_of: dict[uuid.UUID, list[Period]] = {}
     work = []
     for row in rows:
         interval = str(row.billing_interval)
@@ -189,14 +191,23 @@ def _prepare(
         key = (row.plan_id, interval)
         if key not in prices:
             prices[key] = plan_price(row.features or {}, flat)
-        plan = prices[key]
-        periods = periods_to_bill(
+        periods_of[row.id] = periods_to_bill(
             Period(row.current_period_start, row.current_period_end),
             interval,
             as_of,
             renews=str(row.status) in RENEWING,
             anchor=row.billing_cycle_anchor,
         )
+    # A period that ended before the horizon and whose invoice is final is settled: invoices_of
+    # no longer returns its invoice (no late usage can reach it), so it must not be planned again
+    # as if it had none (a canceled subscription keeps its last period as its current one).
+    settled = repository.final_periods(
+        connection,
+        [(id_, p.start) for id_, periods in periods_of.items() for p in periods if p.end <= since],
+    )
+    for row in rows:
+        periods = [p for p in periods_of[row.id] if (row.id, p.start) not in settled]
+        plan = prices[(row.plan_id, str(row.billing_interval))]
         work.append(
             _Work(
                 row=row,

@@ -349,3 +349,41 @@ def test_periods_billed_after_a_month_end_keep_the_anchor_day(
         ("2027-02-28", "2027-03-31", "final"),
         ("2027-03-31", "2027-04-30", "draft"),
     ]
+
+
+def test_a_canceled_subscription_settled_before_the_horizon_is_left_alone_while_others_bill(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    september = datetime(2026, 9, 1, tzinfo=UTC)
+    with unit_of_work(engine) as session:
+        organization = factories.make_organization(session)
+        project = factories.make_project(session, organization)
+        plan = factories.make_plan(session, price_monthly=4900, features=FEATURES)
+        old = factories.make_subscription(
+            session,
+            organization,
+            plan,
+            status=factories.SubscriptionStatus.CANCELED,
+            period_start=september,
+            period_end=datetime(2026, 10, 1, tzinfo=UTC),
+        )
+        live = factories.make_subscription(session, organization, plan, period_start=NOV)
+        org = {"organization_id": organization.id, "projects": (project.id, project.id)}
+    add_usage(engine, org, [(0, "exports", september + timedelta(days=3), "250")])
+    settled = billing_run(service_env, org, datetime(2026, 10, 2, tzinfo=UTC))
+    assert settled.returncode == 0, settled.stderr
+    before = _snapshot(engine, old.id)
+    assert [status for _, status, _, _ in before[0]] == ["final"]
+    add_usage(engine, org, [(0, "exports", NOV + timedelta(days=3), "20")])
+
+    # December 10: September's period ended 70 days ago, beyond the 35-day horizon.
+    result = billing_run(service_env, org, datetime(2026, 12, 10, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    assert _snapshot(engine, old.id) == before
+    listed = json.loads(result.stdout)["invoices"]
+    assert [(i["subscription_id"], i["period_start"][:10], i["status"]) for i in listed] == [
+        (str(live.id), "2026-11-01", "final"),
+        (str(live.id), "2026-12-01", "draft"),
+    ]
+    assert listed[0]["total"] == 4900 + 200

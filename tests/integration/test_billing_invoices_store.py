@@ -1,0 +1,77 @@
+"""services.billing.repository.save_invoices against real PostgreSQL: a final invoice is never
+changed by SQL, whatever a caller asks."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Session
+
+from services.billing import repository
+from shared.models import Invoice, InvoiceLine
+from tests import factories
+
+NOV = datetime(2026, 11, 1, tzinfo=UTC)
+DEC = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+def invoice(subscription: Any, status: str, total: int) -> dict[str, Any]:
+    return {
+        "id": uuid.uuid4(),
+        "organization_id": subscription.organization_id,
+        "subscription_id": subscription.id,
+        "period_start": NOV,
+        "period_end": DEC,
+        "currency": "usd",
+        "status": status,
+        "flat_amount": 100,
+        "total": total,
+        "finalized_at": DEC if status == "final" else None,
+        "plan_snapshot": None,
+        "lines": [
+            {
+                "metric": "exports",
+                "kind": "usage",
+                "quantity": Decimal(total - 100),
+                "billable_quantity": Decimal(total - 100),
+                "amount": total - 100,
+                "adjusts_period_start": None,
+            }
+        ],
+    }
+
+
+def stored(db: Session, subscription_id: uuid.UUID) -> list[Any]:
+    return list(
+        db.execute(
+            sa.select(Invoice.id, Invoice.status, Invoice.total, InvoiceLine.amount)
+            .join(InvoiceLine, InvoiceLine.invoice_id == Invoice.id)
+            .where(Invoice.subscription_id == subscription_id)
+        ).all()
+    )
+
+
+def test_saving_over_a_final_invoice_changes_nothing(db: Session) -> None:
+    organization = factories.make_organization(db)
+    subscription = factories.make_subscription(db, organization, factories.make_plan(db))
+    final = invoice(subscription, "final", 150)
+    repository.save_invoices(db.connection(), [final])
+
+    repository.save_invoices(db.connection(), [invoice(subscription, "final", 999)])
+
+    assert stored(db, subscription.id) == [(final["id"], "final", 150, 50)]
+
+
+def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) -> None:
+    organization = factories.make_organization(db)
+    subscription = factories.make_subscription(db, organization, factories.make_plan(db))
+    draft = invoice(subscription, "draft", 150)
+    repository.save_invoices(db.connection(), [draft])
+
+    repository.save_invoices(db.connection(), [invoice(subscription, "final", 180)])
+
+    assert stored(db, subscription.id) == [(draft["id"], "final", 180, 80)]
