@@ -43,8 +43,21 @@ class UsageRow:
     event_count: int
 
 
-_UPSERT = sa.text(
-    """
+@dataclass(frozen=True, slots=True)
+class UsageWindow:
+    """One usage_records row's identity (NULL project or key included, as NULLS NOT DISTINCT)."""
+
+    organization_id: uuid.UUID
+    project_id: uuid.UUID | None
+    api_key_id: uuid.UUID | None
+    metric: str
+    window_start: datetime
+    window_seconds: int
+
+
+# The one statement that writes windows: the aggregator (`+=`), replay (`=`) and tests all go
+# through record_usage / set_usage below.
+_WINDOW_ROWS = """
     INSERT INTO usage_records AS u
         (id, organization_id, project_id, api_key_id, metric, window_start, window_seconds,
          quantity, event_count)
@@ -57,9 +70,35 @@ _UPSERT = sa.text(
            AS d(organization_id, project_id, api_key_id, metric, window_start, window_seconds,
                 quantity, event_count)
     ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start, window_seconds)
+"""
+_ADD = sa.text(
+    _WINDOW_ROWS
+    + """
     DO UPDATE SET quantity = u.quantity + excluded.quantity,
                   event_count = u.event_count + excluded.event_count,
                   updated_at = now()
+    """
+)
+_SET = sa.text(
+    _WINDOW_ROWS
+    + """
+    DO UPDATE SET quantity = excluded.quantity,
+                  event_count = excluded.event_count,
+                  updated_at = now()
+    """
+)
+_DELETE = sa.text(
+    """
+    DELETE FROM usage_records AS u
+     USING unnest(CAST(:organization_id AS uuid[]), CAST(:project_id AS uuid[]),
+                  CAST(:api_key_id AS uuid[]), CAST(:metric AS text[]),
+                  CAST(:window_start AS timestamptz[]), CAST(:window_seconds AS integer[]))
+           AS d(organization_id, project_id, api_key_id, metric, window_start, window_seconds)
+     WHERE u.organization_id = d.organization_id
+       AND u.project_id IS NOT DISTINCT FROM d.project_id
+       AND u.api_key_id IS NOT DISTINCT FROM d.api_key_id
+       AND u.metric = d.metric AND u.window_start = d.window_start
+       AND u.window_seconds = d.window_seconds
     """
 )
 
@@ -88,25 +127,50 @@ def merge_deltas(deltas: Iterable[UsageDelta]) -> list[UsageDelta]:
     return list(merged.values())
 
 
+def _window_columns(rows: Sequence[UsageDelta | UsageWindow]) -> dict[str, list[object]]:
+    return {
+        "organization_id": [r.organization_id for r in rows],
+        "project_id": [r.project_id for r in rows],
+        "api_key_id": [r.api_key_id for r in rows],
+        "metric": [r.metric for r in rows],
+        "window_start": [r.window_start for r in rows],
+        "window_seconds": [r.window_seconds for r in rows],
+    }
+
+
+def _delta_columns(rows: Sequence[UsageDelta]) -> dict[str, list[object]]:
+    return {
+        **_window_columns(rows),
+        "quantity": [r.quantity for r in rows],
+        "event_count": [r.event_count for r in rows],
+    }
+
+
 def record_usage(connection: Connection | Session, deltas: Sequence[UsageDelta]) -> int:
     """Add deltas to their windows (`quantity += q, event_count += n`); returns windows touched."""
     rows = merge_deltas(deltas)
     if not rows:
         return 0
-    connection.execute(
-        _UPSERT,
-        {
-            "organization_id": [r.organization_id for r in rows],
-            "project_id": [r.project_id for r in rows],
-            "api_key_id": [r.api_key_id for r in rows],
-            "metric": [r.metric for r in rows],
-            "window_start": [r.window_start for r in rows],
-            "window_seconds": [r.window_seconds for r in rows],
-            "quantity": [r.quantity for r in rows],
-            "event_count": [r.event_count for r in rows],
-        },
-    )
+    connection.execute(_ADD, _delta_columns(rows))
     return len(rows)
+
+
+def set_usage(connection: Connection | Session, totals: Sequence[UsageDelta]) -> int:
+    """Set windows to exactly these totals (`quantity = q, event_count = n`), as replay does;
+    two totals for one window are merged first. Returns windows written."""
+    rows = merge_deltas(totals)
+    if not rows:
+        return 0
+    connection.execute(_SET, _delta_columns(rows))
+    return len(rows)
+
+
+def delete_usage(connection: Connection | Session, windows: Sequence[UsageWindow]) -> int:
+    """Delete these windows (those replay found no events for); returns rows deleted."""
+    if not windows:
+        return 0
+    result = connection.execute(_DELETE, _window_columns(windows))
+    return int(getattr(result, "rowcount", 0) or 0)
 
 
 def query_usage(

@@ -23,6 +23,7 @@ from shared.events import (
     fingerprint,
     window_start,
 )
+from shared.usage import UsageDelta, UsageWindow
 
 EventKey = tuple[uuid.UUID, str]
 """(organization id, event id): the identity the ledger counts once."""
@@ -215,3 +216,15 @@ def sum_windows(events: Iterable[CountableEvent]) -> dict[WindowKey, WindowTotal
         quantity[key] = SUM_CONTEXT.add(quantity[key], e.event.quantity)
         count[key] += 1
     return {k: WindowTotal(quantity[k], count[k]) for k in quantity}
+
+
+def usage_deltas(totals: Mapping[WindowKey, WindowTotal], window_seconds: int) -> list[UsageDelta]:
+    """The windows' totals in the shape shared.usage writes."""
+    return [
+        UsageDelta(*key, window_seconds, total.quantity, total.event_count)
+        for key, total in totals.items()
+    ]
+
+
+def usage_windows(keys: Iterable[WindowKey], window_seconds: int) -> list[UsageWindow]:
+    return [UsageWindow(*key, window_seconds) for key in keys]

@@ -33,6 +33,8 @@ from services.aggregator.batch import (
     WindowTotal,
     read_records,
     sum_windows,
+    usage_deltas,
+    usage_windows,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
 from services.aggregator.topic_reader import TopicReader
@@ -40,6 +42,7 @@ from shared.errors import InvalidInput
 from shared.events import SUM_CONTEXT, window_start
 from shared.logs import log_event
 from shared.settings import Settings
+from shared.usage import delete_usage, set_usage
 
 logger = logging.getLogger("meterline.replay")
 
@@ -181,12 +184,11 @@ def replay(
             transaction.rollback()
         else:
             report.events_recorded = repository.record_events(connection, to_record)
-            repository.replace_windows(
+            delete_usage(
                 connection,
-                window_seconds=settings.window_seconds,
-                upsert=changed,
-                delete=[k for k in before if k not in after],
+                usage_windows((k for k in before if k not in after), settings.window_seconds),
             )
+            set_usage(connection, usage_deltas(changed, settings.window_seconds))
             _record_run(connection, report, now)
             transaction.commit()
     if request.dry_run:

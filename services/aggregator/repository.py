@@ -1,4 +1,7 @@
-"""SQL of the aggregator and replay: locks, ledger lookups, the set-based insert and window upsert.
+"""SQL of the aggregator and replay: locks, ledger lookups and inserts, the windows a replay reads.
+
+Windows are written by shared.usage (record_usage, set_usage, delete_usage), the one home of
+that upsert.
 
 Every function takes a Connection inside the caller's transaction; none commits.
 """
@@ -145,51 +148,6 @@ def record_events(connection: Connection, events: Sequence[CountableEvent]) -> i
     return int(result.rowcount)
 
 
-def _window_arrays(totals: dict[WindowKey, WindowTotal]) -> dict[str, list[object]]:
-    keys = list(totals)
-    return {
-        "orgs": [k[0] for k in keys],
-        "projects": [k[1] for k in keys],
-        "keys": [k[2] for k in keys],
-        "metrics": [k[3] for k in keys],
-        "starts": [k[4] for k in keys],
-        "quantities": [totals[k].quantity for k in keys],
-        "counts": [totals[k].event_count for k in keys],
-    }
-
-
-_WINDOW_ROWS = (
-    "INSERT INTO usage_records AS u (id, organization_id, project_id, api_key_id,"
-    "       metric, window_start, window_seconds, quantity, event_count)"
-    " SELECT gen_random_uuid(), r.organization_id, r.project_id, r.api_key_id,"
-    "        r.metric, r.window_start, :window_seconds, r.q, r.n FROM unnest("
-    "  CAST(:orgs AS uuid[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),"
-    "  CAST(:metrics AS text[]), CAST(:starts AS timestamptz[]),"
-    "  CAST(:quantities AS numeric[]), CAST(:counts AS bigint[]))"
-    "  AS r(organization_id, project_id, api_key_id, metric, window_start, q, n)"
-    " ON CONFLICT (organization_id, project_id, api_key_id, metric, window_start,"
-    "              window_seconds)"
-)
-_ADD_TO_WINDOWS = sa.text(
-    _WINDOW_ROWS + " DO UPDATE SET quantity = u.quantity + excluded.quantity,"
-    "               event_count = u.event_count + excluded.event_count, updated_at = now()"
-)
-_SET_WINDOWS = sa.text(
-    _WINDOW_ROWS + " DO UPDATE SET quantity = excluded.quantity,"
-    "               event_count = excluded.event_count, updated_at = now()"
-)
-
-
-def add_to_windows(
-    connection: Connection, totals: dict[WindowKey, WindowTotal], window_seconds: int
-) -> None:
-    """quantity += sum, event_count += n for each window (one statement for the batch)."""
-    if totals:
-        connection.execute(
-            _ADD_TO_WINDOWS, {**_window_arrays(totals), "window_seconds": window_seconds}
-        )
-
-
 def window_totals(
     connection: Connection,
     *,
@@ -223,41 +181,3 @@ def window_totals(
         (row[0], row[1], row[2], row[3], row[4]): WindowTotal(Decimal(row[5]), int(row[6]))
         for row in rows
     }
-
-
-def replace_windows(
-    connection: Connection,
-    *,
-    window_seconds: int,
-    upsert: dict[WindowKey, WindowTotal],
-    delete: Iterable[WindowKey],
-) -> None:
-    """Set the given windows to exactly these totals and delete the others (set-based)."""
-    gone = list(delete)
-    if gone:
-        orgs, projects, keys, metrics, starts = (list(c) for c in zip(*gone, strict=True))
-        connection.execute(
-            sa.text(
-                "DELETE FROM usage_records AS u USING unnest("
-                "  CAST(:orgs AS uuid[]), CAST(:projects AS uuid[]), CAST(:keys AS uuid[]),"
-                "  CAST(:metrics AS text[]), CAST(:starts AS timestamptz[]))"
-                "  AS d(organization_id, project_id, api_key_id, metric, window_start)"
-                " WHERE u.organization_id = d.organization_id"
-                "   AND u.project_id IS NOT DISTINCT FROM d.project_id"
-                "   AND u.api_key_id IS NOT DISTINCT FROM d.api_key_id"
-                "   AND u.metric = d.metric AND u.window_start = d.window_start"
-                "   AND u.window_seconds = :window_seconds"
-            ),
-            {
-                "orgs": orgs,
-                "projects": projects,
-                "keys": keys,
-                "metrics": metrics,
-                "starts": starts,
-                "window_seconds": window_seconds,
-            },
-        )
-    if upsert:
-        connection.execute(
-            _SET_WINDOWS, {**_window_arrays(upsert), "window_seconds": window_seconds}
-        )

@@ -32,10 +32,12 @@ from services.aggregator.batch import (
     read_records,
     select_new_events,
     sum_windows,
+    usage_deltas,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
 from shared.logs import log_event
 from shared.settings import Settings
+from shared.usage import record_usage
 
 logger = logging.getLogger("meterline.aggregator")
 
@@ -150,8 +152,9 @@ class BatchApplier:
                 raise LedgerChangedUnderBatch(
                     f"{len(selection.new) - result.counted} ledger rows appeared during the batch"
                 )
-            repository.add_to_windows(
-                connection, sum_windows(selection.new), self._settings.window_seconds
+            record_usage(
+                connection,
+                usage_deltas(sum_windows(selection.new), self._settings.window_seconds),
             )
         result.duplicates = selection.duplicates
         result.conflicts = len(selection.conflicts)

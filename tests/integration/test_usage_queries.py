@@ -7,7 +7,15 @@ from decimal import Decimal
 
 from sqlalchemy.orm import Session
 
-from shared.usage import UsageDelta, query_usage, record_usage, usage_totals
+from shared.usage import (
+    UsageDelta,
+    UsageWindow,
+    delete_usage,
+    query_usage,
+    record_usage,
+    set_usage,
+    usage_totals,
+)
 from tests import factories
 
 T0 = datetime(2026, 11, 24, 0, tzinfo=UTC)
@@ -71,3 +79,55 @@ def test_query_never_returns_another_organizations_usage(db: Session) -> None:
     theirs = factories.make_organization(db)
     record_usage(db, [UsageDelta(theirs.id, None, None, "api_calls", T0, 3600, Decimal(9), 9)])
     assert query_usage(db, mine.id, start=T0, end=T0 + timedelta(days=1)) == []
+
+
+def test_set_usage_replaces_totals_including_null_project_and_key_and_adds_new_windows(
+    db: Session,
+) -> None:
+    org = factories.make_organization(db)
+    project = factories.make_project(db, org)
+    record_usage(
+        db,
+        [
+            UsageDelta(org.id, None, None, "api_calls", T0, 3600, Decimal(40), 4),
+            UsageDelta(org.id, project.id, None, "api_calls", T0, 3600, Decimal(9), 9),
+        ],
+    )
+
+    written = set_usage(
+        db,
+        [
+            UsageDelta(org.id, None, None, "api_calls", T0, 3600, Decimal("2.5"), 2),
+            UsageDelta(
+                org.id, None, None, "api_calls", T0 + timedelta(hours=1), 3600, Decimal(1), 1
+            ),
+        ],
+    )
+
+    rows = query_usage(db, org.id, start=T0, end=T0 + timedelta(hours=2), group_by="project")
+    assert written == 2
+    assert {(r.start, r.project_id): (r.quantity, r.event_count) for r in rows} == {
+        (T0, None): (Decimal("2.5"), 2),
+        (T0, project.id): (Decimal(9), 9),
+        (T0 + timedelta(hours=1), None): (Decimal(1), 1),
+    }
+
+
+def test_delete_usage_removes_only_the_named_windows(db: Session) -> None:
+    org = factories.make_organization(db)
+    project = factories.make_project(db, org)
+    record_usage(
+        db,
+        [
+            UsageDelta(org.id, None, None, "api_calls", T0, 3600, Decimal(1), 1),
+            UsageDelta(org.id, project.id, None, "api_calls", T0, 3600, Decimal(2), 2),
+            UsageDelta(org.id, None, None, "api_calls", T0, 86400, Decimal(3), 3),
+        ],
+    )
+
+    deleted = delete_usage(db, [UsageWindow(org.id, None, None, "api_calls", T0, 3600)])
+
+    assert deleted == 1
+    assert usage_totals(db, org.id, start=T0, end=T0 + timedelta(days=1)) == {
+        "api_calls": Decimal(5)
+    }
