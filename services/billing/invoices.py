@@ -3,19 +3,22 @@
 A period's invoice is a draft while the period is open and final once it closed. A final invoice
 never changes: usage that arrives after it (late events) becomes an adjustment line on the newest
 invoice of the subscription, for the difference between the price of the period's true quantity
-and what was already billed for it. Pure: values in, the invoices as they should be out.
+and what was already billed for it, priced with the pricing snapshot the final invoice stored
+(a plan changed since re-prices nothing already final). Pure: values in, the invoices as they
+should be out.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
 from services.billing.periods import Period
 from services.billing.pricing import ZERO, PlanPrice, billable_quantity, price_metric
+from services.billing.schemas import snapshot_price
 
 Totals = dict[tuple[datetime, str], Decimal]
 
@@ -28,6 +31,9 @@ class Subject:
     organization_id: uuid.UUID
     currency: str
     plan: PlanPrice
+    # The current plan as invoices store it (`plan_snapshot`): drafts are priced with the current
+    # plan, so each draft written carries it, and it freezes with the invoice.
+    snapshot: dict[str, Any] = field(default_factory=dict)
 
 
 def _usage_lines(plan: PlanPrice, period: Period, totals: Totals) -> list[dict[str, Any]]:
@@ -47,17 +53,25 @@ def _usage_lines(plan: PlanPrice, period: Period, totals: Totals) -> list[dict[s
     return lines
 
 
+def period_pricing(invoice: dict[str, Any], current: PlanPrice) -> PlanPrice:
+    """The pricing of a stored invoice's period: its snapshot; the current plan for invoices from
+    before snapshots were stored (the only pricing known for them)."""
+    snapshot = invoice.get("plan_snapshot")
+    return snapshot_price(snapshot) if snapshot else current
+
+
 def _adjustment_lines(
     plan: PlanPrice,
     frozen: list[dict[str, Any]],
     billed_elsewhere: list[dict[str, Any]],
     totals: Totals,
 ) -> list[dict[str, Any]]:
-    """Adjustments for each final period whose true usage differs from what was billed for it."""
+    """Adjustments for each final period whose true usage differs from what was billed for it,
+    priced as that period was."""
     lines = []
     for invoice in frozen:
         start = invoice["period_start"]
-        for metric, price in sorted(plan.metered.items()):
+        for metric, price in sorted(period_pricing(invoice, plan).metered.items()):
             billed = [
                 line
                 for line in billed_elsewhere
@@ -145,6 +159,7 @@ def plan_invoices(
                 "flat_amount": subject.plan.flat_amount,
                 "total": subject.plan.flat_amount + sum(line["amount"] for line in lines),
                 "finalized_at": as_of if closed else None,
+                "plan_snapshot": subject.snapshot or None,
                 "lines": lines,
             }
         )
@@ -197,7 +212,8 @@ def _line_order(line: dict[str, Any]) -> tuple[str, str, str]:
 def _changed(desired: dict[str, Any], stored: dict[str, Any] | None) -> bool:
     if stored is None:
         return True
-    if any(desired[k] != stored[k] for k in ("status", "period_end", "flat_amount", "total")):
+    compared = ("status", "period_end", "flat_amount", "total", "plan_snapshot")
+    if any(desired[k] != stored.get(k) for k in compared):
         return True
     ours = [_line_key(line) for line in sorted(desired["lines"], key=_line_order)]
     theirs = [_line_key(line) for line in sorted(stored["lines"], key=_line_order)]

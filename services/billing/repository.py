@@ -232,6 +232,7 @@ def save_invoices(connection: Connection, invoices: list[dict[str, Any]]) -> Non
             "flat_amount": insert.excluded.flat_amount,
             "total": insert.excluded.total,
             "finalized_at": insert.excluded.finalized_at,
+            "plan_snapshot": insert.excluded.plan_snapshot,
             "updated_at": sa.func.now(),
         },
         where=Invoice.status == "draft",
@@ -271,6 +272,7 @@ _INVOICE_COLUMNS = (
     "flat_amount",
     "total",
     "finalized_at",
+    "plan_snapshot",
 )
 _LINE_COLUMNS = (
     "metric",

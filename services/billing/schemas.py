@@ -3,6 +3,8 @@ that name the field path, e.g. `plans[1].features.metered.api_calls.tiers[2].up_
 
 from __future__ import annotations
 
+import functools
+import json
 import re
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
@@ -200,6 +202,26 @@ def validate_features(features: Any, path: str = "features") -> dict[str, Metere
 def plan_price(features: dict[str, Any], flat_amount: int) -> PlanPrice:
     """The pricing view of a stored plan (features were validated when the plan was applied)."""
     return PlanPrice(flat_amount=flat_amount, metered=validate_features(features))
+
+
+def pricing_snapshot(plan_id: Any, flat_amount: int, features: dict[str, Any]) -> dict[str, Any]:
+    """What an invoice stores of the pricing it was priced with (`invoices.plan_snapshot`)."""
+    return {
+        "plan_id": str(plan_id),
+        "flat_amount": flat_amount,
+        "metered": features.get("metered") or {},
+    }
+
+
+@functools.lru_cache(maxsize=1024)
+def _snapshot_price(text: str) -> PlanPrice:
+    snapshot = json.loads(text)
+    return plan_price({"metered": snapshot["metered"]}, snapshot["flat_amount"])
+
+
+def snapshot_price(snapshot: dict[str, Any]) -> PlanPrice:
+    """The pricing view of an invoice's plan snapshot (parsed once per distinct snapshot)."""
+    return _snapshot_price(json.dumps(snapshot, sort_keys=True))
 
 
 def validate_plan_file(document: Any) -> list[dict[str, Any]]:

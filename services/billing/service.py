@@ -24,9 +24,11 @@ from services.billing.invoices import (
     changed_invoices,
     invoice_document,
     invoices_of_run,
+    period_pricing,
     plan_invoices,
 )
 from services.billing.periods import Period, periods_to_bill
+from services.billing.pricing import PlanPrice
 from services.billing.reporting import (
     UsageToReport,
     ledger_rows,
@@ -35,7 +37,7 @@ from services.billing.reporting import (
     report_document,
     send_unsent,
 )
-from services.billing.schemas import plan_price
+from services.billing.schemas import plan_price, pricing_snapshot
 from shared.logs import log_event
 from shared.models import BillingRun, Organization, Plan, Subscription
 
@@ -211,7 +213,13 @@ def _prepare(
         work.append(
             _Work(
                 row=row,
-                subject=Subject(row.id, row.organization_id, row.currency, plan),
+                subject=Subject(
+                    row.id,
+                    row.organization_id,
+                    row.currency,
+                    plan,
+                    pricing_snapshot(row.plan_id, plan.flat_amount, row.features or {}),
+                ),
                 periods=periods,
                 existing=existing.get(row.id, []),
                 meters={m: p.stripe_meter for m, p in plan.metered.items() if p.stripe_meter},
@@ -221,17 +229,26 @@ def _prepare(
 
 
 def _queries(work: list[_Work]) -> list[repository.PeriodQuery]:
+    """The usage to total: each period to bill with the current plan's metrics, and each stored
+    final invoice's period with the metrics of the pricing it was billed with (late usage)."""
     queries = []
     for item in work:
-        metered = item.subject.plan.metered
-        metrics = tuple(sorted(metered))
-        if not metrics:
-            continue
-        max_metrics = tuple(m for m in metrics if metered[m].aggregation == "max")
-        starts: dict[datetime, datetime] = {p.start: p.end for p in item.periods}
+        current = item.subject.plan
+        pricing: dict[datetime, tuple[datetime, PlanPrice]] = {
+            p.start: (p.end, current) for p in item.periods
+        }
         for invoice in item.existing:
-            starts.setdefault(invoice["period_start"], invoice["period_end"])
-        for start, end in starts.items():
+            if invoice["period_start"] in pricing:
+                continue
+            # A draft not among the periods is finalised with the current plan; a final one
+            # only takes adjustments, priced with its own snapshot.
+            final = invoice["status"] == "final"
+            price = period_pricing(invoice, current) if final else current
+            pricing[invoice["period_start"]] = (invoice["period_end"], price)
+        for start, (end, price) in pricing.items():
+            metrics = tuple(sorted(price.metered))
+            if not metrics:
+                continue
             queries.append(
                 repository.PeriodQuery(
                     item.subject.subscription_id,
@@ -239,7 +256,7 @@ def _queries(work: list[_Work]) -> list[repository.PeriodQuery]:
                     start,
                     end,
                     metrics,
-                    max_metrics,
+                    tuple(m for m in metrics if price.metered[m].aggregation == "max"),
                 )
             )
     return queries

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -19,6 +20,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -57,6 +59,10 @@ class Invoice(IdMixin, TimestampMixin, Base):
     flat_amount: Mapped[int] = mapped_column(BigInteger)
     total: Mapped[int] = mapped_column(BigInteger)
     finalized_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The pricing the invoice was priced with: {"plan_id", "flat_amount", "metered"} (the plan's
+    # features.metered section). Late usage of a final period is priced with it, never with the
+    # subscription's current plan. NULL on invoices from before it was stored.
+    plan_snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
 
 
 class InvoiceLine(IdMixin, TimestampMixin, Base):

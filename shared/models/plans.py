@@ -76,3 +76,6 @@ class Subscription(IdMixin, TimestampMixin, Base):
     trial_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     stripe_subscription_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
+    # `created` of the last Stripe event applied to this subscription: an older event arriving
+    # late is recorded as processed but changes nothing.
+    stripe_event_created: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

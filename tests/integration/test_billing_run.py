@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared.db import unit_of_work
-from shared.models import Invoice, InvoiceLine, Subscription, UsageRecord
+from shared.models import Invoice, InvoiceLine, Plan, Subscription, UsageRecord
 from tests import factories
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -387,3 +387,51 @@ def test_a_canceled_subscription_settled_before_the_horizon_is_left_alone_while_
         (str(live.id), "2026-12-01", "draft"),
     ]
     assert listed[0]["total"] == 4900 + 200
+
+
+def _reprice(engine: Engine, org: dict[str, Any]) -> None:
+    """The plan's second api_calls tier doubles (0.02 -> 0.04) and storage costs 20, not 12.5."""
+    features = json.loads(json.dumps(FEATURES))
+    features["metered"]["api_calls"]["tiers"][1]["unit_amount"] = "0.04"
+    features["metered"]["storage_gb"]["unit_amount"] = "20"
+    with unit_of_work(engine) as session:
+        subscription = session.get(Subscription, org["subscription_id"])
+        assert subscription is not None
+        session.execute(
+            sa.update(Plan).where(Plan.id == subscription.plan_id).values(features=features)
+        )
+
+
+def test_a_plan_price_change_does_not_reprice_a_final_period(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    assert billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC)).returncode == 0
+    _reprice(engine, org)
+
+    result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    november, december = json.loads(result.stdout)["invoices"]
+    assert november["total"] == 4900 + 70500 + 44 + 600 + 6600
+    assert [line["kind"] for line in december["lines"]] == ["usage"] * 4
+
+
+def test_late_usage_of_a_final_period_is_priced_with_that_period_s_plan(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    assert billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC)).returncode == 0
+    _reprice(engine, org)
+    add_usage(engine, org, [(1, "api_calls", NOV + timedelta(days=20), "1000000")])
+
+    result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    december = json.loads(result.stdout)["invoices"][1]
+    # 1,000,000 late calls in November's second tier at November's 0.02, not today's 0.04.
+    assert {k: v for k, v in lines_of(december).items() if k[1] == "adjustment"} == {
+        ("api_calls", "adjustment"): ("1000000", "1000000", 20000)
+    }
