@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
@@ -78,6 +79,35 @@ def next_period(
     On the anchor's grid that is simply the next anchored period; a period that ended off the
     grid (set by hand or from before the anchor was stored) is brought back onto it."""
     return end, period_containing(anchor, end, interval)[1]
+
+
+@dataclass(frozen=True)
+class Rollover:
+    """Where a subscription's periods stand at a moment: its current period, then each period that
+    followed it by then (the last one contains the moment), and, when the current period ended
+    while set to cancel at period end, the time it was canceled (that period's end) instead."""
+
+    periods: list[tuple[datetime, datetime]]
+    canceled_at: datetime | None = None
+
+
+def roll_periods(
+    anchor: datetime,
+    current: tuple[datetime, datetime],
+    interval: BillingInterval | str,
+    *,
+    now: datetime,
+    cancel_at_period_end: bool,
+) -> Rollover:
+    """The one rule of renewal, for the lifecycle (renew_period) and for billing alike: a period
+    that ends is followed by the next anchored one, unless the subscription was set to cancel at
+    period end, in which case nothing follows it and the subscription is canceled at its end."""
+    periods = [current]
+    if cancel_at_period_end:
+        return Rollover(periods, current[1] if current[1] <= now else None)
+    while periods[-1][1] <= now:
+        periods.append(next_period(anchor, periods[-1][1], interval))
+    return Rollover(periods)
 
 
 def _plan(session: Session, plan_id: uuid.UUID) -> Plan:
@@ -175,14 +205,18 @@ def renew_period(session: Session, subscription_id: uuid.UUID, *, now: datetime)
         return subscription
     # Rows from before the anchor was stored are anchored on their current period's start.
     anchor = subscription.billing_cycle_anchor or subscription.current_period_start
-    while subscription.current_period_end <= now:
-        if subscription.cancel_at_period_end:
-            subscription.status = SubscriptionStatus.CANCELED
-            subscription.canceled_at = subscription.current_period_end
-            break
-        subscription.current_period_start, subscription.current_period_end = next_period(
-            anchor, subscription.current_period_end, subscription.billing_interval
-        )
+    rollover = roll_periods(
+        anchor,
+        (subscription.current_period_start, subscription.current_period_end),
+        subscription.billing_interval,
+        now=now,
+        cancel_at_period_end=subscription.cancel_at_period_end,
+    )
+    if rollover.canceled_at is not None:
+        subscription.status = SubscriptionStatus.CANCELED
+        subscription.canceled_at = rollover.canceled_at
+    elif len(rollover.periods) > 1:
+        subscription.current_period_start, subscription.current_period_end = rollover.periods[-1]
         if subscription.trial_end and subscription.trial_end <= subscription.current_period_start:
             subscription.status = SubscriptionStatus.ACTIVE
     session.flush()

@@ -4,8 +4,9 @@ A period's invoice is a draft while the period is open and final once it closed.
 never changes: usage that arrives after it (late events) becomes an adjustment line on the newest
 invoice of the subscription, for the difference between the price of the period's true quantity
 and what was already billed for it, priced with the pricing snapshot the final invoice stored
-(a plan changed since re-prices nothing already final). Pure: values in, the invoices as they
-should be out.
+(a plan changed since re-prices nothing already final). A period that lies wholly within the
+subscription's trial charges no flat fee and, as Stripe does, no usage; a period the trial ends
+inside is billed in full (no proration). Pure: values in, the invoices as they should be out.
 """
 
 from __future__ import annotations
@@ -17,7 +18,14 @@ from decimal import Decimal
 from typing import Any
 
 from services.billing.periods import Period
-from services.billing.pricing import ZERO, PlanPrice, billable_quantity, price_metric
+from services.billing.pricing import (
+    ZERO,
+    MeteredPrice,
+    PlanPrice,
+    PricedLine,
+    billable_quantity,
+    price_metric,
+)
 from services.billing.schemas import snapshot_price
 
 Totals = dict[tuple[datetime, str], Decimal]
@@ -34,12 +42,27 @@ class Subject:
     # The current plan as invoices store it (`plan_snapshot`): drafts are priced with the current
     # plan, so each draft written carries it, and it freezes with the invoice.
     snapshot: dict[str, Any] = field(default_factory=dict)
+    trial_end: datetime | None = None
+
+    def in_trial(self, period: Period) -> bool:
+        """Whether the whole period lies within the trial. A period the trial ends inside is
+        billed in full (flat fee and usage): prorating a partial trial is not supported."""
+        return self.trial_end is not None and self.trial_end >= period.end
 
 
-def _usage_lines(plan: PlanPrice, period: Period, totals: Totals) -> list[dict[str, Any]]:
+def _priced(metric: str, quantity: Decimal, price: MeteredPrice, trial: bool) -> PricedLine:
+    # As Stripe does, usage during a trial is not charged: the quantity shows, none is billable.
+    if trial:
+        return PricedLine(metric, quantity, ZERO, 0)
+    return price_metric(metric, quantity, price)
+
+
+def _usage_lines(
+    plan: PlanPrice, period: Period, totals: Totals, trial: bool
+) -> list[dict[str, Any]]:
     lines = []
     for metric, price in sorted(plan.metered.items()):
-        line = price_metric(metric, totals.get((period.start, metric), ZERO), price)
+        line = _priced(metric, totals.get((period.start, metric), ZERO), price, trial)
         lines.append(
             {
                 "metric": metric,
@@ -60,8 +83,15 @@ def period_pricing(invoice: dict[str, Any], current: PlanPrice) -> PlanPrice:
     return snapshot_price(snapshot) if snapshot else current
 
 
+def _period_in_trial(invoice: dict[str, Any], subject: Subject) -> bool:
+    snapshot = invoice.get("plan_snapshot")
+    if snapshot:
+        return bool(snapshot.get("trial"))
+    return subject.in_trial(Period(invoice["period_start"], invoice["period_end"]))
+
+
 def _adjustment_lines(
-    plan: PlanPrice,
+    subject: Subject,
     frozen: list[dict[str, Any]],
     billed_elsewhere: list[dict[str, Any]],
     totals: Totals,
@@ -71,7 +101,8 @@ def _adjustment_lines(
     lines = []
     for invoice in frozen:
         start = invoice["period_start"]
-        for metric, price in sorted(period_pricing(invoice, plan).metered.items()):
+        trial = _period_in_trial(invoice, subject)
+        for metric, price in sorted(period_pricing(invoice, subject.plan).metered.items()):
             billed = [
                 line
                 for line in billed_elsewhere
@@ -83,7 +114,7 @@ def _adjustment_lines(
             ]
             billed_quantity = sum((line["quantity"] for line in billed), ZERO)
             billed_amount = sum(line["amount"] for line in billed)
-            true = price_metric(metric, totals.get((start, metric), ZERO), price)
+            true = _priced(metric, totals.get((start, metric), ZERO), price, trial)
             if true.quantity == billed_quantity and true.amount == billed_amount:
                 continue
             lines.append(
@@ -92,7 +123,7 @@ def _adjustment_lines(
                     "kind": "adjustment",
                     "quantity": true.quantity - billed_quantity,
                     "billable_quantity": true.billable_quantity
-                    - billable_quantity(billed_quantity, price),
+                    - (ZERO if trial else billable_quantity(billed_quantity, price)),
                     "amount": true.amount - billed_amount,
                     "adjusts_period_start": start,
                 }
@@ -131,7 +162,8 @@ def plan_invoices(
         if stored is not None and stored["status"] == "final":
             continue
         closed = period.closed_at(as_of)
-        lines = _usage_lines(subject.plan, period, totals)
+        trial = subject.in_trial(period)
+        lines = _usage_lines(subject.plan, period, totals, trial)
         if period == target:
             elsewhere = [
                 line | {"_period_start": invoice["period_start"]}
@@ -142,11 +174,13 @@ def plan_invoices(
                 for other in desired
                 for line in other["lines"]
             ]
-            lines += _adjustment_lines(subject.plan, frozen, elsewhere, totals)
+            lines += _adjustment_lines(subject, frozen, elsewhere, totals)
         elif stored is not None:
             # A draft finalised now keeps the adjustments it already carried; anything newer
             # goes to the target invoice.
             lines += [dict(line) for line in stored["lines"] if line["kind"] == "adjustment"]
+        flat_amount = 0 if trial else subject.plan.flat_amount
+        snapshot = (subject.snapshot | {"trial": True}) if trial else subject.snapshot
         desired.append(
             {
                 "id": stored["id"] if stored else uuid.uuid4(),
@@ -156,10 +190,10 @@ def plan_invoices(
                 "period_end": period.end,
                 "currency": subject.currency,
                 "status": "final" if closed else "draft",
-                "flat_amount": subject.plan.flat_amount,
-                "total": subject.plan.flat_amount + sum(line["amount"] for line in lines),
+                "flat_amount": flat_amount,
+                "total": flat_amount + sum(line["amount"] for line in lines),
                 "finalized_at": as_of if closed else None,
-                "plan_snapshot": subject.snapshot or None,
+                "plan_snapshot": snapshot or None,
                 "lines": lines,
             }
         )

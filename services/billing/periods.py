@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from shared.subscriptions import next_period
+from shared.subscriptions import roll_periods
 
 
 @dataclass(frozen=True)
@@ -21,24 +21,40 @@ class Period:
         return as_of >= self.end
 
 
-def periods_to_bill(
+@dataclass(frozen=True)
+class ToBill:
+    """The periods a run invoices, oldest first, and when the subscription was canceled if its
+    current period ended set to cancel at period end (the run marks it canceled)."""
+
+    periods: list[Period]
+    canceled_at: datetime | None = None
+
+
+def billing_periods(
     current: Period,
     interval: str,
     as_of: datetime,
     *,
     renews: bool,
     anchor: datetime | None = None,
-) -> list[Period]:
+    cancel_at_period_end: bool = False,
+) -> ToBill:
     """The current period and every period closed since it began, oldest first.
 
     `anchor` is the subscription's billing cycle anchor (None: the current period's start).
-    A subscription that does not renew (canceled) has no period after its current one.
+    A subscription that does not renew (canceled), or is set to cancel at period end, has no
+    period after its current one: shared.subscriptions.roll_periods, the rule renew_period uses.
     A subscription whose period has not begun yet has nothing to bill.
     """
     if as_of < current.start:
-        return []
-    anchor = anchor or current.start
-    periods = [current]
-    while renews and periods[-1].closed_at(as_of):
-        periods.append(Period(*next_period(anchor, periods[-1].end, interval)))
-    return periods
+        return ToBill([])
+    if not renews:
+        return ToBill([current])
+    rollover = roll_periods(
+        anchor or current.start,
+        (current.start, current.end),
+        interval,
+        now=as_of,
+        cancel_at_period_end=cancel_at_period_end,
+    )
+    return ToBill([Period(*bounds) for bounds in rollover.periods], rollover.canceled_at)

@@ -41,6 +41,8 @@ def subscriptions_to_bill(
             Subscription.current_period_start,
             Subscription.current_period_end,
             Subscription.billing_cycle_anchor,
+            Subscription.cancel_at_period_end,
+            Subscription.trial_end,
             Subscription.stripe_subscription_id,
             Plan.id.label("plan_id"),
             Plan.features,
@@ -303,6 +305,23 @@ def advance_periods(
             "starts": [p[1] for p in periods],
             "ends": [p[2] for p in periods],
         },
+    )
+
+
+def cancel_subscriptions(
+    connection: Connection, canceled: list[tuple[uuid.UUID, datetime]]
+) -> None:
+    """Mark subscriptions canceled: (subscription id, canceled at) each."""
+    if not canceled:
+        return
+    connection.execute(
+        sa.text(
+            "UPDATE subscriptions AS s SET status = 'canceled', canceled_at = c.at,"
+            " cancel_at_period_end = false, updated_at = now()"
+            " FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS c(id, at)"
+            " WHERE s.id = c.id"
+        ),
+        {"ids": [c[0] for c in canceled], "ats": [c[1] for c in canceled]},
     )
 
 

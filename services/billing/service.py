@@ -27,7 +27,7 @@ from services.billing.invoices import (
     period_pricing,
     plan_invoices,
 )
-from services.billing.periods import Period, periods_to_bill
+from services.billing.periods import Period, ToBill, billing_periods
 from services.billing.pricing import PlanPrice
 from services.billing.reporting import (
     UsageToReport,
@@ -81,6 +81,7 @@ class _Work:
     periods: list[Period]
     existing: list[dict[str, Any]]
     meters: dict[str, str]
+    canceled_at: datetime | None = None
 
 
 Progress = Callable[[int, int], None]
@@ -185,7 +186,7 @@ def _prepare(
     since = as_of - horizon
     existing = repository.invoices_of(connection, [row.id for row in rows], since=since)
     prices: dict[tuple[uuid.UUID, str], Any] = {}
-    periods_of: dict[uuid.UUID, list[Period]] = {}
+    to_bill: dict[uuid.UUID, ToBill] = {}
     work = []
     for row in rows:
         interval = str(row.billing_interval)
@@ -193,22 +194,23 @@ def _prepare(
         key = (row.plan_id, interval)
         if key not in prices:
             prices[key] = plan_price(row.features or {}, flat)
-        periods_of[row.id] = periods_to_bill(
+        to_bill[row.id] = billing_periods(
             Period(row.current_period_start, row.current_period_end),
             interval,
             as_of,
             renews=str(row.status) in RENEWING,
             anchor=row.billing_cycle_anchor,
+            cancel_at_period_end=row.cancel_at_period_end,
         )
     # A period that ended before the horizon and whose invoice is final is settled: invoices_of
     # no longer returns its invoice (no late usage can reach it), so it must not be planned again
     # as if it had none (a canceled subscription keeps its last period as its current one).
     settled = repository.final_periods(
         connection,
-        [(id_, p.start) for id_, periods in periods_of.items() for p in periods if p.end <= since],
+        [(id_, p.start) for id_, bill in to_bill.items() for p in bill.periods if p.end <= since],
     )
     for row in rows:
-        periods = [p for p in periods_of[row.id] if (row.id, p.start) not in settled]
+        periods = [p for p in to_bill[row.id].periods if (row.id, p.start) not in settled]
         plan = prices[(row.plan_id, str(row.billing_interval))]
         work.append(
             _Work(
@@ -219,10 +221,12 @@ def _prepare(
                     row.currency,
                     plan,
                     pricing_snapshot(row.plan_id, plan.flat_amount, row.features or {}),
+                    row.trial_end,
                 ),
                 periods=periods,
                 existing=existing.get(row.id, []),
                 meters={m: p.stripe_meter for m, p in plan.metered.items() if p.stripe_meter},
+                canceled_at=to_bill[row.id].canceled_at,
             )
         )
     return work
@@ -298,6 +302,14 @@ def _write(
             (item.subject.subscription_id, item.periods[-1].start, item.periods[-1].end)
             for item, _ in planned
             if item.periods and item.periods[-1].start != item.row.current_period_start
+        ],
+    )
+    repository.cancel_subscriptions(
+        connection,
+        [
+            (item.subject.subscription_id, item.canceled_at)
+            for item, _ in planned
+            if item.canceled_at is not None
         ],
     )
     if not report:

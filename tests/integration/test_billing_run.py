@@ -435,3 +435,64 @@ def test_late_usage_of_a_final_period_is_priced_with_that_period_s_plan(
     assert {k: v for k, v in lines_of(december).items() if k[1] == "adjustment"} == {
         ("api_calls", "adjustment"): ("1000000", "1000000", 20000)
     }
+
+
+def _status(engine: Engine, subscription_id: Any) -> tuple[Any, ...]:
+    with engine.connect() as connection:
+        return tuple(
+            connection.execute(
+                sa.select(
+                    Subscription.status,
+                    Subscription.canceled_at,
+                    Subscription.current_period_start,
+                ).where(Subscription.id == subscription_id)
+            ).one()
+        )
+
+
+def test_a_subscription_set_to_cancel_gets_no_period_after_its_current_one(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    with unit_of_work(engine) as session:
+        subscription = session.get(Subscription, org["subscription_id"])
+        assert subscription is not None
+        subscription.cancel_at_period_end = True
+    add_usage(engine, org, november_usage(org))
+
+    result = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+    later = billing_run(service_env, org, datetime(2027, 1, 2, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    assert later.returncode == 0, later.stderr
+    for run in (result, later):
+        assert [
+            (i["period_start"][:10], i["status"]) for i in json.loads(run.stdout)["invoices"]
+        ] == [("2026-11-01", "final")]
+    assert _status(engine, org["subscription_id"]) == (
+        "canceled",
+        datetime(2026, 12, 1, tzinfo=UTC),
+        NOV,
+    )
+
+
+def test_a_period_within_the_trial_charges_neither_flat_fee_nor_usage(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    with unit_of_work(engine) as session:
+        subscription = session.get(Subscription, org["subscription_id"])
+        assert subscription is not None
+        subscription.status = factories.SubscriptionStatus.TRIALING
+        subscription.trial_end = datetime(2026, 12, 1, tzinfo=UTC)
+    add_usage(engine, org, november_usage(org))
+
+    result = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    november, december = json.loads(result.stdout)["invoices"]
+    assert (november["flat_amount"], november["total"]) == (0, 0)
+    assert lines_of(november)[("api_calls", "usage")] == ("2100000", "0", 0)
+    # The trial ended when December began: December pays its flat fee and its usage.
+    assert december["flat_amount"] == 4900
+    assert lines_of(december)[("api_calls", "usage")] == ("999999", "899999", 45000)

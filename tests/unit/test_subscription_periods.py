@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.billing.periods import Period, periods_to_bill
+from services.billing.periods import Period, billing_periods
 from shared.errors import InvalidInput
 from shared.subscriptions import next_period, period_bounds, period_containing
 
@@ -95,9 +95,9 @@ def test_billing_rolls_closed_periods_forward_on_the_anchor() -> None:
     anchor = datetime(2027, 1, 31, tzinfo=UTC)
     current = Period(anchor, datetime(2027, 2, 28, tzinfo=UTC))
 
-    periods = periods_to_bill(
+    periods = billing_periods(
         current, "month", datetime(2027, 4, 1, tzinfo=UTC), renews=True, anchor=anchor
-    )
+    ).periods
 
     assert [(p.start.date().isoformat(), p.end.date().isoformat()) for p in periods] == [
         ("2027-01-31", "2027-02-28"),
@@ -113,7 +113,7 @@ def test_billed_periods_tile_time_from_the_current_one_to_as_of(
     current = Period(*period_bounds(anchor, 0, interval))
     as_of = period_bounds(anchor, closed, interval)[0] + timedelta(seconds=1)
 
-    periods = periods_to_bill(current, interval, as_of, renews=True, anchor=anchor)
+    periods = billing_periods(current, interval, as_of, renews=True, anchor=anchor).periods
 
     assert periods[0] == current and len(periods) == closed + 1
     assert all(a.end == b.start for a, b in itertools.pairwise(periods))
@@ -121,3 +121,19 @@ def test_billed_periods_tile_time_from_the_current_one_to_as_of(
     assert [(p.start, p.end) for p in periods] == [
         period_bounds(anchor, n, interval) for n in range(closed + 1)
     ]
+
+
+def test_billing_gives_a_subscription_set_to_cancel_no_next_period_and_cancels_it_at_its_end() -> (
+    None
+):
+    current = Period(datetime(2027, 1, 1, tzinfo=UTC), datetime(2027, 2, 1, tzinfo=UTC))
+
+    open_ = billing_periods(
+        current, "month", datetime(2027, 1, 20, tzinfo=UTC), renews=True, cancel_at_period_end=True
+    )
+    ended = billing_periods(
+        current, "month", datetime(2027, 3, 5, tzinfo=UTC), renews=True, cancel_at_period_end=True
+    )
+
+    assert (open_.periods, open_.canceled_at) == ([current], None)
+    assert (ended.periods, ended.canceled_at) == ([current], current.end)
