@@ -73,7 +73,7 @@ def reconcile_run(
         with engine.begin() as connection:
             for finding in findings:
                 _apply_fix(connection, row, finding, ledgers, now)
-                _record(connection, run_id, row.id, finding)
+                record_mismatch(connection, run_id, row.id, finding)
         found += [_document(row.id, finding) for finding in findings]
     return found
 
@@ -103,15 +103,24 @@ def _subscription_findings(gateway: BillingGateway, row: Any) -> list[dict[str, 
         or theirs.period_end != row.current_period_end
     ):
         findings.append(
-            _finding(
-                "period_differs",
-                f"{row.current_period_start.isoformat()}/{row.current_period_end.isoformat()}",
-                f"{theirs.period_start.isoformat()}/{theirs.period_end.isoformat()}"
-                if theirs.period_end
-                else theirs.period_start.isoformat(),
+            period_finding(
+                (row.current_period_start, row.current_period_end),
+                (theirs.period_start, theirs.period_end),
             )
         )
     return findings
+
+
+def period_finding(
+    ours: tuple[datetime, datetime], theirs: tuple[datetime, datetime | None]
+) -> dict[str, Any]:
+    """`period_differs`: left for a person (our period stays on our anchor grid)."""
+    start, end = theirs
+    return _finding(
+        "period_differs",
+        f"{ours[0].isoformat()}/{ours[1].isoformat()}",
+        f"{start.isoformat()}/{end.isoformat()}" if end else start.isoformat(),
+    )
 
 
 def _usage_findings(
@@ -201,7 +210,7 @@ def _apply_fix(
     finding["resolved"] = fix is not None
 
 
-def _record(
+def record_mismatch(
     connection: Connection,
     run_id: uuid.UUID | None,
     subscription_id: uuid.UUID,

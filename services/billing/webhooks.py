@@ -2,12 +2,16 @@
 
 The processed-event row and the subscription change share one transaction: a replayed event id
 finds its row and changes nothing; a failed one leaves no row and is processed when Stripe retries.
+Stripe does not deliver events in order: an event older (by its `created`) than the last one
+applied to the subscription is recorded as processed (`stale`) and changes nothing. Events
+created in the same second cannot be ordered; the later delivery wins.
 """
 
 from __future__ import annotations
 
 import contextlib
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -15,7 +19,9 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
 from services.billing.gateway import subscription_from_stripe
+from services.billing.reconcile import period_finding, record_mismatch
 from shared.models import StripeWebhookEvent, Subscription
+from shared.subscriptions import next_period
 
 # A paid invoice brings these back to active; a failed payment makes an active one past_due.
 _RECOVERS_ON_PAYMENT = ("past_due", "unpaid", "incomplete")
@@ -33,11 +39,12 @@ def apply_stripe_event(connection: Connection, event: dict[str, Any]) -> str:
         return "duplicate"
     obj = event["data"]["object"]
     kind = event["type"]
+    created = _created(event)
     subscription_id: uuid.UUID | None = None
     if kind.startswith("customer.subscription."):
-        subscription_id, outcome = _apply_subscription(connection, kind, obj)
+        subscription_id, outcome = _apply_subscription(connection, kind, obj, created)
     elif kind.startswith("invoice."):
-        subscription_id, outcome = _apply_invoice(connection, kind, obj)
+        subscription_id, outcome = _apply_invoice(connection, kind, obj, created)
     else:
         outcome = "ignored"
     connection.execute(
@@ -48,6 +55,24 @@ def apply_stripe_event(connection: Connection, event: dict[str, Any]) -> str:
     return outcome
 
 
+def _created(event: dict[str, Any]) -> datetime | None:
+    created = event.get("created")
+    if isinstance(created, int) and not isinstance(created, bool):
+        return datetime.fromtimestamp(created, UTC)
+    return None
+
+
+def _stale(found: Any, created: datetime | None) -> bool:
+    """Whether a newer event was already applied to this subscription."""
+    last = found.stripe_event_created
+    return created is not None and last is not None and created < last
+
+
+def _ordering(created: datetime | None) -> dict[str, Any]:
+    """The values that record this event as the newest applied, if it carries its time."""
+    return {"stripe_event_created": created} if created is not None else {}
+
+
 def _find(connection: Connection, stripe_id: str | None, metadata: dict[str, Any]) -> Any:
     ours = metadata.get("meterline_subscription_id")
     condition = Subscription.stripe_subscription_id == stripe_id
@@ -55,33 +80,66 @@ def _find(connection: Connection, stripe_id: str | None, metadata: dict[str, Any
         with contextlib.suppress(ValueError):
             condition = sa.or_(condition, Subscription.id == uuid.UUID(ours))
     return connection.execute(
-        sa.select(Subscription.id, Subscription.status).where(condition).limit(1)
+        sa.select(
+            Subscription.id,
+            Subscription.status,
+            Subscription.billing_interval,
+            Subscription.current_period_start,
+            Subscription.current_period_end,
+            Subscription.billing_cycle_anchor,
+            Subscription.stripe_event_created,
+        )
+        .where(condition)
+        .limit(1)
     ).one_or_none()
 
 
+def _continues_our_grid(found: Any, start: datetime, end: datetime) -> bool:
+    """Whether Stripe's period is the anchored period that follows our current one. Moving onto
+    anything else would make the next run invoice an overlapping period (or skip one)."""
+    anchor = found.billing_cycle_anchor or found.current_period_start
+    following = next_period(anchor, found.current_period_end, str(found.billing_interval))
+    return (start, end) == following
+
+
 def _apply_subscription(
-    connection: Connection, kind: str, obj: dict[str, Any]
+    connection: Connection, kind: str, obj: dict[str, Any], created: datetime | None
 ) -> tuple[uuid.UUID | None, str]:
     found = _find(connection, obj.get("id"), obj.get("metadata") or {})
     if found is None:
         return None, "unknown_subscription"
+    if _stale(found, created):
+        return found.id, "stale"
     theirs = subscription_from_stripe(obj)
     values: dict[str, Any] = {
         "status": "canceled" if kind == "customer.subscription.deleted" else theirs.status,
         "stripe_subscription_id": theirs.id,
         "cancel_at_period_end": bool(obj.get("cancel_at_period_end")),
         "updated_at": sa.func.now(),
-    }
+    } | _ordering(created)
     if theirs.customer_id:
         values["stripe_customer_id"] = theirs.customer_id
-    if theirs.period_start and theirs.period_end:
-        values["current_period_start"] = theirs.period_start
-        values["current_period_end"] = theirs.period_end
-    for field in ("canceled_at", "trial_end", "billing_cycle_anchor"):
+    outcome = "subscription_updated"
+    ours = (found.current_period_start, found.current_period_end)
+    if (
+        theirs.period_start
+        and theirs.period_end
+        and (theirs.period_start, theirs.period_end) != ours
+    ):
+        if _continues_our_grid(found, theirs.period_start, theirs.period_end):
+            values["current_period_start"] = theirs.period_start
+            values["current_period_end"] = theirs.period_end
+        else:
+            finding = period_finding(ours, (theirs.period_start, theirs.period_end))
+            record_mismatch(connection, None, found.id, finding | {"resolved": False})
+            outcome = "period_differs"
+    # Not billing_cycle_anchor: our anchor defines our periods; a different one at Stripe shows
+    # as period_differs, for a person to settle.
+    for field in ("canceled_at", "trial_end"):
         if obj.get(field):
             values[field] = sa.func.to_timestamp(obj[field])
     connection.execute(sa.update(Subscription).where(Subscription.id == found.id).values(values))
-    return found.id, "subscription_updated"
+    return found.id, outcome
 
 
 def _invoice_subscription(obj: dict[str, Any]) -> str | None:
@@ -92,11 +150,13 @@ def _invoice_subscription(obj: dict[str, Any]) -> str | None:
 
 
 def _apply_invoice(
-    connection: Connection, kind: str, obj: dict[str, Any]
+    connection: Connection, kind: str, obj: dict[str, Any], created: datetime | None
 ) -> tuple[uuid.UUID | None, str]:
     found = _find(connection, _invoice_subscription(obj), {})
     if found is None:
         return None, "unknown_subscription"
+    if _stale(found, created):
+        return found.id, "stale"
     status = str(found.status)
     if kind in ("invoice.paid", "invoice.payment_succeeded") and status in _RECOVERS_ON_PAYMENT:
         new_status = "active"
@@ -107,6 +167,6 @@ def _apply_invoice(
     connection.execute(
         sa.update(Subscription)
         .where(Subscription.id == found.id)
-        .values(status=new_status, updated_at=sa.func.now())
+        .values(status=new_status, updated_at=sa.func.now(), **_ordering(created))
     )
     return found.id, f"status_{new_status}"

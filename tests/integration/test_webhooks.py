@@ -19,7 +19,7 @@ from starlette.testclient import TestClient
 
 from services.billing.app import build_app
 from shared.db import unit_of_work
-from shared.models import Subscription
+from shared.models import ReconciliationMismatch, Subscription
 from shared.settings import Settings
 from tests import factories
 
@@ -48,14 +48,24 @@ def seeded_subscription(engine: Engine) -> tuple[Any, str]:
         return subscription.id, stripe_id
 
 
-def subscription_event(stripe_id: str, status: str, event_id: str | None = None) -> bytes:
-    start = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
-    end = int(datetime(2027, 1, 1, tzinfo=UTC).timestamp())
+def subscription_event(
+    stripe_id: str,
+    status: str,
+    event_id: str | None = None,
+    *,
+    created: int | None = None,
+    period: tuple[datetime, datetime] = (
+        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2027, 1, 1, tzinfo=UTC),
+    ),
+) -> bytes:
+    start, end = (int(moment.timestamp()) for moment in period)
     return json.dumps(
         {
             "id": event_id or f"evt_{secrets.token_hex(8)}",
             "object": "event",
             "type": "customer.subscription.updated",
+            **({"created": created} if created is not None else {}),
             "data": {
                 "object": {
                     "id": stripe_id,
@@ -193,3 +203,57 @@ def test_a_failed_invoice_payment_makes_the_subscription_past_due(
 
     assert response.json()["outcome"] == "status_past_due"
     assert state(engine, subscription_id)[0] == "past_due"
+
+
+def test_an_older_event_delivered_late_changes_nothing_and_counts_as_processed(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    secret = settings.stripe_webhook_secret.get_secret_value()
+    subscription_id, stripe_id = seeded_subscription(engine)
+    newer = subscription_event(
+        stripe_id, "active", created=int(datetime(2026, 12, 1, 0, 5, tzinfo=UTC).timestamp())
+    )
+    assert post(client, newer, sign(newer, secret)).json()["outcome"] == "subscription_updated"
+    after_newer = state(engine, subscription_id)
+    older_id = f"evt_{secrets.token_hex(8)}"
+    older = subscription_event(
+        stripe_id,
+        "past_due",
+        older_id,
+        created=int(datetime(2026, 12, 1, tzinfo=UTC).timestamp()),
+        period=(datetime(2026, 11, 1, tzinfo=UTC), datetime(2026, 12, 1, tzinfo=UTC)),
+    )
+
+    response = post(client, older, sign(older, secret))
+    again = post(client, older, sign(older, secret))
+
+    assert response.json()["outcome"] == "stale"
+    assert again.json()["outcome"] == "duplicate"
+    assert state(engine, subscription_id) == after_newer
+    assert after_newer[:2] == ("active", datetime(2026, 12, 1, tzinfo=UTC))
+
+
+def test_a_stripe_period_off_our_anchor_grid_is_a_mismatch_not_a_move(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    secret = settings.stripe_webhook_secret.get_secret_value()
+    subscription_id, stripe_id = seeded_subscription(engine)
+    # Anchored on November 1st: December 15th to January 15th overlaps our December.
+    payload = subscription_event(
+        stripe_id,
+        "past_due",
+        period=(datetime(2026, 12, 15, tzinfo=UTC), datetime(2027, 1, 15, tzinfo=UTC)),
+    )
+
+    response = post(client, payload, sign(payload, secret))
+
+    assert response.json()["outcome"] == "period_differs"
+    status, period_start, _, _ = state(engine, subscription_id)
+    assert (status, period_start) == ("past_due", datetime(2026, 11, 1, tzinfo=UTC))
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.select(ReconciliationMismatch.kind, ReconciliationMismatch.theirs).where(
+                ReconciliationMismatch.subscription_id == subscription_id
+            )
+        ).all()
+    assert found == [("period_differs", "2026-12-15T00:00:00+00:00/2027-01-15T00:00:00+00:00")]
