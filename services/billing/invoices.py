@@ -27,6 +27,7 @@ from services.billing.pricing import (
     price_metric,
 )
 from services.billing.schemas import snapshot_price
+from shared.events import SUM_CONTEXT
 
 Totals = dict[tuple[datetime, str], Decimal]
 
@@ -112,7 +113,9 @@ def _adjustment_lines(
                     or (line["kind"] == "adjustment" and line["adjusts_period_start"] == start)
                 )
             ]
-            billed_quantity = sum((line["quantity"] for line in billed), ZERO)
+            billed_quantity = ZERO
+            for line in billed:
+                billed_quantity = SUM_CONTEXT.add(billed_quantity, line["quantity"])
             billed_amount = sum(line["amount"] for line in billed)
             true = _priced(metric, totals.get((start, metric), ZERO), price, trial)
             if true.quantity == billed_quantity and true.amount == billed_amount:
@@ -121,9 +124,11 @@ def _adjustment_lines(
                 {
                     "metric": metric,
                     "kind": "adjustment",
-                    "quantity": true.quantity - billed_quantity,
-                    "billable_quantity": true.billable_quantity
-                    - (ZERO if trial else billable_quantity(billed_quantity, price)),
+                    "quantity": SUM_CONTEXT.subtract(true.quantity, billed_quantity),
+                    "billable_quantity": SUM_CONTEXT.subtract(
+                        true.billable_quantity,
+                        ZERO if trial else billable_quantity(billed_quantity, price),
+                    ),
                     "amount": true.amount - billed_amount,
                     "adjusts_period_start": start,
                 }

@@ -1,14 +1,19 @@
 """Pricing: plan prices and a period's quantities in, rounded line amounts out (DESIGN.md 5).
 
-Pure functions over Decimal and int minor units: no session, no clock, no floats.
+Pure functions over Decimal and int minor units: no session, no clock, no floats. Every product
+and sum is taken in shared.events.SUM_CONTEXT (80 digits), never the default 28: quantities have
+at most 25 significant digits and unit amounts are exact decimal strings, so the amount before
+the one rounding per line is exact, and that rounding is the only one.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
 from typing import Literal
+
+from shared.events import SUM_CONTEXT
 
 MinorUnits = int
 Quantity = Decimal
@@ -56,11 +61,16 @@ class PlanPrice:
 
 
 def billable_quantity(quantity: Quantity, price: MeteredPrice) -> Quantity:
-    return max(ZERO, quantity - price.included)
+    return max(ZERO, SUM_CONTEXT.subtract(quantity, price.included))
 
 
 def exact_amount(billable: Quantity, price: MeteredPrice) -> Decimal:
     """The unrounded amount in minor units for a billable quantity; 0 costs 0 in every model."""
+    with localcontext(SUM_CONTEXT):
+        return _exact_amount(billable, price)
+
+
+def _exact_amount(billable: Quantity, price: MeteredPrice) -> Decimal:
     if billable <= 0:
         return ZERO
     if price.model == "per_unit":
@@ -95,7 +105,7 @@ def _volume(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
 
 def round_amount(amount: Decimal) -> MinorUnits:
     """The one rounding of a line: half up to an integer number of minor units."""
-    return int(amount.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+    return int(amount.quantize(Decimal(1), rounding=ROUND_HALF_UP, context=SUM_CONTEXT))
 
 
 def price_metric(metric: str, quantity: Quantity, price: MeteredPrice) -> PricedLine:

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from decimal import Decimal
+from fractions import Fraction
+from typing import Any
 
 from hypothesis import given
+from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from services.billing.pricing import (
@@ -185,3 +189,100 @@ def test_a_line_is_its_exact_amount_rounded_once(price: MeteredPrice, quantity: 
 def test_billable_quantity_is_usage_beyond_included(price: MeteredPrice, quantity: Decimal) -> None:
     line = price_metric("m", quantity, price)
     assert line.billable_quantity == max(D(0), quantity - price.included)
+
+
+def test_an_amount_just_under_a_half_is_not_rounded_twice() -> None:
+    # 29 significant digits: the default 28-digit context would make it 0.5, then round it to 1.
+    price = MeteredPrice(model="per_unit", unit_amount=D("0.49999999999999999999999999999"))
+    assert price_metric("m", D(1), price).amount == 0
+    graduated = MeteredPrice(
+        model="graduated",
+        tiers=(Tier(D(1), D("0.2")), Tier(None, D("0.29999999999999999999999999999"))),
+    )
+    assert price_metric("m", D(2), graduated).amount == 0
+
+
+# An independent oracle: DESIGN.md section 5 applied unit by unit, in exact fractions, with a
+# plain loop. It shares no code with services.billing.pricing (only builds its inputs).
+
+
+def _oracle_round(amount: Fraction) -> int:
+    return math.floor(amount + Fraction(1, 2))
+
+
+def _oracle(
+    model: str,
+    quantity: int,
+    included: int,
+    unit: str,
+    package: tuple[int, int],
+    tiers: list[tuple[int | None, str, int]],
+) -> int:
+    billable = max(0, quantity - included)
+    total = Fraction(0)
+    if model == "per_unit":
+        for _ in range(billable):
+            total += Fraction(unit)
+    elif model == "package":
+        size, amount = package
+        for n in range(billable):
+            if n % size == 0:  # the first unit of each package starts it
+                total += amount
+    elif model == "graduated":
+        reached: set[int] = set()
+        for n in range(1, billable + 1):
+            index = next(i for i, (up_to, _, _) in enumerate(tiers) if up_to is None or n <= up_to)
+            total += Fraction(tiers[index][1])
+            reached.add(index)
+        total += sum(tiers[i][2] for i in reached)
+    elif billable > 0:  # volume
+        _, unit_amount, flat = next(t for t in tiers if t[0] is None or billable <= t[0])
+        for _ in range(billable):
+            total += Fraction(unit_amount)
+        total += flat
+    return _oracle_round(total)
+
+
+# Up to 30 significant digits, so a line's sum needs more than the default 28-digit context,
+# and amounts a hair under a half, where rounding in that context would round the line twice.
+exact_units = st.one_of(
+    st.decimals(min_value=0, max_value=1000, places=26).map(str),
+    st.sampled_from(["0.49999999999999999999999999999", "12.4999999999999999999999999999"]),
+)
+
+
+@st.composite
+def oracle_cases(draw: st.DrawFn) -> dict[str, Any]:
+    bounds = sorted(set(draw(st.lists(st.integers(1, 3000), max_size=4))))
+    tiers: list[tuple[int | None, str, int]] = [
+        (bound, draw(exact_units), draw(st.integers(0, 1000))) for bound in [*bounds, None]
+    ]
+    return {
+        "model": draw(st.sampled_from(ALL_MODELS)),
+        "quantity": draw(st.integers(0, 3000)),
+        "included": draw(st.integers(0, 300)),
+        "unit": draw(exact_units),
+        "package": (draw(st.integers(1, 500)), draw(st.integers(0, 10**5))),
+        "tiers": tiers,
+    }
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(case=oracle_cases())
+def test_pricing_matches_a_unit_by_unit_oracle(case: dict[str, Any]) -> None:
+    size, amount = case["package"]
+    price = MeteredPrice(
+        model=case["model"],
+        included=D(case["included"]),
+        unit_amount=D(case["unit"]),
+        package_size=size,
+        package_amount=amount,
+        tiers=tuple(
+            Tier(None if up_to is None else D(up_to), D(unit), flat)
+            for up_to, unit, flat in case["tiers"]
+        ),
+    )
+
+    line = price_metric("m", D(case["quantity"]), price)
+
+    assert line.amount == _oracle(**case)
