@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     ledger_grace_hours: int = Field(
         48, ge=0, le=24 * 30, validation_alias="METERLINE_LEDGER_GRACE_HOURS"
     )
+    aggregator_stall_seconds: float = Field(
+        60.0, ge=1, le=86400, validation_alias="METERLINE_AGGREGATOR_STALL_SECONDS"
+    )
     billing_interval_seconds: int = Field(
         3600, ge=10, le=7 * 86400, validation_alias="METERLINE_BILLING_INTERVAL_SECONDS"
     )

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -123,6 +123,30 @@ def windows(engine: Engine, organization_id: uuid.UUID) -> dict[tuple[object, ..
             {"org": organization_id},
         )
         return {(r[0], r[1], r[2], r[3]): (Decimal(r[4]), int(r[5])) for r in rows}
+
+
+@contextlib.contextmanager
+def fresh_database(database_url: str) -> Iterator[Engine]:
+    """A database of its own, migrated, for tests that move the ledger's floor (a pruned month
+    stays pruned for every later test of the run's shared database)."""
+    from sqlalchemy.engine import make_url
+
+    from shared import migrate
+
+    admin = sa.create_engine(make_url(database_url), isolation_level="AUTOCOMMIT")
+    name = f"meterline_ledger_{uuid.uuid4().hex[:8]}"
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    url = make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    migrate.upgrade(url)
+    engine = sa.create_engine(url)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 # --- Kafka ---------------------------------------------------------------------------------------

@@ -52,24 +52,69 @@ def prune_ledger(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="List the partitions that would be dropped.")
     ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Prune by the clock alone, even while the aggregator lags beyond the grace or "
+            "its backlog cannot be read (its oldest events are then dead-lettered, retryable).",
+        ),
+    ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document.")] = False,
 ) -> None:
-    """Create the current and next month's ledger partitions; drop those past the horizon."""
+    """Create the current and next month's ledger partitions; drop those that no event the
+    aggregator has yet to process can need."""
     with cli_errors(as_json):
-        from datetime import UTC, datetime
+        from datetime import UTC, datetime, timedelta
 
         from meterline.commands.context import engine, settings
-        from services.aggregator.ledger_partitions import ledger_cutoff, maintain_ledger
+        from services.aggregator.app import app_id
+        from services.aggregator.consumer_lag import group_backlog
+        from services.aggregator.ledger_partitions import (
+            ledger_cutoff,
+            maintain_ledger,
+            prune_cutoff,
+        )
+        from shared.errors import BrokerUnavailable, Conflict
 
+        config = settings()
         now = datetime.now(UTC)
-        created, dropped = maintain_ledger(engine(), settings(), now, dry_run=dry_run)
-        cutoff = ledger_cutoff(now, settings())
+        group = app_id(config)
+        oldest = None
+        try:
+            oldest = group_backlog(
+                config.kafka_bootstrap_servers, group, config.events_topic
+            ).oldest_received_at
+        except BrokerUnavailable as exc:
+            if not force:
+                raise BrokerUnavailable(
+                    f"{exc.message}; without the backlog nothing is dropped (--force prunes by "
+                    "the clock alone)"
+                ) from None
+        grace = timedelta(hours=config.ledger_grace_hours)
+        if oldest is not None and now - oldest > grace and not force:
+            hours = (now - oldest).total_seconds() / 3600
+            raise Conflict(
+                f"the aggregator group {group} lags {hours:.0f} h (oldest unprocessed record "
+                f"received {oldest.isoformat()}), beyond the {config.ledger_grace_hours} h grace: "
+                "refusing to prune until it catches up (--force drops by the clock alone)"
+            )
+        cutoff = ledger_cutoff(now, config) if force else prune_cutoff(now, config, oldest)
+        created, dropped = maintain_ledger(engine(), now, cutoff=cutoff, dry_run=dry_run)
         if as_json:
             print_json(
-                {"cutoff": cutoff, "created": created, "dropped": dropped, "dry_run": dry_run}
+                {
+                    "cutoff": cutoff,
+                    "oldest_unprocessed": oldest,
+                    "forced": force,
+                    "created": created,
+                    "dropped": dropped,
+                    "dry_run": dry_run,
+                }
             )
             return
         verb = "would drop" if dry_run else "dropped"
         typer.echo(f"ledger cutoff {cutoff.isoformat()}")
+        typer.echo(f"oldest unprocessed record: {oldest.isoformat() if oldest else 'none'}")
         typer.echo(f"created: {', '.join(created) or 'none'}")
         typer.echo(f"{verb}: {', '.join(dropped) or 'none'}")

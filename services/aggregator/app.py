@@ -18,7 +18,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.aggregator import metrics
 from services.aggregator.batch import DeadLetter, SourceRecord
-from services.aggregator.ledger_partitions import maintain_ledger
+from services.aggregator.consumer_lag import group_backlog
+from services.aggregator.ledger_partitions import maintain_ledger, prune_cutoff
 from services.aggregator.schemas import dead_letter_headers, encode_dead_letter
 from services.aggregator.service import BatchApplier, BatchResult, is_transient
 from shared.db import create_sync_engine
@@ -30,6 +31,27 @@ logger = logging.getLogger("meterline.aggregator")
 MAINTENANCE_SECONDS = 3600.0
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
+SESSION_TIMEOUT_SECONDS = 60.0
+# After a stall is seen, /healthz answers 503 this long before the worker exits, so a probe sees
+# why it is about to be restarted.
+STALL_EXIT_DELAY_SECONDS = 3.0
+
+
+class ConsumerStalled(Exception):
+    """Lag and no batch for too long: the worker exits non-zero so its supervisor restarts it."""
+
+
+def is_stalled(
+    *, idle_seconds: float, lag: int, assigned: bool, busy: bool, stall_seconds: float
+) -> bool:
+    """No batch completed for `stall_seconds` while our partitions (or, with none assigned, the
+    topic) hold unprocessed messages. A running batch is not a stall (a database outage retries
+    inside it). With nothing assigned a rebalance may legitimately wait for a dead member's
+    session to expire, so that case gets the session timeout on top."""
+    if busy or lag <= 0:
+        return False
+    allowed = stall_seconds if assigned else stall_seconds + SESSION_TIMEOUT_SECONDS
+    return idle_seconds >= allowed
 
 
 def utc_now() -> datetime:
@@ -56,8 +78,18 @@ class Aggregator:
         self.settings = settings
         self.waiting_for: str | None = None
         self.last_batch_at: datetime | None = None
+        self.started_at = utc_now()
+        self.busy = False
+        self.stalled_lag: int | None = None
 
     async def process(self, events: Sequence[EventT]) -> None:
+        self.busy = True
+        try:
+            await self._process_shielded(events)
+        finally:
+            self.busy = False
+
+    async def _process_shielded(self, events: Sequence[EventT]) -> None:
         work = asyncio.ensure_future(self._process(events))
         try:
             # Shielded: a shutdown in the middle lets the batch finish its commit and DLQ acks.
@@ -179,25 +211,100 @@ class Aggregator:
                 metrics.CONSUMER_LAG.labels(str(tp.partition)).set(max(highwater - offset - 1, 0))
 
     async def maintain(self) -> None:
-        """Create this and next month's ledger partitions; drop those past the horizon."""
+        """Create this and next month's ledger partitions; drop those no unprocessed event of
+        the group can need (nothing when the backlog cannot be read)."""
+        now = utc_now()
+        cutoff = None
+        try:
+            backlog = await asyncio.to_thread(
+                group_backlog,
+                self.settings.kafka_bootstrap_servers,
+                app_id(self.settings),
+                self.settings.events_topic,
+            )
+            cutoff = prune_cutoff(now, self.settings, backlog.oldest_received_at)
+        except Exception as exc:
+            log_event(logger, "ledger_backlog_unknown", logging.WARNING, error=str(exc)[:200])
         try:
             created, dropped = await asyncio.to_thread(
-                maintain_ledger, self.applier.engine, self.settings, utc_now()
+                maintain_ledger, self.applier.engine, now, cutoff=cutoff
             )
         except Exception as exc:
             log_event(logger, "ledger_maintenance_failed", logging.WARNING, error=str(exc)[:200])
             return
-        log_event(logger, "ledger_maintained", created=created, dropped=dropped)
+        log_event(
+            logger,
+            "ledger_maintained",
+            created=created,
+            dropped=dropped,
+            cutoff=cutoff.isoformat() if cutoff else None,
+        )
+
+    def _assigned(self) -> set[int]:
+        return {
+            tp.partition
+            for tp in (self.app.consumer.assignment() if self.app.consumer else ())
+            if tp.topic == self.settings.events_topic
+        }
+
+    def _our_lag(self) -> tuple[int, bool]:
+        """Unprocessed messages on our partitions (all of the topic's when none is assigned)."""
+        backlog = group_backlog(
+            self.settings.kafka_bootstrap_servers,
+            app_id(self.settings),
+            self.settings.events_topic,
+            with_age=False,
+        )
+        assigned = self._assigned()
+        if not assigned:
+            return backlog.messages, False
+        return sum(n for p, n in backlog.by_partition.items() if p in assigned), True
+
+    async def watch(self) -> None:
+        """The stall watchdog: Faust was seen to stop consuming after its group session expired
+        in a long broker outage, with nothing to notice. Exiting lets a supervisor restart it."""
+        if self.stalled_lag is not None:
+            return
+        stall = self.settings.aggregator_stall_seconds
+        idle = (utc_now() - (self.last_batch_at or self.started_at)).total_seconds()
+        if self.busy or idle < stall:
+            return
+        try:
+            lag, assigned = await asyncio.to_thread(self._our_lag)
+        except Exception:  # broker unreachable: Faust reconnects, and we cannot tell
+            return
+        idle = (utc_now() - (self.last_batch_at or self.started_at)).total_seconds()
+        if not is_stalled(
+            idle_seconds=idle, lag=lag, assigned=assigned, busy=self.busy, stall_seconds=stall
+        ):
+            return
+        self.stalled_lag = lag
+        log_event(
+            logger,
+            "consumer_stalled",
+            logging.ERROR,
+            lag=lag,
+            idle_seconds=round(idle),
+            assigned_partitions=sorted(self._assigned()),
+        )
+        await asyncio.sleep(STALL_EXIT_DELAY_SECONDS)
+        await self.app.crash(
+            ConsumerStalled(f"no batch for {idle:.0f}s with {lag} messages unprocessed")
+        )
+
+    def healthy(self) -> bool:
+        return self.stalled_lag is None
 
     def health(self) -> dict[str, Any]:
+        if self.stalled_lag is not None:
+            status = "stalled"
+        else:
+            status = "ok" if self.waiting_for is None else f"waiting_for_{self.waiting_for}"
         return {
-            "status": "ok" if self.waiting_for is None else f"waiting_for_{self.waiting_for}",
+            "status": status,
+            "lag": self.stalled_lag,
             "last_batch_at": self.last_batch_at.isoformat() if self.last_batch_at else None,
-            "assigned_partitions": sorted(
-                tp.partition
-                for tp in (self.app.consumer.assignment() if self.app.consumer else ())
-                if tp.topic == self.settings.events_topic
-            ),
+            "assigned_partitions": sorted(self._assigned()),
         }
 
 
@@ -262,7 +369,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         # A killed instance's partitions move to the others after this long. Not shorter: a
         # broker restart slower than this expires the session, and the rejoin after it was seen
         # to leave the consumer idle (tests/faults: broker restart with 10 s and 30 s).
-        broker_session_timeout=60.0,
+        broker_session_timeout=SESSION_TIMEOUT_SECONDS,
         broker_heartbeat_interval=3.0,
         web_enabled=True,
         web_bind=settings.aggregator_web_host,
@@ -278,7 +385,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
     )
     app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
     engine = create_sync_engine(settings, pool_size=2, max_overflow=2)
-    aggregator = Aggregator(app, BatchApplier(engine, settings, clock=utc_now), settings)
+    aggregator = Aggregator(app, BatchApplier(engine, settings), settings)
 
     @app.agent(events_topic, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> None:
@@ -296,9 +403,13 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
     async def maintain_ledger_at_start() -> None:
         await aggregator.maintain()
 
+    @app.timer(interval=max(1.0, settings.aggregator_stall_seconds / 4))
+    async def watch_for_stall() -> None:
+        await aggregator.watch()
+
     @app.page("/healthz")
     async def healthz(web: Any, request: Any) -> Any:
-        return web.json(aggregator.health())
+        return web.json(aggregator.health(), status=200 if aggregator.healthy() else 503)
 
     @app.page("/metrics")
     async def prometheus(web: Any, request: Any) -> Any:

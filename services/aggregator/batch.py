@@ -1,7 +1,9 @@
 """The pure core of a batch: Kafka records in, countable events and dead letters out.
 
-No session, clock or network here: `now` and the ledger's answers come in as arguments, so every
-rule (what is unreadable, what is too old, which duplicate wins) is a value-in, value-out function.
+No session, clock or network here: the ledger's answers come in as arguments, so every rule (what
+is unreadable, what is too old, which duplicate wins) is a value-in, value-out function. No rule
+reads the clock: what counts is decided by what ingest accepted (its received_at), never by how
+late the aggregator gets to it.
 """
 
 from __future__ import annotations
@@ -90,13 +92,15 @@ class CountableEvent:
 class ReadRules:
     """The bounds an event must meet to be counted."""
 
-    cutoff: datetime  # events older than this have no ledger partition to dedupe against
+    lateness_horizon: timedelta  # how far an event may be behind the time ingest received it
     max_future: timedelta  # how far an event may be ahead of the time ingest received it
     window_seconds: int
 
 
 # Reasons that a later fix (new code, repaired reference data) can cure: `replay dlq` re-sends them.
-RETRYABLE_CODES = frozenset({"unknown_version", "unknown_reference", "database_rejected"})
+RETRYABLE_CODES = frozenset(
+    {"unknown_version", "unknown_reference", "database_rejected", "ledger_partition_missing"}
+)
 
 
 def dead_letter(source: SourceRecord, code: str, reason: str, payload: bytes) -> DeadLetter:
@@ -141,11 +145,12 @@ def read_records(
 
 
 def _out_of_bounds(event: CountableEvent, rules: ReadRules) -> tuple[str, str] | None:
-    if event.event.timestamp < rules.cutoff:
+    # Ingest's own rule at receipt: an envelope that passes it was answered 202 and must count.
+    if event.event.timestamp < event.received_at - rules.lateness_horizon:
         return (
             "too_old",
-            f"event {event.event.id!r}: timestamp {event.event.timestamp.isoformat()} is older "
-            f"than the ledger horizon ({rules.cutoff.isoformat()})",
+            f"event {event.event.id!r}: timestamp {event.event.timestamp.isoformat()} is more "
+            f"than {rules.lateness_horizon.days} days before received_at",
         )
     if event.event.timestamp > event.received_at + rules.max_future:
         return (
@@ -154,6 +159,29 @@ def _out_of_bounds(event: CountableEvent, rules: ReadRules) -> tuple[str, str] |
             f"{int(rules.max_future.total_seconds())} seconds after received_at",
         )
     return None
+
+
+def split_at_ledger_floor(
+    events: Sequence[CountableEvent], floor: datetime | None
+) -> tuple[list[CountableEvent], list[DeadLetter]]:
+    """Events below the ledger's floor (their partition was pruned) cannot be deduplicated:
+    counting them could count twice, dropping them would lose them; they become retryable
+    dead letters."""
+    if floor is None:
+        return list(events), []
+    kept: list[CountableEvent] = []
+    dead: list[DeadLetter] = []
+    for e in events:
+        if e.event.timestamp >= floor:
+            kept.append(e)
+            continue
+        reason = (
+            f"event {e.event.id!r}: the ledger partition of {e.event.timestamp:%Y-%m} was pruned "
+            f"(ledger floor {floor.isoformat()}), so it cannot be deduplicated; re-publish it "
+            "with `meterline replay dlq` once that month's partition is restored"
+        )
+        dead.append(dead_letter(e.source, "ledger_partition_missing", reason, e.as_envelope()))
+    return kept, dead
 
 
 @dataclass(slots=True)

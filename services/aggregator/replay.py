@@ -36,7 +36,12 @@ from services.aggregator.batch import (
     usage_deltas,
     usage_windows,
 )
-from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
+from services.aggregator.ledger_partitions import (
+    PartitionKeeper,
+    ledger_cutoff,
+    ledger_floor,
+    months_for,
+)
 from services.aggregator.topic_reader import TopicReader
 from shared.errors import InvalidInput
 from shared.events import SUM_CONTEXT, window_start
@@ -139,8 +144,10 @@ def replay(
             f"the range starts before the ledger horizon ({cutoff.isoformat()}): events that old "
             "are no longer deduplicated, so they cannot be replayed"
         )
+    with engine.connect() as connection:
+        _refuse_below_floor(start, ledger_floor(connection))
     rules = ReadRules(
-        cutoff=cutoff,
+        lateness_horizon=settings.lateness_horizon,
         max_future=timedelta(seconds=settings.max_future_seconds),
         window_seconds=settings.window_seconds,
     )
@@ -163,11 +170,12 @@ def replay(
     # Phase 2: live batches wait from here until the commit.
     with engine.connect() as connection, connection.begin() as transaction:
         repository.lock_exclusive(connection)
+        _refuse_below_floor(start, ledger_floor(connection))
         second_end = reader.end_offsets()
         if on_total:
             on_total(sum(second_end[p] - first_end.get(p, 0) for p in second_end))
         report.records_read += _read_into(versions, reader, first_end, second_end, rules, on_record)
-        counted, to_record = _accepted_in_range(connection, versions, cutoff, request, start, end)
+        counted, to_record = _accepted_in_range(connection, versions, request, start, end)
         report.events_counted = len(counted)
         before = repository.window_totals(
             connection,
@@ -206,6 +214,14 @@ def replay(
         windows_changed=report.windows_changed,
     )
     return report
+
+
+def _refuse_below_floor(start: datetime, floor: datetime | None) -> None:
+    if floor is not None and start < floor:
+        raise InvalidInput(
+            f"the range starts before the ledger floor ({floor.isoformat()}): the ledger "
+            "partitions of that time were pruned, so its events cannot be deduplicated"
+        )
 
 
 def _refuse_if_not_retained(reader: TopicReader, read_from: datetime) -> None:
@@ -247,7 +263,6 @@ def _read_into(
 def _accepted_in_range(
     connection: Connection,
     versions: EventVersions,
-    cutoff: datetime,
     request: ReplayRequest,
     start: datetime,
     end: datetime,
@@ -258,7 +273,7 @@ def _accepted_in_range(
         for key, known in versions.versions.items()
         if any(start <= v.event.timestamp < end for v in known)
     ]
-    recorded = repository.recorded_fingerprints(connection, in_range, cutoff)
+    recorded = repository.recorded_fingerprints(connection, in_range)
     candidates = EventVersions(None)
     candidates.versions = {key: versions.versions[key] for key in in_range}
     counted: list[CountableEvent] = []

@@ -14,9 +14,9 @@ redelivery count nothing twice, and dead letters may be sent twice (at least onc
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
@@ -31,10 +31,11 @@ from services.aggregator.batch import (
     dead_letter,
     read_records,
     select_new_events,
+    split_at_ledger_floor,
     sum_windows,
     usage_deltas,
 )
-from services.aggregator.ledger_partitions import PartitionKeeper, ledger_cutoff, months_for
+from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor, months_for
 from shared.logs import log_event
 from shared.settings import Settings
 from shared.usage import record_usage
@@ -66,17 +67,14 @@ def is_transient(exc: BaseException) -> bool:
 class BatchApplier:
     """Steps (1) and (2) of a batch, synchronous (the Faust agent runs it in a worker thread)."""
 
-    def __init__(self, engine: Engine, settings: Settings, clock: Callable[[], datetime]) -> None:
+    def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self._settings = settings
-        self._clock = clock
         self._partitions = PartitionKeeper(engine)
-
-    def rules(self, now: datetime) -> ReadRules:
-        return ReadRules(
-            cutoff=ledger_cutoff(now, self._settings),
-            max_future=timedelta(seconds=self._settings.max_future_seconds),
-            window_seconds=self._settings.window_seconds,
+        self.rules = ReadRules(
+            lateness_horizon=settings.lateness_horizon,
+            max_future=timedelta(seconds=settings.max_future_seconds),
+            window_seconds=settings.window_seconds,
         )
 
     def apply(self, records: Sequence[SourceRecord]) -> BatchResult:
@@ -120,7 +118,7 @@ class BatchApplier:
 
     def _apply(self, records: Sequence[SourceRecord]) -> BatchResult:
         # (1) decode + validate.
-        events, dead = read_records(records, self.rules(self._clock()))
+        events, dead = read_records(records, self.rules)
         result = BatchResult(dead_letters=dead)
         if not events:
             return result
@@ -128,9 +126,10 @@ class BatchApplier:
         # (2) one transaction: locks, ledger lookup, new ledger rows, window upserts; commit.
         with self.engine.begin() as connection:
             repository.lock_shared_for_batch(connection, (e.organization_id for e in events))
-            # The cutoff is read again under the lock: maintenance (which holds it exclusively)
-            # never drops a partition that this transaction is about to write.
-            cutoff = self.rules(self._clock()).cutoff
+            # The floor is read under the lock: maintenance (which holds it exclusively) cannot
+            # drop a partition between this check and this transaction's writes.
+            events, missing = split_at_ledger_floor(events, ledger_floor(connection))
+            result.dead_letters += missing
             references = repository.existing_references(connection, events)
             countable: list[CountableEvent] = []
             for event in events:
@@ -141,9 +140,7 @@ class BatchApplier:
                     )
                 else:
                     countable.append(event)
-            recorded = repository.recorded_fingerprints(
-                connection, (e.key for e in countable), cutoff
-            )
+            recorded = repository.recorded_fingerprints(connection, (e.key for e in countable))
             selection = select_new_events(countable, recorded)
             result.counted = repository.record_events(connection, selection.new)
             if result.counted != len(selection.new):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -114,5 +115,45 @@ def test_prune_ledger_reports_partitions_as_json(service_env: dict[str, str]) ->
 
     assert done.returncode == 0, done.stderr
     document = json.loads(done.stdout)
-    assert set(document) == {"cutoff", "created", "dropped", "dry_run"}
+    assert set(document) == {
+        "cutoff",
+        "oldest_unprocessed",
+        "forced",
+        "created",
+        "dropped",
+        "dry_run",
+    }
     assert document["dropped"] == []
+
+
+def test_caught_up_aggregator_is_not_taken_for_stalled(
+    engine: Engine, service_env: dict[str, str], topic_prefix: str, tmp_path: Path
+) -> None:
+    bootstrap = service_env["KAFKA_BOOTSTRAP_SERVERS"]
+    events_topic = f"{topic_prefix}.usage.events"
+    create_topics(bootstrap, [events_topic, f"{topic_prefix}.usage.events.dlq"], partitions=2)
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    producer = Producer(bootstrap)
+    for i in range(20):
+        producer.send(
+            events_topic, org, envelope_bytes(org, [event(f"w{i}", timestamp=datetime.now(UTC))])
+        )
+    producer.flush()
+    producer.close()
+    aggregator = AggregatorProcess(
+        {**service_env, "METERLINE_TOPIC_PREFIX": topic_prefix},
+        tmp_path / "aggregator.log",
+        METERLINE_AGGREGATOR_STALL_SECONDS="2",
+    ).start()
+    try:
+        wait_for(lambda: totals(engine, org) == (Decimal(20), 20), timeout=60, what="the events")
+        # Idle for several stall windows with every offset committed: no lag, no stall.
+        time.sleep(12)
+        status = httpx.get(f"http://127.0.0.1:{aggregator.port}/healthz", timeout=5)
+        alive = aggregator.process is not None and aggregator.process.poll() is None
+    finally:
+        aggregator.stop()
+
+    assert alive, (tmp_path / "aggregator.log").read_text()[-2000:]
+    assert status.status_code == 200 and status.json()["status"] == "ok"

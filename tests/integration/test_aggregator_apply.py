@@ -2,29 +2,43 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.aggregator.ledger_partitions import (
+    create_partitions,
+    drop_partitions_before,
     existing_partitions,
+    ledger_cutoff,
+    ledger_floor,
     maintain_ledger,
     month_start,
+    next_month,
     partition_name,
+    prune_cutoff,
 )
 from services.aggregator.service import BatchApplier
 from shared.settings import Settings
-from tests.aggregator_support import envelope_bytes, event, make_tenant, record, totals, windows
+from tests.aggregator_support import (
+    envelope_bytes,
+    event,
+    fresh_database,
+    make_tenant,
+    record,
+    totals,
+    windows,
+)
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 @pytest.fixture
 def applier(engine: Engine, settings: Settings) -> BatchApplier:
-    return BatchApplier(engine, settings, clock=lambda: NOW)
+    return BatchApplier(engine, settings)
 
 
 def test_same_batch_applied_twice_counts_once(engine: Engine, applier: BatchApplier) -> None:
@@ -253,28 +267,110 @@ def test_event_older_than_the_ledger_horizon_is_dead_lettered(
     assert totals(engine, tenant.organization_id) == (Decimal(1), 1)
 
 
+@pytest.fixture(scope="module")
+def own_engine(database_url: str) -> Iterator[Engine]:
+    with fresh_database(database_url) as fresh:
+        yield fresh
+
+
 def test_ledger_partitions_are_created_on_demand_and_old_ones_dropped(
-    engine: Engine, settings: Settings
+    own_engine: Engine, settings: Settings
 ) -> None:
-    later = NOW + timedelta(days=400)
+    later = datetime(2001, 6, 15, tzinfo=UTC)
     stale_month = month_start(later - timedelta(days=90))
-    with engine.begin() as connection:
-        connection.execute(
-            sa.text(
-                f'CREATE TABLE IF NOT EXISTS "{partition_name(stale_month)}" PARTITION OF '
-                f"usage_event_ledger FOR VALUES FROM ('{stale_month.isoformat()}') "
-                f"TO ('{(stale_month + timedelta(days=31)).replace(day=1).isoformat()}')"
-            )
-        )
+    with own_engine.begin() as connection:
+        create_partitions(connection, {stale_month})
 
-    created, dropped = maintain_ledger(engine, settings, later)
+    created, dropped = maintain_ledger(
+        own_engine, later, cutoff=prune_cutoff(later, settings, None)
+    )
 
-    with engine.connect() as connection:
+    with own_engine.connect() as connection:
         names = {p.name for p in existing_partitions(connection)}
+        floor = ledger_floor(connection)
     assert partition_name(month_start(later)) in names
-    assert partition_name(stale_month) in dropped
+    assert dropped == [partition_name(stale_month)]
     assert partition_name(stale_month) not in names
+    assert floor == next_month(stale_month)
     assert created
+
+
+def test_event_accepted_near_the_horizon_counts_after_an_outage_longer_than_the_grace(
+    own_engine: Engine, settings: Settings
+) -> None:
+    now = datetime.now(UTC)
+    received = now - timedelta(hours=settings.ledger_grace_hours + 24)
+    edge = received - settings.lateness_horizon + timedelta(minutes=1)
+    tenant = make_tenant(own_engine)
+
+    result = BatchApplier(own_engine, settings).apply(
+        [
+            record(
+                envelope_bytes(
+                    tenant.organization_id, [event("edge", timestamp=edge)], received_at=received
+                )
+            )
+        ]
+    )
+
+    assert result.dead_letters == []
+    assert totals(own_engine, tenant.organization_id) == (Decimal(1), 1)
+
+
+def test_prune_keeps_the_partition_a_backlogged_event_needs_and_the_event_counts(
+    own_engine: Engine, settings: Settings
+) -> None:
+    boundary = datetime(2002, 3, 1, tzinfo=UTC)
+    edge = boundary - timedelta(days=2)  # its month ends two days later
+    received = edge + settings.lateness_horizon  # ingest accepted it at the horizon...
+    later = received + timedelta(days=10)  # ...and the aggregator is ten days behind
+    with own_engine.begin() as connection:
+        create_partitions(connection, {month_start(edge)})
+    tenant = make_tenant(own_engine)
+
+    _, dropped = maintain_ledger(own_engine, later, cutoff=prune_cutoff(later, settings, received))
+    result = BatchApplier(own_engine, settings).apply(
+        [
+            record(
+                envelope_bytes(
+                    tenant.organization_id, [event("late", timestamp=edge)], received_at=received
+                )
+            )
+        ]
+    )
+
+    assert ledger_cutoff(later, settings) > boundary  # pruning by the clock would drop it
+    assert partition_name(month_start(edge)) not in dropped
+    assert result.dead_letters == []
+    assert totals(own_engine, tenant.organization_id) == (Decimal(1), 1)
+
+
+def test_event_of_a_force_pruned_month_is_dead_lettered_retryable_and_not_counted(
+    own_engine: Engine, settings: Settings
+) -> None:
+    pruned = datetime(2003, 1, 15, tzinfo=UTC)
+    kept = datetime(2003, 2, 15, tzinfo=UTC)
+    with own_engine.begin() as connection:
+        create_partitions(connection, {month_start(pruned), month_start(kept)})
+        drop_partitions_before(connection, next_month(month_start(pruned)))
+    tenant = make_tenant(own_engine)
+
+    result = BatchApplier(own_engine, settings).apply(
+        [
+            record(
+                envelope_bytes(
+                    tenant.organization_id,
+                    [event("gone", timestamp=pruned), event("here", timestamp=kept)],
+                    received_at=kept,
+                )
+            )
+        ]
+    )
+
+    assert [(d.code, d.retryable) for d in result.dead_letters] == [
+        ("ledger_partition_missing", True)
+    ]
+    assert totals(own_engine, tenant.organization_id) == (Decimal(1), 1)
 
 
 def test_window_of_1e12_and_1e_minus_12_is_stored_exactly(

@@ -14,6 +14,7 @@ from services.aggregator.batch import (
     SourceRecord,
     read_records,
     select_new_events,
+    split_at_ledger_floor,
     sum_windows,
 )
 from services.aggregator.ledger_partitions import month_start, next_month, partition_name
@@ -22,7 +23,7 @@ from shared.events import Envelope, UsageEvent, decode_envelope, encode_envelope
 
 NOW = datetime(2026, 11, 24, 10, 30, tzinfo=UTC)
 RULES = ReadRules(
-    cutoff=NOW - timedelta(days=37), max_future=timedelta(minutes=5), window_seconds=3600
+    lateness_horizon=timedelta(days=35), max_future=timedelta(minutes=5), window_seconds=3600
 )
 ORG = uuid.UUID("00000000-0000-0000-0000-0000000000aa")
 
@@ -184,3 +185,25 @@ def test_replay_change_report_sums_exactly() -> None:
     [change] = metric_changes({}, {**many_windows, **tiny})
 
     assert change.quantity_after == Decimal("10000000000000000.000000000001")
+
+
+def test_event_ingest_accepted_at_the_horizon_counts_however_late_it_is_read() -> None:
+    received = NOW - timedelta(days=90)  # read long after an outage: no clock is involved
+    edge = usage("edge", timestamp=received - timedelta(days=35))
+
+    events, dead = read_records([source([edge], received_at=received)], RULES)
+
+    assert [e.event.id for e in events] == ["edge"] and dead == []
+
+
+def test_event_below_the_ledger_floor_is_a_retryable_dead_letter() -> None:
+    floor = datetime(2026, 11, 1, tzinfo=UTC)
+    events, _ = read_records(
+        [source([usage("pruned", timestamp=floor - timedelta(hours=1)), usage("kept")])], RULES
+    )
+
+    kept, dead = split_at_ledger_floor(events, floor)
+
+    assert [e.event.id for e in kept] == ["kept"]
+    assert [(d.code, d.retryable) for d in dead] == [("ledger_partition_missing", True)]
+    assert "pruned" in dead[0].reason

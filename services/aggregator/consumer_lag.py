@@ -1,0 +1,88 @@
+"""How far behind the aggregator's consumer group is, read from Kafka (kafka-python): its
+committed offsets against the end offsets, and when the oldest unprocessed record was received.
+
+The one Kafka adapter of ledger pruning (what may be dropped) and the stall watchdog (is there
+work the worker is not doing).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.errors import BrokerUnavailable
+from shared.events import EnvelopeError, decode_envelope
+
+REQUEST_TIMEOUT_MS = 10_000
+READ_SECONDS = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    messages: int  # between the group's committed offsets and the partitions' ends
+    oldest_received_at: datetime | None  # of the first unprocessed record; None when caught up
+    by_partition: dict[int, int]
+
+
+def group_backlog(
+    bootstrap_servers: str, group_id: str, topic: str, *, with_age: bool = True
+) -> Backlog:
+    """The group's backlog on `topic`; a partition it never committed counts from its log start
+    (the aggregator reads from the earliest offset). `with_age=False` skips reading the oldest
+    record (oldest_received_at is then None). Raises BrokerUnavailable."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    try:
+        # The group's id only to read its committed offsets: without subscribe() this consumer
+        # never joins the group, so the aggregator's assignment is left alone.
+        consumer: Any = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            group_id=group_id,
+            enable_auto_commit=False,
+            request_timeout_ms=REQUEST_TIMEOUT_MS,
+        )
+        try:
+            tps = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            if not tps:
+                return Backlog(0, None, {})
+            ends = consumer.end_offsets(tps)
+            starts = consumer.beginning_offsets(tps)
+            by_partition: dict[int, int] = {}
+            oldest: datetime | None = None
+            for tp in tps:
+                committed = consumer.committed(tp)
+                position = max(committed if committed is not None else 0, starts[tp])
+                if position >= ends[tp]:
+                    continue
+                by_partition[tp.partition] = ends[tp] - position
+                if with_age:
+                    received = _received_at(consumer, tp, position)
+                    oldest = received if oldest is None else min(oldest, received)
+            return Backlog(sum(by_partition.values()), oldest, by_partition)
+        finally:
+            consumer.close()
+    except KafkaError as exc:
+        raise BrokerUnavailable(
+            f"cannot read the backlog of {group_id} on {topic}: {exc}"
+        ) from None
+
+
+def _received_at(consumer: Any, tp: Any, offset: int) -> datetime:
+    """When ingest received the record at `offset`: its envelope's received_at, or the record's
+    own timestamp when it is not a readable envelope (whichever is earlier)."""
+    consumer.assign([tp])
+    consumer.seek(tp, offset)
+    deadline = time.monotonic() + READ_SECONDS
+    while time.monotonic() < deadline:
+        for message in consumer.poll(timeout_ms=500).get(tp, []):
+            stamped = datetime.fromtimestamp(message.timestamp / 1000, tz=UTC)
+            try:
+                return min(stamped, decode_envelope(message.value or b"").received_at)
+            except EnvelopeError:
+                return stamped
+    raise BrokerUnavailable(f"could not read {tp.topic}[{tp.partition}] at offset {offset}")
