@@ -156,6 +156,12 @@ def quantity_problem(quantity: Decimal) -> str | None:
     return None
 
 
+def decimal_text(value: Decimal) -> str:
+    """A quantity as wire text: plain notation without trailing zeros, never an exponent
+    (str() gives "1E-7" or "1.0E+3"): 1.50 -> "1.5", 1E+3 -> "1000", 1E-7 -> "0.0000001"."""
+    return format(value.normalize(SUM_CONTEXT), "f") if value else "0"
+
+
 def parse_timestamp(value: Any) -> datetime:
     if not isinstance(value, str):
         raise ValueError("timestamp must be an RFC 3339 string")

@@ -27,7 +27,7 @@ from services.billing.pricing import (
     price_metric,
 )
 from services.billing.schemas import snapshot_price
-from shared.events import SUM_CONTEXT
+from shared.events import SUM_CONTEXT, decimal_text
 
 Totals = dict[tuple[datetime, str], Decimal]
 
@@ -279,8 +279,8 @@ def invoice_document(invoice: dict[str, Any]) -> dict[str, Any]:
         "lines": [
             {
                 "metric": line["metric"],
-                "quantity": str(line["quantity"]),
-                "billable_quantity": str(line["billable_quantity"]),
+                "quantity": decimal_text(line["quantity"]),
+                "billable_quantity": decimal_text(line["billable_quantity"]),
                 "amount": line["amount"],
                 "kind": line["kind"],
             }

@@ -38,6 +38,7 @@ from shared.events import (
     METRIC_RE,
     Envelope,
     UsageEvent,
+    decimal_text,
     encode_envelope,
     quantity_problem,
     validate_event,
@@ -231,12 +232,6 @@ def build_envelopes(
     )
 
 
-def _decimal_text(value: Decimal) -> str:
-    """Plain notation without trailing zeros: 1.50 -> "1.5", 1E+3 -> "1000"."""
-    text = format(value.normalize(), "f") if value else "0"
-    return text
-
-
 class UsageReader(Protocol):
     async def __call__(
         self,
@@ -379,7 +374,7 @@ class IngestService:
                 UsageRowOut(
                     start=row.start,
                     metric=row.metric,
-                    quantity=_decimal_text(row.quantity),
+                    quantity=decimal_text(row.quantity),
                     event_count=row.event_count,
                     project_id=row.project_id if group_by == "project" else msgspec.UNSET,
                     api_key_id=row.api_key_id if group_by == "api_key" else msgspec.UNSET,

@@ -496,3 +496,16 @@ def test_a_period_within_the_trial_charges_neither_flat_fee_nor_usage(
     # The trial ended when December began: December pays its flat fee and its usage.
     assert december["flat_amount"] == 4900
     assert lines_of(december)[("api_calls", "usage")] == ("999999", "899999", 45000)
+
+
+def test_a_tiny_quantity_is_printed_as_a_plain_decimal_string(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, [(0, "storage_gb", NOV + timedelta(hours=1), "0.0000001")])
+
+    result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    [invoice] = json.loads(result.stdout)["invoices"]
+    assert lines_of(invoice)[("storage_gb", "usage")] == ("0.0000001", "0.0000001", 0)
