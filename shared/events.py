@@ -106,7 +106,7 @@ def _recheck(event: UsageEvent) -> str | None:
         return "metric does not match ^[a-z][a-z0-9_.-]{0,63}$"
     problem = quantity_problem(event.quantity)
     if problem:
-        return problem
+        return f"quantity {problem}"
     if event.timestamp.tzinfo is None:
         return "timestamp has no time zone"
     return None
@@ -115,7 +115,7 @@ def _recheck(event: UsageEvent) -> str | None:
 def parse_quantity(value: Any) -> Decimal:
     """An exact Decimal from a JSON number or decimal string; ValueError names the problem."""
     if isinstance(value, bool):
-        raise ValueError("quantity must be a number or a decimal string")
+        raise ValueError("must be a number or a decimal string")
     if isinstance(value, Decimal):
         # JSON numbers decoded exactly (a decoder's float_hook=Decimal), as ingest does.
         quantity = value
@@ -123,16 +123,16 @@ def parse_quantity(value: Any) -> Decimal:
         quantity = Decimal(value)
     elif isinstance(value, float):
         if not math.isfinite(value):
-            raise ValueError("quantity must be finite")
+            raise ValueError("must be finite")
         # repr() is the shortest round-tripping text: 0.1 stays 0.1, not 0.1000000000000000055...
         quantity = Decimal(repr(value))
     elif isinstance(value, str):
         try:
             quantity = Decimal(value.strip())
         except InvalidOperation:
-            raise ValueError("quantity is not a decimal number") from None
+            raise ValueError("is not a decimal number") from None
     else:
-        raise ValueError("quantity must be a number or a decimal string")
+        raise ValueError("must be a number or a decimal string")
     problem = quantity_problem(quantity)
     if problem:
         raise ValueError(problem)
@@ -144,15 +144,15 @@ def parse_quantity(value: Any) -> Decimal:
 def quantity_problem(quantity: Decimal) -> str | None:
     """Why `quantity` cannot be counted exactly, or None: finite, 0..1e12, at most 12 places."""
     if not quantity.is_finite():
-        return "quantity must be finite"
+        return "must be finite"
     if quantity < 0 or quantity > MAX_QUANTITY:
-        return "quantity must be between 0 and 1e12"
+        return "must be between 0 and 1e12"
     _, digits, exponent = quantity.as_tuple()
     assert isinstance(exponent, int)
     # Trailing zeros do not count as places: 1.000000000000000 is 1.
     trailing = len(digits) - len(bytes(digits).rstrip(b"\x00")) if exponent < 0 else 0
     if exponent + min(trailing, -exponent) < -MAX_QUANTITY_PLACES:
-        return f"quantity may have at most {MAX_QUANTITY_PLACES} decimal places"
+        return f"may have at most {MAX_QUANTITY_PLACES} decimal places"
     return None
 
 
