@@ -14,17 +14,23 @@ from shared.access import require_organization
 from shared.errors import Conflict, InvalidInput, NotFound
 from shared.models import BillingInterval, Plan, Subscription, SubscriptionStatus
 
-#: Statuses in which a subscription still bills.
-LIVE_STATUSES = frozenset(
+#: Statuses in which a subscription renews (gets its next period) and is billed: it started and
+#: is not over. Not `incomplete`: its first payment never succeeded, so it never started (Stripe
+#: bills nothing for it and expires it to incomplete_expired), and it must not accrue periods.
+RENEWING_STATUSES = frozenset(
     {
         SubscriptionStatus.TRIALING,
         SubscriptionStatus.ACTIVE,
         SubscriptionStatus.PAST_DUE,
         SubscriptionStatus.UNPAID,
-        SubscriptionStatus.INCOMPLETE,
         SubscriptionStatus.PAUSED,
     }
 )
+#: Statuses in which an organization holds its subscription (one at a time, plan changes
+#: allowed): the renewing ones and `incomplete`, which awaits its first payment.
+LIVE_STATUSES = RENEWING_STATUSES | {SubscriptionStatus.INCOMPLETE}
+#: Statuses a billing run invoices: the renewing ones, and a canceled one for its last period.
+BILLED_STATUSES = RENEWING_STATUSES | {SubscriptionStatus.CANCELED}
 
 
 _MONTHS_PER_INTERVAL = {BillingInterval.MONTH: 1, BillingInterval.YEAR: 12}
@@ -201,7 +207,7 @@ def renew_period(session: Session, subscription_id: uuid.UUID, *, now: datetime)
     """Roll every period that has ended by `now` forward on the subscription's billing cycle
     anchor; a subscription set to cancel at period end is canceled instead of renewed."""
     subscription = _subscription(session, subscription_id)
-    if subscription.status not in LIVE_STATUSES:
+    if subscription.status not in RENEWING_STATUSES:
         return subscription
     # Rows from before the anchor was stored are anchored on their current period's start.
     anchor = subscription.billing_cycle_anchor or subscription.current_period_start

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
-from shared.models import Invoice, InvoiceLine, Organization, Plan, Subscription
+from shared.models import BillingRun, Invoice, InvoiceLine, Organization, Plan, Subscription
 
 
 @dataclass(frozen=True)
@@ -332,3 +332,92 @@ def customers_of(connection: Connection, organization_ids: list[uuid.UUID]) -> d
         .where(Organization.stripe_customer_id.is_not(None))
     )
     return {row.id: row.stripe_customer_id for row in rows}
+
+
+def organization_of(connection: Connection, organization_id: uuid.UUID) -> Any:
+    """The organization's name and Stripe customer id."""
+    return connection.execute(
+        sa.select(Organization.name, Organization.stripe_customer_id).where(
+            Organization.id == organization_id
+        )
+    ).one()
+
+
+def plan_prices_of(connection: Connection, plan_id: uuid.UUID) -> Any:
+    """The plan's name and Stripe price ids."""
+    return connection.execute(
+        sa.select(Plan.name, Plan.stripe_price_id_monthly, Plan.stripe_price_id_yearly).where(
+            Plan.id == plan_id
+        )
+    ).one()
+
+
+def stripe_subscription_of(connection: Connection, subscription_id: uuid.UUID) -> str | None:
+    return connection.execute(
+        sa.select(Subscription.stripe_subscription_id).where(Subscription.id == subscription_id)
+    ).scalar_one()
+
+
+def set_stripe_customer(
+    connection: Connection, organization_id: uuid.UUID, customer_id: str
+) -> None:
+    connection.execute(
+        sa.update(Organization)
+        .where(Organization.id == organization_id)
+        .values(stripe_customer_id=customer_id)
+    )
+
+
+def set_stripe_price(
+    connection: Connection, plan_id: uuid.UUID, column: str, price_id: str
+) -> None:
+    """Store a plan's Stripe price id in `column` (stripe_price_id_monthly or _yearly)."""
+    connection.execute(sa.update(Plan).where(Plan.id == plan_id).values({column: price_id}))
+
+
+def link_subscription(
+    connection: Connection,
+    subscription_id: uuid.UUID,
+    stripe_subscription_id: str,
+    customer_id: str,
+) -> None:
+    connection.execute(
+        sa.update(Subscription)
+        .where(Subscription.id == subscription_id)
+        .values(stripe_subscription_id=stripe_subscription_id, stripe_customer_id=customer_id)
+    )
+
+
+def start_run(connection: Connection, as_of: datetime) -> uuid.UUID:
+    """Record a billing run as running; returns its id."""
+    run_id = uuid.uuid4()
+    connection.execute(
+        sa.insert(BillingRun).values(id=run_id, as_of=as_of, dry_run=False, status="running")
+    )
+    return run_id
+
+
+def finish_run(
+    connection: Connection,
+    run_id: uuid.UUID,
+    *,
+    status: str,
+    error: str | None,
+    subscriptions: int,
+    invoices_changed: int,
+    reported: int,
+    mismatches: int,
+) -> None:
+    connection.execute(
+        sa.update(BillingRun)
+        .where(BillingRun.id == run_id)
+        .values(
+            status=status,
+            finished_at=sa.func.now(),
+            subscriptions=subscriptions,
+            invoices_changed=invoices_changed,
+            reported=reported,
+            mismatches=mismatches,
+            error=error,
+        )
+    )

@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
@@ -39,14 +38,9 @@ from services.billing.reporting import (
 )
 from services.billing.schemas import plan_price, pricing_snapshot
 from shared.logs import log_event
-from shared.models import BillingRun, Organization, Plan, Subscription
+from shared.subscriptions import BILLED_STATUSES, RENEWING_STATUSES
 
 logger = logging.getLogger("meterline.billing")
-
-# Statuses whose subscription still renews (gets a next period) when the current one closes.
-RENEWING = frozenset({"active", "trialing", "past_due", "unpaid", "paused"})
-# Statuses that are billed at all; an incomplete subscription never started.
-BILLED = RENEWING | {"canceled"}
 
 
 @dataclass
@@ -181,7 +175,7 @@ def _prepare(
     rows = [
         row
         for row in repository.subscriptions_to_bill(connection, organization_id=organization_id)
-        if str(row.status) in BILLED
+        if str(row.status) in BILLED_STATUSES
     ]
     since = as_of - horizon
     existing = repository.invoices_of(connection, [row.id for row in rows], since=since)
@@ -198,7 +192,7 @@ def _prepare(
             Period(row.current_period_start, row.current_period_end),
             interval,
             as_of,
-            renews=str(row.status) in RENEWING,
+            renews=str(row.status) in RENEWING_STATUSES,
             anchor=row.billing_cycle_anchor,
             cancel_at_period_end=row.cancel_at_period_end,
         )
@@ -368,33 +362,19 @@ def _link_stripe(engine: Engine, gateway: BillingGateway, item: _Work) -> None:
     they have none. The calls carry idempotency keys on our ids, so a crash between the call and
     the write below links the same Stripe objects on the next run."""
     row = item.row
-    if str(row.status) not in RENEWING:
+    if str(row.status) not in RENEWING_STATUSES:
         return
     with engine.connect() as connection:
-        org = connection.execute(
-            sa.select(Organization.name, Organization.stripe_customer_id).where(
-                Organization.id == row.organization_id
-            )
-        ).one()
-        plan = connection.execute(
-            sa.select(Plan.name, Plan.stripe_price_id_monthly, Plan.stripe_price_id_yearly).where(
-                Plan.id == row.plan_id
-            )
-        ).one()
-        sub = connection.execute(
-            sa.select(Subscription.stripe_subscription_id).where(Subscription.id == row.id)
-        ).scalar_one()
+        org = repository.organization_of(connection, row.organization_id)
+        plan = repository.plan_prices_of(connection, row.plan_id)
+        linked = repository.stripe_subscription_of(connection, row.id)
     customer_id = org.stripe_customer_id or gateway.create_customer(
         str(row.organization_id), org.name
     )
     if org.stripe_customer_id is None:
         with engine.begin() as connection:
-            connection.execute(
-                sa.update(Organization)
-                .where(Organization.id == row.organization_id)
-                .values(stripe_customer_id=customer_id)
-            )
-    if sub is not None:
+            repository.set_stripe_customer(connection, row.organization_id, customer_id)
+    if linked is not None:
         return
     interval = str(row.billing_interval)
     price_column = "stripe_price_id_yearly" if interval == "year" else "stripe_price_id_monthly"
@@ -403,43 +383,31 @@ def _link_stripe(engine: Engine, gateway: BillingGateway, item: _Work) -> None:
         amount = row.price_yearly if interval == "year" else row.price_monthly
         price_id = gateway.ensure_price(str(row.plan_id), plan.name, interval, amount, row.currency)
         with engine.begin() as connection:
-            connection.execute(
-                sa.update(Plan).where(Plan.id == row.plan_id).values({price_column: price_id})
-            )
+            repository.set_stripe_price(connection, row.plan_id, price_column, price_id)
     stripe_subscription_id = gateway.create_subscription(
         str(row.id), customer_id, price_id, row.current_period_start, row.current_period_end
     )
     with engine.begin() as connection:
-        connection.execute(
-            sa.update(Subscription)
-            .where(Subscription.id == row.id)
-            .values(stripe_subscription_id=stripe_subscription_id, stripe_customer_id=customer_id)
-        )
+        repository.link_subscription(connection, row.id, stripe_subscription_id, customer_id)
 
 
 def _start_run(engine: Engine, as_of: datetime) -> uuid.UUID:
     with engine.begin() as connection:
-        run_id = uuid.uuid4()
-        connection.execute(
-            sa.insert(BillingRun).values(id=run_id, as_of=as_of, dry_run=False, status="running")
-        )
-    return run_id
+        return repository.start_run(connection, as_of)
 
 
 def _finish_run(
     engine: Engine, result: RunResult, *, status: str, error: str | None = None
 ) -> None:
+    assert result.run_id is not None
     with engine.begin() as connection:
-        connection.execute(
-            sa.update(BillingRun)
-            .where(BillingRun.id == result.run_id)
-            .values(
-                status=status,
-                finished_at=sa.func.now(),
-                subscriptions=result.subscriptions,
-                invoices_changed=len(result.invoices),
-                reported=len(result.reported),
-                mismatches=len(result.mismatches),
-                error=error,
-            )
+        repository.finish_run(
+            connection,
+            result.run_id,
+            status=status,
+            error=error,
+            subscriptions=result.subscriptions,
+            invoices_changed=len(result.invoices),
+            reported=len(result.reported),
+            mismatches=len(result.mismatches),
         )

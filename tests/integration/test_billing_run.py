@@ -509,3 +509,20 @@ def test_a_tiny_quantity_is_printed_as_a_plain_decimal_string(
     assert result.returncode == 0, result.stderr
     [invoice] = json.loads(result.stdout)["invoices"]
     assert lines_of(invoice)[("storage_gb", "usage")] == ("0.0000001", "0.0000001", 0)
+
+
+def test_an_incomplete_subscription_is_not_billed(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    with unit_of_work(engine) as session:
+        subscription = session.get(Subscription, org["subscription_id"])
+        assert subscription is not None
+        subscription.status = factories.SubscriptionStatus.INCOMPLETE
+    add_usage(engine, org, november_usage(org))
+
+    result = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["invoices"] == []
+    assert _snapshot(engine, org["subscription_id"])[0] == []

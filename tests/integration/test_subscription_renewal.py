@@ -78,3 +78,14 @@ def test_a_subscription_set_to_cancel_is_canceled_at_period_end_not_renewed(db: 
     assert subscription.status == SubscriptionStatus.CANCELED
     assert subscription.canceled_at == datetime(2028, 1, 31, 12, 0, tzinfo=UTC)
     assert subscription.current_period_end == datetime(2028, 1, 31, 12, 0, tzinfo=UTC)
+
+
+def test_an_incomplete_subscription_is_not_renewed_as_it_never_started(db: Session) -> None:
+    subscription = _subscribe(db, JAN_31)
+    subscription.status = SubscriptionStatus.INCOMPLETE
+    db.flush()
+
+    renew_period(db, subscription.id, now=datetime(2027, 5, 1, tzinfo=UTC))
+
+    db.expire_all()
+    assert (subscription.status, subscription.current_period_start) == ("incomplete", JAN_31)
