@@ -21,12 +21,15 @@ app = typer.Typer(
 
 
 def _instant(value: str, option: str) -> datetime:
+    """An RFC 3339 instant; InvalidInput (one line, JSON under --json) rather than typer's
+    BadParameter, which prints a usage box even under --json."""
+    from shared.errors import InvalidInput
     from shared.events import parse_timestamp
 
     try:
         return parse_timestamp(value)
     except ValueError as exc:
-        raise typer.BadParameter(f"{exc} (e.g. 2026-11-24T10:00:00Z)", param_hint=option) from None
+        raise InvalidInput(f"{option}: {exc} (e.g. 2026-11-24T10:00:00Z)") from None
 
 
 @app.callback()

@@ -8,6 +8,7 @@ safe whatever happened before: the ledger counts an event id once.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import msgspec
 
 from services.aggregator.schemas import decode_dead_letter
+from services.aggregator.topic_reader import STALL_SECONDS, broker_errors
 from shared.errors import BrokerUnavailable
 from shared.logs import log_event
 from shared.settings import Settings
@@ -35,22 +37,23 @@ def dlq_group(settings: Settings) -> str:
 
 
 def replay_dead_letters(settings: Settings, *, dry_run: bool = False) -> DlqReplayReport:
+    with broker_errors(settings.kafka_bootstrap_servers):
+        return _replay_dead_letters(settings, dry_run=dry_run)
+
+
+def _replay_dead_letters(settings: Settings, *, dry_run: bool) -> DlqReplayReport:
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
-    from kafka.errors import KafkaError
     from kafka.structs import OffsetAndMetadata
 
     report = DlqReplayReport(dry_run=dry_run)
     servers = settings.kafka_bootstrap_servers.split(",")
-    try:
-        consumer: Any = KafkaConsumer(
-            bootstrap_servers=servers,
-            group_id=dlq_group(settings),
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-        )
-        producer: Any = None if dry_run else KafkaProducer(bootstrap_servers=servers, acks="all")
-    except KafkaError as exc:
-        raise BrokerUnavailable(f"cannot reach Kafka: {exc}") from None
+    consumer: Any = KafkaConsumer(
+        bootstrap_servers=servers,
+        group_id=dlq_group(settings),
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    producer: Any = None if dry_run else KafkaProducer(bootstrap_servers=servers, acks="all")
     try:
         partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
         tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
@@ -65,8 +68,17 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool = False) -> DlqRepl
             else:
                 consumer.seek(tp, committed)
         pending: list[Any] = []  # futures of the re-published records
+        last_progress = time.monotonic()
         while any(consumer.position(tp) < end[tp] for tp in tps):
-            for tp, messages in consumer.poll(timeout_ms=1000).items():
+            polled = consumer.poll(timeout_ms=1000)
+            if polled:
+                last_progress = time.monotonic()
+            elif time.monotonic() - last_progress > STALL_SECONDS:
+                # The broker went away mid-read: stop before committing anything.
+                raise BrokerUnavailable(
+                    f"reading {settings.dlq_topic} stalled for {STALL_SECONDS:.0f}s"
+                )
+            for tp, messages in polled.items():
                 for message in messages:
                     if message.offset >= end[tp]:
                         break

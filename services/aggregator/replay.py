@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from services.aggregator import repository
@@ -43,7 +42,7 @@ from services.aggregator.ledger_partitions import (
     months_for,
 )
 from services.aggregator.topic_reader import TopicReader
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, NotFound
 from shared.events import SUM_CONTEXT, window_start
 from shared.logs import log_event
 from shared.settings import Settings
@@ -92,9 +91,14 @@ def aligned_range(start: datetime, end: datetime, window_seconds: int) -> tuple[
     """[start, end) widened to whole windows: a window is rebuilt whole or not at all."""
     if end <= start:
         raise InvalidInput("--to must be after --from")
-    first = window_start(start, window_seconds)
-    last = window_start(end - timedelta(microseconds=1), window_seconds)
-    return first, last + timedelta(seconds=window_seconds)
+    try:
+        first = window_start(start, window_seconds)
+        last = window_start(end - timedelta(microseconds=1), window_seconds)
+        return first, last + timedelta(seconds=window_seconds)
+    except (OverflowError, ValueError):
+        raise InvalidInput(
+            "the range is out of range: its windows fall outside the calendar"
+        ) from None
 
 
 class EventVersions:
@@ -145,6 +149,10 @@ def replay(
             "are no longer deduplicated, so they cannot be replayed"
         )
     with engine.connect() as connection:
+        if request.organization_id and not repository.organization_exists(
+            connection, request.organization_id
+        ):
+            raise NotFound(f"no organization {request.organization_id}")
         _refuse_below_floor(start, ledger_floor(connection))
     rules = ReadRules(
         lateness_horizon=settings.lateness_horizon,
@@ -313,32 +321,18 @@ def metric_changes(
 
 
 def _record_run(connection: Connection, report: ReplayReport, now: datetime) -> None:
-    connection.execute(
-        sa.text(
-            "INSERT INTO replay_runs (id, range_start, range_end, organization_id, metric, dry_run,"
-            "  status, events_read, windows_changed, changes, finished_at)"
-            " VALUES (gen_random_uuid(), :start, :end, :org, :metric, :dry_run, :status,"
-            "  :read, :changed, CAST(:changes AS jsonb), :now)"
-        ),
-        {
-            "start": report.start,
-            "end": report.end,
-            "org": report.organization_id,
-            "metric": report.metric,
-            "dry_run": report.dry_run,
-            "status": "dry_run" if report.dry_run else "applied",
-            "read": report.records_read,
-            "changed": report.windows_changed,
-            "changes": _changes_json(report.changes),
-            "now": now,
-        },
+    repository.record_replay_run(
+        connection,
+        start=report.start,
+        end=report.end,
+        organization_id=report.organization_id,
+        metric=report.metric,
+        dry_run=report.dry_run,
+        records_read=report.records_read,
+        windows_changed=report.windows_changed,
+        changes=[change_document(c) for c in report.changes],
+        finished_at=now,
     )
-
-
-def _changes_json(changes: list[MetricChange]) -> str:
-    import json
-
-    return json.dumps([change_document(c) for c in changes])
 
 
 def change_document(change: MetricChange) -> dict[str, object]:

@@ -8,6 +8,7 @@ Every function takes a Connection inside the caller's transaction; none commits.
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -181,3 +182,48 @@ def window_totals(
         (row[0], row[1], row[2], row[3], row[4]): WindowTotal(Decimal(row[5]), int(row[6]))
         for row in rows
     }
+
+
+def organization_exists(connection: Connection, organization_id: uuid.UUID) -> bool:
+    return bool(
+        connection.execute(
+            sa.text("SELECT EXISTS (SELECT 1 FROM organizations WHERE id = :id)"),
+            {"id": organization_id},
+        ).scalar()
+    )
+
+
+def record_replay_run(
+    connection: Connection,
+    *,
+    start: datetime,
+    end: datetime,
+    organization_id: uuid.UUID | None,
+    metric: str | None,
+    dry_run: bool,
+    records_read: int,
+    windows_changed: int,
+    changes: list[dict[str, object]],
+    finished_at: datetime,
+) -> None:
+    """One replay_runs row: the range, filters, outcome and per-metric changes of a replay."""
+    connection.execute(
+        sa.text(
+            "INSERT INTO replay_runs (id, range_start, range_end, organization_id, metric, dry_run,"
+            "  status, events_read, windows_changed, changes, finished_at)"
+            " VALUES (gen_random_uuid(), :start, :end, :org, :metric, :dry_run, :status,"
+            "  :read, :changed, CAST(:changes AS jsonb), :now)"
+        ),
+        {
+            "start": start,
+            "end": end,
+            "org": organization_id,
+            "metric": metric,
+            "dry_run": dry_run,
+            "status": "dry_run" if dry_run else "applied",
+            "read": records_read,
+            "changed": windows_changed,
+            "changes": json.dumps(changes),
+            "now": finished_at,
+        },
+    )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -20,13 +21,26 @@ POLL_MS = 500
 STALL_SECONDS = 30.0
 
 
+@contextmanager
+def broker_errors(servers: str) -> Iterator[None]:
+    """Kafka's errors (no brokers, timeouts) as one BrokerUnavailable line, never a traceback."""
+    from kafka.errors import KafkaError
+
+    try:
+        yield
+    except KafkaError as exc:
+        raise BrokerUnavailable(
+            f"Kafka at {servers} is unavailable: {type(exc).__name__}: {exc}".strip(": ")
+        ) from None
+
+
 class TopicReader:
     def __init__(self, bootstrap_servers: str, topic: str) -> None:
         from kafka import KafkaConsumer
-        from kafka.errors import KafkaError
 
         self.topic = topic
-        try:
+        self._servers = bootstrap_servers
+        with broker_errors(bootstrap_servers):
             self._consumer: Any = KafkaConsumer(
                 bootstrap_servers=bootstrap_servers.split(","),
                 enable_auto_commit=False,
@@ -36,8 +50,6 @@ class TopicReader:
                 request_timeout_ms=30_000,
             )
             partitions = self._consumer.partitions_for_topic(topic)
-        except KafkaError as exc:
-            raise BrokerUnavailable(f"cannot reach Kafka at {bootstrap_servers}: {exc}") from None
         if not partitions:
             raise InvalidInput(f"topic {topic} does not exist")
         self.partitions = sorted(partitions)
@@ -48,15 +60,20 @@ class TopicReader:
         return [TopicPartition(self.topic, p) for p in self.partitions]
 
     def end_offsets(self) -> Offsets:
-        return {tp.partition: o for tp, o in self._consumer.end_offsets(self._tps()).items()}
+        with broker_errors(self._servers):
+            found = self._consumer.end_offsets(self._tps())
+        return {tp.partition: o for tp, o in found.items()}
 
     def beginning_offsets(self) -> Offsets:
-        return {tp.partition: o for tp, o in self._consumer.beginning_offsets(self._tps()).items()}
+        with broker_errors(self._servers):
+            found = self._consumer.beginning_offsets(self._tps())
+        return {tp.partition: o for tp, o in found.items()}
 
     def offsets_since(self, moment: datetime) -> Offsets:
         """The first offset of each partition whose record timestamp is at or after `moment`."""
         millis = int(moment.timestamp() * 1000)
-        found = self._consumer.offsets_for_times({tp: millis for tp in self._tps()})
+        with broker_errors(self._servers):
+            found = self._consumer.offsets_for_times({tp: millis for tp in self._tps()})
         ends = self.end_offsets()
         return {
             tp.partition: (found[tp].offset if found.get(tp) is not None else ends[tp.partition])
@@ -79,6 +96,15 @@ class TopicReader:
         on_record: Callable[[], None] | None = None,
     ) -> Iterator[SourceRecord]:
         """Every record in [start, end) of each partition, in offset order per partition."""
+        with broker_errors(self._servers):
+            yield from self._read(start, end, on_record)
+
+    def _read(
+        self,
+        start: Offsets,
+        end: Offsets,
+        on_record: Callable[[], None] | None,
+    ) -> Iterator[SourceRecord]:
         from kafka import TopicPartition
 
         pending = {p: (start[p], end[p]) for p in start if start[p] < end[p]}
@@ -128,4 +154,5 @@ class TopicReader:
                     self._consumer.pause(tp)
 
     def close(self) -> None:
-        self._consumer.close()
+        with broker_errors(self._servers):
+            self._consumer.close()
