@@ -7,7 +7,6 @@ import itertools
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from sqlalchemy.engine import Engine
 from services.aggregator.batch import SourceRecord
 from shared.db import unit_of_work
 from shared.events import Envelope, UsageEvent, encode_envelope
-from tests import factories
+from tests import factories, kafka_support
+from tests.kafka_support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 _offsets = itertools.count()
@@ -187,24 +187,10 @@ class Producer:
 
 def read_topic(bootstrap: str, topic: str, timeout: float = 20.0) -> list[tuple[bytes, dict]]:
     """Every record of a topic (value, headers) from the beginning."""
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False)
-    try:
-        partitions = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in partitions]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        found: list[tuple[bytes, dict]] = []
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(consumer.position(tp) < end[tp] for tp in tps):
-            for batch in consumer.poll(timeout_ms=500).values():
-                for message in batch:
-                    found.append((message.value, dict(message.headers or [])))
-        return found
-    finally:
-        consumer.close()
+    return [
+        (message.value, dict(message.headers or []))
+        for message in kafka_support.read_topic(bootstrap, topic, timeout=timeout)
+    ]
 
 
 def dead_letters(bootstrap: str, topic: str) -> list[dict]:
@@ -212,12 +198,6 @@ def dead_letters(bootstrap: str, topic: str) -> list[dict]:
 
 
 # --- Processes ---------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class AggregatorProcess:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -19,16 +18,11 @@ from sqlalchemy.engine import Engine
 
 from shared.db import unit_of_work
 from shared.events import Envelope, decode_envelope
-from tests import factories
+from tests import factories, kafka_support
+from tests.kafka_support import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 METERLINE_BIN = ROOT / ".venv" / "bin" / "meterline"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -144,27 +138,16 @@ def read_topic(
     timeout: float = 20.0,
 ) -> list[TopicRecord]:
     """Every record of `organization_id` on the topic, once at least `expect` are there."""
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(
-        topic,
-        bootstrap_servers=bootstrap.split(","),
-        auto_offset_reset="earliest",
-        enable_auto_commit=False,
-        group_id=None,
-        consumer_timeout_ms=1000,
-    )
     wanted = str(organization_id).encode()
-    found: list[TopicRecord] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and len(found) < expect:
-            for message in consumer:
-                if message.key == wanted:
-                    found.append(TopicRecord(message.key, message.value, message.timestamp))
-    finally:
-        consumer.close()
-    return found
+
+    def ours(records: list) -> list[TopicRecord]:
+        return [TopicRecord(r.key, r.value, r.timestamp) for r in records if r.key == wanted]
+
+    return ours(
+        kafka_support.read_topic(
+            bootstrap, topic, timeout=timeout, enough=lambda found: len(ours(found)) >= expect
+        )
+    )
 
 
 def rfc3339(instant: datetime) -> str:

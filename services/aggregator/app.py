@@ -25,6 +25,7 @@ from services.aggregator.service import BatchApplier, BatchResult, is_transient
 from shared.db import create_sync_engine
 from shared.logs import log_event
 from shared.settings import Settings
+from shared.topics import ensure_topics
 
 logger = logging.getLogger("meterline.aggregator")
 
@@ -332,8 +333,6 @@ def _source_record(event: EventT) -> SourceRecord:
 def wait_for_topics(settings: Settings) -> None:
     """Create the events and DLQ topics if absent, waiting for the broker: Faust does not declare
     a source topic, and a group that starts before its topic exists is assigned nothing."""
-    from services.ingest.publisher import ensure_topics
-
     backoff = BACKOFF_FIRST_SECONDS
     while True:
         try:

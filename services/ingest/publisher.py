@@ -14,7 +14,6 @@ seconds while the broker accepts connections, the producer is thrown away and a 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import threading
 import time
@@ -25,6 +24,7 @@ from typing import Any, Protocol
 from shared.errors import BrokerUnavailable
 from shared.logs import log_event
 from shared.settings import Settings
+from shared.topics import ensure_topics
 
 logger = logging.getLogger("meterline.ingest")
 
@@ -271,31 +271,3 @@ def _bridge(pending: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any
 def _host_port(server: str) -> tuple[str, int]:
     host, _, port = server.strip().rpartition(":")
     return host.strip("[]") or "127.0.0.1", int(port or 9092)
-
-
-def ensure_topics(settings: Settings) -> list[str]:
-    """Create the events and dead-letter topics if they are absent; returns those created."""
-    from kafka.admin import KafkaAdminClient
-    from kafka.errors import TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
-        client_id="meterline-ingest-admin",
-        request_timeout_ms=10_000,
-    )
-    try:
-        existing = set(admin.list_topics())
-        wanted = [t for t in (settings.events_topic, settings.dlq_topic) if t not in existing]
-        if not wanted:
-            return []
-        with contextlib.suppress(TopicAlreadyExistsError):  # another worker won the race
-            admin.create_topics(
-                {
-                    topic: {"num_partitions": settings.topic_partitions, "replication_factor": -1}
-                    for topic in wanted
-                },
-                wait_for_metadata=True,
-            )
-        return wanted
-    finally:
-        admin.close()

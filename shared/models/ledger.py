@@ -2,7 +2,7 @@
 
 The ledger is range-partitioned by event time, one partition per month, named
 `usage_event_ledger_pYYYYMMDD`; partitions are created at run time by the aggregator and dropped
-once they fall behind the lateness horizon (services/aggregator/partitions.py).
+once no unprocessed event can need them (services/aggregator/ledger_partitions.py).
 """
 
 from __future__ import annotations
