@@ -272,12 +272,14 @@ class Aggregator:
             return
         try:
             lag, assigned = await asyncio.to_thread(self._our_lag)
-        except Exception:  # broker unreachable: Faust reconnects, and we cannot tell
+        except Exception as exc:  # broker unreachable: Faust reconnects, and we cannot tell
+            log_event(logger, "stall_check_failed", logging.WARNING, error=str(exc)[:200])
             return
         idle = (utc_now() - (self.last_batch_at or self.started_at)).total_seconds()
         if not is_stalled(
             idle_seconds=idle, lag=lag, assigned=assigned, busy=self.busy, stall_seconds=stall
         ):
+            log_event(logger, "stall_check_passed", logging.DEBUG, lag=lag, idle_seconds=idle)
             return
         self.stalled_lag = lag
         log_event(
