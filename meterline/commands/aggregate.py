@@ -38,8 +38,9 @@ def run(
         register_secret(settings.api_key_pepper.get_secret_value())
         configure_logging(log_level, settings.log_format)
         if logging.getLogger().level >= logging.INFO:
-            # Faust, mode and aiokafka narrate every start-up step at INFO; keep their warnings.
-            for name in ("faust", "mode", "aiokafka"):
+            # Faust, mode, aiokafka and kafka-python (the backlog reads) narrate every step at
+            # INFO; keep their warnings.
+            for name in ("faust", "mode", "aiokafka", "kafka"):
                 logging.getLogger(name).setLevel(logging.WARNING)
         wait_for_topics(settings)
         faust_app, _ = create_app(settings)
