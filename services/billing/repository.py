@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -60,50 +60,89 @@ def subscriptions_to_bill(
     return list(connection.execute(query))
 
 
-# The periods of a run go to a table of their own, created (and dropped) inside the run's
+# The periods of a run go to tables of their own, created (and dropped) inside the run's
 # transaction: analysed, so the planner sees true row counts (an unnest hid them), and not
-# TEMPORARY, because parallel workers cannot read a temporary table. UNLOGGED: it never outlives
-# the transaction, and no one else can see it before it commits (it never does).
+# TEMPORARY, because parallel workers cannot read a temporary table. UNLOGGED: they never outlive
+# the transaction, and no one else can see them before it commits (they never do).
+#
+# A period is read in two parts: its whole UTC days from usage_daily (the exact daily rollup of
+# usage_records, 24 times fewer rows for hourly windows), and its partial edge days, if its
+# boundaries are not midnights, window by window from usage_records. A window belongs to the day
+# of its start, as it belongs to the period its start falls in.
 _PERIODS = "billing_periods_{token}"
+_EDGES = "billing_period_edges_{token}"
 _CREATE_PERIODS = (
+    "CREATE UNLOGGED TABLE {table} (pid integer, organization_id uuid, day_from date, day_to date)"
+)
+_CREATE_EDGES = (
     "CREATE UNLOGGED TABLE {table} (pid integer, organization_id uuid,"
-    " period_start timestamptz, period_end timestamptz)"
+    " edge_start timestamptz, edge_end timestamptz)"
 )
 _LOAD_PERIODS = (
+    "INSERT INTO {table} SELECT * FROM unnest(CAST(:pids AS integer[]),"
+    " CAST(:organization_ids AS uuid[]), CAST(:day_froms AS date[]),"
+    " CAST(:day_tos AS date[]))"
+)
+_LOAD_EDGES = (
     "INSERT INTO {table} SELECT * FROM unnest(CAST(:pids AS integer[]),"
     " CAST(:organization_ids AS uuid[]), CAST(:starts AS timestamptz[]),"
     " CAST(:ends AS timestamptz[]))"
 )
-# "sum" totals: one pass over the usage of every period, grouped by the period's integer id and
-# the metric only. Joined on the organization alone (not organization and metric), every period
-# of a plan gets all its metrics in one hash probe; metrics a plan does not price are dropped
-# by the caller.
+# "sum" totals: the whole days' sums plus the edge windows, grouped by the period's integer id
+# and the metric only. Edges are read by a LATERAL subquery kept apart by OFFSET 0, so each edge
+# (hours of one organization) probes the (organization_id, window_start) index: a join the
+# planner may flatten could hash all of usage_records instead, the cost the rollup removes.
+# Joined on the organization alone (not organization and metric), every period of a plan gets
+# all its metrics in one probe; metrics a plan does not price are dropped by the caller. Every
+# window size counts, as every usage_records row in the period does.
 _SUM_TOTALS = (
-    "SELECT p.pid, u.metric, sum(u.quantity) AS quantity FROM {table} p"
-    " JOIN usage_records u ON u.organization_id = p.organization_id"
-    " AND u.window_start >= p.period_start AND u.window_start < p.period_end"
-    " GROUP BY p.pid, u.metric"
+    "SELECT pid, metric, sum(quantity) AS quantity FROM ("
+    " SELECT p.pid, d.metric, d.quantity FROM {periods} p"
+    " JOIN usage_daily d ON d.organization_id = p.organization_id"
+    " AND d.day >= p.day_from AND d.day < p.day_to"
+    " UNION ALL"
+    " SELECT e.pid, u.metric, u.quantity FROM {edges} e CROSS JOIN LATERAL ("
+    " SELECT metric, quantity FROM usage_records WHERE organization_id = e.organization_id"
+    " AND window_start >= e.edge_start AND window_start < e.edge_end OFFSET 0) AS u"
+    ") AS parts GROUP BY pid, metric"
 )
-# "max" totals: the largest window, each window summed over its projects and keys first. Only
-# the metrics some plan aggregates by max are read, so the per-window grouping stays as small
-# as the usage of those metrics.
+# "max" totals: the largest window, each window summed over its projects and keys first, and
+# (as the windows are grouped by their start alone) over the window sizes that share a start. A
+# whole day with one window size has its largest window in usage_daily; a day with several sizes
+# (a window-size change) may have windows of different sizes sharing a start, so it is read
+# window by window from usage_records, like the edges. Only the metrics some plan aggregates by
+# max are read.
 _MAX_TOTALS = (
-    "SELECT pid, metric, max(quantity) AS quantity FROM ("
-    " SELECT p.pid, u.metric, u.window_start, sum(u.quantity) AS quantity FROM {table} p"
-    " JOIN usage_records u ON u.organization_id = p.organization_id"
-    " AND u.window_start >= p.period_start AND u.window_start < p.period_end"
-    " WHERE u.metric = ANY(CAST(:metrics AS text[]))"
-    " GROUP BY p.pid, u.metric, u.window_start) AS windows"
+    "WITH days AS ("
+    " SELECT p.pid, p.organization_id, d.metric, d.day, count(*) AS window_sizes,"
+    " max(d.max_window_quantity) AS quantity FROM {periods} p"
+    " JOIN usage_daily d ON d.organization_id = p.organization_id"
+    " AND d.day >= p.day_from AND d.day < p.day_to"
+    " WHERE d.metric = ANY(CAST(:metrics AS text[]))"
+    " GROUP BY p.pid, p.organization_id, d.metric, d.day),"
+    " ranges AS ("
+    " SELECT e.pid, e.organization_id, m.metric, e.edge_start AS range_start,"
+    " e.edge_end AS range_end FROM {edges} e"
+    " CROSS JOIN unnest(CAST(:metrics AS text[])) AS m(metric)"
+    " UNION ALL"
+    " SELECT pid, organization_id, metric, CAST(day AS timestamp) AT TIME ZONE 'UTC',"
+    " CAST(day + 1 AS timestamp) AT TIME ZONE 'UTC' FROM days WHERE window_sizes > 1),"
+    " windows AS ("
+    " SELECT r.pid, r.metric, sum(u.quantity) AS quantity FROM ranges r CROSS JOIN LATERAL ("
+    " SELECT window_start, quantity FROM usage_records WHERE organization_id = r.organization_id"
+    " AND metric = r.metric AND window_start >= r.range_start AND window_start < r.range_end"
+    " OFFSET 0) AS u"
+    " GROUP BY r.pid, r.metric, u.window_start)"
+    " SELECT pid, metric, max(quantity) AS quantity FROM ("
+    " SELECT pid, metric, quantity FROM days WHERE window_sizes = 1"
+    " UNION ALL SELECT pid, metric, quantity FROM windows) AS parts"
     " GROUP BY pid, metric"
 )
-# Above this many periods a run is "full": one parallel scan of usage_records hashed against
-# the periods beats probing the index once per period (tests/bench/bench_billing.py).
+# Above this many periods a run is "full" (tests/bench/bench_billing.py).
 _BULK_PERIODS = 1000
 _FULL_RUN_SETTINGS = (
-    "SET LOCAL enable_nestloop = off",
-    # Parallel query: the planner underestimates how many usage rows the periods select (the
-    # range condition), so it would gather every row to one process before aggregating; with
-    # the parallel costs at zero each worker joins and partially aggregates its share.
+    # Parallel query: with the parallel costs at zero each worker joins and partially aggregates
+    # its share of the days instead of gathering every row to one process first.
     "SET LOCAL max_parallel_workers_per_gather = 2",
     "SET LOCAL parallel_setup_cost = 0",
     "SET LOCAL parallel_tuple_cost = 0",
@@ -112,26 +151,81 @@ _FULL_RUN_SETTINGS = (
 )
 
 
-def stage_periods(connection: Connection, queries: Sequence[PeriodQuery]) -> str:
-    """Load the periods (numbered by their position in `queries`) into a table of this
-    transaction, set the transaction up for their size, and return the table's name."""
-    table = _PERIODS.format(token=uuid.uuid4().hex[:12])
+@dataclass(frozen=True)
+class StagedPeriods:
+    """The names of a run's period tables: `periods` (whole days) and `edges` (partial days)."""
+
+    periods: str
+    edges: str
+
+
+@dataclass(frozen=True)
+class _PeriodParts:
+    day_from: date
+    day_to: date
+    edges: tuple[tuple[datetime, datetime], ...]
+
+
+def _period_parts(start: datetime, end: datetime) -> _PeriodParts:
+    """Split [start, end) into its whole UTC days [day_from, day_to) and the partial days at
+    its edges (none when a boundary is a midnight; the whole period when it has no whole day)."""
+    first = start.astimezone(UTC)
+    day_from = first.date() if first.time() == time.min else first.date() + timedelta(days=1)
+    day_to = end.astimezone(UTC).date()
+    if day_from >= day_to:
+        return _PeriodParts(day_from, day_from, ((start, end),) if start < end else ())
+    whole_start = datetime.combine(day_from, time.min, UTC)
+    whole_end = datetime.combine(day_to, time.min, UTC)
+    edges = tuple(
+        (edge_start, edge_end)
+        for edge_start, edge_end in ((start, whole_start), (whole_end, end))
+        if edge_start < edge_end
+    )
+    return _PeriodParts(day_from, day_to, edges)
+
+
+def stage_periods(connection: Connection, queries: Sequence[PeriodQuery]) -> StagedPeriods:
+    """Load the periods (numbered by their position in `queries`) into tables of this
+    transaction, set the transaction up for their size, and return the tables' names."""
+    token = uuid.uuid4().hex[:12]
+    staged = StagedPeriods(_PERIODS.format(token=token), _EDGES.format(token=token))
     connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
     if len(queries) > _BULK_PERIODS:
         for setting in _FULL_RUN_SETTINGS:
             connection.execute(sa.text(setting))
-    connection.execute(sa.text(_CREATE_PERIODS.format(table=table)))
+    parts = [_period_parts(q.start, q.end) for q in queries]
+    connection.execute(sa.text(_CREATE_PERIODS.format(table=staged.periods)))
     connection.execute(
-        sa.text(_LOAD_PERIODS.format(table=table)),
+        sa.text(_LOAD_PERIODS.format(table=staged.periods)),
         {
             "pids": list(range(len(queries))),
             "organization_ids": [q.organization_id for q in queries],
-            "starts": [q.start for q in queries],
-            "ends": [q.end for q in queries],
+            "day_froms": [p.day_from for p in parts],
+            "day_tos": [p.day_to for p in parts],
         },
     )
-    connection.execute(sa.text(f"ANALYZE {table}"))
-    return table
+    edges = [
+        (pid, query.organization_id, edge)
+        for pid, (query, part) in enumerate(zip(queries, parts, strict=True))
+        for edge in part.edges
+    ]
+    connection.execute(sa.text(_CREATE_EDGES.format(table=staged.edges)))
+    connection.execute(
+        sa.text(_LOAD_EDGES.format(table=staged.edges)),
+        {
+            "pids": [pid for pid, _, _ in edges],
+            "organization_ids": [organization_id for _, organization_id, _ in edges],
+            "starts": [edge[0] for _, _, edge in edges],
+            "ends": [edge[1] for _, _, edge in edges],
+        },
+    )
+    connection.execute(sa.text(f"ANALYZE {staged.periods}"))
+    connection.execute(sa.text(f"ANALYZE {staged.edges}"))
+    return staged
+
+
+def drop_periods(connection: Connection, staged: StagedPeriods) -> None:
+    connection.execute(sa.text(f"DROP TABLE {staged.periods}, {staged.edges}"))
 
 
 def period_totals(
@@ -139,24 +233,23 @@ def period_totals(
 ) -> dict[uuid.UUID, dict[tuple[datetime, str], Decimal]]:
     """Per subscription, each (period start, metric)'s quantity by its aggregation.
 
-    Runs in the caller's transaction (the periods' table is dropped before it returns).
+    Runs in the caller's transaction (the periods' tables are dropped before it returns).
     """
     queries = [q for q in queries if q.metrics]
     if not queries:
         return {}
-    table = stage_periods(connection, queries)
+    staged = stage_periods(connection, queries)
+    tables = {"periods": staged.periods, "edges": staged.edges}
     found = {
         (row.pid, row.metric): row.quantity
-        for row in connection.execute(sa.text(_SUM_TOTALS.format(table=table)))
+        for row in connection.execute(sa.text(_SUM_TOTALS.format(**tables)))
     }
     maxima: dict[tuple[int, str], Decimal] = {}
     max_metrics = sorted({metric for q in queries for metric in q.max_metrics})
     if max_metrics:
-        rows = connection.execute(
-            sa.text(_MAX_TOTALS.format(table=table)), {"metrics": max_metrics}
-        )
+        rows = connection.execute(sa.text(_MAX_TOTALS.format(**tables)), {"metrics": max_metrics})
         maxima = {(row.pid, row.metric): row.quantity for row in rows}
-    connection.execute(sa.text(f"DROP TABLE {table}"))
+    drop_periods(connection, staged)
     totals: dict[uuid.UUID, dict[tuple[datetime, str], Decimal]] = {}
     for pid, query in enumerate(queries):
         for metric in query.metrics:

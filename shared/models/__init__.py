@@ -14,7 +14,7 @@ from shared.models.keys import ApiKey
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
 from shared.models.plans import BillingInterval, Plan, Subscription, SubscriptionStatus
 from shared.models.tenancy import MANAGER_ROLES, Organization, OrganizationMember, Project, Role
-from shared.models.usage import USAGE_RECORD_KEY, UsageRecord
+from shared.models.usage import USAGE_RECORD_KEY, UsageDaily, UsageRecord
 
 __all__ = [
     "LEDGER_TABLE",
@@ -39,6 +39,7 @@ __all__ = [
     "StripeWebhookEvent",
     "Subscription",
     "SubscriptionStatus",
+    "UsageDaily",
     "UsageEventLedger",
     "UsageRecord",
     "User",

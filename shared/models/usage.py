@@ -1,12 +1,13 @@
-"""Usage records: one row per (organization, project, key, metric, window), the billing truth."""
+"""Usage records: one row per (organization, project, key, metric, window), the billing truth;
+and usage_daily, their exact daily rollup (kept by triggers on usage_records, read by billing)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String
+from sqlalchemy import BigInteger, Date, DateTime, ForeignKey, Index, Integer, Numeric, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -48,3 +49,24 @@ class UsageRecord(IdMixin, TimestampMixin, Base):
     window_seconds: Mapped[int] = mapped_column(Integer)
     quantity: Mapped[Decimal] = mapped_column(Numeric, default=Decimal(0))
     event_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class UsageDaily(TimestampMixin, Base):
+    """One UTC day (of window starts) of an organization's usage of a metric, per window size.
+
+    Written only by the triggers on usage_records (migration 0007), which recompute every day a
+    statement touched: never write it from code.
+    """
+
+    __tablename__ = "usage_daily"
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
+    day: Mapped[date] = mapped_column(Date, primary_key=True)
+    # The sum of the day's windows, and its largest window summed over projects and keys.
+    quantity: Mapped[Decimal] = mapped_column(Numeric)
+    max_window_quantity: Mapped[Decimal] = mapped_column(Numeric)
+    event_count: Mapped[int] = mapped_column(BigInteger)

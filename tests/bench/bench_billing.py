@@ -3,8 +3,13 @@
 Loads, into a database of its own, 10,000 organizations with one monthly subscription each on a
 plan with 5 metered metrics (sum and max, every pricing model), and hourly usage_records for the
 month, generated server-side in one INSERT ... SELECT over generate_series per table. Then times
-`run_billing` (first run: every invoice is new; second run: nothing changes) and, apart, the one
-set-based totals query, to show where the time goes. Goal: the first run under 10 s.
+`run_billing` (first run: every invoice is new; second run: nothing changes) and, apart, the
+set-based totals queries, to show where the time goes. Goal: the first run under 10 s.
+
+usage_records is loaded with its triggers off (a bulk backfill), then usage_daily, the daily
+rollup billing reads, is built in one INSERT ... SELECT (`usage_daily_rebuild()`) and the triggers
+are turned back on. Last, the cost of those triggers to the aggregator: the same batches applied
+through BatchApplier with the triggers on and off, in events/s.
 
 BENCH_BILLING_SUBSCRIPTIONS (default 10000) and BENCH_BILLING_HOURS (default 72: 3.6M usage rows;
 720 is every hour of the month, 36M rows) change the size.
@@ -17,6 +22,7 @@ import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import sqlalchemy as sa
@@ -104,6 +110,8 @@ def _load(engine: sa.Engine, subscriptions: int, hours: int) -> int:
             {"start": PERIOD_START, "end": PERIOD_END},
         )
         connection.execute(sa.text("ANALYZE organizations"))
+        # A bulk backfill: the rollup is built once after the load, not row batch by row batch.
+        connection.execute(sa.text("ALTER TABLE usage_records DISABLE TRIGGER USER"))
         restore = _drop_usage_indexes(connection)
     started = time.perf_counter()
     _insert_usage(engine, step)
@@ -115,9 +123,16 @@ def _load(engine: sa.Engine, subscriptions: int, hours: int) -> int:
             connection.execute(sa.text(statement))
     _TIMINGS["indexes"] = time.perf_counter() - started
     started = time.perf_counter()
+    with engine.begin() as connection:
+        connection.execute(sa.text("SET LOCAL work_mem = '1GB'"))
+        connection.execute(sa.text("SELECT usage_daily_rebuild()"))
+        connection.execute(sa.text("ALTER TABLE usage_records ENABLE TRIGGER USER"))
+    _TIMINGS["backfill"] = time.perf_counter() - started
+    started = time.perf_counter()
     # VACUUM (not only ANALYZE): sets the visibility map, as autovacuum would soon after a load.
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(sa.text("VACUUM (ANALYZE) usage_records"))
+        connection.execute(sa.text("VACUUM (ANALYZE) usage_daily"))
         connection.execute(sa.text("ANALYZE"))
         count = connection.execute(sa.text("SELECT count(*) FROM usage_records")).scalar_one()
     _TIMINGS["vacuum"] = time.perf_counter() - started
@@ -203,18 +218,21 @@ def _explain(engine: sa.Engine, queries: list[Any]) -> list[str]:
     lines = []
     max_metrics = sorted({m for q in queries for m in q.max_metrics})
     with engine.begin() as connection:
-        table = repository.stage_periods(connection, queries)
-        statements = [("sum totals", repository._SUM_TOTALS, {})]
+        staged = repository.stage_periods(connection, queries)
+        tables = {"periods": staged.periods, "edges": staged.edges}
+        statements: list[tuple[str, str, dict[str, Any]]] = [
+            ("sum totals", repository._SUM_TOTALS, {})
+        ]
         if max_metrics:
             statements.append(("max totals", repository._MAX_TOTALS, {"metrics": max_metrics}))
         for label, sql, params in statements:
             [[plan]] = connection.execute(
-                sa.text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql.format(table=table)),
+                sa.text("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql.format(**tables)),
                 params,
             ).all()
             lines.append(f"  {label}: {plan[0]['Execution Time'] / 1000:.2f}s (instrumented)")
             lines += _plan_lines(plan[0]["Plan"], 2)
-        connection.execute(sa.text(f"DROP TABLE {table}"))
+        repository.drop_periods(connection, staged)
     return lines
 
 
@@ -259,8 +277,9 @@ def main() -> None:
         print(
             f"loaded {rows:,} usage rows for {subscriptions:,} subscriptions in {load_seconds:.1f}s"
             f" ({rows / load_seconds:,.0f} rows/s; {_TIMINGS['insert']:.1f}s insert in "
-            f"{_LOAD_SESSIONS} sessions, {_TIMINGS['indexes']:.1f}s indexes and keys, "
-            f"{_TIMINGS['vacuum']:.1f}s vacuum and analyze)"
+            f"{_LOAD_SESSIONS} sessions with the triggers off, {_TIMINGS['indexes']:.1f}s "
+            f"indexes and keys, {_TIMINGS['backfill']:.1f}s backfill of usage_daily in one "
+            f"INSERT ... SELECT, {_TIMINGS['vacuum']:.1f}s vacuum and analyze)"
         )
 
         as_of = PERIOD_END + timedelta(hours=1)
@@ -301,9 +320,79 @@ def main() -> None:
         )
         print("totals statements (EXPLAIN ANALYZE, BUFFERS):")
         print("\n".join(_explain(engine, queries)))
+        print(_trigger_cost(engine, url))
     finally:
         engine.dispose()
         _drop_database(admin_url, name)
+
+
+# The aggregator's side: batches of BATCH_ENVELOPES envelopes of 5 events (one per metric) from
+# TRIGGER_ORGANIZATIONS organizations, as a live stream writes them, through BatchApplier.
+_TRIGGER_BATCHES = 20
+_BATCH_ENVELOPES = 200
+_TRIGGER_ORGANIZATIONS = 50
+
+
+def _trigger_cost(engine: sa.Engine, url: str) -> str:
+    """events/s of BatchApplier with usage_records' triggers on and off, alternated twice."""
+    from services.aggregator.batch import SourceRecord
+    from services.aggregator.service import BatchApplier
+    from shared.events import Envelope, UsageEvent, encode_envelope
+
+    with engine.connect() as connection:
+        organizations = list(
+            connection.execute(
+                sa.text("SELECT id FROM organizations ORDER BY id LIMIT :n"),
+                {"n": _TRIGGER_ORGANIZATIONS},
+            ).scalars()
+        )
+    applier = BatchApplier(engine, load_settings().model_copy(update={"database_url": url}))
+    offsets = iter(range(10**9))
+
+    def batch(now: datetime) -> list[SourceRecord]:
+        records = []
+        for n in range(_BATCH_ENVELOPES):
+            events = [
+                UsageEvent(
+                    id=secrets.token_hex(8),
+                    metric=metric,
+                    quantity=Decimal(n % 97) / 10,
+                    timestamp=now - timedelta(seconds=n),
+                )
+                for metric in METRICS
+            ]
+            envelope = Envelope(
+                v=1,
+                organization_id=organizations[n % len(organizations)],
+                api_key_id=None,
+                received_at=now,
+                events=events,
+            )
+            records.append(
+                SourceRecord(
+                    "bench.usage.events", 0, next(offsets), None, None, encode_envelope(envelope)
+                )
+            )
+        return records
+
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for enabled in (True, False, True, False):
+        with engine.begin() as connection:
+            state = "ENABLE" if enabled else "DISABLE"
+            connection.execute(sa.text(f"ALTER TABLE usage_records {state} TRIGGER USER"))
+        batches = [batch(datetime.now(UTC)) for _ in range(_TRIGGER_BATCHES)]
+        started = time.perf_counter()
+        counted = sum(applier.apply(records).counted for records in batches)
+        rates[enabled].append(counted / (time.perf_counter() - started))
+    with engine.begin() as connection:
+        connection.execute(sa.text("ALTER TABLE usage_records ENABLE TRIGGER USER"))
+    on, off = max(rates[True]), max(rates[False])
+    return (
+        f"aggregator with the usage_daily triggers: {on:,.0f} events/s, without: {off:,.0f}"
+        f" events/s ({_TRIGGER_BATCHES} batches of {_BATCH_ENVELOPES * len(METRICS)} events"
+        f" over {len(organizations)} organizations, best of 2 each; cost"
+        f" {(1 - on / off) * 100:.0f}%; load average {_load_average()})"
+    )
 
 
 def _load_average() -> str:
