@@ -45,6 +45,14 @@ def find_user(session: Session, email: str) -> User | None:
     return session.scalar(sa.select(User).where(sa.func.lower(User.email) == email.strip().lower()))
 
 
+def require_user(session: Session, email: str) -> User:
+    """The user with this email (whatever its case); NotFound otherwise."""
+    user = find_user(session, email)
+    if user is None:
+        raise NotFound(f"no user with email {email!r}")
+    return user
+
+
 def create_organization(
     session: Session, *, name: str, slug: str, owner_id: uuid.UUID
 ) -> Organization:

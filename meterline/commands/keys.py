@@ -46,7 +46,7 @@ def create(
     from shared.apikeys import create_api_key
     from shared.db import unit_of_work
     from shared.errors import NotFound
-    from shared.organizations import find_organization, find_user, list_projects
+    from shared.organizations import find_organization, list_projects, require_user
 
     with cli_errors(as_json):
         settings = context.settings()
@@ -65,10 +65,7 @@ def create(
                 project_id = match.id
             user_id = None
             if user is not None:
-                member = find_user(session, user)
-                if member is None:
-                    raise NotFound(f"no user with email {user!r}")
-                user_id = member.id
+                user_id = require_user(session, user).id
             created = create_api_key(
                 session,
                 organization_id=found.id,

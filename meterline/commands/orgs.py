@@ -156,14 +156,11 @@ def members_role(
 ) -> None:
     """Change a member's role (an organization always keeps one owner)."""
     from shared.db import unit_of_work
-    from shared.errors import NotFound
-    from shared.organizations import change_role, find_organization, find_user
+    from shared.organizations import change_role, find_organization, require_user
 
     with cli_errors(), unit_of_work(context.engine()) as session:
         found = find_organization(session, organization)
-        user = find_user(session, email)
-        if user is None:
-            raise NotFound(f"no user with email {email!r}")
+        user = require_user(session, email)
         change_role(session, found.id, actor_id=None, user_id=user.id, role=_role(role))
     typer.echo(f"{email} is now {role.lower()} of {organization}")
 
@@ -174,14 +171,11 @@ def members_remove(
 ) -> None:
     """Remove a member; their user-scoped keys are revoked."""
     from shared.db import unit_of_work
-    from shared.errors import NotFound
-    from shared.organizations import find_organization, find_user, remove_member
+    from shared.organizations import find_organization, remove_member, require_user
 
     with cli_errors(), unit_of_work(context.engine()) as session:
         found = find_organization(session, organization)
-        user = find_user(session, email)
-        if user is None:
-            raise NotFound(f"no user with email {email!r}")
+        user = require_user(session, email)
         remove_member(session, found.id, actor_id=None, user_id=user.id)
     typer.echo(f"removed {email} from {organization}")
 

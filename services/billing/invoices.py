@@ -229,7 +229,8 @@ def invoices_of_run(
     return sorted([*frozen, *desired], key=lambda invoice: invoice["period_start"])
 
 
-_COMPARED_LINE = (
+#: What a line is: compared to tell a changed invoice, and the columns stored for it.
+LINE_FIELDS = (
     "metric",
     "kind",
     "quantity",
@@ -240,7 +241,7 @@ _COMPARED_LINE = (
 
 
 def _line_key(line: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(line[k] for k in _COMPARED_LINE)
+    return tuple(line[k] for k in LINE_FIELDS)
 
 
 def _line_order(line: dict[str, Any]) -> tuple[str, str, str]:

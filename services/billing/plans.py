@@ -8,21 +8,9 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from services.billing.schemas import validate_plan_file
+from services.billing.schemas import PLAN_FIELDS, validate_plan_file
 from shared.errors import InvalidInput
 from shared.models import Plan
-
-_FIELDS = (
-    "name",
-    "description",
-    "price_monthly",
-    "price_yearly",
-    "currency",
-    "stripe_price_id_monthly",
-    "stripe_price_id_yearly",
-    "features",
-    "active",
-)
 
 
 def read_plan_file(path: Path) -> list[dict[str, Any]]:
@@ -55,11 +43,11 @@ def apply_plans(session: Session, plans: list[dict[str, Any]]) -> list[tuple[str
     for values in plans:
         plan = existing.get(values["key"])
         if plan is None:
-            session.add(Plan(key=values["key"], **{name: values[name] for name in _FIELDS}))
+            session.add(Plan(key=values["key"], **{name: values[name] for name in PLAN_FIELDS}))
             outcome.append((values["key"], "created"))
             continue
         changed = False
-        for name in _FIELDS:
+        for name in PLAN_FIELDS:
             if getattr(plan, name) != values[name]:
                 setattr(plan, name, values[name])
                 changed = True

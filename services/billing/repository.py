@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
+from services.billing.invoices import LINE_FIELDS
 from shared.models import BillingRun, Invoice, InvoiceLine, Organization, Plan, Subscription
 
 
@@ -348,7 +349,7 @@ def save_invoices(connection: Connection, invoices: list[dict[str, Any]]) -> Non
         sa.delete(InvoiceLine).where(InvoiceLine.invoice_id.in_(list(written.values())))
     )
     lines = [
-        {"id": uuid.uuid4(), "invoice_id": invoice_id, **{k: line[k] for k in _LINE_COLUMNS}}
+        {"id": uuid.uuid4(), "invoice_id": invoice_id, **{k: line[k] for k in LINE_FIELDS}}
         for invoice in invoices
         if (invoice_id := written.get((invoice["subscription_id"], invoice["period_start"])))
         for line in invoice["lines"]
@@ -368,14 +369,6 @@ _INVOICE_COLUMNS = (
     "total",
     "finalized_at",
     "plan_snapshot",
-)
-_LINE_COLUMNS = (
-    "metric",
-    "kind",
-    "quantity",
-    "billable_quantity",
-    "amount",
-    "adjusts_period_start",
 )
 
 

@@ -53,6 +53,20 @@ def _int(value: Any, path: str, problems: _Problems, *, minimum: int = 0) -> int
     return value
 
 
+#: The fields of a plan besides its `key`: what a plan file may set and `plans apply` writes.
+PLAN_FIELDS = (
+    "name",
+    "description",
+    "price_monthly",
+    "price_yearly",
+    "currency",
+    "stripe_price_id_monthly",
+    "stripe_price_id_yearly",
+    "features",
+    "active",
+)
+
+
 def _unknown(data: dict[str, Any], allowed: set[str], path: str, problems: _Problems) -> None:
     for name in sorted(set(data) - allowed):
         problems.add(f"{path}.{name}", "is not a known field")
@@ -237,19 +251,7 @@ def validate_plan_file(document: Any) -> list[dict[str, Any]]:
         if not isinstance(raw, dict):
             problems.add(path, "must be an object")
             continue
-        allowed = {
-            "key",
-            "name",
-            "description",
-            "price_monthly",
-            "price_yearly",
-            "currency",
-            "stripe_price_id_monthly",
-            "stripe_price_id_yearly",
-            "features",
-            "active",
-        }
-        _unknown(raw, allowed, path, problems)
+        _unknown(raw, {"key", *PLAN_FIELDS}, path, problems)
         key = raw.get("key")
         if not isinstance(key, str) or not _KEY.match(key):
             problems.add(f"{path}.key", "is required: lowercase letters, digits, '.', '_' or '-'")
