@@ -152,3 +152,30 @@ def read_topic(
 
 def rfc3339(instant: datetime) -> str:
     return instant.isoformat().replace("+00:00", "Z")
+
+
+def event_ids_on_topic(
+    bootstrap: str,
+    topic: str,
+    organization_id: uuid.UUID,
+    *,
+    expect: int,
+    timeout: float = 20.0,
+) -> list[str]:
+    """The ids of every event of `organization_id` on the topic, in topic order, once at least
+    `expect` events are there (or the timeout passed)."""
+    wanted = str(organization_id).encode()
+
+    def ids(records: list) -> list[str]:
+        return [
+            event.id
+            for record in records
+            if record.key == wanted
+            for event in decode_envelope(record.value).events
+        ]
+
+    return ids(
+        kafka_support.read_topic(
+            bootstrap, topic, timeout=timeout, enough=lambda found: len(ids(found)) >= expect
+        )
+    )

@@ -38,13 +38,17 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
     python3 -m venv "$ROOT/.venv"
 fi
 if [ -f "$ROOT/pyproject.toml" ]; then
-    stamp="$ROOT/.venv/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+    # The server depends on the client distribution, which lives in clients/python: pip installs
+    # it from that folder in the same run, so it never looks for it on a package index.
+    stamp="$ROOT/.venv/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/clients/python/pyproject.toml" |
+        sha256sum | cut -d' ' -f1)"
     if [ -f "$stamp" ]; then
         say "venv: up to date with pyproject.toml"
     else
-        say "venv: pip install -e '.[dev]' (log: $LOG_DIR/pip.log)"
+        say "venv: pip install -e clients/python -e '.[dev]' (log: $LOG_DIR/pip.log)"
         mkdir -p "$LOG_DIR"
-        if ! (cd "$ROOT" && "$ROOT/.venv/bin/python" -m pip install -e '.[dev]') >"$LOG_DIR/pip.log" 2>&1; then
+        if ! (cd "$ROOT" && "$ROOT/.venv/bin/python" -m pip install -e clients/python -e '.[dev]') \
+            >"$LOG_DIR/pip.log" 2>&1; then
             tail -n 30 "$LOG_DIR/pip.log" >&2
             die "pip install failed; the whole log is $LOG_DIR/pip.log"
         fi

@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from meterline.output import cli_errors, print_table
+
+if TYPE_CHECKING:
+    from meterline_client import UsageRow
 
 
 def _say(step: str) -> None:
@@ -164,7 +167,7 @@ def _wait_ready(base_url: str, timeout: float = 60.0) -> None:
 def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected:
     import httpx
 
-    from meterline.client import MeterlineClient
+    from meterline_client import MeterlineClient
 
     _say("5. Post sample traffic through the ingest API")
     expected = Expected()
@@ -222,27 +225,24 @@ def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected
 
 def _wait_for_usage(
     base_url: str, keys: list[DemoKey], expected: Expected, now: datetime, timeout: float
-) -> dict[str, list[dict[str, Any]]]:
-    from meterline.client import MeterlineClient
+) -> dict[str, list[UsageRow]]:
+    from meterline_client import MeterlineClient
 
     _say("6. Wait until usage_records hold exactly the accepted events")
     org_keys = {k.organization: k for k in keys if k.project is None}
-    params = {
-        "from": (now - timedelta(hours=4)).isoformat().replace("+00:00", "Z"),
-        "to": (now + timedelta(hours=1)).isoformat().replace("+00:00", "Z"),
-        "granularity": "day",
-    }
     started = time.monotonic()
     deadline = started + timeout
-    usage: dict[str, list[dict[str, Any]]] = {}
+    usage: dict[str, list[UsageRow]] = {}
     while True:
         totals: dict[tuple[str, str], Decimal] = {}
         for organization, key in org_keys.items():
             with MeterlineClient(base_url, key.plaintext) as client:
-                usage[organization] = client.usage(**params)["data"]
+                usage[organization] = client.usage(
+                    start=now - timedelta(hours=4), end=now + timedelta(hours=1), granularity="day"
+                ).rows
             for row in usage[organization]:
-                metric_key = (organization, row["metric"])
-                totals[metric_key] = totals.get(metric_key, Decimal(0)) + Decimal(row["quantity"])
+                metric_key = (organization, row.metric or "")
+                totals[metric_key] = totals.get(metric_key, Decimal(0)) + row.quantity
         # Earlier demo runs added usage in the same windows: compare what this run added.
         if all(totals.get(k, Decimal(0)) >= v for k, v in expected.totals.items()):
             break
@@ -318,7 +318,7 @@ def demo(
             typer.echo(f"\n  usage of {organization} (today, all runs of the demo so far):")
             print_table(
                 ["day", "metric", "quantity", "events"],
-                [(r["start"][:10], r["metric"], r["quantity"], r["event_count"]) for r in rows],
+                [(r.start.date(), r.metric, r.quantity, r.event_count) for r in rows],
             )
         _exact_check(
             settings.libpq_url.replace("postgresql://", "postgresql+psycopg://"),
