@@ -16,7 +16,7 @@ import math
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_HALF_UP, Context, Decimal, InvalidOperation
+from decimal import ROUND_HALF_UP, Context, Decimal
 from typing import Any
 
 import msgspec
@@ -34,8 +34,33 @@ SUM_CONTEXT = Context(prec=80, rounding=ROUND_HALF_UP)
 MAX_PROPERTIES = 16
 MAX_PROPERTY_KEY = 64
 MAX_PROPERTY_VALUE = 256
-METRIC_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,63}\Z")  # \Z: `$` would allow a trailing newline
+MAX_ID = 128
 EVENT_FIELDS = frozenset({"id", "metric", "quantity", "timestamp", "project_id", "properties"})
+
+# The text rules as patterns that JSON Schema (ECMA 262) and Python read alike, so the OpenAPI
+# document states them verbatim: `(?!\n)$` because Python's `$` also matches before a final newline.
+METRIC_PATTERN = r"^[a-z][a-z0-9_.-]{0,63}(?!\n)$"
+#: A quantity sent as a string: plain decimal notation, 0 to 1e12, at most 12 decimal places
+#: (trailing zeros do not count); no sign, exponent, spaces or leading zeros.
+QUANTITY_TEXT_PATTERN = (
+    r"^(?:(?:0|[1-9][0-9]{0,11})(?:\.[0-9]{1,12}0*)?|1000000000000(?:\.0+)?)(?!\n)$"
+)
+#: RFC 3339 date-time with seconds and a zone (Z or +hh:mm); fractions to 9 digits (kept to the
+#: microsecond); no leap second (:60), which no datetime holds.
+TIMESTAMP_PATTERN = (
+    r"^[0-9]{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12][0-9]|3[01])[Tt](?:[01][0-9]|2[0-3])"
+    r":[0-5][0-9]:[0-5][0-9](?:\.[0-9]{1,9})?(?:[Zz]|[+-](?:[01][0-9]|2[0-3]):[0-5][0-9])(?!\n)$"
+)
+#: A project id: a UUID in its hyphenated form, either case.
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-(?:[0-9a-fA-F]{4}-){3}[0-9a-fA-F]{12}(?!\n)$"
+METRIC_RE = re.compile(METRIC_PATTERN)
+QUANTITY_TEXT_RE = re.compile(QUANTITY_TEXT_PATTERN)
+TIMESTAMP_RE = re.compile(TIMESTAMP_PATTERN)
+UUID_RE = re.compile(UUID_PATTERN)
+QUANTITY_TEXT_RULE = (
+    'a JSON number or a plain decimal string such as "12.5" (no sign, exponent or spaces)'
+)
+TIMESTAMP_RULE = "an RFC 3339 date-time with seconds and a time zone, e.g. 2026-11-24T10:00:00Z"
 
 
 class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,8 +125,8 @@ def _peek_version(data: bytes) -> object:
 
 
 def _recheck(event: UsageEvent) -> str | None:
-    if not 1 <= len(event.id) <= 128:
-        return "id must be 1-128 characters"
+    if not 1 <= len(event.id) <= MAX_ID:
+        return f"id must be 1-{MAX_ID} characters"
     if not METRIC_RE.match(event.metric):
         return "metric does not match ^[a-z][a-z0-9_.-]{0,63}$"
     problem = quantity_problem(event.quantity)
@@ -127,10 +152,12 @@ def parse_quantity(value: Any) -> Decimal:
         # repr() is the shortest round-tripping text: 0.1 stays 0.1, not 0.1000000000000000055...
         quantity = Decimal(repr(value))
     elif isinstance(value, str):
-        try:
-            quantity = Decimal(value.strip())
-        except InvalidOperation:
-            raise ValueError("is not a decimal number") from None
+        if not QUANTITY_TEXT_RE.match(value):
+            raise ValueError(
+                f"must be {QUANTITY_TEXT_RULE}, 0 to 1e12, at most "
+                f"{MAX_QUANTITY_PLACES} decimal places"
+            )
+        quantity = Decimal(value)
     else:
         raise ValueError("must be a number or a decimal string")
     problem = quantity_problem(quantity)
@@ -139,6 +166,24 @@ def parse_quantity(value: Any) -> Decimal:
     if quantity == 0:
         return Decimal(0)
     return quantity
+
+
+def quantity_from_json(raw: bytes) -> Decimal | None:
+    """The quantity of one raw JSON value (ingest's fast path), or None when it is not a valid
+    quantity as written; parse_quantity then says why (it also reads escaped strings)."""
+    first = raw[:1]
+    if first == b'"':
+        text = raw[1:-1].decode()
+        if not QUANTITY_TEXT_RE.match(text):
+            return None
+    elif first and first in b"-0123456789":
+        text = raw.decode()
+    else:
+        return None
+    quantity = Decimal(text)
+    if quantity_problem(quantity):
+        return None
+    return quantity if quantity else Decimal(0)
 
 
 def quantity_problem(quantity: Decimal) -> str | None:
@@ -163,21 +208,22 @@ def decimal_text(value: Decimal) -> str:
 
 
 def parse_timestamp(value: Any) -> datetime:
-    if not isinstance(value, str):
-        raise ValueError("timestamp must be an RFC 3339 string")
-    text = value.strip()
-    if len(text) < 20 or text[10] not in "Tt ":
-        raise ValueError("timestamp must be an RFC 3339 date-time with a time zone")
+    """A UTC datetime from RFC 3339 text (TIMESTAMP_PATTERN); ValueError names the problem."""
+    if not isinstance(value, str) or not TIMESTAMP_RE.match(value):
+        raise ValueError(f"must be {TIMESTAMP_RULE}")
+    return timestamp_from_text(value)
+
+
+def timestamp_from_text(text: str) -> datetime:
+    """A UTC datetime from text that matched TIMESTAMP_PATTERN (the fast path checks it in C)."""
     try:
-        parsed = datetime.fromisoformat(text.replace("z", "Z"))
+        parsed = datetime.fromisoformat(text.upper())
     except ValueError:
-        raise ValueError("timestamp must be an RFC 3339 date-time with a time zone") from None
-    if parsed.tzinfo is None:
-        raise ValueError("timestamp must carry a time zone (Z or an offset)")
+        raise ValueError(f"is not a calendar date-time: {text}") from None
     try:
         return parsed.astimezone(UTC)
     except OverflowError:
-        raise ValueError("timestamp is out of range") from None
+        raise ValueError("is out of range") from None
 
 
 def validate_event(
@@ -196,8 +242,8 @@ def validate_event(
         problems.append(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
 
     event_id = raw.get("id")
-    if not isinstance(event_id, str) or not 1 <= len(event_id) <= 128:
-        problems.append("id: required, a string of 1-128 characters")
+    if not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_ID:
+        problems.append(f"id: required, a string of 1-{MAX_ID} characters")
 
     metric = raw.get("metric")
     if not isinstance(metric, str) or not METRIC_RE.match(metric):
@@ -225,15 +271,19 @@ def validate_event(
                 problems.append(f"timestamp: older than the lateness horizon ({horizon.days} days)")
 
     project_id: uuid.UUID | None = None
-    if raw.get("project_id") is not None:
-        try:
-            project_id = uuid.UUID(str(raw["project_id"]))
-        except ValueError:
-            problems.append("project_id: not a valid id")
+    raw_project = raw.get("project_id")
+    if raw_project is not None:
+        if isinstance(raw_project, str) and UUID_RE.match(raw_project):
+            project_id = uuid.UUID(raw_project)
+        else:
+            problems.append("project_id: must be a project id (a UUID, hyphenated) or null")
 
-    properties = raw.get("properties") or {}
-    if not isinstance(properties, dict):
-        problems.append("properties: must be an object of string -> string")
+    # Absent or null means none; any other non-object (false, 0, "", []) is refused.
+    properties = raw.get("properties")
+    if properties is None:
+        properties = {}
+    elif not isinstance(properties, dict):
+        problems.append("properties: must be an object of string -> string, or null")
         properties = {}
     elif len(properties) > MAX_PROPERTIES:
         problems.append(f"properties: at most {MAX_PROPERTIES} pairs")

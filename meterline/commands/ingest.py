@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import tempfile
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -70,3 +71,23 @@ def serve(
             )
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command("openapi")
+def openapi(
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Write to this file instead of standard output."),
+    ] = None,
+) -> None:
+    """Print the OpenAPI document that the service serves at /openapi.json (the repository keeps
+    a copy in services/ingest/openapi.json; refresh it with --output)."""
+    with cli_errors():
+        from services.ingest.openapi import openapi_text
+
+        text = openapi_text()
+        if output is None:
+            typer.echo(text, nl=False)
+        else:
+            output.write_text(text)
+            typer.echo(f"wrote {output}")

@@ -14,8 +14,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from services.ingest import metrics
+from services.ingest.openapi import openapi_document
 from services.ingest.publisher import RETRY_AFTER_SECONDS
-from services.ingest.schemas import Accepted, encoder, openapi_document
+from services.ingest.schemas import Accepted, encoder
 from services.ingest.service import IngestService
 from shared.errors import (
     InvalidInput,
@@ -30,6 +31,7 @@ from shared.logs import log_event, redact
 logger = logging.getLogger("meterline.ingest")
 
 JSON = "application/json"
+USAGE_PARAMETERS = frozenset({"metric", "from", "to", "group_by", "granularity"})
 
 
 def _service(request: Request) -> IngestService:
@@ -94,16 +96,20 @@ async def get_usage(request: Request) -> Response:
     params = request.query_params
     try:
         key = await service.authenticate(request.headers.get("authorization"))
-        unknown = set(params) - {"metric", "from", "to", "group_by", "granularity"}
+        unknown = set(params) - USAGE_PARAMETERS
         if unknown:
             raise InvalidInput(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+        repeated = sorted(name for name in set(params) if len(params.getlist(name)) > 1)
+        if repeated:
+            raise InvalidInput(f"given more than once: {', '.join(repeated)}")
+        # An empty value is a value (and an invalid one), never the same as leaving it out.
         usage = await service.usage(
             key,
             start=_instant(params.get("from"), "from"),
             end=_instant(params.get("to"), "to"),
-            metric=params.get("metric") or None,
-            group_by=params.get("group_by") or None,
-            granularity=params.get("granularity") or "hour",
+            metric=params.get("metric"),
+            group_by=params.get("group_by"),
+            granularity=params.get("granularity", "hour"),
         )
     except MeterlineError as exc:
         return error_response(exc)
@@ -111,7 +117,7 @@ async def get_usage(request: Request) -> Response:
 
 
 def _instant(value: str | None, name: str) -> Any:
-    if not value:
+    if value is None:
         return None
     try:
         return parse_timestamp(value)

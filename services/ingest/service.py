@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
 from typing import Any, Protocol
 
 import msgspec
@@ -40,7 +39,8 @@ from shared.events import (
     UsageEvent,
     decimal_text,
     encode_envelope,
-    quantity_problem,
+    quantity_from_json,
+    timestamp_from_text,
     validate_event,
 )
 from shared.logs import log_event
@@ -53,7 +53,6 @@ UNAUTHENTICATED_MESSAGE = "missing, unknown, revoked or expired API key"
 # One Kafka message stays under the broker's default 1 MB message.max.bytes; a larger envelope is
 # split into several envelopes of the same organization (same key, so same partition and order).
 MAX_MESSAGE_BYTES = 900_000
-_ZERO = Decimal(0)
 MAX_USAGE_RANGE = timedelta(days=400)
 
 
@@ -112,23 +111,25 @@ def _accept_fast(
 ) -> list[UsageEvent] | None:
     events = []
     for item in decoded:
-        quantity = item.quantity
-        if quantity_problem(quantity):
+        quantity = quantity_from_json(bytes(item.quantity))
+        if quantity is None:
             return None
-        timestamp = item.timestamp
-        if timestamp is None:
+        if item.timestamp is None:
             timestamp = now
-        elif timestamp > latest or timestamp < earliest:
-            return None
-        elif timestamp.tzinfo is not UTC:
-            timestamp = timestamp.astimezone(UTC)
+        else:
+            try:
+                timestamp = timestamp_from_text(item.timestamp)
+            except ValueError:
+                return None
+            if timestamp > latest or timestamp < earliest:
+                return None
         events.append(
             UsageEvent(
                 id=item.id,
                 metric=item.metric,
-                quantity=quantity if quantity else _ZERO,
+                quantity=quantity,
                 timestamp=timestamp,
-                project_id=item.project_id or default_project,
+                project_id=uuid.UUID(item.project_id) if item.project_id else default_project,
                 properties=item.properties or {},
             )
         )

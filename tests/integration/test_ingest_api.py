@@ -226,8 +226,25 @@ def test_non_json_content_type_is_415(client: httpx.Client, tenant: Tenant) -> N
         (b'{"id": "a", "metric": "Bad Metric"}', "metric"),
         (b'{"id": "a", "metric": "m", "quantity": "NaN"}', "quantity"),
         (b'{"id": "a", "metric": "m", "timestamp": "2026-11-24T10:00:00"}', "time zone"),
+        (b'{"id": "a", "metric": "m", "timestamp": "2026-11-24 10:00:00Z"}', "RFC 3339"),
+        (b'{"id": "a", "metric": "m", "quantity": "1e3"}', "no sign, exponent or spaces"),
+        (b'{"id": "a", "metric": "m", "properties": false}', "properties"),
+        (
+            b'{"id": "a", "metric": "m", "project_id": "{00000000-0000-0000-0000-000000000001}"}',
+            "project_id",
+        ),
     ],
-    ids=["malformed", "empty-batch", "metric", "nan", "naive-timestamp"],
+    ids=[
+        "malformed",
+        "empty-batch",
+        "metric",
+        "nan",
+        "naive-timestamp",
+        "space-separated-timestamp",
+        "exponent-in-a-quantity-string",
+        "properties-false",
+        "braced-project-id",
+    ],
 )
 def test_invalid_body_is_422_with_reason(
     client: httpx.Client, tenant: Tenant, body: bytes, reason: str
@@ -347,7 +364,17 @@ def test_usage_is_read_for_the_keys_own_organization_only(
 
 
 def test_usage_with_bad_parameters_is_422(client: httpx.Client, tenant: Tenant) -> None:
-    for params in ({"from": "yesterday"}, {"granularity": "week"}, {"group_by": "org"}):
+    for params in (
+        {"from": "yesterday"},
+        {"granularity": "week"},
+        {"group_by": "org"},
+        # An empty value is a bad value, not an absent one.
+        {"metric": ""},
+        {"group_by": ""},
+        {"from": ""},
+        # A parameter given twice is ambiguous.
+        [("granularity", "day"), ("granularity", "hour")],
+    ):
         response = client.get("/v1/usage", params=params, headers=bearer(tenant.key))
         assert response.status_code == 422, params
 
