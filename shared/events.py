@@ -171,18 +171,22 @@ def parse_quantity(value: Any) -> Decimal:
 def quantity_from_json(raw: bytes) -> Decimal | None:
     """The quantity of one raw JSON value (ingest's fast path), or None when it is not a valid
     quantity as written; parse_quantity then says why (it also reads escaped strings)."""
-    first = raw[:1]
-    if first == b'"':
-        text = raw[1:-1].decode()
+    text = raw.decode()
+    if text[:1] == '"':
+        text = text[1:-1]
         if not QUANTITY_TEXT_RE.match(text):
             return None
-    elif first and first in b"-0123456789":
-        text = raw.decode()
-    else:
-        return None
+    elif not QUANTITY_TEXT_RE.match(text):
+        # A number the plain pattern does not cover (an exponent, -0, a fraction past the 12th
+        # place): its value decides.
+        if text[:1] not in "-0123456789" or not text:
+            return None
+        quantity = Decimal(text)
+        if quantity_problem(quantity):
+            return None
+        return quantity if quantity else Decimal(0)
+    # The pattern already holds the range and the places.
     quantity = Decimal(text)
-    if quantity_problem(quantity):
-        return None
     return quantity if quantity else Decimal(0)
 
 
