@@ -95,7 +95,10 @@ class TextFormatter(logging.Formatter):
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json", stream: Any = None) -> None:
-    """Install one handler on the root logger, with redaction and the chosen format."""
+    """Install one handler on the root logger, with redaction and the chosen format (settings
+    have refused any other level or format by name)."""
+    if level.upper() not in logging.getLevelNamesMapping() or fmt not in ("json", "text"):
+        raise ValueError(f"unknown log level {level!r} or format {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RedactingFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())

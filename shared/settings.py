@@ -12,6 +12,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_FORMATS = ("json", "text")
+
 
 def _env_file() -> Path | None:
     explicit = os.environ.get("METERLINE_ENV_FILE")
@@ -95,6 +98,9 @@ class Settings(BaseSettings):
     stripe_settle_seconds: int = Field(
         900, ge=0, le=86400, validation_alias="METERLINE_STRIPE_SETTLE_SECONDS"
     )
+    ingest_host: str = Field("127.0.0.1", validation_alias="METERLINE_INGEST_HOST")
+    ingest_port: int = Field(8080, ge=1, le=65535, validation_alias="METERLINE_INGEST_PORT")
+    ingest_workers: int = Field(1, ge=1, le=64, validation_alias="METERLINE_INGEST_WORKERS")
     log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
     log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
 
@@ -121,6 +127,22 @@ class Settings(BaseSettings):
         if value not in ("live", "test"):
             raise ValueError("must be 'live' or 'test'")
         return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (not {value!r})")
+        return level
+
+    @field_validator("log_format")
+    @classmethod
+    def _log_format(cls, value: str) -> str:
+        fmt = value.strip().lower()
+        if fmt not in LOG_FORMATS:
+            raise ValueError(f"must be one of {', '.join(LOG_FORMATS)} (not {value!r})")
+        return fmt
 
     @property
     def events_topic(self) -> str:

@@ -22,8 +22,12 @@ def run(
         ),
     ] = None,
     log_level: Annotated[
-        str, typer.Option(help="Log level.", envvar="METERLINE_LOG_LEVEL")
-    ] = "INFO",
+        str | None,
+        typer.Option(
+            help="Log level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: "
+            "METERLINE_LOG_LEVEL, else INFO)."
+        ),
+    ] = None,
 ) -> None:
     """Consume the events topic until stopped (SIGTERM/SIGINT finish the running batch first)."""
     with cli_errors():
@@ -33,10 +37,14 @@ def run(
         from shared.logs import configure_logging, register_secret
         from shared.settings import load_settings
 
-        overrides = {"aggregator_web_port": port} if port is not None else {}
+        overrides: dict[str, object] = {}
+        if port is not None:
+            overrides["aggregator_web_port"] = port
+        if log_level is not None:
+            overrides["log_level"] = log_level
         settings = load_settings(**overrides)
         register_secret(settings.api_key_pepper.get_secret_value())
-        configure_logging(log_level, settings.log_format)
+        configure_logging(settings.log_level, settings.log_format)
         if logging.getLogger().level >= logging.INFO:
             # Faust, mode, aiokafka and kafka-python (the backlog reads) narrate every step at
             # INFO; keep their warnings.
@@ -44,7 +52,9 @@ def run(
                 logging.getLogger(name).setLevel(logging.WARNING)
         wait_for_topics(settings)
         faust_app, _ = create_app(settings)
-        worker = Worker(faust_app, loglevel=log_level, quiet=True, override_logging=False)
+        worker = Worker(
+            faust_app, loglevel=settings.log_level, quiet=True, override_logging=False
+        )
     worker.execute_from_commandline()
 
 

@@ -19,21 +19,24 @@ app = typer.Typer(no_args_is_help=True, help="The HTTP ingest service.")
 @app.command()
 def serve(
     host: Annotated[
-        str, typer.Option(help="Address to listen on.", envvar="METERLINE_INGEST_HOST")
-    ] = "127.0.0.1",
+        str | None,
+        typer.Option(help="Address to listen on (default: METERLINE_INGEST_HOST, 127.0.0.1)."),
+    ] = None,
     port: Annotated[
-        int,
-        typer.Option(help="Port to listen on.", envvar="METERLINE_INGEST_PORT", min=1, max=65535),
-    ] = 8080,
-    workers: Annotated[
-        int,
+        int | None,
         typer.Option(
-            help="Worker processes (each has its own producer, key cache and rate limiter).",
-            envvar="METERLINE_INGEST_WORKERS",
+            help="Port to listen on (default: METERLINE_INGEST_PORT, 8080).", min=1, max=65535
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Worker processes, each with its own producer, key cache and rate limiter "
+            "(default: METERLINE_INGEST_WORKERS, 1).",
             min=1,
             max=64,
         ),
-    ] = 1,
+    ] = None,
 ) -> None:
     """Serve POST /v1/events, GET /v1/usage, /healthz, /readyz, /metrics and /openapi.json."""
     with cli_errors():
@@ -42,7 +45,11 @@ def serve(
         from shared.logs import configure_logging, log_event, register_secret
         from shared.settings import get_settings
 
+        # Settings read the environment and .local/env alike; an option wins over both.
         settings = get_settings()
+        host = host or settings.ingest_host
+        port = port if port is not None else settings.ingest_port
+        workers = workers if workers is not None else settings.ingest_workers
         register_secret(settings.pepper_bytes().decode())  # refuses a missing pepper up front
         configure_logging(settings.log_level, settings.log_format)
         # Metrics of all workers are summed from one directory, fresh for each run.
