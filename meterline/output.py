@@ -13,6 +13,16 @@ import typer
 
 from shared.errors import MeterlineError
 
+# Exit statuses, the same for every command (the README lists them).
+EXIT_OK = 0
+#: The command failed; one line on stderr says why (a JSON error document under --json).
+EXIT_ERROR = 1
+#: The command line itself is wrong: an unknown command or option, a missing or bad value.
+EXIT_USAGE = 2
+#: The command did its work and found something only a person can resolve (billing run: an
+#: unresolved reconciliation mismatch).
+EXIT_NEEDS_ATTENTION = 3
+
 
 def _default(value: Any) -> Any:
     if isinstance(value, Decimal):
@@ -40,13 +50,20 @@ def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     console.print(table)
 
 
+def error_document(code: str, message: str, details: Any = None) -> str:
+    body: dict[str, Any] = {"code": code, "message": message}
+    if details is not None:
+        body["details"] = details
+    return json.dumps({"error": body}, default=_default)
+
+
 def fail(message: str, *, code: str = "error", as_json: bool = False) -> typer.Exit:
     """Print one line (or a JSON error document) to stderr; return the Exit to raise."""
     if as_json:
-        sys.stderr.write(json.dumps({"error": {"code": code, "message": message}}) + "\n")
+        sys.stderr.write(error_document(code, message) + "\n")
     else:
         sys.stderr.write(f"error: {message}\n")
-    return typer.Exit(1)
+    return typer.Exit(EXIT_ERROR)
 
 
 @contextmanager

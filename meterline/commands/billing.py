@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from meterline.output import cli_errors, print_json, print_table
+from meterline.output import EXIT_NEEDS_ATTENTION, cli_errors, print_json, print_table
 
 app = typer.Typer(no_args_is_help=True, help="Billing runs, Stripe reconciliation and webhooks.")
 
@@ -68,7 +68,10 @@ def run(
         bool, typer.Option("--json", help="Print the run as one JSON document.")
     ] = False,
 ) -> None:
-    """Invoice every subscription's current and closed periods, report usage, reconcile."""
+    """Invoice every subscription's current and closed periods, report usage, reconcile.
+
+    Exit status 0: done, nothing left; 1: the run failed; 3: done, but unresolved mismatches
+    remain (price or period differs, usage over-reported) that need a person."""
     with cli_errors(as_json):
         from meterline.commands import context
         from services.billing.runner import run_once
@@ -89,7 +92,8 @@ def run(
         else:
             _print_run(document, {str(invoice["id"]) for invoice in result.invoices})
         if any(not m.get("resolved") for m in document["mismatches"]):
-            raise typer.Exit(1)
+            # The run succeeded; what is left needs a person (not a failure: exit 1 is that).
+            raise typer.Exit(EXIT_NEEDS_ATTENTION)
 
 
 def _print_run(document: dict[str, Any], changed: set[str]) -> None:

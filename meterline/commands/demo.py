@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from meterline.output import cli_errors, print_table
+from meterline.output import EXIT_NEEDS_ATTENTION, EXIT_OK, cli_errors, print_table
 
 if TYPE_CHECKING:
     from meterline_client import UsageRow
@@ -333,7 +333,11 @@ def demo(
             env=dict(os.environ),
             check=False,
         )
-        if billing.returncode != 0:
+        if billing.returncode not in (EXIT_OK, EXIT_NEEDS_ATTENTION):
+            from shared.errors import MeterlineError
+
+            raise MeterlineError(f"billing run failed (exit status {billing.returncode})")
+        if billing.returncode == EXIT_NEEDS_ATTENTION:
             typer.echo(
                 "  Unresolved mismatches above are expected here: stripe-mock keeps no state and "
                 "answers every subscription lookup with the same canned fixture (its own price "
