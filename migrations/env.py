@@ -8,6 +8,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool, text
 
 import shared.models  # noqa: F401  (registers every table on the metadata)
+from shared.db import require_postgres_version
 from shared.models.base import Base
 from shared.settings import get_settings
 
@@ -50,6 +51,8 @@ def run_migrations_online() -> None:
 
 
 def _run(connection) -> None:  # type: ignore[no-untyped-def]
+    # The schema needs PostgreSQL 15 (NULLS NOT DISTINCT): refuse an older server before any DDL.
+    require_postgres_version(connection)
     # Fail fast rather than queue behind a long transaction of the running services.
     connection.execute(text("SET lock_timeout = '10s'"))
     connection.execute(text("SET statement_timeout = '5min'"))

@@ -11,7 +11,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from shared.errors import DatabaseUnavailable
+from shared.errors import ConfigurationError, DatabaseUnavailable
 from shared.settings import Settings
 
 
@@ -54,15 +54,32 @@ def unit_of_work(engine: Engine) -> Iterator[Session]:
         raise
 
 
+#: usage_records' unique key treats NULL project and key ids as equal (NULLS NOT DISTINCT),
+#: which PostgreSQL has since version 15.
+MIN_POSTGRES_VERSION = 15
+
+
 def check_database(engine: Engine) -> None:
-    """Raise DatabaseUnavailable with a one-line reason when the database does not answer."""
+    """Raise DatabaseUnavailable with a one-line reason when the database does not answer, and
+    ConfigurationError when its PostgreSQL is older than MIN_POSTGRES_VERSION."""
     try:
         with engine.connect() as connection:
-            connection.execute(sa.text("SELECT 1"))
+            require_postgres_version(connection)
     except sa_exc.OperationalError as exc:
         raise DatabaseUnavailable(
             f"database unreachable at {where(str(engine.url))}: {_first_line(exc)}"
         ) from None
+
+
+def require_postgres_version(connection: sa.Connection) -> None:
+    """ConfigurationError unless the server is PostgreSQL MIN_POSTGRES_VERSION or newer."""
+    number = int(connection.execute(sa.text("SHOW server_version_num")).scalar_one())
+    if number < MIN_POSTGRES_VERSION * 10_000:
+        version = connection.execute(sa.text("SHOW server_version")).scalar_one()
+        raise ConfigurationError(
+            f"PostgreSQL {MIN_POSTGRES_VERSION} or newer is required (usage_records needs "
+            f"NULLS NOT DISTINCT); {where(str(connection.engine.url))} runs {version}"
+        )
 
 
 def _is_connection_failure(exc: sa_exc.OperationalError) -> bool:

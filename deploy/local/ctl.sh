@@ -140,6 +140,11 @@ SQL
 
 start_postgres() {
     [ -n "$PG_BIN" ] || die "no PostgreSQL server binaries (initdb, pg_ctl); run deploy/local/install.sh"
+    local major
+    major=$(pg_major "$PG_BIN")
+    [ -n "$major" ] && [ "$major" -ge "$PG_MIN_MAJOR" ] ||
+        die "postgres: PostgreSQL $PG_MIN_MAJOR or newer is needed (NULLS NOT DISTINCT);" \
+            "$PG_BIN has ${major:-an unknown version} (install a newer one, or set METERLINE_PG_BIN)"
     ensure_state
     pg_init
     if pg_running; then

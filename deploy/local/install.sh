@@ -11,7 +11,9 @@ flock 8
 
 # --- system packages --------------------------------------------------------------------------
 missing=()
-[ -n "$(pg_bindir)" ] || missing+=(postgresql)
+# An older server than PG_MIN_MAJOR counts as missing: Debian's `postgresql` is 15 or newer from
+# bookworm on (on an older release, install postgresql-15 or newer from apt.postgresql.org).
+[ -n "$(pg_usable_bindir)" ] || missing+=(postgresql)
 command -v psql >/dev/null 2>&1 || missing+=(postgresql-client)
 command -v wrk >/dev/null 2>&1 || missing+=(wrk)
 command -v java >/dev/null 2>&1 || missing+=(default-jdk-headless)

@@ -77,6 +77,24 @@ pg_bindir() {
     fi
 }
 
+# The oldest PostgreSQL the schema runs on: usage_records' unique key uses NULLS NOT DISTINCT (15).
+PG_MIN_MAJOR=15
+
+# The major version of the server binaries in a bindir ("16"), or nothing.
+pg_major() {
+    { "$1/postgres" --version 2>/dev/null || true; } |
+        sed -n 's/^postgres (PostgreSQL) \([0-9][0-9]*\).*/\1/p'
+}
+
+# The bindir when its server is new enough, or nothing.
+pg_usable_bindir() {
+    local dir major
+    dir=$(pg_bindir)
+    [ -n "$dir" ] || return 0
+    major=$(pg_major "$dir")
+    if [ -n "$major" ] && [ "$major" -ge "$PG_MIN_MAJOR" ]; then echo "$dir"; fi
+}
+
 kafka_libs_present() {
     [ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] &&
         [ -f "$KAFKA_LIBS/kafka-tools-$KAFKA_VERSION.jar" ] &&

@@ -85,3 +85,49 @@ def test_downgrade_to_base_and_upgrade_again(empty_database: str) -> None:
     migrate.upgrade(empty_database)
     assert _tables(empty_database) >= DESIGN_TABLES
     migrate.check(empty_database)
+
+
+class _AnswersAs:
+    """A connection to a server that reports `version_num` (only what the check reads)."""
+
+    def __init__(self, real: sa.Connection, version_num: int, version: str) -> None:
+        self.engine = real.engine
+        self._answers = {"server_version_num": str(version_num), "server_version": version}
+
+    def execute(self, statement: sa.TextClause) -> sa.Result:  # type: ignore[type-arg]
+        name = str(statement).removeprefix("SHOW ")
+        return _Scalar(self._answers[name])  # type: ignore[return-value]
+
+
+class _Scalar:
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def scalar_one(self) -> str:
+        return self._value
+
+
+def test_postgresql_older_than_15_is_refused_with_its_version_named(engine: sa.Engine) -> None:
+    from shared.db import require_postgres_version
+    from shared.errors import ConfigurationError
+
+    with engine.connect() as connection:
+        require_postgres_version(connection)  # the real server of the tests: 15 or newer
+        with pytest.raises(ConfigurationError, match=r"PostgreSQL 15 or newer.*runs 14\.9"):
+            require_postgres_version(_AnswersAs(connection, 140009, "14.9"))  # type: ignore[arg-type]
+
+
+def test_db_check_says_models_and_migrations_agree(service_env: dict[str, str]) -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "meterline", "db", "check"],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "models and migrations agree"
