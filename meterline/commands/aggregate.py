@@ -52,9 +52,7 @@ def run(
                 logging.getLogger(name).setLevel(logging.WARNING)
         wait_for_topics(settings)
         faust_app, _ = create_app(settings)
-        worker = Worker(
-            faust_app, loglevel=settings.log_level, quiet=True, override_logging=False
-        )
+        worker = Worker(faust_app, loglevel=settings.log_level, quiet=True, override_logging=False)
     worker.execute_from_commandline()
 
 
