@@ -63,6 +63,22 @@ QUANTITY_TEXT_RULE = (
 TIMESTAMP_RULE = "an RFC 3339 date-time with seconds and a time zone, e.g. 2026-11-24T10:00:00Z"
 
 
+def unstorable_text(value: str) -> str | None:
+    """Why PostgreSQL cannot store `value` as text (or in JSONB), else None.
+
+    PostgreSQL text holds no U+0000, and a lone UTF-16 surrogate (which JSON's "\\ud800" escape
+    can give Python) has no UTF-8 encoding: either is refused at the door, never found by the
+    aggregator's INSERT."""
+    if "\x00" in value:
+        return "contains U+0000 (NUL), which PostgreSQL cannot store"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "contains a lone UTF-16 surrogate, which is not Unicode text"
+    return None
+
+
 class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     """One validated event, as it travels inside an envelope."""
 
@@ -134,6 +150,27 @@ def _recheck(event: UsageEvent) -> str | None:
         return f"quantity {problem}"
     if event.timestamp.tzinfo is None:
         return "timestamp has no time zone"
+    return None
+
+
+def stored_text_problem(event: UsageEvent) -> str | None:
+    """The first text field of a decoded event that PostgreSQL cannot store, named, or None.
+
+    Ingest refuses such events since it checks; this catches those already on the topic (and
+    any other producer's), so the aggregator can dead-letter the one event alone."""
+    problem = unstorable_text(event.id)
+    if problem:
+        return f"id {problem}"
+    problem = unstorable_text(event.metric)
+    if problem:
+        return f"metric {problem}"
+    for name, value in event.properties.items():
+        problem = unstorable_text(name)
+        if problem:
+            return f"property name {name!r} {problem}"
+        problem = unstorable_text(value)
+        if problem:
+            return f"property {name!r} {problem}"
     return None
 
 
@@ -248,9 +285,13 @@ def validate_event(
     event_id = raw.get("id")
     if not isinstance(event_id, str) or not 1 <= len(event_id) <= MAX_ID:
         problems.append(f"id: required, a string of 1-{MAX_ID} characters")
+    elif text_problem := unstorable_text(event_id):
+        problems.append(f"id: {text_problem}")
 
     metric = raw.get("metric")
-    if not isinstance(metric, str) or not METRIC_RE.match(metric):
+    if isinstance(metric, str) and (text_problem := unstorable_text(metric)):
+        problems.append(f"metric: {text_problem}")
+    elif not isinstance(metric, str) or not METRIC_RE.match(metric):
         problems.append("metric: required, must match ^[a-z][a-z0-9_.-]{0,63}$")
 
     quantity = Decimal(1)
@@ -274,34 +315,9 @@ def validate_event(
             elif timestamp < now - horizon:
                 problems.append(f"timestamp: older than the lateness horizon ({horizon.days} days)")
 
-    project_id: uuid.UUID | None = None
-    raw_project = raw.get("project_id")
-    if raw_project is not None:
-        if isinstance(raw_project, str) and UUID_RE.match(raw_project):
-            project_id = uuid.UUID(raw_project)
-        else:
-            problems.append("project_id: must be a project id (a UUID, hyphenated) or null")
-
-    # Absent or null means none; any other non-object (false, 0, "", []) is refused.
-    properties = raw.get("properties")
-    if properties is None:
-        properties = {}
-    elif not isinstance(properties, dict):
-        problems.append("properties: must be an object of string -> string, or null")
-        properties = {}
-    elif len(properties) > MAX_PROPERTIES:
-        problems.append(f"properties: at most {MAX_PROPERTIES} pairs")
-    elif not all(
-        isinstance(k, str)
-        and isinstance(v, str)
-        and len(k) <= MAX_PROPERTY_KEY
-        and len(v) <= MAX_PROPERTY_VALUE
-        for k, v in properties.items()
-    ):
-        problems.append(
-            f"properties: keys and values must be strings (keys <= {MAX_PROPERTY_KEY}, "
-            f"values <= {MAX_PROPERTY_VALUE} characters)"
-        )
+    project_id, project_problems = _parse_project_id(raw.get("project_id"))
+    properties, property_problems = _parse_properties(raw.get("properties"))
+    problems += project_problems + property_problems
 
     if problems:
         return problems
@@ -314,6 +330,49 @@ def validate_event(
         project_id=project_id,
         properties=properties,
     )
+
+
+def _parse_project_id(value: Any) -> tuple[uuid.UUID | None, list[str]]:
+    if value is None:
+        return None, []
+    if isinstance(value, str) and (text_problem := unstorable_text(value)):
+        return None, [f"project_id: {text_problem}"]
+    if isinstance(value, str) and UUID_RE.match(value):
+        return uuid.UUID(value), []
+    return None, ["project_id: must be a project id (a UUID, hyphenated) or null"]
+
+
+def _parse_properties(value: Any) -> tuple[dict[str, str], list[str]]:
+    # Absent or null means none; any other non-object (false, 0, "", []) is refused.
+    if value is None:
+        return {}, []
+    if not isinstance(value, dict):
+        return {}, ["properties: must be an object of string -> string, or null"]
+    if len(value) > MAX_PROPERTIES:
+        return value, [f"properties: at most {MAX_PROPERTIES} pairs"]
+    if not all(
+        isinstance(k, str)
+        and isinstance(v, str)
+        and len(k) <= MAX_PROPERTY_KEY
+        and len(v) <= MAX_PROPERTY_VALUE
+        for k, v in value.items()
+    ):
+        return value, [
+            f"properties: keys and values must be strings (keys <= {MAX_PROPERTY_KEY}, "
+            f"values <= {MAX_PROPERTY_VALUE} characters)"
+        ]
+    return value, _property_text_problems(value)
+
+
+def _property_text_problems(properties: dict[str, str]) -> list[str]:
+    problems = []
+    for name, value in properties.items():
+        # repr(): the reason quotes the name with its NUL or surrogate escaped, never raw.
+        if text_problem := unstorable_text(name):
+            problems.append(f"properties: the name {name!r} {text_problem}")
+        elif text_problem := unstorable_text(value):
+            problems.append(f"properties.{name}: {text_problem}")
+    return problems
 
 
 def fingerprint(event: UsageEvent) -> bytes:

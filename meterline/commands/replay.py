@@ -136,14 +136,27 @@ def _print_report(report: Any, as_json: bool) -> None:
                 "events_recorded": report.events_recorded,
                 "windows_changed": report.windows_changed,
                 "changes": [change_document(c) for c in report.changes],
+                "skipped": [
+                    {
+                        "partition": skipped.partition,
+                        "offset": skipped.offset,
+                        "organization_id": skipped.organization_id,
+                        "event_id": skipped.event_id,
+                        "reason": skipped.reason,
+                    }
+                    for skipped in report.skipped
+                ],
             }
         )
         return
+    for skipped in report.skipped:
+        typer.echo(f"warning: {skipped.line()}", err=True)
     mode = "dry run: nothing written" if report.dry_run else "applied"
     typer.echo(
         f"replayed [{report.start.isoformat()}, {report.end.isoformat()}) ({mode}): "
         f"{report.records_read} records read, {report.events_counted} distinct events in range, "
         f"{report.windows_changed} windows changed"
+        + (f", {len(report.skipped)} events skipped (above)" if report.skipped else "")
     )
     if report.changes:
         print_table(
@@ -188,10 +201,21 @@ def replay_dlq(
         "read": report.read,
         "republished": report.republished,
         "skipped": dict(report.skipped),
+        "refused": [
+            {
+                "partition": refused.partition,
+                "offset": refused.offset,
+                "event_id": refused.event_id,
+                "reason": refused.reason,
+            }
+            for refused in report.refused
+        ],
     }
     if as_json:
         print_json(document)
         return
+    for refused in report.refused:
+        typer.echo(f"warning: {refused.line()}", err=True)
     verb = "would re-publish" if dry_run else "re-published"
     skipped = ", ".join(f"{code}: {n}" for code, n in sorted(report.skipped.items())) or "none"
     typer.echo(f"{report.read} dead letters read, {verb} {report.republished}; left: {skipped}")

@@ -20,8 +20,9 @@ from services.aggregator import metrics
 from services.aggregator.batch import DeadLetter, SourceRecord
 from services.aggregator.consumer_lag import group_backlog
 from services.aggregator.ledger_partitions import maintain_ledger, prune_cutoff
+from services.aggregator.refusals import is_transient
 from services.aggregator.schemas import dead_letter_headers, encode_dead_letter
-from services.aggregator.service import BatchApplier, BatchResult, is_transient
+from services.aggregator.service import BatchApplier, BatchResult
 from shared.db import create_sync_engine
 from shared.logs import log_event
 from shared.settings import Settings

@@ -23,6 +23,7 @@ from shared.events import (
     decode_envelope,
     encode_envelope,
     fingerprint,
+    stored_text_problem,
     window_start,
 )
 from shared.usage import UsageDelta, UsageWindow
@@ -57,6 +58,8 @@ class DeadLetter:
     # What `meterline replay dlq` would re-publish: the original bytes, or a one-event envelope
     # when only one event of a request is refused.
     payload: bytes
+    # The one event refused, when the letter is about one event (replay reports it by its id).
+    event: CountableEvent | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +116,18 @@ def dead_letter(source: SourceRecord, code: str, reason: str, payload: bytes) ->
     )
 
 
+def event_letter(event: CountableEvent, code: str, reason: str) -> DeadLetter:
+    """A dead letter about one event of a request: it alone, in its own envelope."""
+    return DeadLetter(
+        source=event.source,
+        code=code,
+        reason=reason,
+        retryable=code in RETRYABLE_CODES,
+        payload=event.as_envelope(),
+        event=event,
+    )
+
+
 def read_records(
     records: Iterable[SourceRecord], rules: ReadRules
 ) -> tuple[list[CountableEvent], list[DeadLetter]]:
@@ -136,12 +151,21 @@ def read_records(
                 window_start=window_start(usage.timestamp, rules.window_seconds),
                 source=record,
             )
-            problem = _out_of_bounds(countable, rules)
+            problem = _out_of_bounds(countable, rules) or _unstorable(countable)
             if problem:
-                dead.append(dead_letter(record, problem[0], problem[1], countable.as_envelope()))
+                dead.append(event_letter(countable, *problem))
             else:
                 events.append(countable)
     return events, dead
+
+
+def _unstorable(event: CountableEvent) -> tuple[str, str] | None:
+    # Ingest refuses these since it checks; older records may still hold them. Refused here,
+    # the event goes alone and the rest of its request still counts.
+    problem = stored_text_problem(event.event)
+    if problem is None:
+        return None
+    return ("unstorable_text", f"event {event.event.id!r}: {problem}")
 
 
 def _out_of_bounds(event: CountableEvent, rules: ReadRules) -> tuple[str, str] | None:
@@ -180,7 +204,7 @@ def split_at_ledger_floor(
             f"(ledger floor {floor.isoformat()}), so it cannot be deduplicated; re-publish it "
             "with `meterline replay dlq` once that month's partition is restored"
         )
-        dead.append(dead_letter(e.source, "ledger_partition_missing", reason, e.as_envelope()))
+        dead.append(event_letter(e, "ledger_partition_missing", reason))
     return kept, dead
 
 
@@ -217,12 +241,11 @@ def select_new_events(
 
 
 def conflict_letter(event: CountableEvent) -> DeadLetter:
-    return dead_letter(
-        event.source,
+    return event_letter(
+        event,
         "conflicting_duplicate",
         f"event {event.event.id!r} was already counted with different content "
         "(metric, quantity, timestamp or project); the first accepted version wins",
-        event.as_envelope(),
     )
 
 

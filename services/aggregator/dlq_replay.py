@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,10 +19,27 @@ import msgspec
 from services.aggregator.schemas import decode_dead_letter
 from services.aggregator.topic_reader import STALL_SECONDS, broker_errors
 from shared.errors import BrokerUnavailable
+from shared.events import EnvelopeError, decode_envelope, encode_envelope, stored_text_problem
 from shared.logs import log_event
 from shared.settings import Settings
 
 logger = logging.getLogger("meterline.replay")
+
+
+@dataclass(frozen=True, slots=True)
+class RefusedEvent:
+    """An event of a retryable letter that no fix can make storable: reported, not re-sent."""
+
+    partition: int
+    offset: int
+    event_id: str
+    reason: str
+
+    def line(self) -> str:
+        return (
+            f"not re-published: event {self.event_id!r} of the dead letter at partition "
+            f"{self.partition}, offset {self.offset}: {self.reason}"
+        )
 
 
 @dataclass(slots=True)
@@ -29,7 +47,53 @@ class DlqReplayReport:
     read: int = 0
     republished: int = 0
     skipped: Counter[str] = field(default_factory=Counter)
+    refused: list[RefusedEvent] = field(default_factory=list)
     dry_run: bool = False
+
+
+def _to_republish(message: Any, report: DlqReplayReport) -> bytes | None:
+    """What to send back to the events topic for one DLQ message (None: nothing), counted."""
+    try:
+        letter = decode_dead_letter(message.value or b"")
+    except (msgspec.DecodeError, ValueError):
+        report.skipped["unreadable_dead_letter"] += 1
+        return None
+    if not letter.retryable:
+        report.skipped[letter.code] += 1
+        return None
+
+    def refuse(event_id: str, reason: str) -> None:
+        report.refused.append(RefusedEvent(message.partition, message.offset, event_id, reason))
+
+    value = storable_payload(letter.payload_bytes(), refuse)
+    if value is None:
+        report.skipped["unstorable_text"] += 1
+        return None
+    report.republished += 1
+    return value
+
+
+def storable_payload(payload: bytes, refused: Callable[[str, str], None]) -> bytes | None:
+    """The payload to re-publish: a letter written before ingest checked text may hold a whole
+    request with one event PostgreSQL cannot store. That event is reported through `refused`
+    and left out; the rest goes back (None if nothing is left). A payload that is not a
+    readable envelope is re-published as it is: the aggregator dead-letters it again."""
+    try:
+        envelope = decode_envelope(payload)
+    except EnvelopeError:
+        return payload
+    keep = []
+    for event in envelope.events:
+        problem = stored_text_problem(event)
+        if problem:
+            refused(event.id, problem)
+        else:
+            keep.append(event)
+    if len(keep) == len(envelope.events):
+        return payload
+    if not keep:
+        return None
+    return encode_envelope(msgspec.structs.replace(envelope, events=keep))
 
 
 def dlq_group(settings: Settings) -> str:
@@ -83,22 +147,10 @@ def _replay_dead_letters(settings: Settings, *, dry_run: bool) -> DlqReplayRepor
                     if message.offset >= end[tp]:
                         break
                     report.read += 1
-                    try:
-                        letter = decode_dead_letter(message.value or b"")
-                    except (msgspec.DecodeError, ValueError):
-                        report.skipped["unreadable_dead_letter"] += 1
-                        continue
-                    if not letter.retryable:
-                        report.skipped[letter.code] += 1
-                        continue
-                    report.republished += 1
-                    if producer is not None:
+                    value = _to_republish(message, report)
+                    if value is not None and producer is not None:
                         pending.append(
-                            producer.send(
-                                settings.events_topic,
-                                key=message.key,
-                                value=letter.payload_bytes(),
-                            )
+                            producer.send(settings.events_topic, key=message.key, value=value)
                         )
         if producer is not None:
             producer.flush(timeout=60)
@@ -116,6 +168,7 @@ def _replay_dead_letters(settings: Settings, *, dry_run: bool) -> DlqReplayRepor
         read=report.read,
         republished=report.republished,
         skipped=dict(report.skipped),
+        refused=len(report.refused),
         dry_run=dry_run,
     )
     return report

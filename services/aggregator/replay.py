@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -26,8 +26,10 @@ from sqlalchemy.engine import Connection, Engine
 from services.aggregator import repository
 from services.aggregator.batch import (
     CountableEvent,
+    DeadLetter,
     EventKey,
     ReadRules,
+    SourceRecord,
     WindowKey,
     WindowTotal,
     read_records,
@@ -41,9 +43,10 @@ from services.aggregator.ledger_partitions import (
     ledger_floor,
     months_for,
 )
+from services.aggregator.refusals import write_isolating
 from services.aggregator.topic_reader import TopicReader
 from shared.errors import InvalidInput, NotFound
-from shared.events import SUM_CONTEXT, window_start
+from shared.events import SUM_CONTEXT, stored_text_problem, window_start
 from shared.logs import log_event
 from shared.settings import Settings
 from shared.usage import delete_usage, set_usage
@@ -70,6 +73,24 @@ class MetricChange:
     windows_changed: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SkippedEvent:
+    """An event of the range that cannot be counted (its text, or the database, refuses it);
+    the replay reports it and goes on with the rest."""
+
+    partition: int
+    offset: int
+    organization_id: uuid.UUID
+    event_id: str
+    reason: str
+
+    def line(self) -> str:
+        return (
+            f"skipped event {self.event_id!r} of organization {self.organization_id} "
+            f"(partition {self.partition}, offset {self.offset}): {self.reason}"
+        )
+
+
 @dataclass(slots=True)
 class ReplayReport:
     start: datetime
@@ -81,6 +102,7 @@ class ReplayReport:
     events_counted: int = 0
     events_recorded: int = 0
     changes: list[MetricChange] = field(default_factory=list)
+    skipped: list[SkippedEvent] = field(default_factory=list)
 
     @property
     def windows_changed(self) -> int:
@@ -107,6 +129,8 @@ class EventVersions:
     def __init__(self, organization_id: uuid.UUID | None) -> None:
         self._organization_id = organization_id
         self.versions: dict[EventKey, list[CountableEvent]] = {}
+        # Events whose text PostgreSQL cannot store: never counted, reported if in the range.
+        self.unstorable: list[DeadLetter] = []
 
     def add(self, events: Iterable[CountableEvent]) -> None:
         for event in events:
@@ -115,6 +139,15 @@ class EventVersions:
             known = self.versions.setdefault(event.key, [])
             if all(v.fingerprint != event.fingerprint for v in known):
                 known.append(event)
+
+    def refuse(self, letters: Iterable[DeadLetter]) -> None:
+        for letter in letters:
+            event = letter.event
+            if letter.code != "unstorable_text" or event is None:
+                continue
+            if self._organization_id and event.organization_id != self._organization_id:
+                continue
+            self.unstorable.append(letter)
 
     def accepted(self, recorded: dict[EventKey, bytes]) -> Iterable[tuple[CountableEvent, bool]]:
         """(the accepted version, whether the ledger already holds it) for each id: the ledger's
@@ -184,6 +217,14 @@ def replay(
             on_total(sum(second_end[p] - first_end.get(p, 0) for p in second_end))
         report.records_read += _read_into(versions, reader, first_end, second_end, rules, on_record)
         counted, to_record = _accepted_in_range(connection, versions, request, start, end)
+        # The ledger rows first, so that an event the database refuses is left out of the
+        # windows too (each part in a savepoint: a refusal undoes only its part).
+        recorded = write_isolating(to_record, lambda part: _record_in_savepoint(connection, part))
+        refused = {event.key for event, _ in recorded.refused}
+        counted = [event for event in counted if event.key not in refused]
+        report.skipped = _skipped(versions.unstorable, request, start, end) + [
+            _skipped_event(event, reason) for event, reason in recorded.refused
+        ]
         report.events_counted = len(counted)
         before = repository.window_totals(
             connection,
@@ -199,7 +240,7 @@ def replay(
         if request.dry_run:
             transaction.rollback()
         else:
-            report.events_recorded = repository.record_events(connection, to_record)
+            report.events_recorded = sum(recorded.written)
             delete_usage(
                 connection,
                 usage_windows((k for k in before if k not in after), settings.window_seconds),
@@ -220,8 +261,39 @@ def replay(
         events_counted=report.events_counted,
         events_recorded=report.events_recorded,
         windows_changed=report.windows_changed,
+        skipped=len(report.skipped),
     )
     return report
+
+
+def _record_in_savepoint(connection: Connection, events: Sequence[CountableEvent]) -> int:
+    with connection.begin_nested():
+        return repository.record_events(connection, events)
+
+
+def _skipped(
+    letters: Iterable[DeadLetter], request: ReplayRequest, start: datetime, end: datetime
+) -> list[SkippedEvent]:
+    found = []
+    for letter in letters:
+        event = letter.event
+        assert event is not None
+        if not start <= event.event.timestamp < end:
+            continue
+        if request.metric is not None and event.event.metric != request.metric:
+            continue
+        found.append(_skipped_event(event, stored_text_problem(event.event) or letter.reason))
+    return found
+
+
+def _skipped_event(event: CountableEvent, reason: str) -> SkippedEvent:
+    return SkippedEvent(
+        partition=event.source.partition,
+        offset=event.source.offset,
+        organization_id=event.organization_id,
+        event_id=event.event.id,
+        reason=reason,
+    )
 
 
 def _refuse_below_floor(start: datetime, floor: datetime | None) -> None:
@@ -262,10 +334,16 @@ def _read_into(
         chunk.append(record)
         count += 1
         if len(chunk) >= 1000:
-            versions.add(read_records(chunk, rules)[0])
+            _add_read(versions, chunk, rules)
             chunk = []
-    versions.add(read_records(chunk, rules)[0])
+    _add_read(versions, chunk, rules)
     return count
+
+
+def _add_read(versions: EventVersions, chunk: list[SourceRecord], rules: ReadRules) -> None:
+    events, letters = read_records(chunk, rules)
+    versions.add(events)
+    versions.refuse(letters)
 
 
 def _accepted_in_range(

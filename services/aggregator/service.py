@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
 from services.aggregator import repository
@@ -28,7 +27,7 @@ from services.aggregator.batch import (
     ReadRules,
     SourceRecord,
     conflict_letter,
-    dead_letter,
+    event_letter,
     read_records,
     select_new_events,
     split_at_ledger_floor,
@@ -36,6 +35,7 @@ from services.aggregator.batch import (
     usage_deltas,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor, months_for
+from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolating
 from shared.logs import log_event
 from shared.settings import Settings
 from shared.usage import record_usage
@@ -49,19 +49,6 @@ class BatchResult:
     duplicates: int = 0
     conflicts: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
-
-
-class LedgerChangedUnderBatch(Exception):
-    """The ledger gained rows this batch's lookup did not see; the batch is rolled back."""
-
-
-def is_transient(exc: BaseException) -> bool:
-    """A failure of the database itself (down, restarting, deadlock): retry the whole batch."""
-    if isinstance(exc, LedgerChangedUnderBatch):
-        return True
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | ConnectionError)
 
 
 class BatchApplier:
@@ -79,65 +66,50 @@ class BatchApplier:
 
     def apply(self, records: Sequence[SourceRecord]) -> BatchResult:
         """Count a batch once. Transient database errors propagate (the caller retries all of
-        it); a record the database refuses on its own is isolated and dead-lettered."""
-        try:
-            return self._apply(records)
-        except sa_exc.DBAPIError as exc:
-            if is_transient(exc):
-                raise
-            # A partition dropped under our cache, or a record the database refuses: go one
-            # record at a time so that only the refused one is dead-lettered.
-            self._partitions.forget()
-            log_event(
-                logger,
-                "batch_isolating_records",
-                logging.WARNING,
-                records=len(records),
-                error=type(exc.orig or exc).__name__,
-            )
-            return self._apply_one_by_one(records)
-
-    def _apply_one_by_one(self, records: Sequence[SourceRecord]) -> BatchResult:
-        total = BatchResult()
-        for record in records:
-            try:
-                result = self._apply([record])
-            except sa_exc.DBAPIError as exc:
-                if is_transient(exc):
-                    raise
-                self._partitions.forget()
-                reason = str(exc.orig or exc).strip().splitlines()[0]
-                result = BatchResult(
-                    dead_letters=[dead_letter(record, "database_rejected", reason, record.value)]
-                )
+        it); an event the database refuses on its own is isolated and dead-lettered alone."""
+        # (1) decode + validate.
+        events, dead = read_records(records, self.rules)
+        total = BatchResult(dead_letters=dead)
+        # (2) in one transaction, or, if the database refuses some event, in halves down to
+        # that event alone (refusals.py): what a refused attempt wrote was rolled back with it.
+        isolated = write_isolating(events, self._count, on_first_refusal=self._isolating)
+        for result in isolated.written:
             total.counted += result.counted
             total.duplicates += result.duplicates
             total.conflicts += result.conflicts
             total.dead_letters += result.dead_letters
+        for event, reason in isolated.refused:
+            total.dead_letters.append(
+                event_letter(event, "database_rejected", f"event {event.event.id!r}: {reason}")
+            )
         return total
 
-    def _apply(self, records: Sequence[SourceRecord]) -> BatchResult:
-        # (1) decode + validate.
-        events, dead = read_records(records, self.rules)
-        result = BatchResult(dead_letters=dead)
-        if not events:
-            return result
+    def _isolating(self, exc: BaseException) -> None:
+        # Perhaps a ledger partition dropped under our cache: the halves create it again.
+        self._partitions.forget()
+        log_event(
+            logger,
+            "batch_isolating_events",
+            logging.WARNING,
+            error=type(getattr(exc, "orig", None) or exc).__name__,
+        )
+
+    def _count(self, events: Sequence[CountableEvent]) -> BatchResult:
+        result = BatchResult()
         self._partitions.ensure(months_for(e.event.timestamp for e in events))
         # (2) one transaction: locks, ledger lookup, new ledger rows, window upserts; commit.
         with self.engine.begin() as connection:
             repository.lock_shared_for_batch(connection, (e.organization_id for e in events))
             # The floor is read under the lock: maintenance (which holds it exclusively) cannot
             # drop a partition between this check and this transaction's writes.
-            events, missing = split_at_ledger_floor(events, ledger_floor(connection))
+            above, missing = split_at_ledger_floor(events, ledger_floor(connection))
             result.dead_letters += missing
-            references = repository.existing_references(connection, events)
+            references = repository.existing_references(connection, above)
             countable: list[CountableEvent] = []
-            for event in events:
+            for event in above:
                 problem = references.problem(event)
                 if problem:
-                    result.dead_letters.append(
-                        dead_letter(event.source, "unknown_reference", problem, event.as_envelope())
-                    )
+                    result.dead_letters.append(event_letter(event, "unknown_reference", problem))
                 else:
                     countable.append(event)
             recorded = repository.recorded_fingerprints(connection, (e.key for e in countable))

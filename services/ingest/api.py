@@ -49,8 +49,24 @@ def error_response(exc: MeterlineError) -> Response:
         headers["WWW-Authenticate"] = "Bearer"
     # Error bodies may quote what the client sent (a field name, a value); a key pasted there by
     # mistake is not sent back.
-    body = redact(encoder.encode(exc.to_dict()).decode()).encode()
+    document = exc.to_dict()
+    try:
+        encoded = encoder.encode(document)
+    except UnicodeEncodeError:
+        # A quoted field name held a lone surrogate, which UTF-8 cannot carry: escape it.
+        encoded = encoder.encode(_escape_surrogates(document))
+    body = redact(encoded.decode()).encode()
     return Response(body, exc.status, headers, JSON)
+
+
+def _escape_surrogates(value: Any) -> Any:
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
+    if isinstance(value, dict):
+        return {_escape_surrogates(k): _escape_surrogates(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_surrogates(v) for v in value]
+    return value
 
 
 def _is_json(content_type: str | None) -> bool:

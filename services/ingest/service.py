@@ -7,12 +7,15 @@ shared.errors exceptions that api.py maps to status codes.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any, Protocol
 
 import msgspec
@@ -41,6 +44,7 @@ from shared.events import (
     encode_envelope,
     quantity_from_json,
     timestamp_from_text,
+    unstorable_text,
     validate_event,
 )
 from shared.logs import log_event
@@ -83,7 +87,9 @@ def parse_events(
     earliest, latest = now - horizon, now + max_future
     fast = _decode_fast(body)
     if fast is not None:
-        events = _accept_fast(fast, now, earliest, latest, default_project)
+        # JSON can spell a NUL or a surrogate only as a \u escape: without one, no text of the
+        # body needs the storability check.
+        events = _accept_fast(fast, now, earliest, latest, default_project, b"\\u" in body)
         if events is not None:
             return events
     return _parse_slow(
@@ -108,11 +114,14 @@ def _accept_fast(
     earliest: datetime,
     latest: datetime,
     default_project: uuid.UUID | None,
+    escaped: bool,
 ) -> list[UsageEvent] | None:
     events = []
     for item in decoded:
         quantity = quantity_from_json(bytes(item.quantity))
         if quantity is None:
+            return None
+        if escaped and _text_unstorable(item):
             return None
         if item.timestamp is None:
             timestamp = now
@@ -136,6 +145,15 @@ def _accept_fast(
     return events
 
 
+def _text_unstorable(item: EventIn) -> bool:
+    if unstorable_text(item.id):
+        return True
+    return any(
+        unstorable_text(name) or unstorable_text(value)
+        for name, value in (item.properties or {}).items()
+    )
+
+
 def _parse_slow(
     body: bytes,
     *,
@@ -147,7 +165,7 @@ def _parse_slow(
     try:
         raw = generic_decoder.decode(body)
     except msgspec.MsgspecError:
-        raise InvalidInput("body is not valid JSON") from None
+        raw = _decode_with_surrogates(body)
     except RecursionError:
         raise InvalidInput("body is nested too deeply") from None
     items = _event_items(raw)
@@ -168,6 +186,24 @@ def _parse_slow(
             details=problems,
         )
     return events
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _decode_with_surrogates(body: bytes) -> Any:
+    """msgspec refuses a lone surrogate escape as malformed JSON; Python's json module reads
+    it, so that validate_event can name the field that holds it. Anything else is not JSON."""
+    if not _SURROGATE_ESCAPE.search(body):
+        raise InvalidInput("body is not valid JSON")
+    try:
+        return json.loads(body, parse_float=Decimal, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        raise InvalidInput("body is not valid JSON") from None
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _event_items(raw: Any) -> list[Any]:

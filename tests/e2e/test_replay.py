@@ -302,5 +302,85 @@ def test_replay_dlq_republishes_retryable_letters_that_then_count(
         "read": 2,
         "republished": 1,
         "skipped": {"malformed": 1},
+        "refused": [],
     }
     assert json.loads(again.stdout)["read"] == 0
+
+
+def test_replay_reports_an_event_postgresql_cannot_store_in_one_line_and_counts_the_rest(
+    engine: Engine, service_env: dict[str, str], topic_prefix: str
+) -> None:
+    """A request accepted before ingest checked text: its NUL id is skipped with one line, every
+    other event of it, and of every other tenant, is counted."""
+    stream = Stream(service_env, topic_prefix)
+    one, two = make_tenant(engine), make_tenant(engine)
+    base = hour(datetime.now(UTC)) - timedelta(hours=1)
+    stream.send(
+        one.organization_id,
+        [
+            event("n1", timestamp=base),
+            event("bad\x00id", quantity=7, timestamp=base),
+            event("n2", quantity=2, timestamp=base),
+        ],
+    )
+    stream.send(two.organization_id, [event("t1", quantity=4, timestamp=base)])
+    stream.producer.flush()
+    window = ["--from", base.isoformat(), "--to", (base + timedelta(hours=1)).isoformat()]
+
+    dry = replay_json(stream.env, *window, "--dry-run")
+    done = run_cli(stream.env, "replay", *window)
+
+    assert [s["event_id"] for s in dry["skipped"]] == ["bad\x00id"]
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    [warning] = done.stderr.strip().splitlines()
+    assert warning.startswith("warning: skipped event 'bad\\x00id' of organization")
+    assert "U+0000" in warning
+    assert totals(engine, one.organization_id) == (Decimal(3), 2)
+    assert totals(engine, two.organization_id) == (Decimal(4), 1)
+
+
+def test_replay_dlq_reports_an_unstorable_event_in_one_line_and_republishes_the_rest(
+    engine: Engine, service_env: dict[str, str], topic_prefix: str, tmp_path: Path
+) -> None:
+    """A whole request dead-lettered as database_rejected before events were isolated: its
+    storable events go back and count, the NUL one is reported once and not re-sent."""
+    from services.aggregator.batch import SourceRecord, dead_letter
+    from services.aggregator.schemas import encode_dead_letter
+
+    stream = Stream(service_env, topic_prefix)
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    now = datetime.now(UTC)
+    payload = envelope_bytes(
+        org,
+        [
+            event("d1", timestamp=now),
+            event("nul\x00", timestamp=now),
+            event("d2", quantity=2, timestamp=now),
+        ],
+    )
+    source = SourceRecord(stream.events_topic, 0, 17, None, str(org).encode(), payload)
+    letter = dead_letter(source, "database_rejected", "text fields cannot contain NUL", payload)
+    stream.producer._producer.send(
+        stream.dlq_topic, key=str(org).encode(), value=encode_dead_letter(letter, now)
+    )
+    stream.producer.flush()
+
+    dry = run_cli(stream.env, "replay", "dlq", "--dry-run")
+    aggregator = AggregatorProcess(stream.env, tmp_path / "aggregator.log").start()
+    try:
+        done = run_cli(stream.env, "replay", "dlq", "--json")
+        wait_for(lambda: totals(engine, org) == (Decimal(3), 2), timeout=60, what="d1 and d2")
+    finally:
+        aggregator.stop()
+
+    assert dry.returncode == 0 and "Traceback" not in dry.stderr
+    [warning] = dry.stderr.strip().splitlines()
+    assert warning.startswith("warning: not re-published: event 'nul\\x00'")
+    report = json.loads(done.stdout)
+    assert (report["read"], report["republished"]) == (1, 1)
+    assert [(r["event_id"], r["reason"][:15]) for r in report["refused"]] == [
+        ("nul\x00", "id contains U+0")
+    ]
+    assert totals(engine, org) == (Decimal(3), 2)

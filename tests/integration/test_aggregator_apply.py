@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from services.aggregator.ledger_partitions import (
@@ -22,6 +23,7 @@ from services.aggregator.ledger_partitions import (
     prune_cutoff,
 )
 from services.aggregator.service import BatchApplier
+from shared.events import decode_envelope
 from shared.settings import Settings
 from tests.aggregator_support import (
     envelope_bytes,
@@ -394,3 +396,82 @@ def test_window_of_1e12_and_1e_minus_12_is_stored_exactly(
     )
 
     assert totals(engine, org) == (Decimal("1000000000000.000000000001"), 2)
+
+
+def test_event_with_text_postgresql_cannot_store_is_dead_lettered_alone(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    """An envelope written before ingest checked text (or by another producer): the one event
+    goes to the DLQ on its own, its request's other events and the rest of the batch count."""
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    batch = [
+        record(
+            envelope_bytes(
+                org,
+                [
+                    event("a1", timestamp=NOW),
+                    event("bad\x00id", quantity=5, timestamp=NOW),
+                    event("a2", timestamp=NOW),
+                ],
+            )
+        ),
+        record(envelope_bytes(org, [event("b1", quantity=2, timestamp=NOW)])),
+    ]
+
+    result = applier.apply(batch)
+
+    assert (result.counted, [d.code for d in result.dead_letters]) == (3, ["unstorable_text"])
+    [letter] = result.dead_letters
+    assert "U+0000" in letter.reason and not letter.retryable
+    assert [e.id for e in decode_envelope(letter.payload).events] == ["bad\x00id"]
+    assert totals(engine, org) == (Decimal(4), 3)
+
+
+def test_events_the_database_refuses_are_dead_lettered_alone_and_the_rest_counts(
+    own_engine: Engine, settings: Settings
+) -> None:
+    """Defence in depth: whatever the database refuses that the checks did not foresee (here a
+    constraint added for the test) costs only the refused events, not their requests or batch."""
+    with own_engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "ALTER TABLE usage_event_ledger"
+                " ADD CONSTRAINT refuse_poison CHECK (event_id NOT LIKE 'poison%')"
+            )
+        )
+    tenant = make_tenant(own_engine)
+    org = tenant.organization_id
+    batch = [
+        record(
+            envelope_bytes(
+                org,
+                [
+                    event("a1", timestamp=NOW),
+                    event("poison-1", timestamp=NOW),
+                    event("a2", quantity=2, timestamp=NOW),
+                ],
+            )
+        ),
+        record(envelope_bytes(org, [event("b1", quantity=3, timestamp=NOW)])),
+        record(envelope_bytes(org, [event("poison-2", timestamp=NOW)])),
+        record(envelope_bytes(org, [event("a1", timestamp=NOW), event("c1", timestamp=NOW)])),
+    ]
+
+    try:
+        result = BatchApplier(own_engine, settings).apply(batch)
+    finally:
+        with own_engine.begin() as connection:
+            connection.execute(
+                sa.text("ALTER TABLE usage_event_ledger DROP CONSTRAINT refuse_poison")
+            )
+
+    assert (result.counted, result.duplicates) == (4, 1)
+    refused = [(d.code, d.retryable) for d in result.dead_letters]
+    assert refused == [("database_rejected", True)] * 2
+    assert [decode_envelope(d.payload).events[0].id for d in result.dead_letters] == [
+        "poison-1",
+        "poison-2",
+    ]
+    assert all("refuse_poison" in d.reason for d in result.dead_letters)
+    assert totals(own_engine, org) == (Decimal(7), 4)

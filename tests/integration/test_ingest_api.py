@@ -114,6 +114,49 @@ def test_invalid_event_anywhere_in_a_batch_publishes_nothing(
     assert records == []
 
 
+UNSTORABLE = {
+    # field: (the event's JSON with a \u escape PostgreSQL cannot store, the reason's start)
+    "id": ('"id": "x\\u0000y", "metric": "api_calls"', "id: contains U+0000"),
+    "id-surrogate": ('"id": "x\\ud800", "metric": "api_calls"', "id: contains a lone UTF-16"),
+    "metric": ('"id": "m", "metric": "api\\u0000calls"', "metric: contains U+0000"),
+    "project_id": (
+        '"id": "p", "metric": "api_calls", "project_id": "\\u0000"',
+        "project_id: contains U+0000",
+    ),
+    "property-name": (
+        '"id": "k", "metric": "api_calls", "properties": {"re\\u0000gion": "eu"}',
+        "properties: the name",
+    ),
+    "property-value": (
+        '"id": "v", "metric": "api_calls", "properties": {"region": "e\\udfffu"}',
+        "properties.region: contains a lone UTF-16",
+    ),
+}
+
+
+@pytest.mark.parametrize(("fields", "reason"), UNSTORABLE.values(), ids=UNSTORABLE)
+def test_text_postgresql_cannot_store_is_422_naming_the_field_and_publishes_nothing(
+    client: httpx.Client, tenant: Tenant, settings: Settings, fields: str, reason: str
+) -> None:
+    body = '{"events": [{"id": "fine", "metric": "api_calls"}, {' + fields + "}]}"
+    response = client.post(
+        "/v1/events",
+        content=body.encode(),
+        headers={**bearer(tenant.key), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422, response.text
+    [detail] = response.json()["error"]["details"]
+    assert detail["index"] == 1 and detail["reason"].startswith(reason), detail
+    records = read_topic(
+        settings.kafka_bootstrap_servers,
+        settings.events_topic,
+        tenant.organization_id,
+        expect=1,
+        timeout=2,
+    )
+    assert records == []
+
+
 @pytest.mark.parametrize(
     "headers",
     [{}, bearer("ml_live_aaaaaaaa_" + "a" * 58), {"Authorization": "Basic dXNlcjpwYXNz"}],

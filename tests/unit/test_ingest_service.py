@@ -86,6 +86,42 @@ def test_uncountable_values_are_refused_with_a_reason(body: bytes, reason: str) 
     assert reason in str(raised.value.details)
 
 
+# JSON spells NUL as \u0000 and a lone surrogate as \ud800; both parse, neither can be stored.
+UNSTORABLE_BODIES = {
+    "id-nul": (rb'{"id": "a\u0000b", "metric": "m"}', "id: contains U+0000"),
+    "id-surrogate": (rb'{"id": "a\ud800", "metric": "m"}', "id: contains a lone UTF-16"),
+    "metric-nul": (rb'{"id": "a", "metric": "m\u0000"}', "metric: contains U+0000"),
+    "project-nul": (
+        rb'{"id": "a", "metric": "m", "project_id": "\u0000"}',
+        "project_id: contains U+0000",
+    ),
+    "property-name-nul": (
+        rb'{"id": "a", "metric": "m", "properties": {"k\u0000": "v"}}',
+        "properties: the name 'k\\x00' contains U+0000",
+    ),
+    "property-value-surrogate": (
+        rb'{"id": "a", "metric": "m", "properties": {"region": "\udc00"}}',
+        "properties.region: contains a lone UTF-16",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "reason"), UNSTORABLE_BODIES.values(), ids=UNSTORABLE_BODIES)
+def test_text_postgresql_cannot_store_is_refused_naming_the_field(body: bytes, reason: str) -> None:
+    batch = b'{"events": [{"id": "fine", "metric": "m"}, ' + body + b"]}"
+    with pytest.raises(InvalidInput) as raised:
+        parse(batch)
+    assert raised.value.details == [{"index": 1, "reason": raised.value.details[0]["reason"]}]
+    assert raised.value.details[0]["reason"].startswith(reason)
+
+
+def test_escapes_that_are_storable_text_are_accepted() -> None:
+    [emoji, backslash] = parse(
+        rb'{"events": [{"id": "\ud83d\ude00", "metric": "m"}, {"id": "\\u0000", "metric": "m"}]}'
+    )
+    assert (emoji.id, backslash.id) == ("\U0001f600", "\\u0000")
+
+
 def test_deeply_nested_body_is_invalid_input_not_a_crash() -> None:
     with pytest.raises(InvalidInput, match="nested too deeply"):
         parse(b"[" * 100_000 + b"]" * 100_000)
