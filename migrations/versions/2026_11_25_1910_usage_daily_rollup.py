@@ -5,8 +5,11 @@ Revises: 0006_invoice_plan_snapshot
 Create Date: 2026-11-25 19:10:00+00:00
 
 Old code still runs while this migrates: it never reads usage_daily, and its writes to
-usage_records only gain the triggers. The table is filled from the usage already stored, in the
-same transaction that creates the triggers, so no write can fall between the two.
+usage_records only gain the triggers. usage_records is locked against writers first (readers go
+on), then the triggers are created and the table filled from the usage stored, all in one
+transaction: a write either committed before the lock (and is in the fill) or waits for the
+commit (and fires the triggers). Databases migrated by the first version of this revision, which
+filled the table before the triggers existed and without the lock, are repaired by 0008.
 
 Every writer of usage_records (the aggregator's upsert, replay's replace and delete, cascades,
 a person's UPDATE) fires a statement-level trigger that recomputes the days it touched from
@@ -160,6 +163,8 @@ _TRIGGERS = (
 
 
 def upgrade() -> None:
+    # SHARE ROW EXCLUSIVE: writers of usage_records wait until this commits, readers do not.
+    op.execute("LOCK TABLE usage_records IN SHARE ROW EXCLUSIVE MODE")
     op.create_table(
         "usage_daily",
         sa.Column("organization_id", sa.Uuid(), nullable=False),
@@ -188,9 +193,9 @@ def upgrade() -> None:
     op.execute(_REBUILD)
     op.execute(_RECOMPUTE)
     op.execute(_SYNC)
-    op.execute("SELECT usage_daily_rebuild()")
     for trigger in _TRIGGERS:
         op.execute(trigger)
+    op.execute("SELECT usage_daily_rebuild()")
 
 
 def downgrade() -> None:

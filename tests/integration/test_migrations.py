@@ -1,15 +1,23 @@
-"""Migrations are the only way the schema changes: they match the models and run both ways."""
+"""Migrations are the only way the schema changes: they match the models and run both ways, and
+the ones that build usage_daily lock usage_records, so usage written from another connection while
+they run is in the rollup, which ends exactly equal to usage_records."""
 
 from __future__ import annotations
 
 import secrets
+import threading
+import time
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 
 from shared import migrate
+from shared.usage import UsageDelta, record_usage
 
 DESIGN_TABLES = {
     "users",
@@ -131,3 +139,149 @@ def test_db_check_says_models_and_migrations_agree(service_env: dict[str, str]) 
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "models and migrations agree"
+
+
+DAY = datetime(2026, 11, 10, tzinfo=UTC)
+
+
+@pytest.fixture
+def database(empty_database: str) -> Iterator[tuple[str, Engine]]:
+    engine = sa.create_engine(empty_database)
+    yield empty_database, engine
+    engine.dispose()
+
+
+def _organization(engine: Engine) -> uuid.UUID:
+    organization_id = uuid.uuid4()
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text("INSERT INTO organizations (id, name, slug) VALUES (:id, 'Org', :slug)"),
+            {"id": organization_id, "slug": f"o-{organization_id.hex[:8]}"},
+        )
+    return organization_id
+
+
+def _usage(organization_id: uuid.UUID, days: range, quantity: str) -> list[UsageDelta]:
+    return [
+        UsageDelta(
+            organization_id,
+            None,
+            None,
+            "api_calls",
+            DAY + timedelta(days=day, hours=hour),
+            3600,
+            Decimal(quantity),
+            1,
+        )
+        for day in days
+        for hour in (0, 7, 23)
+    ]
+
+
+def _rollup(connection: Connection) -> dict[tuple[object, ...], tuple[object, ...]]:
+    rows = connection.execute(
+        sa.text(
+            "SELECT organization_id, metric, window_seconds, day, quantity, max_window_quantity,"
+            " event_count FROM usage_daily"
+        )
+    )
+    return {tuple(row[:4]): tuple(row[4:]) for row in rows}
+
+
+def _rollup_from_records(connection: Connection) -> dict[tuple[object, ...], tuple[object, ...]]:
+    rows = connection.execute(
+        sa.text(
+            "SELECT organization_id, metric, window_seconds, day, sum(q), max(q), sum(n) FROM ("
+            " SELECT organization_id, metric, window_seconds,"
+            " (window_start AT TIME ZONE 'UTC')::date AS day, window_start,"
+            " sum(quantity) AS q, sum(event_count) AS n FROM usage_records"
+            " GROUP BY 1, 2, 3, 4, 5) AS w GROUP BY 1, 2, 3, 4"
+        )
+    )
+    return {tuple(row[:4]): tuple(row[4:]) for row in rows}
+
+
+def _migrate_while_writing(
+    url: str, engine: Engine, revision: str, writes: list[UsageDelta]
+) -> str:
+    """Run the migration while another connection has written `writes` and not yet committed;
+    commit them once the migration waits for a lock. Returns the lock mode it waited for."""
+    writer = engine.connect()
+    transaction = writer.begin()
+    record_usage(writer, writes)
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            migrate.upgrade(url, revision)
+        except BaseException as exc:
+            failure.append(exc)
+
+    migration = threading.Thread(target=run)
+    migration.start()
+    waited_for = ""
+    deadline = time.monotonic() + 30
+    with engine.connect() as watcher:
+        while not waited_for and time.monotonic() < deadline and migration.is_alive():
+            waited_for = (
+                watcher.execute(
+                    sa.text(
+                        "SELECT l.mode FROM pg_locks AS l"
+                        "  JOIN pg_stat_activity AS a ON a.pid = l.pid"
+                        " WHERE NOT l.granted AND a.datname = current_database()"
+                        "   AND l.relation = CAST('usage_records' AS regclass)"
+                    )
+                ).scalar()
+                or ""
+            )
+            time.sleep(0.05)
+    # More usage in the same transaction, then the commit the migration waited for.
+    record_usage(writer, writes[:2])
+    transaction.commit()
+    writer.close()
+    migration.join(60)
+    assert not failure, failure
+    return waited_for
+
+
+def test_fresh_install_of_0007_counts_usage_written_while_it_runs(
+    database: tuple[str, Engine],
+) -> None:
+    url, engine = database
+    migrate.upgrade(url, "0006_invoice_plan_snapshot")
+    organization_id = _organization(engine)
+    with engine.begin() as connection:
+        record_usage(connection, _usage(organization_id, range(0, 3), "2"))
+
+    waited_for = _migrate_while_writing(
+        url, engine, "0007_usage_daily_rollup", _usage(organization_id, range(2, 5), "3.5")
+    )
+
+    assert waited_for == "ShareRowExclusiveLock"
+    with engine.connect() as connection:
+        assert _rollup(connection) == _rollup_from_records(connection)
+        assert len(_rollup(connection)) == 5
+
+
+def test_0008_repairs_the_rollup_under_a_lock_while_usage_is_written(
+    database: tuple[str, Engine],
+) -> None:
+    url, engine = database
+    migrate.upgrade(url, "0007_usage_daily_rollup")
+    organization_id = _organization(engine)
+    with engine.begin() as connection:
+        record_usage(connection, _usage(organization_id, range(0, 4), "1.25"))
+        # What the first 0007 could leave: a day missing, a day short of what was written.
+        connection.execute(sa.text("ALTER TABLE usage_records DISABLE TRIGGER USER"))
+        record_usage(connection, _usage(organization_id, range(3, 6), "4"))
+        connection.execute(sa.text("ALTER TABLE usage_records ENABLE TRIGGER USER"))
+        assert _rollup(connection) != _rollup_from_records(connection)
+
+    waited_for = _migrate_while_writing(
+        url, engine, "0008_usage_daily_repair", _usage(organization_id, range(5, 7), "7")
+    )
+
+    assert waited_for == "ShareRowExclusiveLock"
+    with engine.connect() as connection:
+        assert _rollup(connection) == _rollup_from_records(connection)
+        assert len(_rollup(connection)) == 7
