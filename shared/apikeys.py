@@ -76,32 +76,46 @@ def verify_api_key(
     session: Session, plaintext: str, *, pepper: bytes, now: datetime
 ) -> VerifiedKey | None:
     """The key's identity if it is well formed, known, not revoked and not expired; else None."""
-    prefix = parse_prefix(plaintext)
-    if prefix is None:
+    if parse_prefix(plaintext) is None:
         return None
     presented = hash_key(plaintext, pepper)
-    row = session.execute(
+    key = find_unrevoked_keys(session, [presented]).get(presented)
+    if key is None or (key.expires_at is not None and key.expires_at <= now):
+        return None
+    return key
+
+
+def find_unrevoked_keys(session: Session, key_hashes: list[bytes]) -> dict[bytes, VerifiedKey]:
+    """The unrevoked keys among these keyed hashes, in one query (ingest reads the misses of
+    many concurrent requests at once). Expiry is the caller's: it compares expires_at with the
+    time of each request."""
+    if not key_hashes:
+        return {}
+    rows = session.execute(
         sa.select(
             ApiKey.id,
             ApiKey.organization_id,
             ApiKey.project_id,
             ApiKey.user_id,
             ApiKey.expires_at,
-            ApiKey.revoked_at,
             ApiKey.key_hash,
-        ).where(ApiKey.key_hash == presented)
-    ).one_or_none()
-    if row is None or not hashes_match(row.key_hash, presented):
-        return None
-    if row.revoked_at is not None or (row.expires_at is not None and row.expires_at <= now):
-        return None
-    return VerifiedKey(
-        id=row.id,
-        organization_id=row.organization_id,
-        project_id=row.project_id,
-        user_id=row.user_id,
-        expires_at=row.expires_at,
+        ).where(ApiKey.key_hash.in_(key_hashes), ApiKey.revoked_at.is_(None))
     )
+    presented = {key_hash: key_hash for key_hash in key_hashes}
+    found = {}
+    for row in rows:
+        stored = bytes(row.key_hash)
+        candidate = presented.get(stored)
+        if candidate is None or not hashes_match(stored, candidate):
+            continue
+        found[stored] = VerifiedKey(
+            id=row.id,
+            organization_id=row.organization_id,
+            project_id=row.project_id,
+            user_id=row.user_id,
+            expires_at=row.expires_at,
+        )
+    return found
 
 
 def _managed_key(session: Session, key_id: uuid.UUID, actor_id: uuid.UUID | None) -> ApiKey:

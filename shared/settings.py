@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     ingest_rate_limit_burst: int = Field(
         2000, ge=1, validation_alias="METERLINE_INGEST_RATE_LIMIT_BURST"
     )
+    # Failed authentications (a key not known to be valid) per client address and worker: over
+    # this, such requests get 429 without a database read.
+    ingest_auth_failures_per_second: float = Field(
+        10.0, gt=0, validation_alias="METERLINE_INGEST_AUTH_FAILURES_PER_SECOND"
+    )
+    ingest_auth_failure_burst: int = Field(
+        50, ge=1, validation_alias="METERLINE_INGEST_AUTH_FAILURE_BURST"
+    )
     ingest_publish_timeout_seconds: float = Field(
         5.0, gt=0, le=60, validation_alias="METERLINE_INGEST_PUBLISH_TIMEOUT_SECONDS"
     )

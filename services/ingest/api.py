@@ -69,6 +69,12 @@ def _escape_surrogates(value: Any) -> Any:
     return value
 
 
+def _client(request: Request) -> str | None:
+    # The peer address, or the one X-Forwarded-For names when the peer is a proxy uvicorn
+    # trusts (FORWARDED_ALLOW_IPS): the unit failed authentications are limited by.
+    return request.client.host if request.client else None
+
+
 def _is_json(content_type: str | None) -> bool:
     media = (content_type or "").split(";", 1)[0].strip().lower()
     return media == JSON or (media.startswith("application/") and media.endswith("+json"))
@@ -92,7 +98,7 @@ async def read_body(request: Request) -> bytes:
 async def post_events(request: Request) -> Response:
     service = _service(request)
     try:
-        key = await service.authenticate(request.headers.get("authorization"))
+        key = await service.authenticate(request.headers.get("authorization"), _client(request))
         if not _is_json(request.headers.get("content-type")):
             raise UnsupportedMediaType("send the events as application/json")
         accepted = await service.ingest(key, await read_body(request))
@@ -111,7 +117,7 @@ async def get_usage(request: Request) -> Response:
     service = _service(request)
     params = request.query_params
     try:
-        key = await service.authenticate(request.headers.get("authorization"))
+        key = await service.authenticate(request.headers.get("authorization"), _client(request))
         unknown = set(params) - USAGE_PARAMETERS
         if unknown:
             raise InvalidInput(f"unknown query parameter(s): {', '.join(sorted(unknown))}")

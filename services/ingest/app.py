@@ -18,6 +18,7 @@ from starlette.responses import Response
 
 from services.ingest.api import error_response, routes
 from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache
+from services.ingest.keylookup import KeyLookups
 from services.ingest.publisher import EventPublisher, KafkaPublisher
 from services.ingest.queries import IngestQueries
 from services.ingest.ratelimit import RateLimiter
@@ -57,11 +58,15 @@ def create_app(
             )
             chosen = kafka
         tally = KeyUsageTally(queries.record_key_usage)
+        lookups = KeyLookups(queries.find_keys)
         keys = KeyCache(
-            queries.verify_key,
+            lookups,
             pepper=pepper,
             ttl=settings.key_cache_ttl_seconds,
             changes=queries.key_changes,
+            failures=RateLimiter(
+                settings.ingest_auth_failures_per_second, settings.ingest_auth_failure_burst
+            ),
         )
         service = IngestService(
             settings,
@@ -88,6 +93,7 @@ def create_app(
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await lookups.aclose()
             await service.aclose()
             await engine.dispose()
             log_event(logger, "ingest_stopped")

@@ -1,15 +1,25 @@
-"""What ingest remembers about keys and projects so that a hot key costs no database round trip.
+"""What ingest remembers about keys and projects so that a hot key costs no database round trip,
+and a stranger's made-up keys cost almost nothing.
 
 Revocation bound (`ttl` = settings.key_cache_ttl_seconds, default 2, at most 5): every ttl/2 a
-poll reads the keys changed since the previous poll (api_keys.updated_at or revoked_at, with a
-30-second margin for transactions that commit late) and drops them from the cache. A cached answer
-is used only while it is known current: read from the database, or confirmed by a poll that began
-after it was cached, less than `ttl` ago. So a key revoked at T is refused by every request that
-starts after T + ttl, and if the polls fail (database down) entries go stale after `ttl` and are
-read again, never trusted longer. Expiry needs no bound: the cached expires_at is compared with
-each request's time. Unknown keys are cached too, so made-up keys cost one query per key and poll
-period, not one per request. An entry is read again after MAX_AGE whatever the polls say: the
-backstop for a revoking transaction that took longer than the margin to commit.
+poll reads the keys changed since the previous poll (api_keys.updated_at or revoked_at, and the
+api_key_deletions tombstones that a trigger writes for every deleted key, including those of a
+deleted organization; with a 30-second margin for transactions that commit late) and drops them
+from the cache. A cached answer is used only while it is known current: read from the database,
+or confirmed by a poll that began after it was cached, less than `ttl` ago. So a key revoked or
+deleted at T is refused by every request that starts after T + ttl, and if the polls fail
+(database down) entries go stale after `ttl` and are read again, never trusted longer. Expiry
+needs no bound: the cached expires_at is compared with each request's time. An entry is read
+again after MAX_AGE whatever the polls say: the backstop for a revoking transaction that took
+longer than the margin to commit.
+
+Strangers: verified keys and unknown ones (not found, revoked) are kept apart, each in its own
+least-recently-used map of at most MAX_ENTRIES, so made-up keys can never push a verified key
+out, and eviction drops one entry at a time, never the whole cache. An unknown key is
+remembered (under the same rules as a verified one) and refused without a query while that
+holds. A key not cached at all is read through KeyLookups (batched, at most two connections),
+and only after the client's address takes a token from the failed-authentication bucket
+(given back if the key proves valid): a client over it gets 429 without any database work.
 """
 
 from __future__ import annotations
@@ -18,11 +28,16 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Generic, TypeVar
 
+from services.ingest.keylookup import KeyLookups
+from services.ingest.ratelimit import RateLimiter
 from shared.apikeys import VerifiedKey
+from shared.errors import RateLimited
 from shared.keys import hash_key, parse_prefix
 from shared.logs import log_event
 
@@ -31,6 +46,9 @@ logger = logging.getLogger("meterline.ingest")
 MAX_ENTRIES = 100_000
 MAX_AGE = 60.0
 CHANGE_MARGIN = timedelta(seconds=30)
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +59,8 @@ class ProjectInfo:
 
 @dataclass(frozen=True, slots=True)
 class KeyChanges:
-    """Keyed hashes of the keys changed since a point in time, and the database's time now."""
+    """Keyed hashes of the keys changed or deleted since a point in time, and the database's
+    time now."""
 
     key_hashes: list[bytes]
     as_of: datetime
@@ -54,40 +73,91 @@ class _Entry:
     inserted_at: float
 
 
+class RecentlyUsed(Generic[K, V]):
+    """A bounded map that forgets its least recently used entry first, one at a time."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._entries: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._limit:
+            self._entries.popitem(last=False)
+
+    def pop(self, key: K) -> V | None:
+        return self._entries.pop(key, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
 class KeyCache:
     """Verified keys by keyed hash (the plaintext is never kept), trusted as the module says."""
 
     def __init__(
         self,
-        verify: Callable[[str, datetime], Awaitable[VerifiedKey | None]],
+        lookups: KeyLookups,
         *,
         pepper: bytes,
         ttl: float,
         changes: Callable[[datetime | None], Awaitable[KeyChanges]] | None = None,
+        failures: RateLimiter[str] | None = None,
+        max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._verify = verify
+        self._lookups = lookups
         self._changes = changes
+        self._failures = failures
         self._pepper = pepper
         self._ttl = ttl
         self._clock = clock
-        self._entries: dict[bytes, _Entry] = {}
-        self._pending: dict[bytes, asyncio.Future[VerifiedKey | None]] = {}
+        self._verified: RecentlyUsed[bytes, _Entry] = RecentlyUsed(max_entries)
+        self._unknown: RecentlyUsed[bytes, _Entry] = RecentlyUsed(max_entries)
         self._last_poll_started = float("-inf")  # of the last poll that completed
         self._mark: datetime | None = None
 
-    async def get(self, plaintext: str, now: datetime) -> VerifiedKey | None:
-        """The key if valid at `now`; None if malformed, unknown, revoked or expired."""
+    async def get(
+        self, plaintext: str, now: datetime, client: str | None = None
+    ) -> VerifiedKey | None:
+        """The key if valid at `now`; None if malformed, unknown, revoked or expired.
+
+        RateLimited if the key is not known and `client` is over its failed-authentication
+        bucket (or too many first reads are already waiting)."""
         if parse_prefix(plaintext) is None:
             return None
         digest = hash_key(plaintext, self._pepper)
-        entry = self._entries.get(digest)
-        if entry is not None and self._current(entry):
-            key = entry.key
+        entry = self._verified.get(digest)
+        if entry is not None:
+            key = entry.key if self._current(entry) else await self._read(digest, known=True)
         else:
-            key = await self._refresh(digest, plaintext, now)
+            unknown = self._unknown.get(digest)
+            if unknown is not None and self._current(unknown):
+                return None
+            key = await self._read_unknown(digest, client)
         if key is None or (key.expires_at is not None and key.expires_at <= now):
             return None
+        return key
+
+    async def _read_unknown(self, digest: bytes, client: str | None) -> VerifiedKey | None:
+        # The token is taken before the read, so a flood from one address is refused without
+        # touching the database; a key that proves valid gives it back.
+        if self._failures is not None and client is not None:
+            wait = self._failures.acquire(client)
+            if wait > 0:
+                raise RateLimited(
+                    "too many failed authentications from this address", retry_after=wait
+                )
+        key = await self._read(digest, known=False)
+        if key is not None and self._failures is not None and client is not None:
+            self._failures.refund(client)
         return key
 
     def _current(self, entry: _Entry) -> bool:
@@ -100,32 +170,17 @@ class KeyCache:
             known_at = max(known_at, self._last_poll_started)
         return clock - known_at < self._ttl
 
-    async def _refresh(self, digest: bytes, plaintext: str, now: datetime) -> VerifiedKey | None:
-        # One query per key however many requests miss at once (a cold start under load).
-        pending = self._pending.get(digest)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[VerifiedKey | None] = asyncio.get_running_loop().create_future()
-        self._pending[digest] = future
+    async def _read(self, digest: bytes, *, known: bool) -> VerifiedKey | None:
         read_at = self._clock()
-        try:
-            key = await self._verify(plaintext, now)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here, so a failure nobody awaited is not logged
-            raise
-        finally:
-            del self._pending[digest]
-        future.set_result(key)
-        if len(self._entries) >= MAX_ENTRIES:
-            self._evict()
-        self._entries[digest] = _Entry(key, read_at, self._clock())
+        key = await self._lookups.lookup(digest, known=known)
+        entry = _Entry(key, read_at, self._clock())
+        if key is None:
+            self._verified.pop(digest)
+            self._unknown.put(digest, entry)
+        else:
+            self._unknown.pop(digest)
+            self._verified.put(digest, entry)
         return key
-
-    def _evict(self) -> None:
-        self._entries = {d: e for d, e in self._entries.items() if self._current(e)}
-        if len(self._entries) >= MAX_ENTRIES:
-            self._entries.clear()
 
     async def poll(self) -> int:
         """Drop the keys changed since the last poll; how many cached ones were dropped."""
@@ -135,8 +190,9 @@ class KeyCache:
         changes = await self._changes(since)
         dropped = 0
         for key_hash in changes.key_hashes:
-            if self._entries.pop(key_hash, None) is not None:
+            if self._verified.pop(key_hash) is not None:
                 dropped += 1
+            self._unknown.pop(key_hash)
         self._mark = changes.as_of
         self._last_poll_started = started
         return dropped
@@ -157,38 +213,46 @@ class KeyCache:
 
 
 class ProjectCache:
-    """Which organization each project belongs to, and whether it is archived, fresh for `ttl`."""
+    """Which organization each project belongs to, and whether it is archived, fresh for `ttl`
+    (a deleted or archived project is refused within it). Unknown ids are remembered too, in a
+    least-recently-used map of their own, so made-up ids never push real projects out."""
 
     def __init__(
         self,
         fetch: Callable[[set[uuid.UUID]], Awaitable[dict[uuid.UUID, ProjectInfo]]],
         *,
         ttl: float,
+        max_entries: int = MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
         self._ttl = ttl
         self._clock = clock
-        self._entries: dict[uuid.UUID, tuple[float, ProjectInfo | None]] = {}
+        self._known: RecentlyUsed[uuid.UUID, tuple[float, ProjectInfo]] = RecentlyUsed(max_entries)
+        self._unknown: RecentlyUsed[uuid.UUID, float] = RecentlyUsed(max_entries)
 
     async def get_many(self, project_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ProjectInfo]:
         now = self._clock()
         found: dict[uuid.UUID, ProjectInfo] = {}
         missing: set[uuid.UUID] = set()
         for project_id in project_ids:
-            entry = self._entries.get(project_id)
-            if entry is None or now - entry[0] >= self._ttl:
+            known = self._known.get(project_id)
+            if known is not None and now - known[0] < self._ttl:
+                found[project_id] = known[1]
+                continue
+            unknown_at = self._unknown.get(project_id)
+            if unknown_at is None or now - unknown_at >= self._ttl:
                 missing.add(project_id)
-            elif entry[1] is not None:
-                found[project_id] = entry[1]
         if missing:
             fetched = await self._fetch(missing)
-            if len(self._entries) >= MAX_ENTRIES:
-                self._entries.clear()
             for project_id in missing:
                 info = fetched.get(project_id)
-                self._entries[project_id] = (now, info)
-                if info is not None:
+                if info is None:
+                    self._known.pop(project_id)
+                    self._unknown.put(project_id, now)
+                else:
+                    self._unknown.pop(project_id)
+                    self._known.put(project_id, (now, info))
                     found[project_id] = info
         return found
 

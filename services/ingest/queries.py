@@ -17,9 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from services.ingest.keycache import CHANGE_MARGIN, KeyChanges, ProjectInfo
-from shared.apikeys import VerifiedKey, record_key_usage, verify_api_key
+from shared.apikeys import VerifiedKey, find_unrevoked_keys, record_key_usage
 from shared.errors import DatabaseUnavailable
-from shared.models import ApiKey, Project
+from shared.models import ApiKey, ApiKeyDeletion, Project
 from shared.usage import Granularity, GroupBy, UsageRow, query_usage
 
 T = TypeVar("T")
@@ -46,13 +46,12 @@ class IngestQueries:
         except _UNAVAILABLE as exc:
             raise DatabaseUnavailable(f"database unavailable ({type(exc).__name__})") from None
 
-    async def verify_key(self, plaintext: str, now: datetime) -> VerifiedKey | None:
-        return await self._read(
-            lambda session: verify_api_key(session, plaintext, pepper=self._pepper, now=now)
-        )
+    async def find_keys(self, key_hashes: list[bytes]) -> dict[bytes, VerifiedKey]:
+        return await self._read(lambda session: find_unrevoked_keys(session, key_hashes))
 
     async def key_changes(self, since: datetime | None) -> KeyChanges:
-        """Keys revoked or otherwise changed since `since` (default: the last CHANGE_MARGIN).
+        """Keys revoked, otherwise changed or deleted since `since` (default: the last
+        CHANGE_MARGIN). Deleted keys leave no row to poll: their tombstones do.
 
         A key never changed since its creation (updated_at = created_at) is left out: nothing
         cached about it can be stale, and a freshly seeded key set is not re-read for nothing.
@@ -62,15 +61,15 @@ class IngestQueries:
             as_of = session.scalar(sa.select(sa.func.now()))
             assert as_of is not None
             lower = since or as_of - CHANGE_MARGIN
-            hashes = session.scalars(
-                sa.select(ApiKey.key_hash).where(
-                    sa.or_(
-                        sa.and_(ApiKey.updated_at >= lower, ApiKey.updated_at > ApiKey.created_at),
-                        ApiKey.revoked_at >= lower,
-                    )
+            changed = sa.select(ApiKey.key_hash).where(
+                sa.or_(
+                    sa.and_(ApiKey.updated_at >= lower, ApiKey.updated_at > ApiKey.created_at),
+                    ApiKey.revoked_at >= lower,
                 )
             )
-            return KeyChanges(list(hashes), as_of)
+            deleted = sa.select(ApiKeyDeletion.key_hash).where(ApiKeyDeletion.deleted_at >= lower)
+            hashes = session.scalars(sa.union_all(changed, deleted))
+            return KeyChanges([bytes(h) for h in hashes], as_of)
 
         return await self._read(fetch)
 

@@ -318,11 +318,14 @@ class IngestService:
         self.usage_reader = usage
         self.clock = clock
 
-    async def authenticate(self, authorization: str | None) -> VerifiedKey:
-        """The verified key of a request, counted against its rate limit."""
+    async def authenticate(
+        self, authorization: str | None, client: str | None = None
+    ) -> VerifiedKey:
+        """The verified key of a request, counted against its rate limit. `client` is the
+        caller's address: failed authentications are limited per address (keycache.py)."""
         plaintext = parse_bearer(authorization)
         now = self.clock()
-        key = await self.keys.get(plaintext, now) if plaintext else None
+        key = await self.keys.get(plaintext, now, client) if plaintext else None
         if key is None:
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         self.tally.record(key.id, now)

@@ -10,7 +10,7 @@ from shared.models.billing import (
     StripeWebhookEvent,
 )
 from shared.models.identity import Account, Session, User, VerificationToken
-from shared.models.keys import ApiKey
+from shared.models.keys import ApiKey, ApiKeyDeletion
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
 from shared.models.plans import BillingInterval, Plan, Subscription, SubscriptionStatus
 from shared.models.tenancy import MANAGER_ROLES, Organization, OrganizationMember, Project, Role
@@ -22,6 +22,7 @@ __all__ = [
     "USAGE_RECORD_KEY",
     "Account",
     "ApiKey",
+    "ApiKeyDeletion",
     "Base",
     "BillingInterval",
     "BillingRun",

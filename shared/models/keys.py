@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, LargeBinary, String
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, LargeBinary, String, func
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -39,3 +39,15 @@ class ApiKey(IdMixin, TimestampMixin, Base):
     usage_count: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
     expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class ApiKeyDeletion(Base):
+    """A tombstone per deleted key (written by a trigger on api_keys, cascades included): a
+    deleted row leaves nothing for ingest's change poll to see, its tombstone does. Kept a day."""
+
+    __tablename__ = "api_key_deletions"
+
+    key_hash: Mapped[bytes] = mapped_column(LargeBinary(32), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), index=True
+    )

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import httpx
 import pytest
+import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared.apikeys import revoke_api_key
 from shared.db import unit_of_work
 from shared.events import MAX_BODY_BYTES
+from shared.models import ApiKey, Organization, Project, Role, User
+from shared.organizations import delete_organization
 from shared.settings import Settings
 from shared.usage import UsageDelta, record_usage
+from tests import factories
 from tests.ingest_support import (
     IngestServer,
     Tenant,
@@ -209,6 +213,83 @@ def test_revoked_key_is_refused_within_bound(
     # The bound, plus the time a request and the cache's database read take.
     assert refused_after <= REVOCATION_BOUND_SECONDS + 0.5
     assert {s for _, s in statuses[:-1]} <= {202}
+
+
+def _refused_after(client: httpx.Client, post: Callable[[], httpx.Response], refused: int) -> float:
+    """Seconds from now until `post` is answered `refused`; every answer before it is 202."""
+    started = time.monotonic()
+    while time.monotonic() - started < REVOCATION_BOUND_SECONDS + 5:
+        response = post()
+        if response.status_code == refused:
+            return time.monotonic() - started
+        assert response.status_code == 202, response.text
+        time.sleep(0.05)
+    raise AssertionError(f"still not {refused} after {REVOCATION_BOUND_SECONDS + 5}s")
+
+
+def _post_as(client: httpx.Client, key: str, **fields: object) -> Callable[[], httpx.Response]:
+    return lambda: client.post("/v1/events", json=event(**fields), headers=bearer(key))
+
+
+def test_key_of_a_deleted_organization_is_refused_within_bound(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    post = _post_as(client, tenant.key)
+    assert post().status_code == 202
+    with unit_of_work(engine) as session:
+        delete_organization(session, tenant.organization_id, actor_id=None)
+
+    # The bound, plus the time a request and the cache's database read take.
+    assert _refused_after(client, post, 401) <= REVOCATION_BOUND_SECONDS + 0.5
+
+
+def test_deleted_key_is_refused_within_bound(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    post = _post_as(client, tenant.key)
+    assert post().status_code == 202
+    with unit_of_work(engine) as session:
+        session.delete(session.get(ApiKey, tenant.key_id))
+
+    assert _refused_after(client, post, 401) <= REVOCATION_BOUND_SECONDS + 0.5
+
+
+def test_deleted_project_and_its_key_are_refused_within_bound(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    scoped = _post_as(client, tenant.scoped_key)
+    into_project = _post_as(client, tenant.key, project_id=str(tenant.project_id))
+    assert (scoped().status_code, into_project().status_code) == (202, 202)
+    with unit_of_work(engine) as session:
+        session.delete(session.get(ApiKey, tenant.scoped_key_id))
+        session.flush()
+        session.delete(session.get(Project, tenant.project_id))
+
+    assert _refused_after(client, scoped, 401) <= REVOCATION_BOUND_SECONDS + 0.5
+    assert _refused_after(client, into_project, 403) <= REVOCATION_BOUND_SECONDS + 0.5
+
+
+def test_user_scoped_key_of_a_deleted_user_is_refused_within_bound(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    with unit_of_work(engine) as session:
+        organization = session.get(Organization, tenant.organization_id)
+        assert organization is not None
+        member = factories.add_member(session, organization, Role.MEMBER)
+        member_id = member.id
+        created = factories.make_api_key(session, organization, user=member)
+    post = _post_as(client, created.plaintext)
+    assert post().status_code == 202
+    with unit_of_work(engine) as session:
+        session.delete(session.get(User, member_id))
+
+    assert _refused_after(client, post, 401) <= REVOCATION_BOUND_SECONDS + 0.5
+    with engine.connect() as connection:
+        # Not an organization-wide key now that its user_id is NULL: revoked.
+        revoked = connection.execute(
+            sa.text("SELECT revoked_at FROM api_keys WHERE id = :id"), {"id": created.key.id}
+        ).scalar_one()
+    assert revoked is not None
 
 
 def test_project_of_another_organization_is_403(
