@@ -85,22 +85,20 @@ def verify_api_key(
     return key
 
 
+# Core text on the hot path of a flood of made-up keys: a third of the ORM select's CPU.
+_UNREVOKED_KEYS = sa.text(
+    "SELECT id, organization_id, project_id, user_id, expires_at, key_hash FROM api_keys"
+    " WHERE key_hash = ANY(CAST(:hashes AS bytea[])) AND revoked_at IS NULL"
+)
+
+
 def find_unrevoked_keys(session: Session, key_hashes: list[bytes]) -> dict[bytes, VerifiedKey]:
     """The unrevoked keys among these keyed hashes, in one query (ingest reads the misses of
     many concurrent requests at once). Expiry is the caller's: it compares expires_at with the
     time of each request."""
     if not key_hashes:
         return {}
-    rows = session.execute(
-        sa.select(
-            ApiKey.id,
-            ApiKey.organization_id,
-            ApiKey.project_id,
-            ApiKey.user_id,
-            ApiKey.expires_at,
-            ApiKey.key_hash,
-        ).where(ApiKey.key_hash.in_(key_hashes), ApiKey.revoked_at.is_(None))
-    )
+    rows = session.execute(_UNREVOKED_KEYS, {"hashes": key_hashes})
     presented = {key_hash: key_hash for key_hash in key_hashes}
     found = {}
     for row in rows:

@@ -24,8 +24,14 @@ def _b32(data: bytes) -> str:
     return base64.b32encode(data).decode().rstrip("=").lower()
 
 
+_B32 = "abcdefghijklmnopqrstuvwxyz234567"
+
+
 def _checksum(body: str) -> str:
-    return _b32(zlib.crc32(body.encode()).to_bytes(4, "big"))[:6]
+    # The first 6 base32 characters of the big-endian CRC-32 (its top 30 bits), computed
+    # without base64's machinery: every request's key is checked before anything else.
+    crc = zlib.crc32(body.encode())
+    return "".join(_B32[(crc >> shift) & 31] for shift in (27, 22, 17, 12, 7, 2))
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,7 +61,8 @@ def parse_prefix(plaintext: str) -> str | None:
 
 
 def hash_key(plaintext: str, pepper: bytes) -> bytes:
-    return hmac.new(pepper, plaintext.encode(), hashlib.sha256).digest()
+    # hmac.digest: the one-shot C path (a third of hmac.new's cost; every request pays it).
+    return hmac.digest(pepper, plaintext.encode(), hashlib.sha256)
 
 
 def hashes_match(stored: bytes, presented: bytes) -> bool:

@@ -5,19 +5,23 @@ Every error is rendered as {"error": {"code", "message", "details"}}; 429 and 50
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
 
+from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.ingest import metrics
 from services.ingest.openapi import openapi_document
 from services.ingest.publisher import RETRY_AFTER_SECONDS
 from services.ingest.schemas import Accepted, encoder
 from services.ingest.service import IngestService
+from shared.apikeys import VerifiedKey
 from shared.errors import (
     InvalidInput,
     MeterlineError,
@@ -40,6 +44,11 @@ def _service(request: Request) -> IngestService:
 
 
 def error_response(exc: MeterlineError) -> Response:
+    status, headers, body = _error_parts(exc)
+    return Response(body, status, headers, JSON)
+
+
+def _error_parts(exc: MeterlineError) -> tuple[int, dict[str, str], bytes]:
     headers = {}
     if isinstance(exc, RateLimited):
         headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
@@ -47,16 +56,26 @@ def error_response(exc: MeterlineError) -> Response:
         headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
     elif exc.status == 401:
         headers["WWW-Authenticate"] = "Bearer"
+    if exc.details is None:
+        return exc.status, headers, _rendered(exc.code, exc.message)
+    return exc.status, headers, _render(exc.to_dict())
+
+
+@functools.lru_cache(maxsize=256)
+def _rendered(code: str, message: str) -> bytes:
+    # The refusals a flood gets (401, 429) have a fixed text: rendered once, not per request.
+    return _render({"error": {"code": code, "message": message}})
+
+
+def _render(document: dict[str, Any]) -> bytes:
     # Error bodies may quote what the client sent (a field name, a value); a key pasted there by
     # mistake is not sent back.
-    document = exc.to_dict()
     try:
         encoded = encoder.encode(document)
     except UnicodeEncodeError:
         # A quoted field name held a lone surrogate, which UTF-8 cannot carry: escape it.
         encoded = encoder.encode(_escape_surrogates(document))
-    body = redact(encoded.decode()).encode()
-    return Response(body, exc.status, headers, JSON)
+    return redact(encoded.decode()).encode()
 
 
 def _escape_surrogates(value: Any) -> Any:
@@ -69,10 +88,81 @@ def _escape_surrogates(value: Any) -> Any:
     return value
 
 
-def _client(request: Request) -> str | None:
+# The routes that need a key, authenticated by `authenticate_first` before the framework runs.
+AUTHENTICATED = frozenset({("POST", "/v1/events"), ("GET", "/v1/usage")})
+_KEY = "meterline.key"
+
+
+def authenticate_first(app: Starlette) -> ASGIApp:
+    """The ASGI app uvicorn runs: requests to AUTHENTICATED routes are authenticated here,
+    before routing, middleware or a Request object, so that a made-up key (the bulk of a flood)
+    is refused in a few microseconds with a pre-rendered body. The verified key travels on in
+    the scope for the endpoint."""
+
+    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope["method"], scope["path"]) not in AUTHENTICATED:
+            await app(scope, receive, send)
+            return
+        service: IngestService = app.state.service
+        try:
+            scope[_KEY] = await service.authenticate(_authorization(scope), _client(scope))
+        except MeterlineError as exc:
+            if scope["path"] == "/v1/events":
+                metrics.REQUESTS.labels(str(exc.status)).inc()
+            await _send_error(exc, send)
+            return
+        except Exception as exc:
+            log_event(
+                logger, "request_failed", logging.ERROR, path=scope["path"], error=repr(exc)[:300]
+            )
+            await _send_error(MeterlineError("internal error"), send)
+            return
+        await app(scope, receive, send)
+
+    return asgi
+
+
+def _authorization(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _client(scope: Scope) -> str | None:
     # The peer address, or the one X-Forwarded-For names when the peer is a proxy uvicorn
     # trusts (FORWARDED_ALLOW_IPS): the unit failed authentications are limited by.
-    return request.client.host if request.client else None
+    client = scope.get("client")
+    return str(client[0]) if client else None
+
+
+async def _send_error(exc: MeterlineError, send: Send) -> None:
+    status, headers, body = _error_parts(exc)
+    await send({"type": "http.response.start", "status": status, "headers": _raw(headers, body)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _raw(headers: dict[str, str], body: bytes) -> list[tuple[bytes, bytes]]:
+    if len(headers) == 1:
+        [(name, value)] = headers.items()
+        return list(_raw_one(name, value, len(body)))
+    raw = [(b"content-type", JSON.encode()), (b"content-length", str(len(body)).encode())]
+    return raw + [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+
+@functools.lru_cache(maxsize=64)
+def _raw_one(name: str, value: str, length: int) -> tuple[tuple[bytes, bytes], ...]:
+    # A 401 or a 429 with Retry-After: a handful of distinct header sets, built once each.
+    return (
+        (b"content-type", JSON.encode()),
+        (b"content-length", str(length).encode()),
+        (name.lower().encode(), value.encode()),
+    )
+
+
+def _verified_key(request: Request) -> VerifiedKey:
+    key: VerifiedKey = request.scope[_KEY]
+    return key
 
 
 def _is_json(content_type: str | None) -> bool:
@@ -97,8 +187,8 @@ async def read_body(request: Request) -> bytes:
 
 async def post_events(request: Request) -> Response:
     service = _service(request)
+    key = _verified_key(request)
     try:
-        key = await service.authenticate(request.headers.get("authorization"), _client(request))
         if not _is_json(request.headers.get("content-type")):
             raise UnsupportedMediaType("send the events as application/json")
         accepted = await service.ingest(key, await read_body(request))
@@ -116,8 +206,8 @@ async def post_events(request: Request) -> Response:
 async def get_usage(request: Request) -> Response:
     service = _service(request)
     params = request.query_params
+    key = _verified_key(request)
     try:
-        key = await service.authenticate(request.headers.get("authorization"), _client(request))
         unknown = set(params) - USAGE_PARAMETERS
         if unknown:
             raise InvalidInput(f"unknown query parameter(s): {', '.join(sorted(unknown))}")

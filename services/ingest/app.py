@@ -10,13 +10,15 @@ import asyncio
 import contextlib
 import gc
 import logging
+import sys
 from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp
 
-from services.ingest.api import error_response, routes
+from services.ingest.api import authenticate_first, error_response, routes
 from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache
 from services.ingest.keylookup import KeyLookups
 from services.ingest.publisher import EventPublisher, KafkaPublisher
@@ -30,13 +32,15 @@ from shared.settings import Settings, get_settings
 
 logger = logging.getLogger("meterline.ingest")
 
+SWITCH_INTERVAL_SECONDS = 0.0005
+
 
 def create_app(
     settings: Settings | None = None,
     *,
     publisher: EventPublisher | None = None,
     configure_logs: bool = True,
-) -> Starlette:
+) -> ASGIApp:
     settings = settings or get_settings()
     pepper = settings.pepper_bytes()
     register_secret(pepper.decode())
@@ -86,6 +90,10 @@ def create_app(
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise rescan every module object and stall requests.
         gc.freeze()
+        # The producer's I/O thread needs the GIL to send and to settle acknowledgements; with
+        # the default 5 ms switch interval a busy event loop (a flood of refused requests) hands
+        # it over so rarely that every publish queues behind it.
+        sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
         log_event(logger, "ingest_started", topic=settings.events_topic)
         try:
             yield
@@ -104,8 +112,6 @@ def create_app(
         )
         return error_response(MeterlineError("internal error"))
 
-    return Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={Exception: unexpected},
+    return authenticate_first(
+        Starlette(routes=routes, lifespan=lifespan, exception_handlers={Exception: unexpected})
     )
