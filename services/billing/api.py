@@ -1,4 +1,5 @@
-"""HTTP adaptation of the Stripe webhook: verify the signature, hand the event to the service."""
+"""HTTP adaptation of the Stripe webhook: bound the body, verify the signature, hand the event to
+the service."""
 
 from __future__ import annotations
 
@@ -8,15 +9,20 @@ from collections.abc import Awaitable, Callable
 import stripe
 from sqlalchemy.engine import Engine
 from starlette.concurrency import run_in_threadpool
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from services.billing.webhooks import apply_stripe_event
+from shared.errors import PayloadTooLarge
+from shared.http_body import read_body
 from shared.logs import log_event
 
 logger = logging.getLogger("meterline.billing.webhook")
 # Stripe's own default: a signature older than five minutes is a replay, not a delivery.
 SIGNATURE_TOLERANCE_SECONDS = 300
+# Stripe's events are a few kilobytes; anything near this is not Stripe. Checked before the body
+# is read (and while it streams): the process also runs the billing scheduler.
+MAX_WEBHOOK_BYTES = 1024 * 1024
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -27,7 +33,13 @@ def webhook_endpoint(engine: Engine, secret: str) -> Callable[[Request], Awaitab
     async def receive(request: Request) -> JSONResponse:
         if not secret:
             return _error(503, "not_configured", "the webhook endpoint secret is not configured")
-        payload = await request.body()
+        try:
+            payload = await read_body(request, MAX_WEBHOOK_BYTES)
+        except PayloadTooLarge as exc:
+            log_event(logger, "stripe_webhook_rejected", reason="too_large")
+            return _error(413, exc.code, exc.message)
+        except ClientDisconnect:
+            return _error(400, "disconnected", "the body was not received")
         try:
             event = stripe.Webhook.construct_event(
                 payload,

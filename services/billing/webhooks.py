@@ -4,7 +4,8 @@ The processed-event row and the subscription change share one transaction: a rep
 finds its row and changes nothing; a failed one leaves no row and is processed when Stripe retries.
 Stripe does not deliver events in order: an event older (by its `created`) than the last one
 applied to the subscription is recorded as processed (`stale`) and changes nothing. Events
-created in the same second cannot be ordered; the later delivery wins.
+created in the same second cannot be ordered; the later delivery wins. An event that does not
+name exactly one of our subscriptions changes nothing and is recorded as `unmatched`.
 """
 
 from __future__ import annotations
@@ -73,13 +74,23 @@ def _ordering(created: datetime | None) -> dict[str, Any]:
     return {"stripe_event_created": created} if created is not None else {}
 
 
-def _find(connection: Connection, stripe_id: str | None, metadata: dict[str, Any]) -> Any:
-    ours = metadata.get("meterline_subscription_id")
-    condition = Subscription.stripe_subscription_id == stripe_id
-    if ours:
+def _find(connection: Connection, stripe_id: object, metadata: object) -> Any:
+    """The one subscription a Stripe object is about, or None: matched by its Stripe id, or by
+    the meterline_subscription_id we put in its metadata (before the two are linked).
+
+    Never a guess: an object with neither (an invoice without a subscription), no match, two
+    candidates, or our row already linked to another Stripe subscription is no match at all, so
+    an event can never change a subscription it is not about."""
+    conditions = []
+    if isinstance(stripe_id, str) and stripe_id:
+        conditions.append(Subscription.stripe_subscription_id == stripe_id)
+    ours = metadata.get("meterline_subscription_id") if isinstance(metadata, dict) else None
+    if isinstance(ours, str):
         with contextlib.suppress(ValueError):
-            condition = sa.or_(condition, Subscription.id == uuid.UUID(ours))
-    return connection.execute(
+            conditions.append(Subscription.id == uuid.UUID(ours))
+    if not conditions:
+        return None
+    found = connection.execute(
         sa.select(
             Subscription.id,
             Subscription.status,
@@ -88,10 +99,17 @@ def _find(connection: Connection, stripe_id: str | None, metadata: dict[str, Any
             Subscription.current_period_end,
             Subscription.billing_cycle_anchor,
             Subscription.stripe_event_created,
+            Subscription.stripe_subscription_id,
         )
-        .where(condition)
-        .limit(1)
-    ).one_or_none()
+        .where(sa.or_(*conditions))
+        .limit(2)
+    ).all()
+    if len(found) != 1:
+        return None
+    [row] = found
+    if row.stripe_subscription_id is not None and row.stripe_subscription_id != stripe_id:
+        return None
+    return row
 
 
 def _continues_our_grid(found: Any, start: datetime, end: datetime) -> bool:
@@ -105,9 +123,9 @@ def _continues_our_grid(found: Any, start: datetime, end: datetime) -> bool:
 def _apply_subscription(
     connection: Connection, kind: str, obj: dict[str, Any], created: datetime | None
 ) -> tuple[uuid.UUID | None, str]:
-    found = _find(connection, obj.get("id"), obj.get("metadata") or {})
+    found = _find(connection, obj.get("id"), obj.get("metadata"))
     if found is None:
-        return None, "unknown_subscription"
+        return None, "unmatched"
     if _stale(found, created):
         return found.id, "stale"
     theirs = subscription_from_stripe(obj)
@@ -144,17 +162,23 @@ def _apply_subscription(
 
 def _invoice_subscription(obj: dict[str, Any]) -> str | None:
     # Newer API versions put it under parent.subscription_details; older ones on the invoice.
-    parent = (obj.get("parent") or {}).get("subscription_details") or {}
-    found = parent.get("subscription") or obj.get("subscription")
-    return found if isinstance(found, str) else (found or {}).get("id")
+    # Either may be absent (a one-off invoice), an id, or an expanded object.
+    parent = obj.get("parent")
+    details = parent.get("subscription_details") if isinstance(parent, dict) else None
+    found = (details.get("subscription") if isinstance(details, dict) else None) or obj.get(
+        "subscription"
+    )
+    if isinstance(found, dict):
+        found = found.get("id")
+    return found if isinstance(found, str) and found else None
 
 
 def _apply_invoice(
     connection: Connection, kind: str, obj: dict[str, Any], created: datetime | None
 ) -> tuple[uuid.UUID | None, str]:
-    found = _find(connection, _invoice_subscription(obj), {})
+    found = _find(connection, _invoice_subscription(obj), None)
     if found is None:
-        return None, "unknown_subscription"
+        return None, "unmatched"
     if _stale(found, created):
         return found.id, "stale"
     status = str(found.status)

@@ -25,11 +25,11 @@ from shared.apikeys import VerifiedKey
 from shared.errors import (
     InvalidInput,
     MeterlineError,
-    PayloadTooLarge,
     RateLimited,
     UnsupportedMediaType,
 )
 from shared.events import MAX_BODY_BYTES, parse_timestamp
+from shared.http_body import read_body
 from shared.logs import log_event, redact
 
 logger = logging.getLogger("meterline.ingest")
@@ -170,28 +170,13 @@ def _is_json(content_type: str | None) -> bool:
     return media == JSON or (media.startswith("application/") and media.endswith("+json"))
 
 
-async def read_body(request: Request) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed the limit."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
-    chunks = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise PayloadTooLarge(f"body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def post_events(request: Request) -> Response:
     service = _service(request)
     key = _verified_key(request)
     try:
         if not _is_json(request.headers.get("content-type")):
             raise UnsupportedMediaType("send the events as application/json")
-        accepted = await service.ingest(key, await read_body(request))
+        accepted = await service.ingest(key, await read_body(request, MAX_BODY_BYTES))
     except ClientDisconnect:
         # The client left mid-body: nothing was published, and nobody is there to answer.
         metrics.REQUESTS.labels("499").inc()

@@ -19,7 +19,12 @@ from starlette.testclient import TestClient
 
 from services.billing.app import build_app
 from shared.db import unit_of_work
-from shared.models import ReconciliationMismatch, Subscription
+from shared.models import (
+    ReconciliationMismatch,
+    StripeWebhookEvent,
+    Subscription,
+    SubscriptionStatus,
+)
 from shared.settings import Settings
 from tests import factories
 
@@ -257,3 +262,123 @@ def test_a_stripe_period_off_our_anchor_grid_is_a_mismatch_not_a_move(
             )
         ).all()
     assert found == [("period_differs", "2026-12-15T00:00:00+00:00/2027-01-15T00:00:00+00:00")]
+
+
+def everyone(engine: Engine) -> dict[Any, tuple[Any, ...]]:
+    """Every subscription of the database (other tests' too), as a signed event could reach it."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            sa.select(Subscription.id, Subscription.status, Subscription.updated_at)
+        )
+        return {row.id: tuple(row) for row in rows}
+
+
+def recorded_outcome(engine: Engine, event_id: str) -> str:
+    with engine.connect() as connection:
+        return str(
+            connection.execute(
+                sa.select(StripeWebhookEvent.outcome).where(
+                    StripeWebhookEvent.stripe_event_id == event_id
+                )
+            ).scalar_one()
+        )
+
+
+def event(kind: str, obj: dict[str, Any]) -> tuple[str, bytes]:
+    event_id = f"evt_{secrets.token_hex(8)}"
+    payload = {"id": event_id, "object": "event", "type": kind, "data": {"object": obj}}
+    return event_id, json.dumps(payload).encode()
+
+
+@pytest.mark.parametrize(
+    ("kind", "status"),
+    [("invoice.paid", "past_due"), ("invoice.payment_failed", "active")],
+)
+def test_an_invoice_without_a_subscription_changes_nothing_and_is_recorded_unmatched(
+    client: TestClient, engine: Engine, settings: Settings, kind: str, status: str
+) -> None:
+    # Subscriptions not yet linked to Stripe, in the state the event would move them out of.
+    with unit_of_work(engine) as session:
+        for _ in range(2):
+            factories.make_subscription(
+                session,
+                factories.make_organization(session),
+                factories.make_plan(session),
+                status=SubscriptionStatus(status),
+            )
+    before = everyone(engine)
+    event_id, payload = event(kind, {"id": "in_one_off", "object": "invoice", "parent": None})
+
+    response = post(
+        client, payload, sign(payload, settings.stripe_webhook_secret.get_secret_value())
+    )
+
+    assert response.status_code == 200
+    assert response.json()["outcome"] == "unmatched"
+    assert everyone(engine) == before
+    assert recorded_outcome(engine, event_id) == "unmatched"
+
+
+def test_an_event_naming_two_of_our_subscriptions_changes_nothing(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    linked_id, stripe_id = seeded_subscription(engine)
+    with unit_of_work(engine) as session:
+        other = factories.make_subscription(
+            session, factories.make_organization(session), factories.make_plan(session)
+        )
+        other_id = other.id
+    before = everyone(engine)
+    body = json.loads(subscription_event(stripe_id, "canceled"))
+    body["data"]["object"]["metadata"] = {"meterline_subscription_id": str(other_id)}
+    payload = json.dumps(body).encode()
+
+    response = post(
+        client, payload, sign(payload, settings.stripe_webhook_secret.get_secret_value())
+    )
+
+    assert response.json()["outcome"] == "unmatched"
+    assert everyone(engine) == before
+    assert {linked_id, other_id} <= before.keys()
+
+
+def test_an_event_for_another_stripe_subscription_does_not_take_over_a_linked_one(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    linked_id, _ = seeded_subscription(engine)
+    before = everyone(engine)
+    body = json.loads(subscription_event(f"sub_{secrets.token_hex(6)}", "canceled"))
+    body["data"]["object"]["metadata"] = {"meterline_subscription_id": str(linked_id)}
+    payload = json.dumps(body).encode()
+
+    response = post(
+        client, payload, sign(payload, settings.stripe_webhook_secret.get_secret_value())
+    )
+
+    assert response.json()["outcome"] == "unmatched"
+    assert everyone(engine) == before
+
+
+def test_an_unlinked_subscription_is_linked_by_the_id_in_its_metadata(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    with unit_of_work(engine) as session:
+        unlinked = factories.make_subscription(
+            session, factories.make_organization(session), factories.make_plan(session)
+        )
+        unlinked_id = unlinked.id
+    stripe_id = f"sub_{secrets.token_hex(6)}"
+    body = json.loads(subscription_event(stripe_id, "active"))
+    body["data"]["object"]["metadata"] = {"meterline_subscription_id": str(unlinked_id)}
+    payload = json.dumps(body).encode()
+
+    response = post(
+        client, payload, sign(payload, settings.stripe_webhook_secret.get_secret_value())
+    )
+
+    assert response.json()["outcome"] == "subscription_updated"
+    with engine.connect() as connection:
+        linked = connection.execute(
+            sa.select(Subscription.stripe_subscription_id).where(Subscription.id == unlinked_id)
+        ).scalar_one()
+    assert linked == stripe_id
