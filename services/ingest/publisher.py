@@ -6,6 +6,14 @@ raises BrokerUnavailable (503 with Retry-After). A message answered 503 may stil
 later (the producer keeps retrying until its delivery timeout); the client's retry carries the same
 event ids and the aggregator's ledger counts each id once.
 
+Never on the event loop: kafka-python's send() may block (waiting up to max_block_ms for a topic's
+metadata, or for its I/O thread to take a wakeup when that thread is stuck), so one thread of the
+publisher's own makes every send() call, in arrival order, and a request only awaits its future.
+A request whose deadline passed while it waited for that thread is not sent at all (it was
+already answered 503). Memory is bounded too: kafka-python 3 buffers without limit, so once
+MAX_PENDING_BYTES of values wait for acknowledgement (a broker outage under load) requests get
+503 at once.
+
 Recovery: kafka-python's producer can wedge after a broker restart under load (its I/O thread
 stops sending, every future times out). So when nothing has been acknowledged for RESET_AFTER
 seconds while the broker accepts connections, the producer is thrown away and a new one made.
@@ -14,10 +22,12 @@ seconds while the broker accepts connections, the producer is thrown away and a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +40,8 @@ logger = logging.getLogger("meterline.ingest")
 
 RETRY_AFTER_SECONDS = 2
 RESET_AFTER = 10.0
+# What kafka-python 2's buffer_memory bounded by default; per worker process.
+MAX_PENDING_BYTES = 32 * 1024 * 1024
 
 
 class EventPublisher(Protocol):
@@ -109,6 +121,72 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True, slots=True)
+class _SendJob:
+    """One request's values, for the send thread to hand to `producer`."""
+
+    producer: Any
+    topic: str
+    key: bytes
+    values: Sequence[bytes]
+    timestamp_ms: int
+    deadline: float  # time.monotonic() after which nobody waits for it
+    done: Callable[[BaseException | None], None]  # called once, from any thread
+    released: Callable[[int], None]  # each value's size, once kafka-python lets it go
+
+
+class _SendThread:
+    """The one caller of producer.send(), so that whatever it blocks on never blocks the loop."""
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[_SendJob | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="meterline-send", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _SendJob) -> None:
+        self._jobs.put(job)
+
+    def stop(self) -> None:
+        self._jobs.put(None)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            _send(job)
+
+
+def _send(job: _SendJob) -> None:
+    if time.monotonic() >= job.deadline:
+        # Answered 503 while it waited here: sending it now would only hold memory.
+        for value in job.values:
+            job.released(len(value))
+        job.done(TimeoutError("not sent before the publish timeout"))
+        return
+    remaining = [len(job.values)]
+    lock = threading.Lock()
+
+    def settled(size: int, error: BaseException | None) -> None:
+        job.released(size)
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if error is not None or last:
+            job.done(error)
+
+    for index, value in enumerate(job.values):
+        try:
+            pending = job.producer.send(
+                job.topic, value=value, key=job.key, timestamp_ms=job.timestamp_ms
+            )
+        except Exception as exc:
+            for unsent in job.values[index:]:
+                job.released(len(unsent))
+            job.done(exc)
+            return
+        size = len(value)
+        pending.add_callback(lambda _metadata, size=size: settled(size, None))
+        pending.add_errback(lambda error, size=size: settled(size, error))
+
+
 class KafkaPublisher:
     """kafka-python's producer (acks=all, idempotent), its futures bridged to asyncio."""
 
@@ -118,11 +196,12 @@ class KafkaPublisher:
             _host_port(server) for server in settings.kafka_bootstrap_servers.split(",")
         ]
         self._producer: Any = None
-        self._known_topics: set[str] = set()
         self._topics: list[str] = []
         self._last_success = time.monotonic()
         self._resetting = False
         self._background: set[asyncio.Task[None]] = set()
+        self._sends = _SendThread()
+        self._pending_bytes = 0  # touched on the loop's thread only
 
     async def connect(self, topics: Sequence[str], *, retry_seconds: float = 1.0) -> None:
         """Create the topics if absent, then the producer, retrying until the broker answers.
@@ -139,7 +218,6 @@ class KafkaPublisher:
                 producer = await asyncio.to_thread(KafkaProducer, **producer_config(self._settings))
                 for topic in topics:
                     await asyncio.to_thread(producer.partitions_for, topic)
-                    self._known_topics.add(topic)
             except Exception as exc:
                 log_event(logger, "broker_connect_failed", logging.WARNING, error=str(exc)[:200])
                 await asyncio.sleep(retry_seconds)
@@ -160,40 +238,32 @@ class KafkaPublisher:
     ) -> None:
         if self._producer is None:
             raise self._unavailable(ConnectionError("not connected to the broker yet"))
-        deadline = time.monotonic() + wait_seconds
+        size = sum(len(value) for value in values)
+        if self._pending_bytes + size > MAX_PENDING_BYTES:
+            raise self._unavailable(BufferError("too much is waiting for the broker already"))
         loop = asyncio.get_running_loop()
-        futures = []
-        for value in values:
-            try:
-                if topic in self._known_topics:
-                    pending = self._producer.send(
-                        topic, value=value, key=key, timestamp_ms=timestamp_ms
-                    )
-                else:
-                    # Until the topic's metadata is known, send() may block for it: not here.
-                    pending = await asyncio.wait_for(
-                        asyncio.to_thread(
-                            self._producer.send,
-                            topic,
-                            value=value,
-                            key=key,
-                            timestamp_ms=timestamp_ms,
-                        ),
-                        max(0.001, deadline - time.monotonic()),
-                    )
-                    self._known_topics.add(topic)
-            except Exception as exc:
-                await self._maybe_reset()
-                raise self._unavailable(exc) from None
-            futures.append(_bridge(pending, loop))
+        acknowledged: asyncio.Future[None] = loop.create_future()
+
+        def done(error: BaseException | None) -> None:
+            _on_loop(loop, _settle, acknowledged, error)
+
+        def released(value_size: int) -> None:
+            _on_loop(loop, self._release, value_size)
+
+        self._pending_bytes += size
+        deadline = time.monotonic() + wait_seconds
+        self._sends.submit(
+            _SendJob(self._producer, topic, key, values, timestamp_ms, deadline, done, released)
+        )
         try:
-            await asyncio.wait_for(
-                asyncio.gather(*futures), max(0.001, deadline - time.monotonic())
-            )
+            await asyncio.wait_for(acknowledged, max(0.001, deadline - time.monotonic()))
         except Exception as exc:
             await self._maybe_reset()
             raise self._unavailable(exc) from None
         self._last_success = time.monotonic()
+
+    def _release(self, size: int) -> None:
+        self._pending_bytes -= size
 
     async def _maybe_reset(self) -> None:
         """Replace a producer that acknowledged nothing for RESET_AFTER seconds while the broker
@@ -240,6 +310,7 @@ class KafkaPublisher:
     async def close(self) -> None:
         for task in self._background:
             task.cancel()
+        self._sends.stop()
         if self._producer is not None:
             await asyncio.to_thread(_close_quietly, self._producer, 5)
 
@@ -251,21 +322,20 @@ def _close_quietly(producer: Any, timeout: float) -> None:
         log_event(logger, "producer_close_failed", logging.WARNING, error=str(exc)[:200])
 
 
-def _bridge(pending: Any, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Any]:
-    """An asyncio future settled (on the loop's thread) when the producer's future settles."""
-    future: asyncio.Future[Any] = loop.create_future()
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """Run `callback` on the loop's thread; nothing if the loop is gone (nobody is waiting)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
 
-    def settle(result: Any, error: BaseException | None) -> None:
-        if future.done():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
 
-    pending.add_callback(lambda metadata: loop.call_soon_threadsafe(settle, metadata, None))
-    pending.add_errback(lambda error: loop.call_soon_threadsafe(settle, None, error))
-    return future
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    """On the loop's thread: the request's future, unless it already gave up waiting."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(None)
 
 
 def _host_port(server: str) -> tuple[str, int]:
