@@ -14,6 +14,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from shared.events import SUM_CONTEXT
+from shared.models import ApiKey
 
 GroupBy = Literal["project", "api_key", "metric"]
 Granularity = Literal["hour", "day"]
@@ -173,6 +174,16 @@ def delete_usage(connection: Connection | Session, windows: Sequence[UsageWindow
     return int(getattr(result, "rowcount", 0) or 0)
 
 
+@dataclass(frozen=True, slots=True)
+class UsageScope:
+    """Which of an organization's usage a reader may see: all of it, or only one project's, or
+    only what one member's own (user-scoped) keys recorded; both limits may apply at once."""
+
+    organization_id: uuid.UUID
+    project_id: uuid.UUID | None = None
+    keys_of_user: uuid.UUID | None = None
+
+
 def query_usage(
     connection: Connection | Session,
     organization_id: uuid.UUID,
@@ -182,8 +193,11 @@ def query_usage(
     metric: str | None = None,
     group_by: GroupBy | None = None,
     granularity: Granularity = "hour",
+    project_id: uuid.UUID | None = None,
+    keys_of_user: uuid.UUID | None = None,
 ) -> list[UsageRow]:
-    """Totals of one organization in [start, end), bucketed by hour or day.
+    """Totals of one organization in [start, end), bucketed by hour or day; only `project_id`'s
+    and only the usage of `keys_of_user`'s keys when those are given (a UsageScope).
 
     Rows are ordered by start then metric and always split by metric; `group_by` adds the
     project or the key (grouping by metric alone is the default)."""
@@ -224,6 +238,13 @@ def query_usage(
         query = query.group_by(records.c.api_key_id).order_by(records.c.api_key_id)
     if metric is not None:
         query = query.where(records.c.metric == metric)
+    if project_id is not None:
+        query = query.where(records.c.project_id == project_id)
+    if keys_of_user is not None:
+        users_keys = sa.select(ApiKey.id).where(
+            ApiKey.organization_id == organization_id, ApiKey.user_id == keys_of_user
+        )
+        query = query.where(records.c.api_key_id.in_(users_keys))
     return [
         UsageRow(
             start=row.start,

@@ -82,6 +82,7 @@ def create_app(
             tally=tally,
             publisher=chosen,
             usage=queries.usage,
+            member_role=queries.member_role,
         )
         background.append(asyncio.create_task(tally.run(settings.key_usage_flush_seconds)))
         background.append(asyncio.create_task(keys.run_polls()))

@@ -298,8 +298,12 @@ def _usage_operation() -> Schema:
     instant = {"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN}
     return {
         "summary": "Usage the key may see, from usage_records",
-        "description": "An organization key reads its organization; a project key its project. "
-        f"`from` must be before `to` and at most {days} days before it; without `to`, now; "
+        "description": "An organization key reads its organization's usage; a project-scoped key "
+        "only its project's; a user-scoped key what its member's role may see at the time of the "
+        "request: owners, admins and billing members the organization's, a plain member only what "
+        "its own user-scoped keys recorded (a key that is both keeps both limits). Rows outside "
+        "the scope are never returned, and grouping by project or api_key shows only ids inside "
+        f"it. `from` must be before `to` and at most {days} days before it; without `to`, now; "
         "without `from`, one day before `to`. Rows are ordered by start then metric.",
         "operationId": "getUsage",
         "parameters": [
@@ -324,6 +328,7 @@ def _usage_operation() -> Schema:
                 "content": {"application/json": {"schema": _ref("Usage")}},
             },
             "401": UNAUTHENTICATED,
+            "403": _error("a user-scoped key whose member has left the organization", "forbidden"),
             "422": _error(
                 f"a bad parameter, an unknown one, one given twice, `from` not before `to`, or "
                 f"a range over {days} days; details name each problem",

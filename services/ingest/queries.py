@@ -17,10 +17,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Session
 
 from services.ingest.keycache import CHANGE_MARGIN, KeyChanges, ProjectInfo
+from shared.access import member_role
 from shared.apikeys import VerifiedKey, find_unrevoked_keys, record_key_usage
 from shared.errors import DatabaseUnavailable
-from shared.models import ApiKey, ApiKeyDeletion, Project
-from shared.usage import Granularity, GroupBy, UsageRow, query_usage
+from shared.models import ApiKey, ApiKeyDeletion, Project, Role
+from shared.usage import Granularity, GroupBy, UsageRow, UsageScope, query_usage
 
 T = TypeVar("T")
 # A dead or restarting database, or a pool with no connection free in time (TimeoutError).
@@ -92,7 +93,7 @@ class IngestQueries:
 
     async def usage(
         self,
-        organization_id: uuid.UUID,
+        scope: UsageScope,
         *,
         start: datetime,
         end: datetime,
@@ -103,14 +104,19 @@ class IngestQueries:
         return await self._read(
             lambda session: query_usage(
                 session,
-                organization_id,
+                scope.organization_id,
                 start=start,
                 end=end,
                 metric=metric,
                 group_by=group_by,
                 granularity=granularity,
+                project_id=scope.project_id,
+                keys_of_user=scope.keys_of_user,
             )
         )
+
+    async def member_role(self, organization_id: uuid.UUID, user_id: uuid.UUID) -> Role | None:
+        return await self._read(lambda session: member_role(session, organization_id, user_id))
 
     async def ping(self) -> bool:
         try:

@@ -12,7 +12,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -48,8 +48,9 @@ from shared.events import (
     validate_event,
 )
 from shared.logs import log_event
+from shared.models import USAGE_READER_ROLES, Role
 from shared.settings import Settings
-from shared.usage import Granularity, GroupBy, UsageRow
+from shared.usage import Granularity, GroupBy, UsageRow, UsageScope
 
 logger = logging.getLogger("meterline.ingest")
 
@@ -272,7 +273,7 @@ def build_envelopes(
 class UsageReader(Protocol):
     async def __call__(
         self,
-        organization_id: uuid.UUID,
+        scope: UsageScope,
         *,
         start: datetime,
         end: datetime,
@@ -280,6 +281,25 @@ class UsageReader(Protocol):
         group_by: GroupBy | None,
         granularity: Granularity,
     ) -> list[UsageRow]: ...
+
+
+MemberRole = Callable[[uuid.UUID, uuid.UUID], Awaitable[Role | None]]
+
+
+def usage_scope(key: VerifiedKey, role: Role | None) -> UsageScope:
+    """What a key may read (DESIGN.md 4, README "Ingest API"): an organization key, its
+    organization; a project key, its project; a user key, what its member's role may see now:
+    owners, admins and billing the organization, a plain member only its own keys' usage. A
+    user key that is also project-scoped keeps both limits."""
+    if key.user_id is None:
+        return UsageScope(key.organization_id, project_id=key.project_id)
+    if role is None:
+        raise Forbidden("this key's user is no longer a member of the organization")
+    return UsageScope(
+        key.organization_id,
+        project_id=key.project_id,
+        keys_of_user=None if role in USAGE_READER_ROLES else key.user_id,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,6 +322,7 @@ class IngestService:
         tally: KeyUsageTally,
         publisher: EventPublisher,
         usage: UsageReader,
+        member_role: MemberRole,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.topic = settings.events_topic
@@ -316,6 +337,7 @@ class IngestService:
         self.tally = tally
         self.publisher = publisher
         self.usage_reader = usage
+        self.member_role = member_role
         self.clock = clock
 
     async def authenticate(
@@ -379,7 +401,7 @@ class IngestService:
         group_by: str | None,
         granularity: str,
     ) -> UsageOut:
-        """The key's organization's usage in [start, end) (default: the last 24 hours)."""
+        """The usage the key may see (usage_scope) in [start, end) (default: the last 24 hours)."""
         problems = []
         if group_by not in (None, "project", "api_key", "metric"):
             problems.append("group_by: one of project, api_key, metric")
@@ -398,8 +420,13 @@ class IngestService:
             problems.append(f"from/to: at most {MAX_USAGE_RANGE.days} days apart")
         if problems:
             raise InvalidInput("invalid usage query", details=problems)
+        role = (
+            None
+            if key.user_id is None
+            else await self.member_role(key.organization_id, key.user_id)
+        )
         rows = await self.usage_reader(
-            key.organization_id,
+            usage_scope(key, role),
             start=start,
             end=end,
             metric=metric,

@@ -13,12 +13,20 @@ from shared.models.identity import Account, Session, User, VerificationToken
 from shared.models.keys import ApiKey, ApiKeyDeletion
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
 from shared.models.plans import BillingInterval, Plan, Subscription, SubscriptionStatus
-from shared.models.tenancy import MANAGER_ROLES, Organization, OrganizationMember, Project, Role
+from shared.models.tenancy import (
+    MANAGER_ROLES,
+    USAGE_READER_ROLES,
+    Organization,
+    OrganizationMember,
+    Project,
+    Role,
+)
 from shared.models.usage import USAGE_RECORD_KEY, UsageDaily, UsageRecord
 
 __all__ = [
     "LEDGER_TABLE",
     "MANAGER_ROLES",
+    "USAGE_READER_ROLES",
     "USAGE_RECORD_KEY",
     "Account",
     "ApiKey",

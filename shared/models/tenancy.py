@@ -22,6 +22,10 @@ class Role(enum.StrEnum):
 #: Roles that may manage members and API keys.
 MANAGER_ROLES = frozenset({Role.OWNER, Role.ADMIN})
 
+#: Roles whose user-scoped keys read all of the organization's usage (billing answers for what
+#: the organization pays); a plain member's key reads only what that member's own keys recorded.
+USAGE_READER_ROLES = frozenset({Role.OWNER, Role.ADMIN, Role.BILLING})
+
 
 class Organization(IdMixin, TimestampMixin, Base):
     __tablename__ = "organizations"

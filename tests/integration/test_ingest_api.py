@@ -17,7 +17,7 @@ from shared.apikeys import revoke_api_key
 from shared.db import unit_of_work
 from shared.events import MAX_BODY_BYTES
 from shared.models import ApiKey, Organization, Project, Role, User
-from shared.organizations import delete_organization
+from shared.organizations import change_role, delete_organization
 from shared.settings import Settings
 from shared.usage import UsageDelta, record_usage
 from tests import factories
@@ -485,6 +485,107 @@ def test_usage_is_read_for_the_keys_own_organization_only(
     ]
     theirs = client.get("/v1/usage", params=params, headers=bearer(other.key)).json()["data"]
     assert [r["quantity"] for r in theirs] == ["100"]
+
+
+USAGE_HOUR = datetime(2026, 11, 20, 10, tzinfo=UTC)
+USAGE_RANGE = {
+    "from": rfc3339(USAGE_HOUR),
+    "to": rfc3339(USAGE_HOUR + timedelta(hours=1)),
+    "granularity": "hour",
+}
+
+
+def _record(engine: Engine, organization_id: uuid.UUID, rows: list[tuple[object, object, str]]):
+    """(project id, key id, quantity) windows at USAGE_HOUR."""
+    with unit_of_work(engine) as session:
+        record_usage(
+            session,
+            [
+                UsageDelta(
+                    organization_id, project, key, "api_calls", USAGE_HOUR, 3600, Decimal(q), 1
+                )
+                for project, key, q in rows
+            ],
+        )
+
+
+def _usage(client: httpx.Client, key: str, group_by: str) -> set[tuple[object, str]]:
+    response = client.get(
+        "/v1/usage", params={**USAGE_RANGE, "group_by": group_by}, headers=bearer(key)
+    )
+    assert response.status_code == 200, response.text
+    column = "project_id" if group_by == "project" else "api_key_id"
+    return {(row[column], row["quantity"]) for row in response.json()["data"]}
+
+
+def test_project_key_reads_only_its_own_projects_usage(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    with unit_of_work(engine) as session:
+        organization = session.get(Organization, tenant.organization_id)
+        assert organization is not None
+        other_project = factories.make_project(session, organization).id
+    _record(
+        engine,
+        tenant.organization_id,
+        [
+            (tenant.project_id, tenant.scoped_key_id, "1"),
+            (tenant.project_id, tenant.key_id, "2"),
+            (other_project, tenant.key_id, "4"),
+            (None, tenant.key_id, "8"),
+        ],
+    )
+    mine = str(tenant.project_id)
+
+    assert _usage(client, tenant.scoped_key, "project") == {(mine, "3")}
+    assert _usage(client, tenant.scoped_key, "api_key") == {
+        (str(tenant.scoped_key_id), "1"),
+        (str(tenant.key_id), "2"),
+    }
+    assert _usage(client, tenant.key, "project") == {
+        (mine, "3"),
+        (str(other_project), "4"),
+        (None, "8"),
+    }
+
+
+def test_user_keys_read_what_their_members_role_may_see(
+    client: httpx.Client, engine: Engine, tenant: Tenant
+) -> None:
+    with unit_of_work(engine) as session:
+        organization = session.get(Organization, tenant.organization_id)
+        assert organization is not None
+        member = factories.add_member(session, organization, Role.MEMBER)
+        billing = factories.add_member(session, organization, Role.BILLING)
+        member_key = factories.make_api_key(session, organization, user=member)
+        billing_key = factories.make_api_key(session, organization, user=billing)
+        billing_id = billing.id
+    _record(
+        engine,
+        tenant.organization_id,
+        [
+            (None, member_key.key.id, "1"),
+            (tenant.project_id, member_key.key.id, "2"),
+            (None, billing_key.key.id, "4"),
+            (None, tenant.key_id, "8"),
+        ],
+    )
+    everything = {
+        (str(member_key.key.id), "3"),
+        (str(billing_key.key.id), "4"),
+        (str(tenant.key_id), "8"),
+    }
+
+    # A plain member sees what its own keys recorded; billing (like owners and admins) sees all.
+    assert _usage(client, member_key.plaintext, "api_key") == {(str(member_key.key.id), "3")}
+    assert _usage(client, billing_key.plaintext, "api_key") == everything
+    assert _usage(client, tenant.key, "api_key") == everything
+    # The role is read at each request: demoted, the billing user sees only its own keys.
+    with unit_of_work(engine) as session:
+        change_role(
+            session, tenant.organization_id, actor_id=None, user_id=billing_id, role=Role.MEMBER
+        )
+    assert _usage(client, billing_key.plaintext, "api_key") == {(str(billing_key.key.id), "4")}
 
 
 def test_usage_with_bad_parameters_is_422(client: httpx.Client, tenant: Tenant) -> None:
