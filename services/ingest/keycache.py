@@ -35,7 +35,7 @@ from datetime import datetime, timedelta
 from typing import Generic, TypeVar
 
 from services.ingest.keylookup import KeyLookups
-from services.ingest.ratelimit import RateLimiter
+from services.ingest.ratelimit import RateLimiter, client_bucket
 from shared.apikeys import VerifiedKey
 from shared.errors import RateLimited
 from shared.keys import hash_key, parse_prefix
@@ -149,15 +149,16 @@ class KeyCache:
     async def _read_unknown(self, digest: bytes, client: str | None) -> VerifiedKey | None:
         # The token is taken before the read, so a flood from one address is refused without
         # touching the database; a key that proves valid gives it back.
-        if self._failures is not None and client is not None:
-            wait = self._failures.acquire(client)
+        bucket = client_bucket(client) if self._failures is not None and client else None
+        if self._failures is not None and bucket is not None:
+            wait = self._failures.acquire(bucket)
             if wait > 0:
                 raise RateLimited(
                     "too many failed authentications from this address", retry_after=wait
                 )
         key = await self._read(digest, known=False)
-        if key is not None and self._failures is not None and client is not None:
-            self._failures.refund(client)
+        if key is not None and self._failures is not None and bucket is not None:
+            self._failures.refund(bucket)
         return key
 
     def _current(self, entry: _Entry) -> bool:

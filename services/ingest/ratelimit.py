@@ -7,6 +7,7 @@ Ingest keeps two: requests per verified key, and failed authentications per clie
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
@@ -14,6 +15,17 @@ from typing import Generic, TypeVar
 MAX_BUCKETS = 100_000
 
 K = TypeVar("K", bound=Hashable)
+
+
+def client_bucket(address: str) -> str:
+    """The unit failed authentications are counted by: an IPv4 address, or an IPv6 /64 (one
+    host usually holds a whole /64, so counting single IPv6 addresses would count nothing)."""
+    if ":" not in address:
+        return address
+    try:
+        return str(ipaddress.IPv6Network(f"{address}/64", strict=False))
+    except ValueError:
+        return address
 
 
 class RateLimiter(Generic[K]):

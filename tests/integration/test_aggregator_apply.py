@@ -23,7 +23,7 @@ from services.aggregator.ledger_partitions import (
     prune_cutoff,
 )
 from services.aggregator.service import BatchApplier
-from shared.events import decode_envelope
+from shared.events import UsageEvent, decode_envelope
 from shared.settings import Settings
 from tests.aggregator_support import (
     envelope_bytes,
@@ -475,3 +475,23 @@ def test_events_the_database_refuses_are_dead_lettered_alone_and_the_rest_counts
     ]
     assert all("refuse_poison" in d.reason for d in result.dead_letters)
     assert totals(own_engine, org) == (Decimal(7), 4)
+
+
+def test_an_old_event_with_an_odd_property_counts_as_it_did(
+    engine: Engine, applier: BatchApplier
+) -> None:
+    """Properties are not stored, so an event accepted before ingest checked them was counted
+    then and counts the same when read again (a replay must not lose it)."""
+    tenant = make_tenant(engine)
+    odd = UsageEvent(
+        id="odd-property",
+        metric="api_calls",
+        quantity=Decimal(2),
+        timestamp=NOW,
+        properties={"re\x00gion": "e\x00u"},
+    )
+
+    result = applier.apply([record(envelope_bytes(tenant.organization_id, [odd]))])
+
+    assert (result.counted, result.dead_letters) == (1, [])
+    assert totals(engine, tenant.organization_id) == (Decimal(2), 1)

@@ -309,3 +309,20 @@ def test_rate_limiter_allows_the_burst_then_asks_to_wait() -> None:
     clock.now = 0.1
     assert limiter.acquire(key_id) == 0.0
     assert limiter.acquire(uuid.uuid4()) == 0.0  # other keys have their own bucket
+
+
+def test_failed_authentications_of_one_ipv6_host_share_its_64() -> None:
+    clock = FakeClock()
+    database = Database()
+    failures: RateLimiter[str] = RateLimiter(rate=1, burst=2, clock=clock)
+
+    async def scenario() -> None:
+        keys = cache(database, clock, failures=failures)
+        strangers = made_up_keys(3)
+        assert await keys.get(strangers[0], NOW, "2001:db8:1:2::1") is None
+        assert await keys.get(strangers[1], NOW, "2001:db8:1:2:ffff::9") is None
+        with pytest.raises(RateLimited):
+            await keys.get(strangers[2], NOW, "2001:db8:1:2:aaaa:bbbb:cccc:dddd")
+        assert await keys.get(strangers[2], NOW, "2001:db8:1:3::1") is None  # another /64
+
+    asyncio.run(scenario())
