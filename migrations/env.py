@@ -54,7 +54,8 @@ def _run(connection) -> None:  # type: ignore[no-untyped-def]
     # The schema needs PostgreSQL 15 (NULLS NOT DISTINCT): refuse an older server before any DDL.
     require_postgres_version(connection)
     # Fail fast rather than queue behind a long transaction of the running services.
-    connection.execute(text("SET lock_timeout = '10s'"))
+    lock_timeout = int(config.attributes.get("lock_timeout_seconds", 10))
+    connection.execute(text(f"SET lock_timeout = '{lock_timeout}s'"))
     connection.execute(text("SET statement_timeout = '5min'"))
     connection.commit()
     context.configure(

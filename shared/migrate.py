@@ -10,16 +10,30 @@ from alembic.config import Config
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
-def alembic_config(database_url: str) -> Config:
+DEFAULT_LOCK_TIMEOUT_SECONDS = 10
+
+
+def alembic_config(
+    database_url: str, *, lock_timeout_seconds: int = DEFAULT_LOCK_TIMEOUT_SECONDS
+) -> Config:
     config = Config(str(MIGRATIONS / "alembic.ini"))
+    # How long a migration waits for a lock the running services hold before it gives up.
+    config.attributes["lock_timeout_seconds"] = lock_timeout_seconds
     config.set_main_option("script_location", str(MIGRATIONS))
     # ConfigParser interpolation: a literal % in a password must be doubled.
     config.set_main_option("sqlalchemy.url", database_url.replace("%", "%%"))
     return config
 
 
-def upgrade(database_url: str, revision: str = "head") -> None:
-    command.upgrade(alembic_config(database_url), revision)
+def upgrade(
+    database_url: str,
+    revision: str = "head",
+    *,
+    lock_timeout_seconds: int = DEFAULT_LOCK_TIMEOUT_SECONDS,
+) -> None:
+    command.upgrade(
+        alembic_config(database_url, lock_timeout_seconds=lock_timeout_seconds), revision
+    )
 
 
 def downgrade(database_url: str, revision: str) -> None:

@@ -18,13 +18,24 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of 
 @app.command()
 def upgrade(
     revision: Annotated[str, typer.Argument(help="Target revision.")] = "head",
+    lock_timeout: Annotated[
+        int,
+        typer.Option(
+            "--lock-timeout",
+            min=1,
+            help="Seconds a migration waits for a lock the running services hold before it"
+            " gives up (it can then be run again).",
+        ),
+    ] = 10,
 ) -> None:
     """Migrate the database up to REVISION (default: the newest)."""
     from shared import migrate
 
     with cli_errors():
         context.engine()
-        migrate.upgrade(context.settings().database_url, revision)
+        migrate.upgrade(
+            context.settings().database_url, revision, lock_timeout_seconds=lock_timeout
+        )
         typer.echo(f"database at {migrate.current(context.settings().database_url)}")
 
 

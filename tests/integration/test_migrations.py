@@ -220,7 +220,7 @@ def _migrate_while_writing(
     migration = threading.Thread(target=run)
     migration.start()
     waited_for = ""
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 100
     with engine.connect() as watcher:
         while not waited_for and time.monotonic() < deadline and migration.is_alive():
             waited_for = (
