@@ -7,6 +7,14 @@ Envelope versions the aggregator reads:
       carrying every event of one accepted request (they share an organization). Each event has
       id, metric, quantity (decimal string), timestamp (RFC 3339), project_id (resolved by
       ingest: the event's own, else the key's project, else null) and properties.
+  v2  v1, and an event whose timestamp ingest filled in (the client sent none) carries
+      "timestamp_defaulted": true. Absent (always so in v1) means the client sent the timestamp.
+      Fields at their defaults (null project, no properties, false) are left out.
+
+The identity rule (README "Identity"): an event is (organization, id). Two versions of one id are
+the same event when the client sent the same metric, quantity and project, and, if both carry a
+timestamp the client sent, the same timestamp. A timestamp ingest filled in never makes a conflict.
+Properties are not part of the identity.
 """
 
 from __future__ import annotations
@@ -21,7 +29,9 @@ from typing import Any
 
 import msgspec
 
-ENVELOPE_VERSION = 1
+ENVELOPE_VERSION = 2
+#: Every version the aggregator and replay read (v1: written before timestamp_defaulted existed).
+READABLE_VERSIONS = frozenset({1, 2})
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_BODY_BYTES = 1024 * 1024
 MAX_QUANTITY = Decimal("1e12")
@@ -79,7 +89,7 @@ def unstorable_text(value: str) -> str | None:
     return None
 
 
-class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
+class UsageEvent(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One validated event, as it travels inside an envelope."""
 
     id: str
@@ -88,6 +98,9 @@ class UsageEvent(msgspec.Struct, frozen=True, kw_only=True):
     timestamp: datetime
     project_id: uuid.UUID | None = None
     properties: dict[str, str] = msgspec.field(default_factory=dict)
+    # True when the client sent no timestamp and `timestamp` is the time ingest received it:
+    # such a timestamp is not part of what the client sent, so it never makes a conflict.
+    timestamp_defaulted: bool = False
 
 
 class Envelope(msgspec.Struct, frozen=True, kw_only=True):
@@ -118,10 +131,10 @@ def decode_envelope(data: bytes) -> Envelope:
         raise EnvelopeError("malformed envelope: nested too deeply") from None
     except msgspec.DecodeError as exc:
         version = _peek_version(data)
-        if version is not None and version != ENVELOPE_VERSION:
+        if version is not None and version not in READABLE_VERSIONS:
             raise EnvelopeError(f"unknown envelope version {version!r}") from None
         raise EnvelopeError(f"malformed envelope: {exc}") from None
-    if envelope.v != ENVELOPE_VERSION:
+    if envelope.v not in READABLE_VERSIONS:
         raise EnvelopeError(f"unknown envelope version {envelope.v!r}")
     if not envelope.events:
         raise EnvelopeError("envelope has no events")
@@ -295,7 +308,8 @@ def validate_event(
             problems.append(f"quantity: {exc}")
 
     timestamp = now
-    if raw.get("timestamp") is not None:
+    defaulted = raw.get("timestamp") is None
+    if not defaulted:
         try:
             timestamp = parse_timestamp(raw["timestamp"])
         except ValueError as exc:
@@ -322,6 +336,7 @@ def validate_event(
         timestamp=timestamp,
         project_id=project_id,
         properties=properties,
+        timestamp_defaulted=defaulted,
     )
 
 
@@ -369,13 +384,23 @@ def _property_text_problems(properties: dict[str, str]) -> list[str]:
 
 
 def fingerprint(event: UsageEvent) -> bytes:
-    """What makes two events with one id 'the same': metric, quantity, timestamp, project."""
+    """The digest of what the client sent: metric, quantity, project, and the timestamp only
+    when the client sent it (an event ingest timed has the same digest whenever it arrives)."""
+    return identity_digest(event, None if event.timestamp_defaulted else event.timestamp)
+
+
+def identity_digest(event: UsageEvent, timestamp: datetime | None) -> bytes:
+    """metric, quantity and project of `event` with `timestamp` (None: no timestamp), 16 bytes.
+
+    With a timestamp the text is the one every ledger row was written with before
+    timestamp_defaulted existed, so those rows compare as they always did. No RFC 3339 text is
+    empty, so the digest without a timestamp never equals one with."""
     quantity = event.quantity.normalize() if event.quantity else Decimal(0)
     text = "\x1f".join(
         (
             event.metric,
             format(quantity, "f"),
-            event.timestamp.astimezone(UTC).isoformat(),
+            timestamp.astimezone(UTC).isoformat() if timestamp is not None else "",
             str(event.project_id or ""),
         )
     )

@@ -22,7 +22,7 @@ from sqlalchemy.engine import Engine
 
 from services.aggregator.batch import SourceRecord
 from shared.db import unit_of_work
-from shared.events import Envelope, UsageEvent, encode_envelope
+from shared.events import ENVELOPE_VERSION, Envelope, UsageEvent, encode_envelope
 from tests import factories, kafka_support
 from tests.kafka_support import free_port
 
@@ -57,13 +57,19 @@ def event(
     quantity: str | int = 1,
     timestamp: datetime,
     project_id: uuid.UUID | None = None,
+    properties: dict[str, str] | None = None,
+    timestamp_defaulted: bool = False,
 ) -> UsageEvent:
+    """An event as ingest puts it in an envelope; `timestamp_defaulted`: the client sent no
+    timestamp and `timestamp` is when ingest received it."""
     return UsageEvent(
         id=event_id,
         metric=metric,
         quantity=Decimal(str(quantity)),
         timestamp=timestamp,
         project_id=project_id,
+        properties=properties or {},
+        timestamp_defaulted=timestamp_defaulted,
     )
 
 
@@ -77,7 +83,7 @@ def envelope_bytes(
     received = received_at or max(e.timestamp for e in events)
     return encode_envelope(
         Envelope(
-            v=1,
+            v=ENVELOPE_VERSION,
             organization_id=organization_id,
             api_key_id=api_key_id,
             received_at=received,

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 
 from shared.events import (
+    ENVELOPE_VERSION,
     SUM_CONTEXT,
     Envelope,
     EnvelopeError,
@@ -23,6 +24,7 @@ from shared.events import (
     decode_envelope,
     encode_envelope,
     fingerprint,
+    identity_digest,
     stored_text_problem,
     window_start,
 )
@@ -55,11 +57,18 @@ class DeadLetter:
     code: str
     reason: str
     retryable: bool
-    # What `meterline replay dlq` would re-publish: the original bytes, or a one-event envelope
-    # when only one event of a request is refused.
-    payload: bytes
-    # The one event refused, when the letter is about one event (replay reports it by its id).
+    # The whole record's bytes when the record itself is refused; None when only `event` is.
+    raw: bytes | None
     event: CountableEvent | None = None
+
+    @property
+    def payload(self) -> bytes:
+        """What `meterline replay dlq` would re-publish: the original bytes, or a one-event
+        envelope when only one event of a request is refused."""
+        if self.raw is not None:
+            return self.raw
+        assert self.event is not None
+        return envelope_of([self.event])
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,15 +89,48 @@ class CountableEvent:
 
     def as_envelope(self) -> bytes:
         """This event alone, in the envelope format, for a dead letter about it alone."""
-        return encode_envelope(
-            Envelope(
-                v=1,
-                organization_id=self.organization_id,
-                api_key_id=self.api_key_id,
-                received_at=self.received_at,
-                events=[self.event],
-            )
+        return envelope_of([self])
+
+
+def envelope_of(events: Sequence[CountableEvent]) -> bytes:
+    """Events of one source record (one organization, key and receipt) as one envelope."""
+    first = events[0]
+    return encode_envelope(
+        Envelope(
+            v=ENVELOPE_VERSION,
+            organization_id=first.organization_id,
+            api_key_id=first.api_key_id,
+            received_at=first.received_at,
+            events=[e.event for e in events],
         )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CountedVersion:
+    """What the ledger holds of the version of an event that was counted."""
+
+    fingerprint: bytes
+    event_time: datetime
+
+
+def counted_version(event: CountableEvent) -> CountedVersion:
+    return CountedVersion(event.fingerprint, event.event.timestamp)
+
+
+def is_repeat(counted: CountedVersion, event: CountableEvent) -> bool:
+    """The identity rule: `event` is the counted event again (a duplicate, not a conflict) when
+    the client sent the same metric, quantity and project and, if both versions carry a timestamp
+    the client sent, the same timestamp. A timestamp ingest filled in agrees with any other."""
+    if event.fingerprint == counted.fingerprint:
+        return True
+    usage = event.event
+    if usage.timestamp_defaulted:
+        # The repeat's time is ingest's: compare the rest at the counted version's own time (a
+        # counted version that was timed by ingest too has the same fingerprint and matched above).
+        return identity_digest(usage, counted.event_time) == counted.fingerprint
+    # The repeat's time is the client's: it agrees with a counted version ingest timed.
+    return identity_digest(usage, None) == counted.fingerprint
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,23 +149,21 @@ RETRYABLE_CODES = frozenset(
 
 
 def dead_letter(source: SourceRecord, code: str, reason: str, payload: bytes) -> DeadLetter:
+    """A dead letter about a whole record: `payload` is re-published as it is."""
     return DeadLetter(
-        source=source,
-        code=code,
-        reason=reason,
-        retryable=code in RETRYABLE_CODES,
-        payload=payload,
+        source=source, code=code, reason=reason, retryable=code in RETRYABLE_CODES, raw=payload
     )
 
 
 def event_letter(event: CountableEvent, code: str, reason: str) -> DeadLetter:
-    """A dead letter about one event of a request: it alone, in its own envelope."""
+    """A dead letter about one event of a record (its envelope is built when it is sent, with
+    the other refused events of the same record)."""
     return DeadLetter(
         source=event.source,
         code=code,
         reason=reason,
         retryable=code in RETRYABLE_CODES,
-        payload=event.as_envelope(),
+        raw=None,
         event=event,
     )
 
@@ -218,22 +258,22 @@ class Selection:
 
 
 def select_new_events(
-    events: Sequence[CountableEvent], recorded: Mapping[EventKey, bytes]
+    events: Sequence[CountableEvent], recorded: Mapping[EventKey, CountedVersion]
 ) -> Selection:
     """First accepted wins: against the ledger, then within the batch in offset order.
 
-    `recorded` maps (organization, event id) to the fingerprint the ledger holds. A repeat with
-    the same fingerprint is a duplicate (a retry or a redelivery); with another fingerprint it is a
+    `recorded` maps (organization, event id) to the version the ledger counted. A repeat of it
+    (`is_repeat`) is a duplicate (a retry or a redelivery); anything else with that id is a
     conflicting duplicate, not counted, and sent to the DLQ by the caller.
     """
     selection = Selection()
-    seen: dict[EventKey, bytes] = dict(recorded)
+    seen: dict[EventKey, CountedVersion] = dict(recorded)
     for event in events:
         earlier = seen.get(event.key)
         if earlier is None:
-            seen[event.key] = event.fingerprint
+            seen[event.key] = counted_version(event)
             selection.new.append(event)
-        elif earlier == event.fingerprint:
+        elif is_repeat(earlier, event):
             selection.duplicates += 1
         else:
             selection.conflicts.append(event)
@@ -244,8 +284,9 @@ def conflict_letter(event: CountableEvent) -> DeadLetter:
     return event_letter(
         event,
         "conflicting_duplicate",
-        f"event {event.event.id!r} was already counted with different content "
-        "(metric, quantity, timestamp or project); the first accepted version wins",
+        f"event {event.event.id!r} was already counted with different content (metric, "
+        "quantity, project, or a timestamp the client sent both times); the first accepted "
+        "version wins",
     )
 
 

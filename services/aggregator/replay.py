@@ -26,12 +26,14 @@ from sqlalchemy.engine import Connection, Engine
 from services.aggregator import repository
 from services.aggregator.batch import (
     CountableEvent,
+    CountedVersion,
     DeadLetter,
     EventKey,
     ReadRules,
     SourceRecord,
     WindowKey,
     WindowTotal,
+    counted_version,
     read_records,
     sum_windows,
     usage_deltas,
@@ -124,7 +126,7 @@ def aligned_range(start: datetime, end: datetime, window_seconds: int) -> tuple[
 
 
 class EventVersions:
-    """Every distinct version (by fingerprint) of each event id read, in offset order."""
+    """Every distinct version (fingerprint and time) of each event id read, in offset order."""
 
     def __init__(self, organization_id: uuid.UUID | None) -> None:
         self._organization_id = organization_id
@@ -137,7 +139,10 @@ class EventVersions:
             if self._organization_id and event.organization_id != self._organization_id:
                 continue
             known = self.versions.setdefault(event.key, [])
-            if all(v.fingerprint != event.fingerprint for v in known):
+            version = counted_version(event)
+            # Resends that ingest timed share a fingerprint but not a time: each is kept, so
+            # that the one the ledger counted (in its own window) is found among them.
+            if all(counted_version(v) != version for v in known):
                 known.append(event)
 
     def refuse(self, letters: Iterable[DeadLetter]) -> None:
@@ -149,17 +154,19 @@ class EventVersions:
                 continue
             self.unstorable.append(letter)
 
-    def accepted(self, recorded: dict[EventKey, bytes]) -> Iterable[tuple[CountableEvent, bool]]:
-        """(the accepted version, whether the ledger already holds it) for each id: the ledger's
-        version if it has one, else the first read. An id whose ledger version was not read
-        (its timestamp lies outside what was read) yields nothing."""
+    def accepted(
+        self, recorded: dict[EventKey, CountedVersion]
+    ) -> Iterable[tuple[CountableEvent, bool]]:
+        """(the accepted version, whether the ledger already holds it) for each id: the very
+        version the ledger counted if it has one, else the first read. An id whose counted
+        version was not read (its timestamp lies outside what was read) yields nothing."""
         for key, versions in self.versions.items():
-            fingerprint = recorded.get(key)
-            if fingerprint is None:
+            counted = recorded.get(key)
+            if counted is None:
                 yield versions[0], False
                 continue
             for version in versions:
-                if version.fingerprint == fingerprint:
+                if counted_version(version) == counted:
                     yield version, True
                     break
 
@@ -359,7 +366,7 @@ def _accepted_in_range(
         for key, known in versions.versions.items()
         if any(start <= v.event.timestamp < end for v in known)
     ]
-    recorded = repository.recorded_fingerprints(connection, in_range)
+    recorded = repository.counted_versions(connection, in_range)
     candidates = EventVersions(None)
     candidates.versions = {key: versions.versions[key] for key in in_range}
     counted: list[CountableEvent] = []

@@ -18,7 +18,13 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from services.aggregator.batch import CountableEvent, EventKey, WindowKey, WindowTotal
+from services.aggregator.batch import (
+    CountableEvent,
+    CountedVersion,
+    EventKey,
+    WindowKey,
+    WindowTotal,
+)
 
 # Advisory lock namespaces (the two-int4 lock space, apart from anyone's single-bigint locks).
 # Live batches hold REPLAY_LOCK shared; replay and ledger maintenance hold it exclusive, so neither
@@ -53,18 +59,18 @@ def lock_exclusive(connection: Connection) -> None:
     )
 
 
-def recorded_fingerprints(
+def counted_versions(
     connection: Connection, keys: Iterable[EventKey]
-) -> dict[EventKey, bytes]:
-    """The ledger's fingerprint for each (organization, event id) it holds, at any event time:
-    a conflicting repeat may carry another timestamp. Pruning keeps the partitions few."""
+) -> dict[EventKey, CountedVersion]:
+    """The version the ledger counted of each (organization, event id) it holds, at any event
+    time: a repeat may carry another timestamp. Pruning keeps the partitions few."""
     distinct = set(keys)
     if not distinct:
         return {}
     organizations, event_ids = zip(*distinct, strict=True)
     rows = connection.execute(
         sa.text(
-            "SELECT l.organization_id, l.event_id, l.fingerprint"
+            "SELECT l.organization_id, l.event_id, l.fingerprint, l.event_time"
             "  FROM usage_event_ledger AS l"
             "  JOIN unnest(CAST(:orgs AS uuid[]), CAST(:ids AS text[]))"
             "       AS b(organization_id, event_id)"
@@ -72,7 +78,7 @@ def recorded_fingerprints(
         ),
         {"orgs": list(organizations), "ids": list(event_ids)},
     )
-    return {(row[0], row[1]): bytes(row[2]) for row in rows}
+    return {(row[0], row[1]): CountedVersion(bytes(row[2]), row[3]) for row in rows}
 
 
 @dataclass(frozen=True, slots=True)

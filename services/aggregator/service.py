@@ -112,7 +112,7 @@ class BatchApplier:
                     result.dead_letters.append(event_letter(event, "unknown_reference", problem))
                 else:
                     countable.append(event)
-            recorded = repository.recorded_fingerprints(connection, (e.key for e in countable))
+            recorded = repository.counted_versions(connection, (e.key for e in countable))
             selection = select_new_events(countable, recorded)
             result.counted = repository.record_events(connection, selection.new)
             if result.counted != len(selection.new):

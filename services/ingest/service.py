@@ -124,6 +124,7 @@ def _accept_fast(
             return None
         if escaped and _text_unstorable(item):
             return None
+        defaulted = item.timestamp is None
         if item.timestamp is None:
             timestamp = now
         else:
@@ -141,6 +142,7 @@ def _accept_fast(
                 timestamp=timestamp,
                 project_id=uuid.UUID(item.project_id) if item.project_id else default_project,
                 properties=item.properties or {},
+                timestamp_defaulted=defaulted,
             )
         )
     return events

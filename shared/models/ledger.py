@@ -46,7 +46,8 @@ class UsageEventLedger(Base):
     organization_id: Mapped[uuid.UUID] = mapped_column()
     event_id: Mapped[str] = mapped_column(String(128))
     event_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    # shared.events.fingerprint: metric, quantity, timestamp, project (16 bytes).
+    # shared.events.fingerprint: metric, quantity, project and the timestamp the client sent
+    # (16 bytes); event_time is the counted version's time, whoever set it.
     fingerprint: Mapped[bytes] = mapped_column(LargeBinary(16))
     recorded_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from services.aggregator.batch import (
     ReadRules,
     SourceRecord,
+    counted_version,
     read_records,
     select_new_events,
     split_at_ledger_floor,
@@ -99,7 +100,7 @@ def test_first_version_of_an_id_wins_within_a_batch() -> None:
 
 def test_ledger_version_wins_over_the_batch() -> None:
     events, _ = read_records([source([usage("a", "5"), usage("b")])], RULES)
-    ledger = {(ORG, "a"): events[0].fingerprint}
+    ledger = {(ORG, "a"): counted_version(events[0])}
 
     selection = select_new_events(events, ledger)
 

@@ -79,6 +79,7 @@ def _event_strategy() -> st.SearchStrategy[UsageEvent]:
         timestamp=st.datetimes(timezones=st.just(UTC)),
         project_id=st.one_of(st.none(), st.uuids()),
         properties=st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=16),
+        timestamp_defaulted=st.booleans(),
     )
 
 
