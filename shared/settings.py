@@ -6,14 +6,18 @@ import os
 from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.errors import ConfigurationError
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 LOG_FORMATS = ("json", "text")
+
+KafkaSecurityProtocol = Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"]
+KafkaSaslMechanism = Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]
 
 
 def _env_file() -> Path | None:
@@ -36,6 +40,21 @@ class Settings(BaseSettings):
     kafka_bootstrap_servers: str = Field(
         "127.0.0.1:59092", validation_alias="KAFKA_BOOTSTRAP_SERVERS"
     )
+    # How every Kafka client connects (shared/kafka.py builds them all from these).
+    kafka_security_protocol: KafkaSecurityProtocol = Field(
+        "PLAINTEXT", validation_alias="KAFKA_SECURITY_PROTOCOL"
+    )
+    kafka_sasl_mechanism: KafkaSaslMechanism | None = Field(
+        None, validation_alias="KAFKA_SASL_MECHANISM"
+    )
+    kafka_sasl_username: str = Field("", validation_alias="KAFKA_SASL_USERNAME")
+    kafka_sasl_password: SecretStr = Field(SecretStr(""), validation_alias="KAFKA_SASL_PASSWORD")
+    kafka_ssl_ca_file: Path | None = Field(None, validation_alias="KAFKA_SSL_CA_FILE")
+    kafka_ssl_cert_file: Path | None = Field(None, validation_alias="KAFKA_SSL_CERT_FILE")
+    kafka_ssl_key_file: Path | None = Field(None, validation_alias="KAFKA_SSL_KEY_FILE")
+    kafka_ssl_key_password: SecretStr = Field(
+        SecretStr(""), validation_alias="KAFKA_SSL_KEY_PASSWORD"
+    )
     stripe_api_base: str = Field("http://127.0.0.1:12111", validation_alias="STRIPE_API_BASE")
     stripe_api_key: SecretStr = Field(SecretStr("sk_test_123"), validation_alias="STRIPE_API_KEY")
     stripe_webhook_secret: SecretStr = Field(
@@ -46,6 +65,17 @@ class Settings(BaseSettings):
 
     topic_prefix: str = Field("meterline", validation_alias="METERLINE_TOPIC_PREFIX")
     topic_partitions: int = Field(4, ge=1, le=1024, validation_alias="METERLINE_TOPIC_PARTITIONS")
+    # None: the broker's default.replication.factor / min.insync.replicas.
+    topic_replication_factor: int | None = Field(
+        None, ge=1, le=32, validation_alias="METERLINE_TOPIC_REPLICATION_FACTOR"
+    )
+    topic_min_insync_replicas: int | None = Field(
+        None, ge=1, le=32, validation_alias="METERLINE_TOPIC_MIN_INSYNC_REPLICAS"
+    )
+    # None: the lateness horizon plus the ledger grace (topic_retention).
+    topic_retention_hours: int | None = Field(
+        None, ge=1, validation_alias="METERLINE_TOPIC_RETENTION_HOURS"
+    )
     window_seconds: int = Field(3600, ge=60, le=86400, validation_alias="METERLINE_WINDOW_SECONDS")
     lateness_horizon_days: int = Field(
         35, ge=1, le=366, validation_alias="METERLINE_LATENESS_HORIZON_DAYS"
@@ -91,6 +121,19 @@ class Settings(BaseSettings):
     )
     ledger_grace_hours: int = Field(
         48, ge=0, le=24 * 30, validation_alias="METERLINE_LEDGER_GRACE_HOURS"
+    )
+    # The aggregator's static group membership (group.instance.id): "auto" is <host>-<port>,
+    # stable across restarts of one instance, so a restarted instance takes its partitions back
+    # at once instead of after the dead member's session; "none" joins as a dynamic member.
+    aggregator_instance_id: str = Field(
+        "auto",
+        pattern=r"^[A-Za-z0-9._-]{1,200}$",
+        validation_alias="METERLINE_AGGREGATOR_INSTANCE_ID",
+    )
+    # After SIGTERM the aggregator finishes what it can and exits within this long, whatever
+    # is still pending (the unfinished batch is redelivered, as after a crash).
+    aggregator_stop_seconds: float = Field(
+        8.0, ge=1, le=600, validation_alias="METERLINE_AGGREGATOR_STOP_SECONDS"
     )
     aggregator_stall_seconds: float = Field(
         60.0, ge=1, le=86400, validation_alias="METERLINE_AGGREGATOR_STALL_SECONDS"
@@ -152,6 +195,65 @@ class Settings(BaseSettings):
             raise ValueError(f"must be one of {', '.join(LOG_FORMATS)} (not {value!r})")
         return fmt
 
+    @model_validator(mode="after")
+    def _kafka_and_topics(self) -> Settings:
+        problems = []
+        protocol = self.kafka_security_protocol
+        if protocol.startswith("SASL_"):
+            if self.kafka_sasl_mechanism is None:
+                problems.append(f"KAFKA_SASL_MECHANISM: required with {protocol}")
+            if not self.kafka_sasl_username or not self.kafka_sasl_password.get_secret_value():
+                problems.append(
+                    f"KAFKA_SASL_USERNAME, KAFKA_SASL_PASSWORD: both required with {protocol}"
+                )
+        elif self.kafka_sasl_mechanism is not None:
+            problems.append(
+                f"KAFKA_SASL_MECHANISM: needs KAFKA_SECURITY_PROTOCOL SASL_PLAINTEXT or "
+                f"SASL_SSL, not {protocol}"
+            )
+        files = {
+            "KAFKA_SSL_CA_FILE": self.kafka_ssl_ca_file,
+            "KAFKA_SSL_CERT_FILE": self.kafka_ssl_cert_file,
+            "KAFKA_SSL_KEY_FILE": self.kafka_ssl_key_file,
+        }
+        given = {name: path for name, path in files.items() if path is not None}
+        if given and not protocol.endswith("SSL"):
+            problems.append(
+                f"{', '.join(given)}: need KAFKA_SECURITY_PROTOCOL SSL or SASL_SSL, not {protocol}"
+            )
+        for name, path in given.items():
+            if not path.is_file():
+                problems.append(f"{name}: no readable file at {path}")
+        if (self.kafka_ssl_cert_file is None) != (self.kafka_ssl_key_file is None):
+            problems.append("KAFKA_SSL_CERT_FILE, KAFKA_SSL_KEY_FILE: give both or neither")
+        replicas, in_sync = self.topic_replication_factor, self.topic_min_insync_replicas
+        if replicas is not None and in_sync is not None and in_sync > replicas:
+            problems.append(
+                f"METERLINE_TOPIC_MIN_INSYNC_REPLICAS: {in_sync} is more than "
+                f"METERLINE_TOPIC_REPLICATION_FACTOR {replicas}"
+            )
+        needed = self.minimum_retention_hours
+        if self.topic_retention_hours is not None and self.topic_retention_hours < needed:
+            problems.append(
+                f"METERLINE_TOPIC_RETENTION_HOURS: {self.topic_retention_hours} is less than the "
+                f"lateness horizon plus the ledger grace ({needed} hours); replay needs the log "
+                "that long"
+            )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def minimum_retention_hours(self) -> int:
+        """How long the topics must keep records: the lateness horizon (replay reads that far
+        back) plus the ledger grace (how far behind the aggregator may fall)."""
+        return self.lateness_horizon_days * 24 + self.ledger_grace_hours
+
+    @property
+    def topic_retention(self) -> timedelta:
+        """retention.ms of the topics Meterline creates."""
+        return timedelta(hours=self.topic_retention_hours or self.minimum_retention_hours)
+
     @property
     def events_topic(self) -> str:
         return f"{self.topic_prefix}.usage.events"
@@ -187,7 +289,11 @@ def load_settings(**overrides: object) -> Settings:
     except ValidationError as exc:
         problems = []
         for error in exc.errors():
-            field = str(error["loc"][0]) if error["loc"] else "?"
+            if not error["loc"]:
+                # A rule across several variables: its message names them.
+                problems.append(str(error["msg"]).removeprefix("Value error, "))
+                continue
+            field = str(error["loc"][0])
             alias = (
                 Settings.model_fields[field].validation_alias
                 if field in Settings.model_fields

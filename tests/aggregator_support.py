@@ -158,15 +158,24 @@ def fresh_database(database_url: str) -> Iterator[Engine]:
 # --- Kafka ---------------------------------------------------------------------------------------
 
 
-def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None:
+def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    *,
+    replication: int = 1,
+    configs: dict[str, str] | None = None,
+) -> None:
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap.split(","))
     try:
         for name in names:
             with contextlib.suppress(TopicAlreadyExistsError):
-                admin.create_topics([NewTopic(name, partitions, 1)])
+                admin.create_topics(
+                    [NewTopic(name, partitions, replication, topic_configs=configs or {})]
+                )
     finally:
         admin.close()
 

@@ -91,9 +91,7 @@ def prune_ledger(
         group = app_id(config)
         oldest = None
         try:
-            oldest = group_backlog(
-                config.kafka_bootstrap_servers, group, config.events_topic
-            ).oldest_received_at
+            oldest = group_backlog(config, group, config.events_topic).oldest_received_at
         except BrokerUnavailable as exc:
             if not force:
                 raise BrokerUnavailable(

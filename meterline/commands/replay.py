@@ -64,7 +64,7 @@ def replay_range(
 
         from meterline.commands.context import engine, settings
         from services.aggregator.replay import ReplayRequest, replay
-        from services.aggregator.topic_reader import TopicReader
+        from services.aggregator.topic_reader import KafkaTopicReader
         from shared.errors import InvalidInput
 
         try:
@@ -79,7 +79,7 @@ def replay_range(
             dry_run=dry_run,
         )
         config = settings()
-        reader = TopicReader(config.kafka_bootstrap_servers, config.events_topic)
+        reader = KafkaTopicReader(config, config.events_topic)
         try:
             report = _with_progress(
                 lambda on_record, on_total: replay(

@@ -24,9 +24,10 @@ from services.aggregator.refusals import is_transient
 from services.aggregator.schemas import dead_letter_headers, encode_dead_letter
 from services.aggregator.service import BatchApplier, BatchResult
 from shared.db import create_sync_engine
+from shared.kafka import faust_broker_options
 from shared.logs import log_event
 from shared.settings import Settings
-from shared.topics import ensure_topics
+from shared.topics import ensure_topics, retention_shortfalls
 
 logger = logging.getLogger("meterline.aggregator")
 
@@ -220,7 +221,7 @@ class Aggregator:
         try:
             backlog = await asyncio.to_thread(
                 group_backlog,
-                self.settings.kafka_bootstrap_servers,
+                self.settings,
                 app_id(self.settings),
                 self.settings.events_topic,
             )
@@ -252,7 +253,7 @@ class Aggregator:
     def _our_lag(self) -> tuple[int, bool]:
         """Unprocessed messages on our partitions (all of the topic's when none is assigned)."""
         backlog = group_backlog(
-            self.settings.kafka_bootstrap_servers,
+            self.settings,
             app_id(self.settings),
             self.settings.events_topic,
             with_age=False,
@@ -347,7 +348,14 @@ def wait_for_topics(settings: Settings) -> None:
             continue
         if created:
             log_event(logger, "topics_created", topics=created)
+        break
+    try:
+        shortfalls = retention_shortfalls(settings, [settings.events_topic, settings.dlq_topic])
+    except Exception as exc:
+        log_event(logger, "topic_retention_unknown", logging.WARNING, error=str(exc)[:200])
         return
+    for message in shortfalls:
+        log_event(logger, "topic_retention_short", logging.WARNING, problem=message)
 
 
 def app_id(settings: Settings) -> str:
@@ -361,7 +369,7 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
     datadir.parent.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         app_id(settings),
-        broker=[f"kafka://{host.strip()}" for host in settings.kafka_bootstrap_servers.split(",")],
+        **faust_broker_options(settings),
         key_serializer="raw",
         value_serializer="raw",
         consumer_auto_offset_reset="earliest",

@@ -14,6 +14,8 @@ from typing import Any
 
 from shared.errors import BrokerUnavailable
 from shared.events import EnvelopeError, decode_envelope
+from shared.kafka import create_consumer
+from shared.settings import Settings
 
 REQUEST_TIMEOUT_MS = 10_000
 READ_SECONDS = 10.0
@@ -27,21 +29,21 @@ class Backlog:
 
 
 def group_backlog(
-    bootstrap_servers: str, group_id: str, topic: str, *, with_age: bool = True
+    settings: Settings, group_id: str, topic: str, *, with_age: bool = True
 ) -> Backlog:
     """The group's backlog on `topic`; a partition it never committed counts from its log start
     (the aggregator reads from the earliest offset). `with_age=False` skips reading the oldest
     record (oldest_received_at is then None). Raises BrokerUnavailable."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
     from kafka.errors import KafkaError
 
     try:
         # The group's id only to read its committed offsets: without subscribe() this consumer
         # never joins the group, so the aggregator's assignment is left alone.
-        consumer: Any = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","),
+        consumer: Any = create_consumer(
+            settings,
+            client_id="meterline-lag-reader",
             group_id=group_id,
-            enable_auto_commit=False,
             request_timeout_ms=REQUEST_TIMEOUT_MS,
         )
         try:

@@ -20,6 +20,7 @@ from services.aggregator.schemas import decode_dead_letter
 from services.aggregator.topic_reader import STALL_SECONDS, broker_errors
 from shared.errors import BrokerUnavailable
 from shared.events import EnvelopeError, decode_envelope, encode_envelope, stored_text_problem
+from shared.kafka import create_consumer, create_producer
 from shared.logs import log_event
 from shared.settings import Settings
 
@@ -106,18 +107,23 @@ def replay_dead_letters(settings: Settings, *, dry_run: bool = False) -> DlqRepl
 
 
 def _replay_dead_letters(settings: Settings, *, dry_run: bool) -> DlqReplayReport:
-    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    from kafka import TopicPartition
     from kafka.structs import OffsetAndMetadata
 
     report = DlqReplayReport(dry_run=dry_run)
-    servers = settings.kafka_bootstrap_servers.split(",")
-    consumer: Any = KafkaConsumer(
-        bootstrap_servers=servers,
+    consumer: Any = create_consumer(
+        settings,
+        client_id="meterline-dlq-replay",
         group_id=dlq_group(settings),
-        enable_auto_commit=False,
         auto_offset_reset="earliest",
     )
-    producer: Any = None if dry_run else KafkaProducer(bootstrap_servers=servers, acks="all")
+    producer: Any = (
+        None
+        if dry_run
+        else create_producer(
+            settings, client_id="meterline-dlq-replay", acks="all", enable_idempotence=True
+        )
+    )
     try:
         partitions = consumer.partitions_for_topic(settings.dlq_topic) or set()
         tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]

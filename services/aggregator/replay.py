@@ -46,11 +46,12 @@ from services.aggregator.ledger_partitions import (
     months_for,
 )
 from services.aggregator.refusals import write_isolating
-from services.aggregator.topic_reader import TopicReader
-from shared.errors import InvalidInput, NotFound
+from services.aggregator.topic_reader import RecordReader
+from shared.errors import ConfigurationError, InvalidInput, NotFound
 from shared.events import SUM_CONTEXT, stored_text_problem, window_start
 from shared.logs import log_event
 from shared.settings import Settings
+from shared.topics import retention_message
 from shared.usage import delete_usage, set_usage
 
 logger = logging.getLogger("meterline.replay")
@@ -174,7 +175,7 @@ class EventVersions:
 def replay(
     engine: Engine,
     settings: Settings,
-    reader: TopicReader,
+    reader: RecordReader,
     request: ReplayRequest,
     *,
     now: datetime,
@@ -200,6 +201,7 @@ def replay(
         window_seconds=settings.window_seconds,
     )
     read_from = start - rules.max_future
+    _refuse_short_retention(reader, settings)
     _refuse_if_not_retained(reader, read_from)
     report = ReplayReport(start, end, request.organization_id, request.metric, request.dry_run)
     versions = EventVersions(request.organization_id)
@@ -311,7 +313,17 @@ def _refuse_below_floor(start: datetime, floor: datetime | None) -> None:
         )
 
 
-def _refuse_if_not_retained(reader: TopicReader, read_from: datetime) -> None:
+def _refuse_short_retention(reader: RecordReader, settings: Settings) -> None:
+    """A topic that keeps less than the horizon may delete records of a range while it is
+    replayed, or already have: the rebuilt windows would then miss events that were counted."""
+    problem = reader.retention().problem(settings.lateness_horizon)
+    if problem:
+        raise ConfigurationError(
+            "refusing to replay: " + retention_message(settings, reader.topic, problem)
+        )
+
+
+def _refuse_if_not_retained(reader: RecordReader, read_from: datetime) -> None:
     since_ms = int(read_from.timestamp() * 1000)
     for partition, (offset, timestamp_ms) in reader.oldest_retained().items():
         if timestamp_ms is None or timestamp_ms > since_ms:
@@ -329,7 +341,7 @@ def _refuse_if_not_retained(reader: TopicReader, read_from: datetime) -> None:
 
 def _read_into(
     versions: EventVersions,
-    reader: TopicReader,
+    reader: RecordReader,
     start: dict[int, int],
     end: dict[int, int],
     rules: ReadRules,

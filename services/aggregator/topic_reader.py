@@ -1,4 +1,5 @@
-"""Reading the events topic by time for replay (kafka-python): offsets by timestamp, bounded reads.
+"""Reading the events topic by time for replay: one small Protocol, a kafka-python implementation
+and an in-memory one (tests/integration/test_topic_reader.py runs both through the same spec).
 
 The one Kafka adapter of replay; it hands out SourceRecords and knows nothing of events.
 """
@@ -8,11 +9,15 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from services.aggregator.batch import SourceRecord
 from shared.errors import BrokerUnavailable, InvalidInput
+from shared.kafka import create_consumer
+from shared.settings import Settings
+from shared.topics import TopicRetention, describe_retention
 
 Offsets = dict[int, int]
 """partition -> offset"""
@@ -34,16 +39,111 @@ def broker_errors(servers: str) -> Iterator[None]:
         ) from None
 
 
-class TopicReader:
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
-        from kafka import KafkaConsumer
+class RecordReader(Protocol):
+    """Bounded, time-addressed reads of one topic."""
 
+    topic: str
+    partitions: list[int]
+
+    def end_offsets(self) -> Offsets:
+        """The next offset of each partition (what a read to "now" stops at)."""
+        ...
+
+    def beginning_offsets(self) -> Offsets:
+        """The first offset each partition still holds."""
+        ...
+
+    def offsets_since(self, moment: datetime) -> Offsets:
+        """The first offset of each partition whose record timestamp is at or after `moment`
+        (the end offset where there is none)."""
+        ...
+
+    def oldest_retained(self) -> dict[int, tuple[int, int | None]]:
+        """For each partition whose log start moved past 0: (log start offset, its timestamp)."""
+        ...
+
+    def retention(self) -> TopicRetention: ...
+
+    def read(
+        self, start: Offsets, end: Offsets, on_record: Callable[[], None] | None = None
+    ) -> Iterator[SourceRecord]:
+        """Every record in [start, end) of each partition, in offset order per partition."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class InMemoryTopicReader:
+    """A topic held in lists: `append` adds a record (offsets count from `log_start`)."""
+
+    topic: str
+    partitions: list[int]
+    log_start: dict[int, int] = field(default_factory=dict)
+    retention_ms: int = -1
+    cleanup_policy: str = "delete"
+    records: dict[int, list[SourceRecord]] = field(default_factory=dict)
+    closed: bool = False
+
+    def append(
+        self, partition: int, value: bytes, *, timestamp_ms: int, key: bytes | None = None
+    ) -> None:
+        held = self.records.setdefault(partition, [])
+        offset = self.log_start.get(partition, 0) + len(held)
+        held.append(SourceRecord(self.topic, partition, offset, timestamp_ms, key, value))
+
+    def end_offsets(self) -> Offsets:
+        return {p: self.log_start.get(p, 0) + len(self.records.get(p, [])) for p in self.partitions}
+
+    def beginning_offsets(self) -> Offsets:
+        return {p: self.log_start.get(p, 0) for p in self.partitions}
+
+    def offsets_since(self, moment: datetime) -> Offsets:
+        millis = int(moment.timestamp() * 1000)
+        ends = self.end_offsets()
+        found = {}
+        for p in self.partitions:
+            later = [r.offset for r in self.records.get(p, []) if (r.timestamp_ms or 0) >= millis]
+            found[p] = later[0] if later else ends[p]
+        return found
+
+    def oldest_retained(self) -> dict[int, tuple[int, int | None]]:
+        retained = {}
+        for p in self.partitions:
+            start = self.log_start.get(p, 0)
+            if start > 0:
+                held = self.records.get(p, [])
+                retained[p] = (start, held[0].timestamp_ms if held else None)
+        return retained
+
+    def retention(self) -> TopicRetention:
+        return TopicRetention(self.retention_ms, self.cleanup_policy)
+
+    def read(
+        self, start: Offsets, end: Offsets, on_record: Callable[[], None] | None = None
+    ) -> Iterator[SourceRecord]:
+        for partition in start:
+            for record in self.records.get(partition, []):
+                if start[partition] <= record.offset < end[partition]:
+                    if on_record:
+                        on_record()
+                    yield record
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class KafkaTopicReader:
+    """RecordReader over kafka-python's consumer (assigned partitions, no group)."""
+
+    def __init__(self, settings: Settings, topic: str) -> None:
         self.topic = topic
-        self._servers = bootstrap_servers
-        with broker_errors(bootstrap_servers):
-            self._consumer: Any = KafkaConsumer(
-                bootstrap_servers=bootstrap_servers.split(","),
-                enable_auto_commit=False,
+        self._settings = settings
+        self._servers = settings.kafka_bootstrap_servers
+        with broker_errors(self._servers):
+            self._consumer: Any = create_consumer(
+                settings,
+                client_id="meterline-replay",
                 auto_offset_reset="earliest",
                 max_poll_records=5000,
                 fetch_max_bytes=64 * 1024 * 1024,
@@ -70,7 +170,6 @@ class TopicReader:
         return {tp.partition: o for tp, o in found.items()}
 
     def offsets_since(self, moment: datetime) -> Offsets:
-        """The first offset of each partition whose record timestamp is at or after `moment`."""
         millis = int(moment.timestamp() * 1000)
         with broker_errors(self._servers):
             found = self._consumer.offsets_for_times({tp: millis for tp in self._tps()})
@@ -81,7 +180,6 @@ class TopicReader:
         }
 
     def oldest_retained(self) -> dict[int, tuple[int, int | None]]:
-        """For each partition whose log start moved past 0: (log start offset, its timestamp)."""
         retained = {}
         for partition, start in self.beginning_offsets().items():
             if start > 0:
@@ -89,13 +187,16 @@ class TopicReader:
                 retained[partition] = (start, first.timestamp_ms if first else None)
         return retained
 
+    def retention(self) -> TopicRetention:
+        with broker_errors(self._servers):
+            return describe_retention(self._settings, [self.topic])[self.topic]
+
     def read(
         self,
         start: Offsets,
         end: Offsets,
         on_record: Callable[[], None] | None = None,
     ) -> Iterator[SourceRecord]:
-        """Every record in [start, end) of each partition, in offset order per partition."""
         with broker_errors(self._servers):
             yield from self._read(start, end, on_record)
 

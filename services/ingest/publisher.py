@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from shared.errors import BrokerUnavailable
+from shared.kafka import create_producer
 from shared.logs import log_event
 from shared.settings import Settings
 from shared.topics import ensure_topics
@@ -103,8 +104,6 @@ def producer_config(settings: Settings) -> dict[str, Any]:
     timeout_ms = int(settings.ingest_publish_timeout_seconds * 1000)
     request_timeout_ms = max(1000, min(timeout_ms, 30_000))
     return {
-        "bootstrap_servers": settings.kafka_bootstrap_servers.split(","),
-        "client_id": "meterline-ingest",
         "acks": "all",
         "enable_idempotence": True,
         # A few milliseconds of linger let concurrent requests share one produce request.
@@ -209,13 +208,16 @@ class KafkaPublisher:
         Runs in the background from start-up: until it succeeds, publish_all answers
         BrokerUnavailable at once, so the service starts whether or not the broker is up.
         """
-        from kafka import KafkaProducer
-
         self._topics = list(topics)
         while True:
             try:
                 created = await asyncio.to_thread(ensure_topics, self._settings)
-                producer = await asyncio.to_thread(KafkaProducer, **producer_config(self._settings))
+                producer = await asyncio.to_thread(
+                    create_producer,
+                    self._settings,
+                    client_id="meterline-ingest",
+                    **producer_config(self._settings),
+                )
                 for topic in topics:
                     await asyncio.to_thread(producer.partitions_for, topic)
             except Exception as exc:
