@@ -249,6 +249,19 @@ class AggregatorProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    def metric(self, name: str) -> float:
+        """A counter of this process's /metrics (0 when it does not answer yet)."""
+        import httpx
+
+        try:
+            text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=2).text
+        except httpx.HTTPError:
+            return 0.0
+        for line in text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        return 0.0
+
     def health(self) -> dict | None:
         import httpx
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.types import EventT
@@ -19,11 +19,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.aggregator import metrics
 from services.aggregator.batch import DeadLetter, SourceRecord
 from services.aggregator.consumer_lag import group_backlog
+from services.aggregator.dlq_sink import DeadLetterSink, KafkaDeadLetterSink
 from services.aggregator.ledger_partitions import maintain_ledger, prune_cutoff
 from services.aggregator.refusals import is_transient
-from services.aggregator.schemas import dead_letter_headers, encode_dead_letter
+from services.aggregator.schemas import dead_letter_messages
 from services.aggregator.service import BatchApplier, BatchResult
 from shared.db import create_sync_engine
+from shared.errors import BrokerUnavailable
 from shared.kafka import faust_broker_options
 from shared.logs import log_event
 from shared.settings import Settings
@@ -75,9 +77,12 @@ class Backoff:
 class Aggregator:
     """Runs batches to completion: a failing dependency is retried, never skipped or acked."""
 
-    def __init__(self, app: faust.App, applier: BatchApplier, settings: Settings) -> None:
+    def __init__(
+        self, app: faust.App, applier: BatchApplier, sink: DeadLetterSink, settings: Settings
+    ) -> None:
         self.app = app
         self.applier = applier
+        self.sink = sink
         self.settings = settings
         self.waiting_for: str | None = None
         self.last_batch_at: datetime | None = None
@@ -163,41 +168,31 @@ class Aggregator:
     async def _send_dead_letters(self, letters: list[DeadLetter]) -> None:
         if not letters:
             return
+        messages = dead_letter_messages(letters, utc_now())
         backoff = Backoff()
-        failed_at = utc_now()
         while True:
             try:
-                await asyncio.gather(
-                    *(
-                        self.app.producer.send_and_wait(
-                            self.settings.dlq_topic,
-                            letter.source.key,
-                            encode_dead_letter(letter, failed_at),
-                            None,
-                            None,
-                            dead_letter_headers(letter),
-                        )
-                        for letter in letters
-                    )
-                )
+                await self.sink.send_all(messages)
                 break
-            except Exception as exc:
+            except BrokerUnavailable as exc:
                 # A letter sent twice is fine (the DLQ is at least once); one lost is not.
                 metrics.RETRIES.labels("broker").inc()
                 self.waiting_for = "broker"
-                log_event(logger, "dlq_send_retry", logging.WARNING, error=str(exc)[:200])
+                log_event(logger, "dlq_send_retry", logging.WARNING, error=exc.message[:200])
                 await backoff.pause()
         self.waiting_for = None
         for letter in letters:
             metrics.DLQ.labels(letter.code).inc()
+        for message in messages:
             log_event(
                 logger,
                 "dead_letter_sent",
                 logging.WARNING,
-                code=letter.code,
-                reason=letter.reason,
-                partition=letter.source.partition,
-                offset=letter.source.offset,
+                code=message.code,
+                letters=message.letters,
+                reason=message.reason[:300],
+                partition=message.partition,
+                offset=message.offset,
             )
 
     def _observe_lag(self, events: Sequence[EventT]) -> None:
@@ -393,9 +388,15 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         value_type=bytes,
         partitions=settings.topic_partitions,
     )
-    app.topic(settings.dlq_topic, key_type=bytes, value_type=bytes, partitions=1)
     engine = create_sync_engine(settings, pool_size=2, max_overflow=2)
-    aggregator = Aggregator(app, BatchApplier(engine, settings), settings)
+    sink = KafkaDeadLetterSink(settings)
+    aggregator = Aggregator(app, BatchApplier(engine, settings), sink, settings)
+
+    async def close_dead_letter_sink(sender: Any, **kwargs: Any) -> None:
+        await sink.close(wait_seconds=2.0)
+
+    # After the consumer stopped: no batch sends letters any more.
+    app.on_before_shutdown.connect(cast(Any, close_dead_letter_sink))
 
     @app.agent(events_topic, name="aggregate")
     async def aggregate(stream: faust.StreamT[bytes]) -> None:

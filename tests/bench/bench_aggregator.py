@@ -3,6 +3,10 @@
 (a) The aggregator alone: a topic pre-filled with envelopes of 100 events (ingest's batch shape)
     and of 1 event, then `meterline aggregate run`: events/s from the first counted event to the
     last (start-up and the group join are not counted).
+(a') The storm: the same topic shape, first STORM_EVENTS events counted, then each of their ids
+    again with another quantity (STORM_EVENTS conflicting duplicates, every one dead-lettered):
+    conflicts/s from the first to the last, beside (a)'s figure for envelopes of 100 (the ratio
+    must stay >= 0.5: dead letters may not throttle counting).
 (b) End to end: `meterline ingest serve --workers 2` + the aggregator, wrk posting batches of 100
     for BENCH_AGG_SECONDS; sustained events/s = accepted events / time until all are in
     usage_records.
@@ -44,6 +48,7 @@ from tests.ingest_support import run_ingest
 ORGANIZATIONS = 1000
 PREFILL_EVENTS = int(os.environ.get("BENCH_AGG_PREFILL", "300000"))
 SINGLE_EVENTS = int(os.environ.get("BENCH_AGG_SINGLES", "30000"))
+STORM_EVENTS = int(os.environ.get("BENCH_AGG_STORM", "50000"))
 E2E_SECONDS = float(os.environ.get("BENCH_AGG_SECONDS", "15"))
 LATENCY_SECONDS = float(os.environ.get("BENCH_AGG_LATENCY_SECONDS", "20"))
 LATENCY_RPS = 50
@@ -63,14 +68,24 @@ def organization_ids(engine: sa.Engine) -> list[uuid.UUID]:
         return list(connection.execute(sa.text("SELECT id FROM organizations")).scalars())
 
 
-def prefill(bootstrap: str, topic: str, orgs: list[uuid.UUID], events: int, per: int) -> None:
+def prefill(
+    bootstrap: str,
+    topic: str,
+    orgs: list[uuid.UUID],
+    events: int,
+    per: int,
+    *,
+    run: str | None = None,
+    quantity: int = 1,
+) -> None:
+    """`events` events in envelopes of `per`; the same `run` gives the same ids again."""
     now = datetime.now(UTC)
     producer = Producer(bootstrap)
-    run = secrets.token_hex(3)
+    run = run or secrets.token_hex(3)
     for n in range(events // per):
         org = orgs[n % len(orgs)]
         batch = [
-            UsageEvent(id=f"{run}-{n}-{i}", metric="api_calls", quantity=1, timestamp=now)  # type: ignore[arg-type]
+            UsageEvent(id=f"{run}-{n}-{i}", metric="api_calls", quantity=quantity, timestamp=now)  # type: ignore[arg-type]
             for i in range(per)
         ]
         value = encode_envelope(
@@ -129,8 +144,10 @@ def measure_drain(
     return rate
 
 
-def bench_alone(admin_url: str, env: dict[str, str], tmp: Path) -> None:
+def bench_alone(admin_url: str, env: dict[str, str], tmp: Path) -> float:
+    """The figures of (a); returns the events/s of envelopes of 100 with one instance."""
     print("(a) aggregator alone, topic pre-filled (4 partitions)", flush=True)
+    normal = 0.0
     for per, total, instances in (
         (100, PREFILL_EVENTS, 1),
         (100, PREFILL_EVENTS, 2),
@@ -171,16 +188,74 @@ def bench_alone(admin_url: str, env: dict[str, str], tmp: Path) -> None:
                     f"in {time.monotonic() - produce_started:.1f}s",
                     flush=True,
                 )
-                measure_drain(
+                rate = measure_drain(
                     engine,
                     aggregators,
                     total,
                     f"envelopes of {per}, {instances} instance{'s' if instances > 1 else ''}",
                 )
+                if (per, instances) == (100, 1):
+                    normal = rate
             finally:
                 for aggregator in aggregators:
                     aggregator.stop()
                 engine.dispose()
+    return normal
+
+
+def bench_storm(admin_url: str, env: dict[str, str], tmp: Path, normal: float) -> None:
+    print(f"(a') storm of {STORM_EVENTS:,} conflicting duplicates, envelopes of 100", flush=True)
+    with bench_database(admin_url) as url:
+        seed_keys(url, ORGANIZATIONS)
+        engine = sa.create_engine(url)
+        prefix = f"bench{secrets.token_hex(3)}"
+        run_env = {**env, "DATABASE_URL": url, "METERLINE_TOPIC_PREFIX": prefix}
+        topic = f"{prefix}.usage.events"
+        bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
+        wait_for(
+            lambda: topics_created(bootstrap, [topic, topic + ".dlq"]),
+            timeout=120,
+            interval=1,
+            what="the broker",
+        )
+        aggregator = AggregatorProcess(run_env, tmp / "storm.log").start()
+        try:
+            wait_for(
+                lambda: bool((aggregator.health() or {}).get("assigned_partitions")),
+                timeout=120,
+                what="the aggregator to own partitions",
+            )
+            orgs = organization_ids(engine)
+            run = secrets.token_hex(3)
+            # The originals, then at once every id again with another quantity. As in (a) the
+            # clock starts at the first counted batch (the originals), so what it times is the
+            # storm, with at most the rest of the originals on top.
+            prefill(bootstrap, topic, orgs, STORM_EVENTS, 100, run=run)
+            prefill(bootstrap, topic, orgs, STORM_EVENTS, 100, run=run, quantity=2)
+
+            def conflicts() -> float:
+                return aggregator.metric("meterline_aggregator_conflicts_total")
+
+            wait_for(lambda: counted(engine) > 0, timeout=120, interval=0.05, what="a batch")
+            started, first = time.monotonic(), conflicts()
+            pids = groups(aggregator)
+            before = cpu_of(pids)
+            wait_for(
+                lambda: conflicts() >= STORM_EVENTS, timeout=600, interval=0.05, what="the storm"
+            )
+            wall = time.monotonic() - started
+            rate = (STORM_EVENTS - first) / wall
+            assert counted(engine) == STORM_EVENTS, "a conflicting duplicate was counted"
+            print(
+                f"  storm: {rate:,.0f} conflicting duplicates/s ({STORM_EVENTS - first:,.0f} in "
+                f"{wall:.1f}s, every one dead-lettered)"
+            )
+            if normal:
+                print(f"  storm / normal (envelopes of 100, 1 instance): {rate / normal:.2f}")
+            print(f"    cpu: {cpu_report(before, cpu_of(pids), wall)}", flush=True)
+        finally:
+            aggregator.stop()
+            engine.dispose()
 
 
 def bench_end_to_end(admin_url: str, env: dict[str, str], tmp: Path, instances: int) -> None:
@@ -338,8 +413,10 @@ def main() -> None:
     admin_url = env["DATABASE_URL"]
     parts = os.environ.get("BENCH_AGG_PARTS", "abc")
     with tempfile.TemporaryDirectory() as tmp:
+        normal = 0.0
         if "a" in parts:
-            bench_alone(admin_url, env, Path(tmp))
+            normal = bench_alone(admin_url, env, Path(tmp))
+            bench_storm(admin_url, env, Path(tmp), normal)
         if "b" in parts:
             for instances in (1, 2):
                 bench_end_to_end(admin_url, env, Path(tmp), instances)

@@ -346,7 +346,7 @@ def test_replay_dlq_reports_an_unstorable_event_in_one_line_and_republishes_the_
     """A whole request dead-lettered as database_rejected before events were isolated: its
     storable events go back and count, the NUL one is reported once and not re-sent."""
     from services.aggregator.batch import SourceRecord, dead_letter
-    from services.aggregator.schemas import encode_dead_letter
+    from services.aggregator.schemas import dead_letter_messages
 
     stream = Stream(service_env, topic_prefix)
     tenant = make_tenant(engine)
@@ -362,9 +362,8 @@ def test_replay_dlq_reports_an_unstorable_event_in_one_line_and_republishes_the_
     )
     source = SourceRecord(stream.events_topic, 0, 17, None, str(org).encode(), payload)
     letter = dead_letter(source, "database_rejected", "text fields cannot contain NUL", payload)
-    stream.producer._producer.send(
-        stream.dlq_topic, key=str(org).encode(), value=encode_dead_letter(letter, now)
-    )
+    [message] = dead_letter_messages([letter], now)
+    stream.producer._producer.send(stream.dlq_topic, key=message.key, value=message.value)
     stream.producer.flush()
 
     dry = run_cli(stream.env, "replay", "dlq", "--dry-run")
