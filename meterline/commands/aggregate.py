@@ -29,11 +29,15 @@ def run(
         ),
     ] = None,
 ) -> None:
-    """Consume the events topic until stopped (SIGTERM/SIGINT finish the running batch first)."""
+    """Consume the events topic until stopped (SIGTERM/SIGINT: finish what can be finished
+    within METERLINE_AGGREGATOR_STOP_SECONDS, default 8, then exit)."""
     with cli_errors():
-        from faust.worker import Worker
-
-        from services.aggregator.app import create_app, wait_for_topics
+        from services.aggregator.app import (
+            AggregatorWorker,
+            create_app,
+            ensure_web_port_free,
+            wait_for_topics,
+        )
         from shared.logs import configure_logging, register_secret
         from shared.settings import load_settings
 
@@ -50,9 +54,16 @@ def run(
             # INFO; keep their warnings.
             for name in ("faust", "mode", "aiokafka", "kafka"):
                 logging.getLogger(name).setLevel(logging.WARNING)
+        ensure_web_port_free(settings)
         wait_for_topics(settings)
         faust_app, _ = create_app(settings)
-        worker = Worker(faust_app, loglevel=settings.log_level, quiet=True, override_logging=False)
+        worker = AggregatorWorker(
+            faust_app,
+            stop_seconds=settings.aggregator_stop_seconds,
+            loglevel=settings.log_level,
+            quiet=True,
+            override_logging=False,
+        )
     worker.execute_from_commandline()
 
 

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -14,6 +17,7 @@ from typing import Any, cast
 
 import faust
 from faust.types import EventT
+from faust.worker import Worker
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.aggregator import metrics
@@ -25,7 +29,7 @@ from services.aggregator.refusals import is_transient
 from services.aggregator.schemas import dead_letter_messages
 from services.aggregator.service import BatchApplier, BatchResult
 from shared.db import create_sync_engine
-from shared.errors import BrokerUnavailable
+from shared.errors import BrokerUnavailable, ConfigurationError
 from shared.kafka import faust_broker_options
 from shared.logs import log_event
 from shared.settings import Settings
@@ -40,6 +44,8 @@ SESSION_TIMEOUT_SECONDS = 60.0
 # After a stall is seen, /healthz answers 503 this long before the worker exits, so a probe sees
 # why it is about to be restarted.
 STALL_EXIT_DELAY_SECONDS = 3.0
+# Exit status when a stop ran past METERLINE_AGGREGATOR_STOP_SECONDS and was cut short.
+STOP_DEADLINE_EXIT_CODE = 3
 
 
 class ConsumerStalled(Exception):
@@ -308,6 +314,51 @@ class Aggregator:
         }
 
 
+class AggregatorWorker(Worker):
+    """faust's worker with a bound on stopping. Once a stop begins (SIGTERM, SIGINT, a crash)
+    the process exits within `stop_seconds`: whatever is still running then (a batch waiting
+    for the database, the producer draining, a lag read) is cut off as a SIGKILL would, which
+    the design already makes safe: its offsets were not committed, so it is redelivered, and the
+    ledger counts it once."""
+
+    def __init__(self, app: faust.App, *, stop_seconds: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._stop_seconds = stop_seconds
+        self._deadline: threading.Timer | None = None
+
+    async def stop(self) -> None:
+        if self._deadline is None:
+            self._deadline = threading.Timer(
+                self._stop_seconds, _exit_at_deadline, (self._stop_seconds,)
+            )
+            self._deadline.daemon = True
+            self._deadline.start()
+            log_event(logger, "aggregator_stopping", deadline_seconds=self._stop_seconds)
+        await super().stop()
+
+
+def _exit_at_deadline(seconds: float) -> None:
+    log_event(logger, "aggregator_stop_deadline_exceeded", logging.WARNING, seconds=seconds)
+    logging.shutdown()
+    os._exit(STOP_DEADLINE_EXIT_CODE)
+
+
+def ensure_web_port_free(settings: Settings) -> None:
+    """Refuse to start while another process holds the web port: with the default static id
+    (<host>-<port>) a second instance on one port would take the first one's group membership."""
+    port = settings.aggregator_web_port
+    if port == 0:
+        return
+    with socket.socket() as probe:
+        try:
+            probe.bind((settings.aggregator_web_host, port))
+        except OSError as exc:
+            raise ConfigurationError(
+                f"METERLINE_AGGREGATOR_PORT {port} on {settings.aggregator_web_host} is in use "
+                f"({exc.strerror}): another aggregator on this host needs its own port"
+            ) from None
+
+
 def _never_commit(events: Sequence[EventT]) -> None:
     """Faust acks the events of a `take` even when the loop body raised or was cancelled. Marking
     their messages acked first turns that ack into a no-op: their offsets are never committed, and
@@ -353,6 +404,16 @@ def wait_for_topics(settings: Settings) -> None:
         log_event(logger, "topic_retention_short", logging.WARNING, problem=message)
 
 
+def group_instance_id(settings: Settings) -> str | None:
+    """This instance's static group membership id, or None for a dynamic member."""
+    chosen = settings.aggregator_instance_id
+    if chosen == "none":
+        return None
+    if chosen == "auto":
+        return f"{socket.gethostname()}-{settings.aggregator_web_port}"
+    return chosen
+
+
 def app_id(settings: Settings) -> str:
     """The consumer group: every instance with this id shares the topic's partitions."""
     return f"{settings.topic_prefix}-aggregator"
@@ -373,9 +434,12 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         broker_commit_interval=1.0,
         # A killed instance's partitions move to the others after this long. Not shorter: a
         # broker restart slower than this expires the session, and the rejoin after it was seen
-        # to leave the consumer idle (tests/faults: broker restart with 10 s and 30 s).
+        # to leave the consumer idle (tests/faults: broker restart with 10 s and 30 s). A
+        # restarted instance does not wait for it: with its static id it takes its old
+        # member's place (and partitions) when it joins.
         broker_session_timeout=SESSION_TIMEOUT_SECONDS,
         broker_heartbeat_interval=3.0,
+        consumer_group_instance_id=group_instance_id(settings),
         web_enabled=True,
         web_bind=settings.aggregator_web_host,
         web_host=settings.aggregator_web_host,
