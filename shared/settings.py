@@ -31,7 +31,8 @@ def _env_file() -> Path | None:
 class Settings(BaseSettings):
     """Everything configurable. Defaults match what `make up` starts on loopback."""
 
-    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+    # An empty variable means "not set" (compose passes unset ones as empty strings).
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True, env_ignore_empty=True)
 
     database_url: str = Field(
         "postgresql+psycopg://meterline:meterline@127.0.0.1:55432/meterline",

@@ -164,3 +164,12 @@ def test_topic_retention_defaults_to_the_horizon_plus_the_grace() -> None:
 
     assert configured.topic_retention.total_seconds() == (35 * 24 + 48) * 3600
     assert settings(topic_retention_hours=2000).topic_retention.total_seconds() == 2000 * 3600
+
+
+def test_empty_kafka_variables_mean_not_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("KAFKA_SASL_MECHANISM", "KAFKA_SASL_USERNAME", "KAFKA_SSL_CA_FILE"):
+        monkeypatch.setenv(name, "")
+
+    connection = KafkaConnection.from_settings(settings())
+
+    assert connection.security_protocol == "PLAINTEXT" and connection.ssl_ca_file is None
