@@ -14,14 +14,37 @@ def up() -> None:
     subprocess.run(["bash", str(ROOT / "deploy" / "local" / "up.sh")], check=True, cwd=ROOT)
 
 
-def stop(component: str) -> None:
-    """Stop 'postgres', 'kafka' or 'stripe-mock' and wait until it is really down."""
-    subprocess.run(["bash", str(CTL), "stop", component], check=True, cwd=ROOT)
+def ctl(*args: str, brokers: int | None = None) -> str:
+    """Run ctl.sh; `brokers=3` addresses the three-node cluster (METERLINE_KAFKA_BROKERS)."""
+    env = dict(os.environ)
+    if brokers is not None:
+        env["METERLINE_KAFKA_BROKERS"] = str(brokers)
+    done = subprocess.run(
+        ["bash", str(CTL), *args], check=True, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    return done.stdout
 
 
-def start(component: str) -> None:
+def stop(component: str, *, brokers: int | None = None) -> None:
+    """Stop 'postgres', 'kafka' or 'stripe-mock' (or a cluster node, 'kafka-2') and wait until
+    it is really down."""
+    ctl("stop", component, brokers=brokers)
+
+
+def start(component: str, *, brokers: int | None = None) -> None:
     """Start a component and wait until it answers."""
-    subprocess.run(["bash", str(CTL), "start", component], check=True, cwd=ROOT)
+    ctl("start", component, brokers=brokers)
+
+
+def kill(component: str, *, brokers: int | None = None) -> None:
+    """SIGKILL a component ('kafka', or a cluster node such as 'kafka-2')."""
+    ctl("kill", component, brokers=brokers)
+
+
+def kafka_servers(kind: str = "plain", *, brokers: int | None = None) -> str:
+    """Bootstrap servers of the single broker or (brokers=3) the cluster; kind 'sasl' for the
+    SCRAM listeners."""
+    return ctl("servers", kind, brokers=brokers).strip()
 
 
 def read_env_file(path: Path = ROOT / ".local" / "env") -> dict[str, str]:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Starts, stops and reports the local components (PostgreSQL, Kafka, stripe-mock) of one checkout.
 #   ctl.sh start|stop|restart|status [postgres] [kafka] [stripe-mock]     (no name: all three)
+#   ctl.sh start|stop|kill|status kafka-1|kafka-2|kafka-3   one node of the 3-broker cluster
+#   ctl.sh servers [plain|sasl]                             bootstrap servers of the brokers
+# METERLINE_KAFKA_BROKERS=3 makes `kafka` the three-node cluster instead of the single broker.
 # `start` returns once the component really answers; `stop` once its process has exited. Both are
 # idempotent, and the fault tests drive them (for example `ctl.sh stop kafka`, `ctl.sh start kafka`).
 set -euo pipefail
@@ -10,7 +13,8 @@ ALL=(postgres kafka stripe-mock)
 STRIPE_TEST_KEY=sk_test_123
 
 usage() {
-    say "usage: $0 start|stop|restart|status [${ALL[*]}]" >&2
+    say "usage: $0 start|stop|restart|status|kill [${ALL[*]} kafka-1 kafka-2 kafka-3]" >&2
+    say "       $0 servers [plain|sasl]   (the bootstrap servers of METERLINE_KAFKA_BROKERS)" >&2
     exit 2
 }
 
@@ -185,73 +189,128 @@ status_postgres() {
 }
 
 # --- Kafka ------------------------------------------------------------------------------------
+# `kafka` is the single broker, or with METERLINE_KAFKA_BROKERS=3 all three nodes of the cluster;
+# `kafka-1`, `kafka-2`, `kafka-3` are one node of the cluster (a fault test kills and restarts one).
 
 KAFKA_CONFIG="$KAFKA_CONF_DIR/server.properties"
 
 kafka_pid() { live_pid "$KAFKA_PID" "$KAFKA_CONFIG"; }
 
-KAFKA_JVM=(java -Xms256m -Xmx1g -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true
-    -Dkafka.logs.dir="$LOG_DIR" -Dlog4j.configuration="file:$ROOT/deploy/local/kafka/log4j.properties"
-    -cp "$KAFKA_LIBS/*")
-
-kafka_write_config() {
-    sed -e "s|@PORT@|$METERLINE_KAFKA_PORT|g" \
-        -e "s|@CONTROLLER_PORT@|$METERLINE_KAFKA_CONTROLLER_PORT|g" \
-        -e "s|@DATA_DIR@|$KAFKA_DATA|g" \
-        "$ROOT/deploy/local/kafka/server.properties" >"$KAFKA_CONFIG"
+# The java command of a broker or tool into the array named $1: logs in $2, heap $3 (min/max).
+kafka_jvm() {
+    local -n command=$1
+    local logs=$2 heap=$3
+    command=(java "-Xms${heap%/*}" "-Xmx${heap#*/}" -XX:+UseG1GC -XX:MaxGCPauseMillis=20
+        -Djava.awt.headless=true "-Dkafka.logs.dir=$logs"
+        "-Dlog4j.configuration=file:$ROOT/deploy/local/kafka/log4j.properties" -cp "$KAFKA_LIBS/*")
 }
+kafka_jvm KAFKA_JVM "$LOG_DIR" 256m/1g
+# Three of these share a small box with everything else.
+KAFKA_NODE_HEAP=128m/512m
 
-# A KRaft log folder is formatted once, with a cluster id of its own.
-kafka_format() {
-    local cluster_id
-    [ -f "$KAFKA_DATA/meta.properties" ] && return
-    # 16 random bytes in base64url, as Kafka's own ids; never with a leading '-', which the
-    # storage tool's option parser would take for an option (Kafka's generator avoids it too).
-    cluster_id=-
+# A random KRaft cluster id: 16 bytes in base64url, as Kafka's own, never with a leading '-',
+# which the storage tool's option parser would take for an option (Kafka's generator avoids it).
+new_cluster_id() {
+    local cluster_id=-
     while [ "${cluster_id#-}" != "$cluster_id" ]; do
         cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
     done
-    say "kafka: formatting $KAFKA_DATA (cluster $cluster_id)"
-    "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_CONFIG" \
-        >>"$KAFKA_STDOUT" 2>&1 9>&- || fail_start kafka "$KAFKA_STDOUT" "storage format failed"
+    echo "$cluster_id"
 }
 
-start_kafka() {
-    local deadline
+# A KRaft log folder is formatted once, with the cluster id it is given.
+kafka_format() {
+    local config=$1 data=$2 cluster_id=$3 log=$4
+    [ -f "$data/meta.properties" ] && return
+    say "kafka: formatting $data (cluster $cluster_id)"
+    "${KAFKA_JVM[@]}" kafka.tools.StorageTool format -t "$cluster_id" -c "$config" \
+        >>"$log" 2>&1 9>&- || fail_start kafka "$log" "storage format failed"
+}
+
+# The SCRAM user of the SASL listeners, created (or its password set) once per cluster and
+# password: through the plaintext listener, with the password in a file, never on a command line.
+# One mechanism per request: the broker refuses to alter one user twice in a request.
+kafka_scram_user() {
+    local data=$1 server=$2 log=$3 password stamp request mechanism
+    password=$(keep_secret "$KAFKA_SCRAM_PASSWORD_FILE")
+    stamp="$data/.meterline-scram-$(printf '%s' "$password" | sha256sum | cut -c1-16)"
+    [ -f "$stamp" ] && return
+    request=$(umask 077 && mktemp "$LOCAL_DIR/scram.XXXXXX")
+    for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+        # A properties file takes the value without the brackets --add-config needs.
+        printf '%s=iterations=8192,password=%s\n' "$mechanism" "$password" >"$request"
+        if ! "${KAFKA_JVM[@]}" kafka.admin.ConfigCommand --bootstrap-server "$server" --alter \
+            --entity-type users --entity-name "$KAFKA_SCRAM_USER" --add-config-file "$request" \
+            >>"$log" 2>&1 9>&-; then
+            rm -f "$request"
+            fail_start kafka "$log" "could not create the SCRAM user $KAFKA_SCRAM_USER"
+        fi
+    done
+    rm -f "$request" "$data"/.meterline-scram-*
+    touch "$stamp"
+    say "kafka: SCRAM user $KAFKA_SCRAM_USER ready on the SASL_PLAINTEXT listeners"
+}
+
+# Wait until a broker answers metadata with a leader for every partition (not just an open port).
+kafka_wait() {
+    local name=$1 port=$2 pidcheck=$3 pidfile=$4 log=$5 deadline
+    deadline=$((SECONDS + METERLINE_START_TIMEOUT))
+    until probe kafka "127.0.0.1:$port" 2>/dev/null; do
+        sleep 0.3
+        # The pid file is written by the child: give it a moment before taking its absence as a death.
+        if ! "$pidcheck" >/dev/null && [ -s "$pidfile" ]; then
+            fail_start "$name" "$log" "exited while starting"
+        fi
+        if ((SECONDS >= deadline)); then
+            probe kafka "127.0.0.1:$port" || true
+            fail_start "$name" "$log" "did not answer within ${METERLINE_START_TIMEOUT}s"
+        fi
+    done
+    say "$name: answering on 127.0.0.1:$port"
+}
+
+kafka_write_config() {
+    sed -e "s|@PORT@|$METERLINE_KAFKA_PORT|g" \
+        -e "s|@SASL_PORT@|$KAFKA_SASL_PORT|g" \
+        -e "s|@CONTROLLER_PORT@|$METERLINE_KAFKA_CONTROLLER_PORT|g" \
+        -e "s|@DATA_DIR@|$KAFKA_DATA|g" \
+        "$ROOT/deploy/local/kafka/server.properties" >"$1"
+}
+
+start_single_kafka() {
+    local pid
     kafka_libs_present || die "no Kafka jars in $KAFKA_LIBS; run deploy/local/install.sh"
     ensure_state
-    if kafka_pid >/dev/null; then
+    kafka_write_config "$KAFKA_CONFIG.next"
+    if pid=$(kafka_pid); then
         grep -qF "PLAINTEXT://127.0.0.1:$METERLINE_KAFKA_PORT," "$KAFKA_CONFIG" ||
             wrong_port kafka "$METERLINE_KAFKA_PORT"
-        say "kafka: already running on 127.0.0.1:$METERLINE_KAFKA_PORT"
-    else
-        for port in "$METERLINE_KAFKA_PORT" "$METERLINE_KAFKA_CONTROLLER_PORT"; do
+        if ! cmp -s "$KAFKA_CONFIG" "$KAFKA_CONFIG.next"; then
+            # A broker started before the configuration changed (a new listener): restart it.
+            say "kafka: running with an older configuration; restarting"
+            stop_pid kafka "$pid" 120
+            rm -f "$KAFKA_PID"
+        else
+            say "kafka: already running on 127.0.0.1:$METERLINE_KAFKA_PORT"
+        fi
+    fi
+    if ! kafka_pid >/dev/null; then
+        for port in "$METERLINE_KAFKA_PORT" "$METERLINE_KAFKA_CONTROLLER_PORT" "$KAFKA_SASL_PORT"; do
             port_taken "$port" && die "kafka: port $port is taken by another process" \
                 "(set METERLINE_KAFKA_PORT / METERLINE_KAFKA_CONTROLLER_PORT)"
         done
-        kafka_write_config
-        kafka_format
+        mv "$KAFKA_CONFIG.next" "$KAFKA_CONFIG"
+        kafka_format "$KAFKA_CONFIG" "$KAFKA_DATA" "$(new_cluster_id)" "$KAFKA_STDOUT"
         rm -f "$KAFKA_PID"
         launch "$KAFKA_PID" "$KAFKA_STDOUT" "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONFIG"
-        say "kafka: starting on 127.0.0.1:$METERLINE_KAFKA_PORT"
+        say "kafka: starting on 127.0.0.1:$METERLINE_KAFKA_PORT (SASL_PLAINTEXT $KAFKA_SASL_PORT)"
     fi
-    # Ready means a real metadata answer with a leader for every partition, not an open port.
-    deadline=$((SECONDS + METERLINE_START_TIMEOUT))
-    until probe kafka "127.0.0.1:$METERLINE_KAFKA_PORT" 2>/dev/null; do
-        sleep 0.3
-        # The pid file is written by the child: give it a moment before taking its absence as a death.
-        if ! kafka_pid >/dev/null && [ -s "$KAFKA_PID" ]; then
-            fail_start kafka "$KAFKA_LOG" "exited while starting (also see $KAFKA_STDOUT)"
-        fi
-        if ((SECONDS >= deadline)); then
-            probe kafka "127.0.0.1:$METERLINE_KAFKA_PORT" || true
-            fail_start kafka "$KAFKA_LOG" "did not answer within ${METERLINE_START_TIMEOUT}s"
-        fi
-    done
-    say "kafka: answering on 127.0.0.1:$METERLINE_KAFKA_PORT"
+    rm -f "$KAFKA_CONFIG.next"
+    kafka_wait kafka "$METERLINE_KAFKA_PORT" kafka_pid "$KAFKA_PID" "$KAFKA_LOG"
+    kafka_scram_user "$KAFKA_DATA" "127.0.0.1:$METERLINE_KAFKA_PORT" "$KAFKA_STDOUT"
 }
 
-stop_kafka() {
+stop_single_kafka() {
     local pid
     if pid=$(kafka_pid); then
         stop_pid kafka "$pid" 120
@@ -262,7 +321,7 @@ stop_kafka() {
     rm -f "$KAFKA_PID"
 }
 
-status_kafka() {
+status_single_kafka() {
     local pid
     if pid=$(kafka_pid); then
         printf '%-12s running  pid %-8s 127.0.0.1:%-6s log %s\n' kafka "$pid" \
@@ -270,6 +329,138 @@ status_kafka() {
     else
         printf '%-12s stopped\n' kafka
         return 1
+    fi
+}
+
+# --- the three-node cluster ---
+
+node_config() { echo "$KAFKA_CLUSTER_CONF_DIR/node$1.properties"; }
+node_pidfile() { echo "$KAFKA_CLUSTER_CONF_DIR/node$1.pid"; }
+node_logs() { echo "$LOG_DIR/kafka-node$1"; }
+node_pid() { live_pid "$(node_pidfile "$1")" "$(node_config "$1")"; }
+node1_pid() { node_pid 1; }
+node2_pid() { node_pid 2; }
+node3_pid() { node_pid 3; }
+
+node_write_config() {
+    local n=$1 voters=() m
+    for m in "${KAFKA_CLUSTER_NODES[@]}"; do
+        voters+=("$m@127.0.0.1:$(kafka_node_controller_port "$m")")
+    done
+    mkdir -p "$KAFKA_CLUSTER_CONF_DIR" "$KAFKA_CLUSTER_DATA" "$(node_logs "$n")"
+    sed -e "s|@NODE_ID@|$n|g" \
+        -e "s|@VOTERS@|$(IFS=,; echo "${voters[*]}")|g" \
+        -e "s|@PORT@|$(kafka_node_port "$n")|g" \
+        -e "s|@SASL_PORT@|$(kafka_node_sasl_port "$n")|g" \
+        -e "s|@CONTROLLER_PORT@|$(kafka_node_controller_port "$n")|g" \
+        -e "s|@DATA_DIR@|$KAFKA_CLUSTER_DATA/node$n|g" \
+        "$ROOT/deploy/local/kafka/cluster.properties" >"$(node_config "$n")"
+}
+
+# Launch one node without waiting for it (a node answers only once a quorum of controllers runs).
+launch_node() {
+    local n=$1 cluster_id port
+    if node_pid "$n" >/dev/null; then
+        say "kafka-$n: already running on 127.0.0.1:$(kafka_node_port "$n")"
+        return
+    fi
+    for port in "$(kafka_node_port "$n")" "$(kafka_node_sasl_port "$n")" "$(kafka_node_controller_port "$n")"; do
+        port_taken "$port" && die "kafka-$n: port $port is taken by another process"
+    done
+    node_write_config "$n"
+    if [ ! -s "$KAFKA_CLUSTER_DATA/cluster.id" ]; then
+        new_cluster_id >"$KAFKA_CLUSTER_DATA/cluster.id"
+    fi
+    cluster_id=$(cat "$KAFKA_CLUSTER_DATA/cluster.id")
+    kafka_format "$(node_config "$n")" "$KAFKA_CLUSTER_DATA/node$n" "$cluster_id" \
+        "$(node_logs "$n")/stdout.log"
+    local jvm
+    kafka_jvm jvm "$(node_logs "$n")" "$KAFKA_NODE_HEAP"
+    launch "$(node_pidfile "$n")" "$(node_logs "$n")/stdout.log" \
+        "${jvm[@]}" kafka.Kafka "$(node_config "$n")"
+    say "kafka-$n: starting on 127.0.0.1:$(kafka_node_port "$n")"
+}
+
+start_nodes() {
+    local n
+    kafka_libs_present || die "no Kafka jars in $KAFKA_LIBS; run deploy/local/install.sh"
+    ensure_state
+    for n in "$@"; do launch_node "$n"; done
+    for n in "$@"; do
+        kafka_wait "kafka-$n" "$(kafka_node_port "$n")" "node${n}_pid" "$(node_pidfile "$n")" \
+            "$(node_logs "$n")/kafka.log"
+    done
+    kafka_scram_user "$KAFKA_CLUSTER_DATA" "$(METERLINE_KAFKA_BROKERS=3 kafka_servers plain)" \
+        "$(node_logs 1)/stdout.log"
+}
+
+# TERM every node at once: a node stopped last would wait for a controller quorum that is gone.
+stop_nodes() {
+    local n pid pids=() deadline
+    for n in "$@"; do
+        if pid=$(node_pid "$n"); then
+            kill -TERM "$pid" 2>/dev/null || true
+            pids+=("$n:$pid")
+        else
+            say "kafka-$n: not running"
+        fi
+    done
+    deadline=$((SECONDS + 60))
+    for entry in "${pids[@]}"; do
+        n=${entry%%:*}
+        pid=${entry#*:}
+        while pid_running "$pid" && ((SECONDS < deadline)); do sleep 0.2; done
+        if pid_running "$pid"; then
+            say "kafka-$n: still running 60s after TERM; sending KILL" >&2
+            kill -KILL "$pid" 2>/dev/null || true
+        fi
+        say "kafka-$n: stopped"
+        rm -f "$(node_pidfile "$n")"
+    done
+}
+
+kill_nodes() {
+    local n pid
+    for n in "$@"; do
+        if pid=$(node_pid "$n"); then
+            kill -KILL "$pid"
+            while pid_running "$pid"; do sleep 0.1; done
+            say "kafka-$n: killed"
+        else
+            say "kafka-$n: not running"
+        fi
+        rm -f "$(node_pidfile "$n")"
+    done
+}
+
+status_nodes() {
+    local n pid status=0
+    for n in "$@"; do
+        if pid=$(node_pid "$n"); then
+            printf '%-12s running  pid %-8s 127.0.0.1:%-6s log %s\n' "kafka-$n" "$pid" \
+                "$(kafka_node_port "$n")" "$(node_logs "$n")/kafka.log"
+        else
+            printf '%-12s stopped\n' "kafka-$n"
+            status=1
+        fi
+    done
+    return "$status"
+}
+
+cluster_mode() { [ "$METERLINE_KAFKA_BROKERS" = 3 ]; }
+
+start_kafka() { if cluster_mode; then start_nodes "${KAFKA_CLUSTER_NODES[@]}"; else start_single_kafka; fi; }
+stop_kafka() { if cluster_mode; then stop_nodes "${KAFKA_CLUSTER_NODES[@]}"; else stop_single_kafka; fi; }
+status_kafka() { if cluster_mode; then status_nodes "${KAFKA_CLUSTER_NODES[@]}"; else status_single_kafka; fi; }
+kill_kafka() {
+    local pid
+    if cluster_mode; then
+        kill_nodes "${KAFKA_CLUSTER_NODES[@]}"
+    elif pid=$(kafka_pid); then
+        kill -KILL "$pid"
+        while pid_running "$pid"; do sleep 0.1; done
+        rm -f "$KAFKA_PID"
+        say "kafka: killed"
     fi
 }
 
@@ -336,13 +527,18 @@ status_stripe_mock() {
 [ $# -ge 1 ] || usage
 action=$1
 shift
+check_kafka_mode
+if [ "$action" = servers ]; then
+    kafka_servers "${1:-plain}"
+    exit 0
+fi
 components=("$@")
 [ ${#components[@]} -gt 0 ] || components=("${ALL[@]}")
 for component in "${components[@]}"; do
-    case $component in postgres | kafka | stripe-mock) ;; *) usage ;; esac
+    case $component in postgres | kafka | stripe-mock | kafka-[123]) ;; *) usage ;; esac
 done
 
-if [ "$action" != status ]; then
+if [ "$action" != status ] && [ "$action" != servers ]; then
     mkdir -p "$LOCAL_DIR"
     # One start or stop at a time per checkout: concurrent `make up`s must not start two brokers.
     exec 9>"$LOCAL_DIR/ctl.lock"
@@ -351,12 +547,27 @@ fi
 
 status=0
 for component in "${components[@]}"; do
+    case $component in
+    kafka-[123])
+        node=${component#kafka-}
+        case $action in
+        start) start_nodes "$node" ;;
+        stop) stop_nodes "$node" ;;
+        restart) stop_nodes "$node" && start_nodes "$node" ;;
+        kill) kill_nodes "$node" ;;
+        status) status_nodes "$node" || status=3 ;;
+        *) usage ;;
+        esac
+        continue
+        ;;
+    esac
     fn=${component//-/_}
     case $action in
     start) "start_$fn" ;;
     stop) "stop_$fn" ;;
     restart) "stop_$fn" && "start_$fn" ;;
     status) "status_$fn" || status=3 ;;
+    kill) [ "$component" = kafka ] && kill_kafka || usage ;;
     *) usage ;;
     esac
 done

@@ -12,7 +12,8 @@ case ${1:-} in
     ;;
 esac
 
-"$ROOT/deploy/local/ctl.sh" stop stripe-mock kafka postgres
+# The nodes of the three-broker cluster too, whichever mode this shell is in.
+"$ROOT/deploy/local/ctl.sh" stop stripe-mock kafka kafka-1 kafka-2 kafka-3 postgres
 
 if [ "${1:-}" = --purge ]; then
     say "purging $STATE_DIR and $LOCAL_DIR"

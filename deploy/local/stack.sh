@@ -13,6 +13,13 @@ METERLINE_KAFKA_CONTROLLER_PORT=${METERLINE_KAFKA_CONTROLLER_PORT:-59093}
 METERLINE_STRIPE_MOCK_PORT=${METERLINE_STRIPE_MOCK_PORT:-12111}
 # How long `ctl.sh start` waits for a component to answer before it gives up.
 METERLINE_START_TIMEOUT=${METERLINE_START_TIMEOUT:-120}
+# How many Kafka brokers `make up` runs: 1 (one node) or 3 (a KRaft cluster on loopback, every node
+# broker and controller, topics replicated 3 with min.insync.replicas 2). The cluster's ports are
+# its own, so it can also run beside the single broker (a fault test starts it that way).
+METERLINE_KAFKA_BROKERS=${METERLINE_KAFKA_BROKERS:-1}
+# What `make up` points the clients at in .local/env: none (PLAINTEXT) or scram (the brokers'
+# SASL_PLAINTEXT listener, SCRAM-SHA-512). Both listeners are always open.
+METERLINE_KAFKA_AUTH=${METERLINE_KAFKA_AUTH:-none}
 
 KAFKA_VERSION=3.9.2
 STRIPE_MOCK_VERSION=v0.197.0
@@ -34,6 +41,48 @@ KAFKA_CONF_DIR="$LOCAL_DIR/kafka"
 KAFKA_PID="$LOCAL_DIR/kafka.pid"
 KAFKA_LOG="$LOG_DIR/kafka.log"
 KAFKA_STDOUT="$LOG_DIR/kafka.stdout.log"
+# Every broker also listens with SASL_PLAINTEXT (SCRAM) two ports above its plaintext port; the
+# user is created by ctl.sh with the password kept in .local (like the pepper).
+KAFKA_SCRAM_USER=meterline
+KAFKA_SCRAM_PASSWORD_FILE="$LOCAL_DIR/kafka-scram-password"
+KAFKA_SASL_PORT=$((METERLINE_KAFKA_PORT + 2))
+# Node n (1..3) of the cluster: clients on METERLINE_KAFKA_PORT + 8n (SASL + 2), its controller on
+# METERLINE_KAFKA_CONTROLLER_PORT + 8n; every checkout keeps to its own small range.
+KAFKA_CLUSTER_NODES=(1 2 3)
+KAFKA_CLUSTER_CONF_DIR="$LOCAL_DIR/kafka-cluster"
+KAFKA_CLUSTER_DATA="$STATE_DIR/kafka-cluster"
+kafka_node_port() { echo $((METERLINE_KAFKA_PORT + 8 * $1)); }
+kafka_node_sasl_port() { echo $((METERLINE_KAFKA_PORT + 8 * $1 + 2)); }
+kafka_node_controller_port() { echo $((METERLINE_KAFKA_CONTROLLER_PORT + 8 * $1)); }
+
+# The bootstrap servers of the brokers METERLINE_KAFKA_BROKERS selects: plaintext, or with `sasl`
+# their SCRAM listeners.
+kafka_servers() {
+    local kind=${1:-plain} n servers=()
+    if [ "$METERLINE_KAFKA_BROKERS" = 1 ]; then
+        if [ "$kind" = sasl ]; then echo "127.0.0.1:$KAFKA_SASL_PORT"; else echo "127.0.0.1:$METERLINE_KAFKA_PORT"; fi
+        return
+    fi
+    for n in "${KAFKA_CLUSTER_NODES[@]}"; do
+        if [ "$kind" = sasl ]; then
+            servers+=("127.0.0.1:$(kafka_node_sasl_port "$n")")
+        else
+            servers+=("127.0.0.1:$(kafka_node_port "$n")")
+        fi
+    done
+    (IFS=,; echo "${servers[*]}")
+}
+
+# A secret generated once per checkout and kept, so that what was made with it stays valid
+# across make down / make up.
+keep_secret() {
+    local file=$1
+    if [ ! -s "$file" ]; then
+        (umask 077 && python3 -c 'import secrets; print(secrets.token_hex(32))' >"$file")
+    fi
+    cat "$file"
+}
+
 STRIPE_MOCK_PID="$LOCAL_DIR/stripe-mock.pid"
 STRIPE_MOCK_LOG="$LOG_DIR/stripe-mock.log"
 
@@ -99,4 +148,10 @@ kafka_libs_present() {
     [ -f "$KAFKA_LIBS/kafka_2.13-$KAFKA_VERSION.jar" ] &&
         [ -f "$KAFKA_LIBS/kafka-tools-$KAFKA_VERSION.jar" ] &&
         [ -f "$KAFKA_LIBS/slf4j-reload4j-1.7.36.jar" ]
+}
+
+# METERLINE_KAFKA_BROKERS and METERLINE_KAFKA_AUTH hold one of the values they allow.
+check_kafka_mode() {
+    case $METERLINE_KAFKA_BROKERS in 1 | 3) ;; *) die "METERLINE_KAFKA_BROKERS must be 1 or 3, not '$METERLINE_KAFKA_BROKERS'" ;; esac
+    case $METERLINE_KAFKA_AUTH in none | scram) ;; *) die "METERLINE_KAFKA_AUTH must be none or scram, not '$METERLINE_KAFKA_AUTH'" ;; esac
 }
