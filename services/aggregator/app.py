@@ -350,6 +350,9 @@ def ensure_web_port_free(settings: Settings) -> None:
     if port == 0:
         return
     with socket.socket() as probe:
+        # As the web server binds: a closed connection of a killed instance (TIME_WAIT) does not
+        # hold the port, a listening socket does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((settings.aggregator_web_host, port))
         except OSError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -152,3 +153,32 @@ def test_missing_pepper_is_a_clear_error(service_env: dict[str, str], seeded: ob
     assert_clean_failure(
         meterline(env, "keys", "create", "--org", "acme"), "METERLINE_API_KEY_PEPPER"
     )
+
+
+def test_aggregator_refuses_a_web_port_another_process_holds(service_env: dict[str, str]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {**service_env, "METERLINE_AGGREGATOR_PORT": str(port)}
+
+        result = meterline(env, "aggregate", "run")
+
+    # Two instances on one port would share one static group membership id.
+    assert_clean_failure(result, f"METERLINE_AGGREGATOR_PORT {port}", "in use")
+
+
+@pytest.mark.parametrize(
+    ("settings", "named"),
+    [
+        ({"KAFKA_SECURITY_PROTOCOL": "SASL_SSL"}, "KAFKA_SASL_MECHANISM"),
+        ({"KAFKA_SASL_MECHANISM": "SCRAM-SHA-1"}, "KAFKA_SASL_MECHANISM"),
+        ({"METERLINE_TOPIC_RETENTION_HOURS": "24"}, "METERLINE_TOPIC_RETENTION_HOURS"),
+    ],
+)
+def test_bad_kafka_settings_are_one_clear_error(
+    service_env: dict[str, str], settings: dict[str, str], named: str
+) -> None:
+    result = meterline({**service_env, **settings}, "replay", "dlq", "--dry-run")
+
+    assert_clean_failure(result, named)
