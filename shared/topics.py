@@ -18,7 +18,12 @@ from shared.settings import Settings
 RETENTION_SETTING = "retention.ms"
 
 
-def topic_configs(settings: Settings) -> dict[str, str]:
+# A dead letter about a whole record carries it in base64: room for any record the events topic
+# takes (1 MB by default), and more.
+DLQ_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def topic_configs(settings: Settings, topic: str) -> dict[str, str]:
     """The topic-level configuration of a topic Meterline creates."""
     configs = {
         # Keyed by organization: compaction would keep one record per organization.
@@ -27,6 +32,8 @@ def topic_configs(settings: Settings) -> dict[str, str]:
     }
     if settings.topic_min_insync_replicas is not None:
         configs["min.insync.replicas"] = str(settings.topic_min_insync_replicas)
+    if topic == settings.dlq_topic:
+        configs["max.message.bytes"] = str(DLQ_MAX_MESSAGE_BYTES)
     return configs
 
 
@@ -47,7 +54,7 @@ def ensure_topics(settings: Settings) -> list[str]:
                         "num_partitions": settings.topic_partitions,
                         # -1: the broker's default.replication.factor.
                         "replication_factor": settings.topic_replication_factor or -1,
-                        "configs": topic_configs(settings),
+                        "configs": topic_configs(settings, topic),
                     }
                     for topic in wanted
                 },

@@ -443,6 +443,8 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
         broker_session_timeout=SESSION_TIMEOUT_SECONDS,
         broker_heartbeat_interval=3.0,
         consumer_group_instance_id=group_instance_id(settings),
+        # The topics faust creates for itself (its assignor's leader topic) as ours are.
+        topic_replication_factor=settings.topic_replication_factor or 1,
         web_enabled=True,
         web_bind=settings.aggregator_web_host,
         web_host=settings.aggregator_web_host,

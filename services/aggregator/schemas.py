@@ -23,6 +23,9 @@ from services.aggregator.batch import DeadLetter, envelope_of
 DLQ_VERSION = 1
 # A coalesced reason lists each event's reason up to this length; the header keeps 512.
 MAX_REASON_CHARACTERS = 4000
+# The events of one record are split into several DLQ records past this many envelope bytes, so a
+# record (its payload in base64, 4/3) stays under the broker's default message.max.bytes (1 MB).
+MAX_PAYLOAD_BYTES = 512 * 1024
 
 
 class DeadLetterSource(msgspec.Struct, frozen=True):
@@ -75,13 +78,27 @@ def dead_letter_messages(
         alone = index if letter.event is None else None
         key = (source.topic, source.partition, source.offset, letter.code, alone)
         groups.setdefault(key, []).append(letter)
-    return [_message(group, failed_at) for group in groups.values()]
+    return [
+        _message(part, payload, failed_at)
+        for group in groups.values()
+        for part, payload in _parts(group)
+    ]
 
 
-def _message(group: list[DeadLetter], failed_at: datetime) -> DeadLetterMessage:
+def _parts(group: list[DeadLetter]) -> list[tuple[list[DeadLetter], bytes]]:
+    """The group with the payload to re-publish, halved until each payload fits."""
+    if group[0].event is None:
+        return [(group, group[0].payload)]
+    payload = envelope_of([letter.event for letter in group if letter.event is not None])
+    if len(payload) <= MAX_PAYLOAD_BYTES or len(group) == 1:
+        return [(group, payload)]
+    half = len(group) // 2
+    return _parts(group[:half]) + _parts(group[half:])
+
+
+def _message(group: list[DeadLetter], payload: bytes, failed_at: datetime) -> DeadLetterMessage:
     first = group[0]
     events = [letter.event for letter in group if letter.event is not None]
-    payload = envelope_of(events) if events else first.payload
     reason = first.reason
     if len(group) > 1:
         reason = f"{len(group)} events of this record: " + "; ".join(g.reason for g in group)

@@ -102,6 +102,22 @@ def test_dead_letters_of_one_record_are_coalesced_into_one_message() -> None:
     assert decode_dead_letter(messages[-1].value).payload_bytes() == b"{"
 
 
+def test_dead_letters_of_a_large_record_are_split_to_stay_under_the_broker_limit() -> None:
+    # 5,000 events with long ids: one envelope of them is far over the 1 MB message limit.
+    organization_id = uuid.uuid4()
+    events = [event(f"{'x' * 100}-{i}", timestamp=NOW) for i in range(5000)]
+    source = SourceRecord("t", 0, 7, None, b"k", envelope_bytes(organization_id, events))
+    letters = [conflict_letter(e) for e in read_records([source], RULES)[0]]
+
+    messages = dead_letter_messages(letters, NOW)
+
+    assert len(messages) > 1
+    assert all(len(m.value) < 1024 * 1024 for m in messages)
+    ids = [i for m in messages for i in decode_dead_letter(m.value).event_ids]
+    assert ids == [e.id for e in events]
+    assert sum(m.letters for m in messages) == 5000
+
+
 @pytest.mark.parametrize("implementation", [in_memory, kafka], ids=["in-memory", "kafka"])
 def test_sink_holds_every_message_of_a_large_batch_once_send_all_returns(
     implementation: Callable[..., object], make_settings: Callable[..., Settings]

@@ -45,6 +45,8 @@ def test_topics_are_created_with_the_horizon_plus_grace_and_the_in_sync_minimum(
         assert config["retention.ms"] == str((10 * 24 + 12) * 3600 * 1000)
         assert config["cleanup.policy"] == "delete"
         assert config["min.insync.replicas"] == "1"
+    # A dead letter about a whole record carries it in base64, so it is larger than the record.
+    assert int(topic_config(settings, settings.dlq_topic)["max.message.bytes"]) >= 2 * 1024 * 1024
     assert ensure_topics(settings) == []
     assert retention_shortfalls(settings, created) == []
 
