@@ -64,7 +64,8 @@ stop_pid() {
     done
 }
 
-port_taken() { probe --timeout 1 tcp "127.0.0.1:$1" 2>/dev/null; }
+# Something accepts connections on port $1 (of host $2, default 127.0.0.1).
+port_taken() { probe --timeout 1 tcp "${2:-127.0.0.1}:$1" 2>/dev/null; }
 
 # Running, but started with other ports than this call asks for (a changed METERLINE_*_PORT).
 wrong_port() {
@@ -251,23 +252,29 @@ kafka_scram_user() {
     say "kafka: SCRAM user $KAFKA_SCRAM_USER ready on the SASL_PLAINTEXT listeners"
 }
 
-# Wait until a broker answers metadata with a leader for every partition (not just an open port).
+# Wait until a broker at host:port $2 answers metadata with a leader for every partition (not just
+# an open port). Returns 2 if the broker exited while starting.
 kafka_wait() {
-    local name=$1 port=$2 pidcheck=$3 pidfile=$4 log=$5 deadline
+    local name=$1 address=$2 pidcheck=$3 pidfile=$4 log=$5 deadline
     deadline=$((SECONDS + METERLINE_START_TIMEOUT))
-    until probe kafka "127.0.0.1:$port" 2>/dev/null; do
+    until probe kafka "$address" 2>/dev/null; do
         sleep 0.3
         # The pid file is written by the child: give it a moment before taking its absence as a death.
         if ! "$pidcheck" >/dev/null && [ -s "$pidfile" ]; then
-            fail_start "$name" "$log" "exited while starting"
+            return 2
         fi
         if ((SECONDS >= deadline)); then
-            probe kafka "127.0.0.1:$port" || true
+            probe kafka "$address" || true
             fail_start "$name" "$log" "did not answer within ${METERLINE_START_TIMEOUT}s"
         fi
     done
-    say "$name: answering on 127.0.0.1:$port"
+    say "$name: answering on $address"
 }
+
+# The single broker's ports may lie in the kernel's ephemeral range, where a passing client
+# connection (or its TIME_WAIT, up to 60 s) can hold one of them when the broker starts; such a
+# start is tried again until METERLINE_START_TIMEOUT. Any other exit is a failure.
+bind_clash() { tail -n 400 "$1" 2>/dev/null | grep -q "BindException: Address already in use"; }
 
 kafka_write_config() {
     sed -e "s|@PORT@|$METERLINE_KAFKA_PORT|g" \
@@ -277,8 +284,14 @@ kafka_write_config() {
         "$ROOT/deploy/local/kafka/server.properties" >"$1"
 }
 
+launch_single_kafka() {
+    rm -f "$KAFKA_PID"
+    launch "$KAFKA_PID" "$KAFKA_STDOUT" "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONFIG"
+    say "kafka: starting on 127.0.0.1:$METERLINE_KAFKA_PORT (SASL_PLAINTEXT $KAFKA_SASL_PORT)"
+}
+
 start_single_kafka() {
-    local pid
+    local pid deadline
     kafka_libs_present || die "no Kafka jars in $KAFKA_LIBS; run deploy/local/install.sh"
     ensure_state
     kafka_write_config "$KAFKA_CONFIG.next"
@@ -301,12 +314,18 @@ start_single_kafka() {
         done
         mv "$KAFKA_CONFIG.next" "$KAFKA_CONFIG"
         kafka_format "$KAFKA_CONFIG" "$KAFKA_DATA" "$(new_cluster_id)" "$KAFKA_STDOUT"
-        rm -f "$KAFKA_PID"
-        launch "$KAFKA_PID" "$KAFKA_STDOUT" "${KAFKA_JVM[@]}" kafka.Kafka "$KAFKA_CONFIG"
-        say "kafka: starting on 127.0.0.1:$METERLINE_KAFKA_PORT (SASL_PLAINTEXT $KAFKA_SASL_PORT)"
+        launch_single_kafka
     fi
     rm -f "$KAFKA_CONFIG.next"
-    kafka_wait kafka "$METERLINE_KAFKA_PORT" kafka_pid "$KAFKA_PID" "$KAFKA_LOG"
+    deadline=$((SECONDS + METERLINE_START_TIMEOUT))
+    until kafka_wait kafka "127.0.0.1:$METERLINE_KAFKA_PORT" kafka_pid "$KAFKA_PID" "$KAFKA_LOG"; do
+        if ((SECONDS >= deadline)) || ! bind_clash "$KAFKA_LOG"; then
+            fail_start kafka "$KAFKA_LOG" "exited while starting (also see $KAFKA_STDOUT)"
+        fi
+        say "kafka: a listener port is held by a client connection; starting again in 3s"
+        sleep 3
+        launch_single_kafka
+    done
     kafka_scram_user "$KAFKA_DATA" "127.0.0.1:$METERLINE_KAFKA_PORT" "$KAFKA_STDOUT"
 }
 
@@ -345,10 +364,11 @@ node3_pid() { node_pid 3; }
 node_write_config() {
     local n=$1 voters=() m
     for m in "${KAFKA_CLUSTER_NODES[@]}"; do
-        voters+=("$m@127.0.0.1:$(kafka_node_controller_port "$m")")
+        voters+=("$m@$(kafka_node_host "$m"):$(kafka_node_controller_port "$m")")
     done
     mkdir -p "$KAFKA_CLUSTER_CONF_DIR" "$KAFKA_CLUSTER_DATA" "$(node_logs "$n")"
     sed -e "s|@NODE_ID@|$n|g" \
+        -e "s|@HOST@|$(kafka_node_host "$n")|g" \
         -e "s|@VOTERS@|$(IFS=,; echo "${voters[*]}")|g" \
         -e "s|@PORT@|$(kafka_node_port "$n")|g" \
         -e "s|@SASL_PORT@|$(kafka_node_sasl_port "$n")|g" \
@@ -361,11 +381,12 @@ node_write_config() {
 launch_node() {
     local n=$1 cluster_id port
     if node_pid "$n" >/dev/null; then
-        say "kafka-$n: already running on 127.0.0.1:$(kafka_node_port "$n")"
+        say "kafka-$n: already running on $(kafka_node_host "$n"):$(kafka_node_port "$n")"
         return
     fi
     for port in "$(kafka_node_port "$n")" "$(kafka_node_sasl_port "$n")" "$(kafka_node_controller_port "$n")"; do
-        port_taken "$port" && die "kafka-$n: port $port is taken by another process"
+        port_taken "$port" "$(kafka_node_host "$n")" &&
+            die "kafka-$n: $(kafka_node_host "$n"):$port is taken by another process"
     done
     node_write_config "$n"
     if [ ! -s "$KAFKA_CLUSTER_DATA/cluster.id" ]; then
@@ -376,9 +397,10 @@ launch_node() {
         "$(node_logs "$n")/stdout.log"
     local jvm
     kafka_jvm jvm "$(node_logs "$n")" "$KAFKA_NODE_HEAP"
+    rm -f "$(node_pidfile "$n")"
     launch "$(node_pidfile "$n")" "$(node_logs "$n")/stdout.log" \
         "${jvm[@]}" kafka.Kafka "$(node_config "$n")"
-    say "kafka-$n: starting on 127.0.0.1:$(kafka_node_port "$n")"
+    say "kafka-$n: starting on $(kafka_node_host "$n"):$(kafka_node_port "$n")"
 }
 
 start_nodes() {
@@ -387,8 +409,9 @@ start_nodes() {
     ensure_state
     for n in "$@"; do launch_node "$n"; done
     for n in "$@"; do
-        kafka_wait "kafka-$n" "$(kafka_node_port "$n")" "node${n}_pid" "$(node_pidfile "$n")" \
-            "$(node_logs "$n")/kafka.log"
+        kafka_wait "kafka-$n" "$(kafka_node_host "$n"):$(kafka_node_port "$n")" "node${n}_pid" \
+            "$(node_pidfile "$n")" "$(node_logs "$n")/kafka.log" ||
+            fail_start "kafka-$n" "$(node_logs "$n")/kafka.log" "exited while starting"
     done
     kafka_scram_user "$KAFKA_CLUSTER_DATA" "$(METERLINE_KAFKA_BROKERS=3 kafka_servers plain)" \
         "$(node_logs 1)/stdout.log"
@@ -437,8 +460,8 @@ status_nodes() {
     local n pid status=0
     for n in "$@"; do
         if pid=$(node_pid "$n"); then
-            printf '%-12s running  pid %-8s 127.0.0.1:%-6s log %s\n' "kafka-$n" "$pid" \
-                "$(kafka_node_port "$n")" "$(node_logs "$n")/kafka.log"
+            printf '%-12s running  pid %-8s %s:%-6s log %s\n' "kafka-$n" "$pid" \
+                "$(kafka_node_host "$n")" "$(kafka_node_port "$n")" "$(node_logs "$n")/kafka.log"
         else
             printf '%-12s stopped\n' "kafka-$n"
             status=1

@@ -46,11 +46,15 @@ KAFKA_STDOUT="$LOG_DIR/kafka.stdout.log"
 KAFKA_SCRAM_USER=meterline
 KAFKA_SCRAM_PASSWORD_FILE="$LOCAL_DIR/kafka-scram-password"
 KAFKA_SASL_PORT=$((METERLINE_KAFKA_PORT + 2))
-# Node n (1..3) of the cluster: clients on METERLINE_KAFKA_PORT + 8n (SASL + 2), its controller on
-# METERLINE_KAFKA_CONTROLLER_PORT + 8n; every checkout keeps to its own small range.
+# Node n (1..3) of the cluster listens on its own loopback address 127.0.0.(n+1): clients on
+# METERLINE_KAFKA_PORT + 8n (SASL + 2), its controller on METERLINE_KAFKA_CONTROLLER_PORT + 8n;
+# every checkout keeps to its own small range. Its own address because these ports may lie in the
+# kernel's ephemeral range, and every client connection on loopback leaves from 127.0.0.1: a
+# restarted node would otherwise find a port held by some passing connection.
 KAFKA_CLUSTER_NODES=(1 2 3)
 KAFKA_CLUSTER_CONF_DIR="$LOCAL_DIR/kafka-cluster"
 KAFKA_CLUSTER_DATA="$STATE_DIR/kafka-cluster"
+kafka_node_host() { echo "127.0.0.$((1 + $1))"; }
 kafka_node_port() { echo $((METERLINE_KAFKA_PORT + 8 * $1)); }
 kafka_node_sasl_port() { echo $((METERLINE_KAFKA_PORT + 8 * $1 + 2)); }
 kafka_node_controller_port() { echo $((METERLINE_KAFKA_CONTROLLER_PORT + 8 * $1)); }
@@ -65,9 +69,9 @@ kafka_servers() {
     fi
     for n in "${KAFKA_CLUSTER_NODES[@]}"; do
         if [ "$kind" = sasl ]; then
-            servers+=("127.0.0.1:$(kafka_node_sasl_port "$n")")
+            servers+=("$(kafka_node_host "$n"):$(kafka_node_sasl_port "$n")")
         else
-            servers+=("127.0.0.1:$(kafka_node_port "$n")")
+            servers+=("$(kafka_node_host "$n"):$(kafka_node_port "$n")")
         fi
     done
     (IFS=,; echo "${servers[*]}")

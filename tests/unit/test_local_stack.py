@@ -26,8 +26,8 @@ def servers(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     [
         ("1", "plain", "127.0.0.1:59292"),
         ("1", "sasl", "127.0.0.1:59294"),
-        ("3", "plain", "127.0.0.1:59300,127.0.0.1:59308,127.0.0.1:59316"),
-        ("3", "sasl", "127.0.0.1:59302,127.0.0.1:59310,127.0.0.1:59318"),
+        ("3", "plain", "127.0.0.2:59300,127.0.0.3:59308,127.0.0.4:59316"),
+        ("3", "sasl", "127.0.0.2:59302,127.0.0.3:59310,127.0.0.4:59318"),
     ],
 )
 def test_kafka_ports_derive_from_the_checkout_ports(brokers: str, kind: str, expected: str) -> None:
