@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
@@ -181,20 +182,32 @@ def create_topics(
 
 
 class Producer:
-    """kafka-python producer with acks=all; keys by organization like ingest does."""
+    """kafka-python producer with acks=all; keys by organization like ingest does. It retries
+    (for up to two minutes) through a broker restart or a leader moving, and flush() raises if a
+    record was still not acknowledged, so a test never waits for events that were never sent."""
 
     def __init__(self, bootstrap: str) -> None:
         from kafka import KafkaProducer
 
         self._producer = KafkaProducer(
-            bootstrap_servers=bootstrap, acks="all", linger_ms=5, retries=10
+            bootstrap_servers=bootstrap.split(","),
+            acks="all",
+            linger_ms=5,
+            delivery_timeout_ms=120_000,
+            retry_backoff_ms=200,
         )
+        self._pending: list[Any] = []
 
     def send(self, topic: str, organization_id: uuid.UUID, value: bytes) -> None:
-        self._producer.send(topic, key=str(organization_id).encode(), value=value)
+        self._pending.append(
+            self._producer.send(topic, key=str(organization_id).encode(), value=value)
+        )
 
     def flush(self) -> None:
-        self._producer.flush(timeout=60)
+        self._producer.flush(timeout=150)
+        pending, self._pending = self._pending, []
+        for future in pending:
+            future.get(timeout=1)  # raises the error of a record that was not acknowledged
 
     def close(self) -> None:
         self._producer.close(timeout=10)
