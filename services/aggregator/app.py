@@ -413,7 +413,10 @@ def group_instance_id(settings: Settings) -> str | None:
     if chosen == "none":
         return None
     if chosen == "auto":
-        return f"{socket.gethostname()}-{settings.aggregator_web_port}"
+        port = settings.aggregator_web_port
+        # Port 0 is any port: two instances of one host could not be told apart, and a restart
+        # would not find its old id; such an instance joins as a dynamic member.
+        return f"{socket.gethostname()}-{port}" if port else None
     return chosen
 
 
