@@ -10,6 +10,7 @@ import socket
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -187,8 +188,8 @@ class Aggregator:
                 log_event(logger, "dlq_send_retry", logging.WARNING, error=exc.message[:200])
                 await backoff.pause()
         self.waiting_for = None
-        for letter in letters:
-            metrics.DLQ.labels(letter.code).inc()
+        for code, count in Counter(letter.code for letter in letters).items():
+            metrics.DLQ.labels(code).inc(count)
         for message in messages:
             log_event(
                 logger,

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple, Protocol
 
 from shared.events import (
     ENVELOPE_VERSION,
@@ -87,6 +88,10 @@ class CountableEvent:
     def key(self) -> EventKey:
         return (self.organization_id, self.event.id)
 
+    @property
+    def event_time(self) -> datetime:
+        return self.event.timestamp
+
     def as_envelope(self) -> bytes:
         """This event alone, in the envelope format, for a dead letter about it alone."""
         return envelope_of([self])
@@ -106,8 +111,17 @@ def envelope_of(events: Sequence[CountableEvent]) -> bytes:
     )
 
 
-@dataclass(frozen=True, slots=True)
-class CountedVersion:
+class Counted(Protocol):
+    """A counted version of an event: a ledger row (CountedVersion) or an event of the batch."""
+
+    @property
+    def fingerprint(self) -> bytes: ...
+
+    @property
+    def event_time(self) -> datetime: ...
+
+
+class CountedVersion(NamedTuple):
     """What the ledger holds of the version of an event that was counted."""
 
     fingerprint: bytes
@@ -118,7 +132,7 @@ def counted_version(event: CountableEvent) -> CountedVersion:
     return CountedVersion(event.fingerprint, event.event.timestamp)
 
 
-def is_repeat(counted: CountedVersion, event: CountableEvent) -> bool:
+def is_repeat(counted: Counted, event: CountableEvent) -> bool:
     """The identity rule: `event` is the counted event again (a duplicate, not a conflict) when
     the client sent the same metric, quantity and project and, if both versions carry a timestamp
     the client sent, the same timestamp. A timestamp ingest filled in agrees with any other."""
@@ -267,11 +281,11 @@ def select_new_events(
     conflicting duplicate, not counted, and sent to the DLQ by the caller.
     """
     selection = Selection()
-    seen: dict[EventKey, CountedVersion] = dict(recorded)
+    seen: dict[EventKey, Counted] = dict(recorded)
     for event in events:
         earlier = seen.get(event.key)
         if earlier is None:
-            seen[event.key] = counted_version(event)
+            seen[event.key] = event
             selection.new.append(event)
         elif is_repeat(earlier, event):
             selection.duplicates += 1
