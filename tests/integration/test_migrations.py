@@ -213,7 +213,8 @@ def _migrate_while_writing(
 
     def run() -> None:
         try:
-            migrate.upgrade(url, revision)
+            # Generous: on a loaded machine the watcher below may take a while to see the wait.
+            migrate.upgrade(url, revision, lock_timeout_seconds=120)
         except BaseException as exc:
             failure.append(exc)
 
@@ -221,7 +222,9 @@ def _migrate_while_writing(
     migration.start()
     waited_for = ""
     deadline = time.monotonic() + 100
-    with engine.connect() as watcher:
+    # Autocommit: pg_stat_activity is read once per transaction, so a watcher inside one
+    # transaction would never see the migration's backend if it connected after the first poll.
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as watcher:
         while not waited_for and time.monotonic() < deadline and migration.is_alive():
             waited_for = (
                 watcher.execute(
