@@ -11,7 +11,19 @@ from typing import Annotated
 
 import typer
 
-from meterline.commands import aggregate, billing, db, demo, ingest, keys, orgs, plans, replay
+from meterline.commands import (
+    aggregate,
+    billing,
+    console,
+    db,
+    demo,
+    ingest,
+    keys,
+    operators,
+    orgs,
+    plans,
+    replay,
+)
 from meterline.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, error_document
 
 app = typer.Typer(
@@ -51,6 +63,8 @@ app.add_typer(ingest.app, name="ingest")
 app.add_typer(aggregate.app, name="aggregate")
 app.add_typer(replay.app, name="replay")
 app.add_typer(billing.app, name="billing")
+app.add_typer(operators.app, name="operators")
+app.command("console")(console.console)
 app.command("demo")(demo.demo)
 
 

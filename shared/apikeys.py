@@ -145,6 +145,15 @@ def expire_api_key(
     return key
 
 
+def key_state(key: ApiKey, now: datetime) -> str:
+    """active, revoked or expired, as lists show it."""
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and key.expires_at <= now:
+        return "expired"
+    return "active"
+
+
 def find_api_key(session: Session, reference: str) -> ApiKey:
     """A key by id or public prefix."""
     try:

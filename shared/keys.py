@@ -3,6 +3,9 @@
 A key reads `ml_<env>_<prefix>_<secret><check>`: the prefix is public and shown in lists; the secret
 carries 256 bits from `secrets`; a 6-character checksum lets a mistyped key be refused without a
 database round trip. Only HMAC-SHA-256(pepper, key) is stored.
+
+Operator tokens (the console and admin API) read `mlop_<prefix>_<secret><check>` and are built and
+hashed the same way; the two formats never parse as each other.
 """
 
 from __future__ import annotations
@@ -17,7 +20,10 @@ from dataclasses import dataclass
 
 _PREFIX_BYTES = 6  # 8 base32 characters of public prefix
 _SECRET_BYTES = 32  # 256 bits
-_KEY_RE = re.compile(r"^ml_(live|test)_([a-z2-7]{8})_([a-z2-7]{52})([a-z2-7]{6})$")
+_KEY_RE = re.compile(
+    r"^ml_(live|test)_(?P<prefix>[a-z2-7]{8})_([a-z2-7]{52})(?P<check>[a-z2-7]{6})$"
+)
+_OPERATOR_RE = re.compile(r"^mlop_(?P<prefix>[a-z2-7]{8})_([a-z2-7]{52})(?P<check>[a-z2-7]{6})$")
 
 
 def _b32(data: bytes) -> str:
@@ -42,22 +48,39 @@ class NewKey:
     prefix: str
 
 
-def generate_key(environment: str = "live") -> NewKey:
+def _mint(head: str) -> NewKey:
     prefix = _b32(secrets.token_bytes(_PREFIX_BYTES))[:8]
     secret = _b32(secrets.token_bytes(_SECRET_BYTES))
-    body = f"ml_{environment}_{prefix}_{secret}"
+    body = f"{head}_{prefix}_{secret}"
     return NewKey(plaintext=body + _checksum(body), prefix=prefix)
+
+
+def _checked_prefix(plaintext: str, pattern: re.Pattern[str]) -> str | None:
+    match = pattern.match(plaintext)
+    if match is None:
+        return None
+    body = plaintext[:-6]
+    if not hmac.compare_digest(_checksum(body), match.group("check")):
+        return None
+    return match.group("prefix")
+
+
+def generate_key(environment: str = "live") -> NewKey:
+    return _mint(f"ml_{environment}")
 
 
 def parse_prefix(plaintext: str) -> str | None:
     """The public prefix of a well-formed key with a valid checksum, else None."""
-    match = _KEY_RE.match(plaintext)
-    if match is None:
-        return None
-    body = plaintext[:-6]
-    if not hmac.compare_digest(_checksum(body), match.group(4)):
-        return None
-    return match.group(2)
+    return _checked_prefix(plaintext, _KEY_RE)
+
+
+def generate_operator_token() -> NewKey:
+    return _mint("mlop")
+
+
+def parse_operator_prefix(plaintext: str) -> str | None:
+    """The public prefix of a well-formed operator token with a valid checksum, else None."""
+    return _checked_prefix(plaintext, _OPERATOR_RE)
 
 
 def hash_key(plaintext: str, pepper: bytes) -> bytes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
@@ -87,6 +88,38 @@ def find_organization(session: Session, reference: str) -> Organization:
 
 def list_organizations(session: Session) -> list[Organization]:
     return list(session.scalars(sa.select(Organization).order_by(Organization.slug)))
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationPage:
+    organizations: list[Organization]
+    total: int  # matching the search, over all pages
+
+
+def search_organizations(
+    session: Session, *, query: str | None = None, limit: int = 50, offset: int = 0
+) -> OrganizationPage:
+    """Organizations whose slug or name contains `query` (any case), or whose id or Stripe
+    customer id is `query`; by slug."""
+    statement = sa.select(Organization)
+    text = (query or "").strip()
+    if "\x00" in text or len(text) > 200:
+        raise InvalidInput("search: at most 200 characters, and no NUL character")
+    if text:
+        pattern = "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        matches = [
+            Organization.slug.ilike(pattern, escape="\\"),
+            Organization.name.ilike(pattern, escape="\\"),
+            Organization.stripe_customer_id == text,
+        ]
+        try:
+            matches.append(Organization.id == uuid.UUID(text))
+        except ValueError:
+            pass
+        statement = statement.where(sa.or_(*matches))
+    total = session.scalar(sa.select(sa.func.count()).select_from(statement.subquery())) or 0
+    rows = session.scalars(statement.order_by(Organization.slug).limit(limit).offset(offset))
+    return OrganizationPage(list(rows), int(total))
 
 
 def delete_organization(
@@ -250,6 +283,17 @@ def archive_project(
             .values(revoked_at=now)
         )
     session.flush()
+    return project
+
+
+def find_project(session: Session, organization_id: uuid.UUID, reference: str) -> Project:
+    """A project of the organization by slug or id; NotFound otherwise."""
+    project = next(
+        (p for p in list_projects(session, organization_id) if reference in (p.slug, str(p.id))),
+        None,
+    )
+    if project is None:
+        raise NotFound(f"no project {reference!r} in organization {organization_id}")
     return project
 
 

@@ -45,8 +45,7 @@ def create(
     """Create a key and print its plaintext, once."""
     from shared.apikeys import create_api_key
     from shared.db import unit_of_work
-    from shared.errors import NotFound
-    from shared.organizations import find_organization, list_projects, require_user
+    from shared.organizations import find_organization, find_project, require_user
 
     with cli_errors(as_json):
         settings = context.settings()
@@ -56,13 +55,7 @@ def create(
             found = find_organization(session, organization)
             project_id = None
             if project is not None:
-                match = next(
-                    (p for p in list_projects(session, found.id) if project in (p.slug, str(p.id))),
-                    None,
-                )
-                if match is None:
-                    raise NotFound(f"no project {project!r} in organization {organization!r}")
-                project_id = match.id
+                project_id = find_project(session, found.id, project).id
             user_id = None
             if user is not None:
                 user_id = require_user(session, user).id
@@ -95,7 +88,7 @@ def list_(
     as_json: JsonOption = False,
 ) -> None:
     """List an organization's keys: prefixes and state, never the key."""
-    from shared.apikeys import list_api_keys
+    from shared.apikeys import key_state, list_api_keys
     from shared.db import unit_of_work
     from shared.organizations import find_organization
 
@@ -104,18 +97,13 @@ def list_(
         found = find_organization(session, organization)
         rows = []
         for key in list_api_keys(session, found.id, actor_id=None):
-            state = "active"
-            if key.revoked_at is not None:
-                state = "revoked"
-            elif key.expires_at is not None and key.expires_at <= now:
-                state = "expired"
             rows.append(
                 {
                     "id": str(key.id),
                     "prefix": key.prefix,
                     "name": key.name,
                     "project_id": str(key.project_id) if key.project_id else None,
-                    "state": state,
+                    "state": key_state(key, now),
                     "last_used_at": key.last_used_at,
                     "usage_count": key.usage_count,
                     "expires_at": key.expires_at,

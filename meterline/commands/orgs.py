@@ -221,13 +221,10 @@ def projects_archive(
 ) -> None:
     """Archive a project and revoke its keys (usage is kept)."""
     from shared.db import unit_of_work
-    from shared.errors import NotFound
-    from shared.organizations import archive_project, find_organization, list_projects
+    from shared.organizations import archive_project, find_organization, find_project
 
     with cli_errors(), unit_of_work(context.engine()) as session:
         found = find_organization(session, organization)
-        project = next((p for p in list_projects(session, found.id) if p.slug == slug), None)
-        if project is None:
-            raise NotFound(f"no project {slug!r} in {organization}")
+        project = find_project(session, found.id, slug)
         archive_project(session, project.id, actor_id=None, now=datetime.now(UTC))
     typer.echo(f"archived project {slug}")

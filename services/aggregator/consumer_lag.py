@@ -88,3 +88,40 @@ def _received_at(consumer: Any, tp: Any, offset: int) -> datetime:
             except EnvelopeError:
                 return stamped
     raise BrokerUnavailable(f"could not read {tp.topic}[{tp.partition}] at offset {offset}")
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionLag:
+    partition: int
+    committed: int | None  # the group's committed offset; None before its first commit
+    end: int
+
+    @property
+    def lag(self) -> int:
+        return max(self.end - (self.committed or 0), 0)
+
+
+def partition_lag(bootstrap_servers: str, group_id: str, topic: str) -> list[PartitionLag]:
+    """Every partition of `topic` with the group's committed offset and the end offset (the
+    console's per-partition view; group_backlog above answers "how much, how old"). Raises
+    BrokerUnavailable."""
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+
+    try:
+        consumer: Any = KafkaConsumer(
+            bootstrap_servers=bootstrap_servers.split(","),
+            group_id=group_id,
+            enable_auto_commit=False,
+            request_timeout_ms=REQUEST_TIMEOUT_MS,
+        )
+        try:
+            tps = [
+                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
+            ]
+            ends = consumer.end_offsets(tps) if tps else {}
+            return [PartitionLag(tp.partition, consumer.committed(tp), ends[tp]) for tp in tps]
+        finally:
+            consumer.close()
+    except KafkaError as exc:
+        raise BrokerUnavailable(f"cannot read the offsets of {group_id} on {topic}: {exc}") from None

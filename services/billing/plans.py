@@ -15,22 +15,42 @@ from shared.models import Plan
 
 def read_plan_file(path: Path) -> list[dict[str, Any]]:
     """Parse a JSON or YAML plan file and validate every plan in it."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
+    return parse_plan_text(text, source=str(path), as_json=path.suffix.lower() == ".json")
+
+
+def parse_plan_text(text: str, *, source: str, as_json: bool = False) -> list[dict[str, Any]]:
+    """Parse a plan document (JSON when `as_json`, else YAML, which also reads JSON) and validate
+    every plan in it; `source` names it in errors (a file's path, or "plans" for pasted text)."""
     import json
 
     import yaml
 
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidInput(f"cannot read {path}: {exc.strerror}") from None
-    try:
         # Floats are parsed as floats on purpose: validation refuses them where the schema wants
         # decimal strings, so "0.05" must be quoted and no binary fraction reaches a price.
-        document = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        document = json.loads(text) if as_json else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidInput(f"{path}: not valid JSON or YAML: {first}") from None
+        raise InvalidInput(f"{source}: not valid JSON or YAML: {first}") from None
+    _refuse_nul(document, "plans")
     return validate_plan_file(document)
+
+
+def _refuse_nul(value: Any, path: str) -> None:
+    """PostgreSQL text and JSONB cannot hold U+0000: name where it is instead of failing there."""
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidInput(f"{path}: contains a NUL character")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _refuse_nul(str(key), path)
+            _refuse_nul(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _refuse_nul(item, f"{path}[{index}]")
 
 
 def apply_plans(session: Session, plans: list[dict[str, Any]]) -> list[tuple[str, str]]:

@@ -12,6 +12,13 @@ from shared.models.billing import (
 from shared.models.identity import Account, Session, User, VerificationToken
 from shared.models.keys import ApiKey, ApiKeyDeletion
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
+from shared.models.operators import (
+    AuditEntry,
+    Operator,
+    OperatorRole,
+    OperatorSession,
+    PipelineSample,
+)
 from shared.models.plans import BillingInterval, Plan, Subscription, SubscriptionStatus
 from shared.models.tenancy import (
     MANAGER_ROLES,
@@ -31,13 +38,18 @@ __all__ = [
     "Account",
     "ApiKey",
     "ApiKeyDeletion",
+    "AuditEntry",
     "Base",
     "BillingInterval",
     "BillingRun",
     "Invoice",
     "InvoiceLine",
+    "Operator",
+    "OperatorRole",
+    "OperatorSession",
     "Organization",
     "OrganizationMember",
+    "PipelineSample",
     "Plan",
     "Project",
     "ReconciliationMismatch",

@@ -161,3 +161,8 @@ class ReconciliationMismatch(IdMixin, TimestampMixin, Base):
     amount: Mapped[Decimal | None] = mapped_column(Numeric)
     resolved: Mapped[bool] = mapped_column(Boolean, default=False)
     resolution: Mapped[str | None] = mapped_column(Text)
+    # Set when a person marked it resolved (console or admin API), with their note; `resolution`
+    # above is what a billing run itself did about it.
+    resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    resolved_by: Mapped[str | None] = mapped_column(String(100))
+    resolution_note: Mapped[str | None] = mapped_column(Text)
