@@ -13,9 +13,10 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-# API keys, Stripe secrets, webhook secrets, bearer tokens and URL passwords.
+# API keys, operator tokens, Stripe secrets, webhook secrets, bearer tokens and URL passwords.
 _SECRET_PATTERNS = [
     re.compile(r"ml_(?:live|test)_[a-z2-7]{8}_[a-z2-7]{20,}"),
+    re.compile(r"mlop_[a-z2-7]{8}_[a-z2-7]{20,}"),
     re.compile(r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{3,}"),
     re.compile(r"\bwhsec_[A-Za-z0-9+/=]{3,}"),
     re.compile(r"(?i)(bearer\s+)[^\s\"',]+"),

@@ -190,7 +190,5 @@ def resolve_session(
 
 def end_session(session: Session, token: str, *, pepper: bytes) -> None:
     session.execute(
-        sa.delete(OperatorSession).where(
-            OperatorSession.token_hash == _session_hash(token, pepper)
-        )
+        sa.delete(OperatorSession).where(OperatorSession.token_hash == _session_hash(token, pepper))
     )

@@ -6,6 +6,7 @@ an organization always keeps at least one owner.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from dataclasses import dataclass
@@ -112,10 +113,8 @@ def search_organizations(
             Organization.name.ilike(pattern, escape="\\"),
             Organization.stripe_customer_id == text,
         ]
-        try:
+        with contextlib.suppress(ValueError):
             matches.append(Organization.id == uuid.UUID(text))
-        except ValueError:
-            pass
         statement = statement.where(sa.or_(*matches))
     total = session.scalar(sa.select(sa.func.count()).select_from(statement.subquery())) or 0
     rows = session.scalars(statement.order_by(Organization.slug).limit(limit).offset(offset))

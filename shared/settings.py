@@ -153,6 +153,19 @@ class Settings(BaseSettings):
     ingest_host: str = Field("127.0.0.1", validation_alias="METERLINE_INGEST_HOST")
     ingest_port: int = Field(8080, ge=1, le=65535, validation_alias="METERLINE_INGEST_PORT")
     ingest_workers: int = Field(1, ge=1, le=64, validation_alias="METERLINE_INGEST_WORKERS")
+    # The console (`meterline console`): where it listens, how long a browser session lasts, how
+    # often it samples the pipeline, and the ingest and aggregator URLs its health page probes
+    # (comma-separated; empty: the ingest and aggregator host and port above).
+    console_host: str = Field("127.0.0.1", validation_alias="METERLINE_CONSOLE_HOST")
+    console_port: int = Field(8090, ge=1, le=65535, validation_alias="METERLINE_CONSOLE_PORT")
+    console_session_hours: float = Field(
+        12.0, gt=0, le=24 * 7, validation_alias="METERLINE_CONSOLE_SESSION_HOURS"
+    )
+    console_sample_seconds: float = Field(
+        15.0, ge=1, le=3600, validation_alias="METERLINE_CONSOLE_SAMPLE_SECONDS"
+    )
+    console_ingest_urls: str = Field("", validation_alias="METERLINE_CONSOLE_INGEST_URLS")
+    console_aggregator_urls: str = Field("", validation_alias="METERLINE_CONSOLE_AGGREGATOR_URLS")
     log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
     log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
 
@@ -262,6 +275,20 @@ class Settings(BaseSettings):
     @property
     def dlq_topic(self) -> str:
         return f"{self.topic_prefix}.usage.events.dlq"
+
+    @property
+    def ingest_urls(self) -> list[str]:
+        """Base URLs of the ingest instances the console probes."""
+        listed = [u.strip().rstrip("/") for u in self.console_ingest_urls.split(",") if u.strip()]
+        return listed or [f"http://{self.ingest_host}:{self.ingest_port}"]
+
+    @property
+    def aggregator_urls(self) -> list[str]:
+        """Base URLs of the aggregator instances' /healthz and /metrics."""
+        listed = [
+            u.strip().rstrip("/") for u in self.console_aggregator_urls.split(",") if u.strip()
+        ]
+        return listed or [f"http://{self.aggregator_web_host}:{self.aggregator_web_port}"]
 
     @property
     def lateness_horizon(self) -> timedelta:

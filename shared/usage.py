@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Literal
 
@@ -279,3 +279,76 @@ def usage_totals(
         {"org": organization_id, "start": start, "end": end},
     )
     return {row.k: Decimal(row.q) for row in result}
+
+
+@dataclass(frozen=True, slots=True)
+class OrganizationUsage:
+    organization_id: uuid.UUID
+    metric: str
+    quantity: Decimal
+    event_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class DailyUsage:
+    day: date
+    metric: str
+    quantity: Decimal
+    event_count: int
+
+
+def usage_by_organization(
+    connection: Connection | Session,
+    *,
+    start: date,
+    end: date,
+    metric: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[list[OrganizationUsage], int]:
+    """Each organization's total per metric over the UTC days [start, end), read from the daily
+    rollup (usage_daily), largest first; and how many (organization, metric) pairs there are."""
+    result = connection.execute(
+        sa.text(
+            """
+            SELECT organization_id, metric, sum(quantity) AS q, sum(event_count) AS n,
+                   count(*) OVER () AS total
+              FROM usage_daily
+             WHERE day >= :start AND day < :end
+               AND (CAST(:metric AS text) IS NULL OR metric = CAST(:metric AS text))
+             GROUP BY organization_id, metric
+             ORDER BY q DESC, organization_id, metric
+             LIMIT :limit OFFSET :offset
+            """
+        ),
+        {"start": start, "end": end, "metric": metric, "limit": limit, "offset": offset},
+    ).all()
+    total = int(result[0].total) if result else 0
+    rows = [OrganizationUsage(r.organization_id, r.metric, Decimal(r.q), int(r.n)) for r in result]
+    return rows, total
+
+
+def daily_usage(
+    connection: Connection | Session,
+    *,
+    start: date,
+    end: date,
+    metric: str | None = None,
+    organization_id: uuid.UUID | None = None,
+) -> list[DailyUsage]:
+    """Totals per UTC day and metric over [start, end), of everyone or one organization."""
+    result = connection.execute(
+        sa.text(
+            """
+            SELECT day, metric, sum(quantity) AS q, sum(event_count) AS n
+              FROM usage_daily
+             WHERE day >= :start AND day < :end
+               AND (CAST(:metric AS text) IS NULL OR metric = CAST(:metric AS text))
+               AND (CAST(:org AS uuid) IS NULL OR organization_id = CAST(:org AS uuid))
+             GROUP BY day, metric
+             ORDER BY day, metric
+            """
+        ),
+        {"start": start, "end": end, "metric": metric, "org": organization_id},
+    )
+    return [DailyUsage(r.day, r.metric, Decimal(r.q), int(r.n)) for r in result]

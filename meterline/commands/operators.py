@@ -80,7 +80,14 @@ def list_(as_json: JsonOption = False) -> None:
         print_table(
             ["name", "role", "prefix", "state", "last used", "id"],
             [
-                (r["name"], r["role"], r["prefix"], r["state"], r["last_used_at"] or "never", r["id"])
+                (
+                    r["name"],
+                    r["role"],
+                    r["prefix"],
+                    r["state"],
+                    r["last_used_at"] or "never",
+                    r["id"],
+                )
                 for r in rows
             ],
         )

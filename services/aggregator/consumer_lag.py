@@ -124,4 +124,6 @@ def partition_lag(bootstrap_servers: str, group_id: str, topic: str) -> list[Par
         finally:
             consumer.close()
     except KafkaError as exc:
-        raise BrokerUnavailable(f"cannot read the offsets of {group_id} on {topic}: {exc}") from None
+        raise BrokerUnavailable(
+            f"cannot read the offsets of {group_id} on {topic}: {exc}"
+        ) from None

@@ -7,7 +7,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -55,7 +55,7 @@ def parse_state(value: str | None) -> MismatchState:
     return value  # type: ignore[return-value]
 
 
-def _query() -> sa.Select[tuple[ReconciliationMismatch, uuid.UUID, str]]:
+def _query() -> Any:
     return (
         sa.select(ReconciliationMismatch, Organization.id, Organization.slug)
         .join(Subscription, Subscription.id == ReconciliationMismatch.subscription_id)
@@ -105,20 +105,18 @@ def list_mismatches(
         query = query.where(Organization.id == organization_id)
     total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
     rows = session.execute(
-        query.order_by(
-            ReconciliationMismatch.updated_at.desc(), ReconciliationMismatch.id.desc()
-        )
+        query.order_by(ReconciliationMismatch.updated_at.desc(), ReconciliationMismatch.id.desc())
         .limit(limit)
         .offset(offset)
     )
-    return MismatchPage([_view(*row) for row in rows], int(total))
+    return MismatchPage([_view(row[0], row[1], row[2]) for row in rows], int(total))
 
 
 def get_mismatch(session: Session, mismatch_id: uuid.UUID) -> MismatchView:
     row = session.execute(_query().where(ReconciliationMismatch.id == mismatch_id)).one_or_none()
     if row is None:
         raise NotFound(f"mismatch {mismatch_id} not found")
-    return _view(*row)
+    return _view(row[0], row[1], row[2])
 
 
 def resolve_mismatch(

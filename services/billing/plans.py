@@ -36,6 +36,11 @@ def parse_plan_text(text: str, *, source: str, as_json: bool = False) -> list[di
     except (ValueError, yaml.YAMLError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InvalidInput(f"{source}: not valid JSON or YAML: {first}") from None
+    return validate_plan_document(document)
+
+
+def validate_plan_document(document: Any) -> list[dict[str, Any]]:
+    """The plans of a parsed plan document, validated (InvalidInput naming each bad field)."""
     _refuse_nul(document, "plans")
     return validate_plan_file(document)
 

@@ -49,7 +49,8 @@ class OperatorSession(IdMixin, TimestampMixin, Base):
 
 
 class AuditEntry(IdMixin, TimestampMixin, Base):
-    """One change made through the console, the admin API or an operator command: who, what, when."""
+    """One change made through the console, the admin API or an operator command: who, what,
+    when."""
 
     __tablename__ = "audit_log"
     __table_args__ = (Index("ix_audit_log_created_at", "created_at"),)

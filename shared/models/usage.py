@@ -59,6 +59,8 @@ class UsageDaily(TimestampMixin, Base):
     """
 
     __tablename__ = "usage_daily"
+    # The console's usage overview reads a range of days across every organization.
+    __table_args__ = (Index("ix_usage_daily_day", "day"),)
 
     organization_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True

@@ -1,0 +1,236 @@
+"""Pipeline health as the console shows it: ingest and aggregator /healthz, the aggregator's
+counters (/metrics), consumer lag per partition and dead-letter counts; and the sampler that
+stores one reading every few seconds (pipeline_samples), from which throughput and lag are charted.
+
+Every probe has a short timeout and reports what failed instead of raising: a health page that
+errors when the thing it watches is down shows nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import httpx
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from services.aggregator.consumer_lag import PartitionLag, partition_lag
+from services.aggregator.dead_letters import PartitionLetters, list_dead_letters
+from shared.db import unit_of_work
+from shared.errors import MeterlineError
+from shared.logs import log_event
+from shared.models import PipelineSample
+from shared.settings import Settings
+
+logger = logging.getLogger("meterline.console")
+
+PROBE_TIMEOUT_SECONDS = 2.0
+#: Samples older than this are deleted by the sampler.
+KEEP_SAMPLES = timedelta(days=7)
+_COUNTER = re.compile(r"^meterline_aggregator_events_total\s+([0-9.e+]+)\s*$", re.MULTILINE)
+_DLQ_COUNTER = re.compile(
+    r'^meterline_aggregator_dlq_total\{code="([^"]+)"\}\s+([0-9.e+]+)\s*$', re.MULTILINE
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceHealth:
+    url: str
+    status: str  # the service's own word ("ok", "stalled", ...), or "unreachable"
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class AggregatorHealth(ServiceHealth):
+    events_total: int | None = None
+    dead_letters_by_code: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineHealth:
+    checked_at: datetime
+    ingest: list[ServiceHealth]
+    aggregators: list[AggregatorHealth]
+    consumer_group: str
+    partitions: list[PartitionLag]
+    lag_error: str | None
+    dead_letters: list[PartitionLetters]
+    dead_letter_error: str | None
+
+    @property
+    def lag(self) -> int | None:
+        return None if self.lag_error else sum(p.lag for p in self.partitions)
+
+    @property
+    def events_total(self) -> int | None:
+        counts = [a.events_total for a in self.aggregators if a.events_total is not None]
+        return sum(counts) if counts else None
+
+    @property
+    def last_batch_at(self) -> str | None:
+        times = [
+            str(a.detail["last_batch_at"])
+            for a in self.aggregators
+            if a.detail.get("last_batch_at")
+        ]
+        return max(times) if times else None
+
+    @property
+    def dlq_retained(self) -> int | None:
+        return None if self.dead_letter_error else sum(p.retained for p in self.dead_letters)
+
+
+def _probe(client: httpx.Client, url: str) -> ServiceHealth:
+    try:
+        response = client.get(f"{url}/healthz")
+        body = (
+            response.json()
+            if response.headers.get("content-type", "").startswith("application/json")
+            else {}
+        )
+    except (httpx.HTTPError, ValueError) as exc:
+        return ServiceHealth(url, "unreachable", {"error": str(exc)[:200] or type(exc).__name__})
+    status = str(body.get("status", "ok" if response.status_code == 200 else response.status_code))
+    return ServiceHealth(url, status, body if isinstance(body, dict) else {})
+
+
+def _aggregator(client: httpx.Client, url: str) -> AggregatorHealth:
+    health = _probe(client, url)
+    events: int | None = None
+    by_code: dict[str, int] = {}
+    if health.status != "unreachable":
+        try:
+            text = client.get(f"{url}/metrics").text
+            found = _COUNTER.search(text)
+            events = int(float(found.group(1))) if found else None
+            by_code = {m.group(1): int(float(m.group(2))) for m in _DLQ_COUNTER.finditer(text)}
+        except httpx.HTTPError:
+            pass
+    return AggregatorHealth(health.url, health.status, health.detail, events, by_code)
+
+
+def check_pipeline(
+    settings: Settings, *, now: datetime, with_dead_letters: bool = True
+) -> PipelineHealth:
+    with httpx.Client(timeout=PROBE_TIMEOUT_SECONDS) as client:
+        ingest = [_probe(client, url) for url in settings.ingest_urls]
+        aggregators = [_aggregator(client, url) for url in settings.aggregator_urls]
+    from services.aggregator.app import app_id  # imports faust: only when asked
+
+    group = app_id(settings)
+    partitions: list[PartitionLag] = []
+    lag_error = None
+    try:
+        partitions = partition_lag(settings.kafka_bootstrap_servers, group, settings.events_topic)
+    except MeterlineError as exc:
+        lag_error = exc.message
+    letters: list[PartitionLetters] = []
+    letter_error = None
+    if with_dead_letters:
+        try:
+            letters = list_dead_letters(settings, limit=1).partitions
+        except MeterlineError as exc:
+            letter_error = exc.message
+    return PipelineHealth(
+        now, ingest, aggregators, group, partitions, lag_error, letters, letter_error
+    )
+
+
+def record_sample(session: Session, health: PipelineHealth) -> None:
+    session.add(
+        PipelineSample(
+            sampled_at=health.checked_at,
+            events_total=health.events_total,
+            lag=health.lag,
+            lag_by_partition={str(p.partition): p.lag for p in health.partitions},
+            dlq_messages=health.dlq_retained,
+        )
+    )
+    session.execute(
+        sa.delete(PipelineSample).where(
+            PipelineSample.sampled_at < health.checked_at - KEEP_SAMPLES
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ThroughputPoint:
+    at: datetime
+    events_per_second: float | None  # between the previous sample and this one
+    lag: int | None
+    dlq_messages: int | None
+
+
+def throughput(samples: list[PipelineSample]) -> list[ThroughputPoint]:
+    """Rates between consecutive samples (oldest first). A counter that went down was reset by a
+    restart: the rate after it counts from zero."""
+    points: list[ThroughputPoint] = []
+    previous: PipelineSample | None = None
+    for sample in samples:
+        rate = None
+        if (
+            previous is not None
+            and sample.events_total is not None
+            and previous.events_total is not None
+        ):
+            seconds = (sample.sampled_at - previous.sampled_at).total_seconds()
+            if seconds > 0:
+                added = sample.events_total - previous.events_total
+                rate = (added if added >= 0 else sample.events_total) / seconds
+        points.append(ThroughputPoint(sample.sampled_at, rate, sample.lag, sample.dlq_messages))
+        previous = sample
+    return points
+
+
+def recent_samples(session: Session, *, since: datetime) -> list[PipelineSample]:
+    return list(
+        session.scalars(
+            sa.select(PipelineSample)
+            .where(PipelineSample.sampled_at >= since)
+            .order_by(PipelineSample.sampled_at)
+        )
+    )
+
+
+class Sampler:
+    """Reads the pipeline every `interval` seconds in a thread of its own and stores the reading."""
+
+    def __init__(self, settings: Settings, engine: Engine, interval: float) -> None:
+        self._settings = settings
+        self._engine = engine
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="pipeline-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._interval + PROBE_TIMEOUT_SECONDS * 4)
+
+    def sample_once(self, now: datetime) -> PipelineHealth:
+        health = check_pipeline(self._settings, now=now)
+        with unit_of_work(self._engine) as session:
+            record_sample(session, health)
+        return health
+
+    def _loop(self) -> None:
+        from datetime import UTC
+
+        while not self._stop.is_set():
+            try:
+                self.sample_once(datetime.now(UTC))
+            except Exception as exc:  # the sampler must outlive a database or broker outage
+                log_event(logger, "pipeline_sample_failed", logging.WARNING, error=str(exc)[:200])
+            self._stop.wait(self._interval)

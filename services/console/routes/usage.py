@@ -1,0 +1,287 @@
+"""Usage: totals by organization and metric over days (from the daily rollup), and one
+organization's usage over time by metric, project or key (from usage_records), with charts."""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import sqlalchemy as sa
+
+from services.console.charts import Series, line_chart
+from services.console.routing import PAGING, Call, Operation, Page, Param, Render
+from services.console.schemas import Document, obj
+from shared.errors import InvalidInput
+from shared.models import ApiKey, Organization, Project
+from shared.organizations import find_organization
+from shared.usage import Granularity, daily_usage, query_usage, usage_by_organization
+
+DEFAULT_DAYS = 7
+MAX_DAYS = {"hour": 31, "day": 366}
+
+FROM = Param(
+    "from", "Range start: RFC 3339, or a date (its UTC midnight); default 7 days ago.", "date-time"
+)
+TO = Param("to", "Range end, exclusive: RFC 3339 or a date; default now.", "date-time")
+METRIC = Param("metric", "Only this metric.")
+GROUP_BY = Param(
+    "group_by",
+    "Split by project or API key as well as metric.",
+    enum=("metric", "project", "api_key"),
+)
+GRANULARITY = Param("granularity", "Bucket size.", enum=("hour", "day"), default="hour")
+ORGANIZATION = Param("organization", "Organization id or slug.", location="path", required=True)
+
+
+def time_range(call: Call, granularity: str) -> tuple[datetime, datetime]:
+    """[from, to) with the defaults, refused when empty or longer than the granularity allows
+    (an hourly series of years is a mistake, not a page)."""
+    end = call.arg("to") or call.now
+    start = call.arg("from") or end - timedelta(days=DEFAULT_DAYS)
+    if end <= start:
+        raise InvalidInput("to: must be after from")
+    if end - start > timedelta(days=MAX_DAYS[granularity]):
+        raise InvalidInput(
+            f"from/to: at most {MAX_DAYS[granularity]} days at {granularity} granularity"
+        )
+    return start, end
+
+
+def _days(start: datetime, end: datetime) -> tuple[date, date]:
+    """The UTC days that hold [start, end): the rollup's resolution."""
+    first = start.astimezone(UTC).date()
+    last = (end - timedelta(microseconds=1)).astimezone(UTC).date()
+    return first, last + timedelta(days=1)
+
+
+def _metric(call: Call) -> str | None:
+    metric: str | None = call.arg("metric") or None
+    return metric
+
+
+def overview(call: Call) -> Document:
+    start, end = time_range(call, "day")
+    first, stop = _days(start, end)
+    metric = _metric(call)
+    rows, total = usage_by_organization(
+        call.session,
+        start=first,
+        end=stop,
+        metric=metric,
+        limit=call.arg("limit"),
+        offset=call.arg("offset"),
+    )
+    slugs = dict(
+        call.session.execute(
+            sa.select(Organization.id, Organization.slug).where(
+                Organization.id.in_({r.organization_id for r in rows})
+            )
+        ).all()
+    )
+    return {
+        "from": datetime.combine(first, datetime.min.time(), UTC),
+        "to": datetime.combine(stop, datetime.min.time(), UTC),
+        "total": total,
+        "limit": call.arg("limit"),
+        "offset": call.arg("offset"),
+        "items": [
+            {
+                "organization_id": r.organization_id,
+                "organization_slug": slugs.get(r.organization_id),
+                "metric": r.metric,
+                "quantity": r.quantity,
+                "event_count": r.event_count,
+            }
+            for r in rows
+        ],
+        "daily": [
+            {
+                "day": d.day.isoformat(),
+                "metric": d.metric,
+                "quantity": d.quantity,
+                "event_count": d.event_count,
+            }
+            for d in daily_usage(call.session, start=first, end=stop, metric=metric)
+        ],
+    }
+
+
+def organization_usage(call: Call) -> Document:
+    found = find_organization(call.session, call.path["organization"])
+    granularity: Granularity = call.arg("granularity") or "hour"
+    start, end = time_range(call, granularity)
+    group_by = call.arg("group_by")
+    rows = query_usage(
+        call.session,
+        found.id,
+        start=start,
+        end=end,
+        metric=_metric(call),
+        group_by=None if group_by in (None, "metric") else group_by,
+        granularity=granularity,
+    )
+    return {
+        "organization_id": found.id,
+        "organization_slug": found.slug,
+        "from": start,
+        "to": end,
+        "granularity": granularity,
+        "group_by": group_by or "metric",
+        "data": [
+            {
+                "start": r.start,
+                "metric": r.metric,
+                "project_id": r.project_id,
+                "api_key_id": r.api_key_id,
+                "quantity": r.quantity,
+                "event_count": r.event_count,
+            }
+            for r in rows
+        ],
+    }
+
+
+_ROW = obj(
+    {
+        "organization_id": {"type": "string", "format": "uuid"},
+        "organization_slug": {"type": ["string", "null"]},
+        "metric": {"type": "string"},
+        "quantity": {"type": "string"},
+        "event_count": {"type": "integer"},
+    }
+)
+_DAY = obj(
+    {
+        "day": {"type": "string", "format": "date"},
+        "metric": {"type": "string"},
+        "quantity": {"type": "string"},
+        "event_count": {"type": "integer"},
+    }
+)
+
+operations = [
+    Operation(
+        "GET",
+        "/usage",
+        "usageByOrganization",
+        "Usage totals by organization and metric, and per day",
+        "usage",
+        overview,
+        obj(
+            {
+                "from": {"type": "string", "format": "date-time"},
+                "to": {"type": "string", "format": "date-time"},
+                "total": {"type": "integer"},
+                "limit": {"type": "integer"},
+                "offset": {"type": "integer"},
+                "items": {"type": "array", "items": _ROW},
+                "daily": {"type": "array", "items": _DAY},
+            }
+        ),
+        params=(FROM, TO, METRIC, *PAGING),
+        description="Whole UTC days (the range is widened to them), from the daily rollup; "
+        "at most 366 days.",
+    ),
+    Operation(
+        "GET",
+        "/organizations/{organization}/usage",
+        "organizationUsage",
+        "One organization's usage over time by metric, project or API key",
+        "usage",
+        organization_usage,
+        obj(
+            {
+                "organization_id": {"type": "string", "format": "uuid"},
+                "organization_slug": {"type": "string"},
+                "from": {"type": "string", "format": "date-time"},
+                "to": {"type": "string", "format": "date-time"},
+                "granularity": {"type": "string"},
+                "group_by": {"type": "string"},
+                "data": {"type": "array", "items": {"$ref": "#/components/schemas/UsageRow"}},
+            }
+        ),
+        params=(ORGANIZATION, FROM, TO, METRIC, GROUP_BY, GRANULARITY),
+        description="At most 31 days at hour granularity, 366 at day.",
+    ),
+]
+
+
+def _series(points: dict[str, dict[datetime, Decimal]]) -> list[Series]:
+    return [Series(name, sorted(values.items())) for name, values in sorted(points.items())]
+
+
+def _overview_page(call: Call) -> Render:
+    document = overview(call)
+    by_metric: dict[str, dict[datetime, Decimal]] = defaultdict(dict)
+    for day in document["daily"]:
+        moment = datetime.fromisoformat(day["day"]).replace(tzinfo=UTC)
+        by_metric[day["metric"]][moment] = day["quantity"]
+    chart = line_chart(_series(by_metric), title="Usage per day, all organizations")
+    return Render("usage.html", {"usage": document, "chart": chart, "metric": _metric(call) or ""})
+
+
+def _labels(call: Call, organization_id: uuid.UUID, group_by: str | None) -> dict[Any, str]:
+    if group_by == "project":
+        return dict(
+            call.session.execute(
+                sa.select(Project.id, Project.slug).where(
+                    Project.organization_id == organization_id
+                )
+            ).all()
+        )
+    if group_by == "api_key":
+        return dict(
+            call.session.execute(
+                sa.select(ApiKey.id, ApiKey.prefix).where(ApiKey.organization_id == organization_id)
+            ).all()
+        )
+    return {}
+
+
+def _organization_page(call: Call) -> Render:
+    document = organization_usage(call)
+    group_by = document["group_by"]
+    labels = _labels(call, document["organization_id"], group_by)
+    lines: dict[str, dict[datetime, Decimal]] = defaultdict(dict)
+    totals: dict[tuple[str, str], list[Decimal | int]] = {}
+    for row in document["data"]:
+        part = row["project_id"] if group_by == "project" else row["api_key_id"]
+        name = row["metric"]
+        if group_by in ("project", "api_key"):
+            name = f"{row['metric']} · {labels.get(part, 'none') if part else 'none'}"
+        lines[name][row["start"]] = lines[name].get(row["start"], Decimal(0)) + row["quantity"]
+        total = totals.setdefault((row["metric"], name), [Decimal(0), 0])
+        total[0] += row["quantity"]
+        total[1] += row["event_count"]
+    chart = line_chart(
+        _series(lines),
+        title=f"Usage per {document['granularity']} of {document['organization_slug']}",
+    )
+    rows = [(name, metric, q, n) for (metric, name), (q, n) in sorted(totals.items())]
+    return Render(
+        "organization_usage.html",
+        {
+            "usage": document,
+            "chart": chart,
+            "totals": rows,
+            "metric": _metric(call) or "",
+            "from_value": document["from"].strftime("%Y-%m-%d"),
+            # The field is a date and `to` is exclusive: show the midnight at or after it, so
+            # sending the form again keeps today in range.
+            "to_value": _days(document["from"], document["to"])[1].isoformat(),
+        },
+    )
+
+
+pages = [
+    Page("GET", "/usage", _overview_page, params=(FROM, TO, METRIC, *PAGING)),
+    Page(
+        "GET",
+        "/organizations/{organization}/usage",
+        _organization_page,
+        params=(FROM, TO, METRIC, GROUP_BY, GRANULARITY),
+    ),
+]
