@@ -1,0 +1,740 @@
+"""The admin API: every route answers for an admin, refuses without a token (401), refuses a
+viewer's change (403), names what is wrong (404, 409, 422), refuses a session change without its
+CSRF token, and audits every change. Real PostgreSQL and Kafka; the app in process."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from starlette.testclient import TestClient
+
+from services.aggregator.replay_runs import list_replay_runs
+from services.console.app import create_app, operations
+from services.console.routing import API_PREFIX
+from shared.db import unit_of_work
+from shared.models import (
+    ApiKey,
+    AuditEntry,
+    BillingRun,
+    OperatorRole,
+    Plan,
+    ReconciliationMismatch,
+    ReplayRun,
+)
+from shared.operators import revoke_operator
+from shared.settings import Settings
+from shared.topics import ensure_topics
+from shared.usage import UsageDelta, record_usage
+from tests import factories
+from tests.aggregator_support import envelope_bytes, event
+from tests.console_support import OperatorToken, bearer, login, make_operator, produce_dead_letter
+
+URL = "https://testserver"
+
+
+@pytest.fixture(scope="module")
+def app_settings(make_settings_module: Settings) -> Settings:
+    return make_settings_module
+
+
+@pytest.fixture(scope="module")
+def make_settings_module(service_env: dict[str, str]) -> Settings:
+    import os
+
+    from shared.settings import load_settings
+
+    saved = dict(os.environ)
+    os.environ.update({k: v for k, v in service_env.items() if k.isupper()})
+    os.environ["METERLINE_TOPIC_PREFIX"] = f"console{uuid.uuid4().hex[:6]}"
+    # Nothing listens here: the health probes must say so, fast.
+    os.environ["METERLINE_CONSOLE_INGEST_URLS"] = "http://127.0.0.1:9"
+    os.environ["METERLINE_CONSOLE_AGGREGATOR_URLS"] = "http://127.0.0.1:9"
+    try:
+        return load_settings()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def client(app_settings: Settings) -> Iterator[TestClient]:
+    ensure_topics(app_settings)
+    with TestClient(
+        create_app(app_settings, sample=False, configure_logs=False), base_url=URL
+    ) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def admin(engine: Engine) -> OperatorToken:
+    return make_operator(engine, OperatorRole.ADMIN)
+
+
+@pytest.fixture(scope="module")
+def viewer(engine: Engine) -> OperatorToken:
+    return make_operator(engine, OperatorRole.VIEWER)
+
+
+@pytest.fixture
+def tenant(engine: Engine) -> dict[str, object]:
+    """A committed organization with a project, a key, a plan, a subscription and a mismatch."""
+    with unit_of_work(engine) as session:
+        organization = factories.make_organization(session)
+        project = factories.make_project(session, organization)
+        key = factories.make_api_key(session, organization, project=project)
+        plan = factories.make_plan(session)
+        subscription = factories.make_subscription(session, organization, plan)
+        mismatch = ReconciliationMismatch(
+            subscription_id=subscription.id,
+            kind="price_differs",
+            ours="4900",
+            theirs="5900",
+            amount=Decimal(1000),
+            resolved=False,
+        )
+        session.add(mismatch)
+        session.flush()
+        return {
+            "organization_id": organization.id,
+            "slug": organization.slug,
+            "project_id": project.id,
+            "key_id": key.key.id,
+            "prefix": key.key.prefix,
+            "mismatch_id": mismatch.id,
+        }
+
+
+def _path(path: str, tenant: dict[str, object] | None = None) -> str:
+    values = {
+        "organization": str(tenant["slug"]) if tenant else "x",
+        "key": str(tenant["prefix"]) if tenant else "x",
+        "mismatch": str(tenant["mismatch_id"]) if tenant else str(uuid.uuid4()),
+        "letter": "0:0",
+    }
+    for name, value in values.items():
+        path = path.replace("{" + name + "}", value)
+    return API_PREFIX + path
+
+
+def _audit(engine: Engine, action: str, target_id: object) -> list[AuditEntry]:
+    with unit_of_work(engine) as session:
+        return list(
+            session.scalars(
+                sa.select(AuditEntry).where(
+                    AuditEntry.action == action, AuditEntry.target_id == str(target_id)
+                )
+            )
+        )
+
+
+# --- the document -------------------------------------------------------------------------
+
+
+def test_openapi_documents_every_admin_route_and_nothing_else(client: TestClient) -> None:
+    document = client.get(f"{API_PREFIX}/openapi.json").json()
+    documented = {
+        (method.upper(), path) for path, item in document["paths"].items() for method in item
+    }
+    served = {(op.method, API_PREFIX + op.path) for op in operations()}
+    assert documented == served
+    assert document["components"]["securitySchemes"]["operatorToken"]["scheme"] == "bearer"
+
+
+def test_every_change_is_documented_with_403(client: TestClient) -> None:
+    document = client.get(f"{API_PREFIX}/openapi.json").json()
+    for op in operations():
+        responses = document["paths"][API_PREFIX + op.path][op.method.lower()]["responses"]
+        assert ("403" in responses) == op.change, op.name
+
+
+# --- 401 ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", operations(), ids=lambda op: op.name)
+def test_every_route_refuses_a_request_without_a_token(client: TestClient, op) -> None:
+    response = client.request(op.method, _path(op.path), json={} if op.body else None)
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "unauthenticated"
+
+
+def test_unknown_malformed_and_revoked_tokens_get_the_same_401(
+    client: TestClient, engine: Engine
+) -> None:
+    revoked = make_operator(engine, OperatorRole.ADMIN)
+    with unit_of_work(engine) as session:
+        revoke_operator(session, revoked.id, now=datetime.now(UTC))
+    for token in ("mlop_nope", revoked.token, revoked.token[:-1] + "a", "ml_live_x"):
+        response = client.get(f"{API_PREFIX}/me", headers=bearer(token))
+        assert response.status_code == 401, token
+        assert response.json() == {
+            "error": {"code": "unauthenticated", "message": "unknown or revoked operator token"}
+        }
+        assert token not in response.text
+
+
+def test_a_scheme_other_than_bearer_is_401(client: TestClient, admin: OperatorToken) -> None:
+    response = client.get(f"{API_PREFIX}/me", headers={"Authorization": f"Basic {admin.token}"})
+    assert response.status_code == 401
+
+
+# --- 403 for viewers ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("op", [o for o in operations() if o.change], ids=lambda op: op.name)
+def test_a_viewer_cannot_change_anything(
+    client: TestClient, engine: Engine, viewer: OperatorToken, tenant: dict[str, object], op
+) -> None:
+    body = {"plans": [{"key": f"v-{uuid.uuid4().hex[:6]}"}], "note": "n"} if op.body else None
+    response = client.request(
+        op.method, _path(op.path, tenant), json=body, headers=bearer(viewer.token)
+    )
+    assert response.status_code == 403
+    assert response.json()["error"]["code"] == "forbidden"
+    with unit_of_work(engine) as session:
+        assert session.get(ApiKey, tenant["key_id"]).revoked_at is None
+        assert session.get(ReconciliationMismatch, tenant["mismatch_id"]).resolved is False
+        entries = session.scalars(
+            sa.select(AuditEntry).where(AuditEntry.operator_id == viewer.id)
+        ).all()
+    assert entries == []
+
+
+@pytest.mark.parametrize("op", [o for o in operations() if not o.change], ids=lambda op: op.name)
+def test_a_viewer_reads_every_read_route(
+    client: TestClient, viewer: OperatorToken, tenant: dict[str, object], op
+) -> None:
+    response = client.get(_path(op.path, tenant), headers=bearer(viewer.token))
+    assert response.status_code == 200, response.text
+
+
+def test_me_says_who_and_what_role(
+    client: TestClient, admin: OperatorToken, viewer: OperatorToken
+) -> None:
+    assert client.get(f"{API_PREFIX}/me", headers=bearer(admin.token)).json()["can_change"]
+    me = client.get(f"{API_PREFIX}/me", headers=bearer(viewer.token)).json()
+    assert me == {"id": str(viewer.id), "name": viewer.name, "role": "viewer", "can_change": False}
+
+
+# --- organizations and keys -----------------------------------------------------------------
+
+
+def test_search_finds_an_organization_by_part_of_its_slug(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    part = str(tenant["slug"])[4:]
+    found = client.get(
+        f"{API_PREFIX}/organizations", params={"q": part}, headers=bearer(admin.token)
+    ).json()
+    assert [o["slug"] for o in found["items"]] == [tenant["slug"]]
+    assert found["total"] == 1
+
+
+def test_search_treats_like_wildcards_as_text(client: TestClient, admin: OperatorToken) -> None:
+    found = client.get(
+        f"{API_PREFIX}/organizations", params={"q": "%_"}, headers=bearer(admin.token)
+    ).json()
+    assert found["total"] == 0
+
+
+def test_organization_detail_lists_members_projects_and_keys_by_prefix(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    detail = client.get(_path("/organizations/{organization}", tenant), headers=bearer(admin.token))
+    body = detail.json()
+    assert body["organization"]["id"] == str(tenant["organization_id"])
+    assert [p["id"] for p in body["projects"]] == [str(tenant["project_id"])]
+    assert [k["prefix"] for k in body["api_keys"]] == [tenant["prefix"]]
+    assert len(body["members"]) == 1
+    assert "key_hash" not in detail.text
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "201"}, "limit"),
+        ({"offset": "-1"}, "offset"),
+        ({"q": "a\x00b"}, "q"),
+        ({"q": "x" * 501}, "q"),
+        ({"unknown": "1"}, "unknown"),
+    ],
+)
+def test_bad_query_parameters_are_422_naming_them(
+    client: TestClient, admin: OperatorToken, params: dict[str, str], problem: str
+) -> None:
+    response = client.get(f"{API_PREFIX}/organizations", params=params, headers=bearer(admin.token))
+    assert response.status_code == 422
+    assert problem in response.json()["error"]["message"]
+
+
+def test_unknown_organization_is_404(client: TestClient, admin: OperatorToken) -> None:
+    for reference in ("no-such-org", str(uuid.uuid4())):
+        response = client.get(
+            f"{API_PREFIX}/organizations/{reference}", headers=bearer(admin.token)
+        )
+        assert response.status_code == 404
+        assert response.json()["error"]["code"] == "not_found"
+
+
+def test_unknown_route_is_a_json_404(client: TestClient, admin: OperatorToken) -> None:
+    response = client.get(f"{API_PREFIX}/nothing-here", headers=bearer(admin.token))
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "not_found"
+
+
+def test_revoking_a_key_revokes_it_and_audits_who(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    response = client.post(_path("/api-keys/{key}/revoke", tenant), headers=bearer(admin.token))
+    assert response.status_code == 200
+    assert response.json()["state"] == "revoked"
+    with unit_of_work(engine) as session:
+        assert session.get(ApiKey, tenant["key_id"]).revoked_at is not None
+    [entry] = _audit(engine, "api_key.revoke", tenant["key_id"])
+    assert (entry.actor, entry.operator_id) == (admin.name, admin.id)
+    assert entry.details["prefix"] == tenant["prefix"]
+
+
+def test_revoking_an_unknown_key_is_404(client: TestClient, admin: OperatorToken) -> None:
+    response = client.post(f"{API_PREFIX}/api-keys/nokey123/revoke", headers=bearer(admin.token))
+    assert response.status_code == 404
+
+
+# --- plans ----------------------------------------------------------------------------------
+
+
+def test_applying_plans_creates_then_leaves_them_unchanged(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    key = f"plan-{uuid.uuid4().hex[:6]}"
+    document = {"plans": [{"key": key, "name": "Team", "price_monthly": 1900}]}
+    first = client.post(f"{API_PREFIX}/plans/apply", json=document, headers=bearer(admin.token))
+    again = client.post(f"{API_PREFIX}/plans/apply", json=document, headers=bearer(admin.token))
+    assert first.json() == {"plans": [{"key": key, "result": "created"}]}
+    assert again.json() == {"plans": [{"key": key, "result": "unchanged"}]}
+    listed = client.get(f"{API_PREFIX}/plans", headers=bearer(admin.token)).json()["items"]
+    assert any(p["key"] == key and p["price_monthly"] == 1900 for p in listed)
+    assert len(_audit(engine, "plans.apply", key)) == 1  # the unchanged apply changed nothing
+
+
+def test_an_invalid_plan_is_422_naming_each_field_and_writes_nothing(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    key = f"plan-{uuid.uuid4().hex[:6]}"
+    document = {
+        "plans": [
+            {
+                "key": key,
+                "price_monthly": 12.5,
+                "features": {"metered": {"api_calls": {"model": "per_unit", "unit_amount": 0.1}}},
+            }
+        ]
+    }
+    response = client.post(f"{API_PREFIX}/plans/apply", json=document, headers=bearer(admin.token))
+    assert response.status_code == 422
+    details = response.json()["error"]["details"]
+    assert any(d.startswith("plans[0].price_monthly:") for d in details)
+    assert any(d.startswith("plans[0].features.metered.api_calls.unit_amount:") for d in details)
+    with unit_of_work(engine) as session:
+        assert session.scalar(sa.select(Plan).where(Plan.key == key)) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b"not json", 422),
+        (b"[1, 2]", 422),
+        (b'{"plans": [{"key": "a", "name": "x\\u0000y"}]}', 422),
+        (b'{"plans": "' + b"x" * (1024 * 1024 + 10) + b'"}', 413),
+    ],
+)
+def test_a_plan_body_that_cannot_be_read_is_refused(
+    client: TestClient, admin: OperatorToken, content: bytes, status: int
+) -> None:
+    response = client.post(
+        f"{API_PREFIX}/plans/apply",
+        content=content,
+        headers={**bearer(admin.token), "content-type": "application/json"},
+    )
+    assert response.status_code == status
+
+
+# --- usage ----------------------------------------------------------------------------------
+
+
+def test_usage_by_organization_and_over_time(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=3)
+    with unit_of_work(engine) as session:
+        record_usage(
+            session,
+            [
+                UsageDelta(
+                    tenant["organization_id"],
+                    tenant["project_id"],
+                    tenant["key_id"],
+                    "api_calls",
+                    start + timedelta(hours=h),
+                    3600,
+                    Decimal("2.5"),
+                    2,
+                )  # fmt: skip
+                for h in range(3)
+            ],
+        )
+    over_time = client.get(
+        _path("/organizations/{organization}/usage", tenant),
+        params={"group_by": "project", "granularity": "hour"},
+        headers=bearer(admin.token),
+    ).json()
+    assert [(r["quantity"], r["project_id"]) for r in over_time["data"]] == [
+        ("2.5", str(tenant["project_id"]))
+    ] * 3
+    overview = client.get(
+        f"{API_PREFIX}/usage", params={"metric": "api_calls", "limit": "200"},
+        headers=bearer(admin.token),
+    ).json()  # fmt: skip
+    ours = [r for r in overview["items"] if r["organization_id"] == str(tenant["organization_id"])]
+    assert [(r["quantity"], r["event_count"]) for r in ours] == [("7.5", 6)]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"from": "2026-01-02T00:00:00Z", "to": "2026-01-01T00:00:00Z"},
+        {"from": "2026-01-01T00:00:00Z", "to": "2026-03-01T00:00:00Z", "granularity": "hour"},
+        {"from": "yesterday"},
+        {"granularity": "week"},
+        {"group_by": "colour"},
+    ],
+)
+def test_bad_usage_ranges_are_422(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object], params: dict[str, str]
+) -> None:
+    response = client.get(
+        _path("/organizations/{organization}/usage", tenant), params=params,
+        headers=bearer(admin.token),
+    )  # fmt: skip
+    assert response.status_code == 422
+
+
+# --- billing runs, mismatches, replay runs --------------------------------------------------
+
+
+def test_billing_and_replay_runs_are_listed_newest_first(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    now = datetime.now(UTC)
+    with unit_of_work(engine) as session:
+        run = BillingRun(as_of=now, dry_run=False, status="finished", subscriptions=3)
+        replay = ReplayRun(
+            range_start=now - timedelta(hours=1), range_end=now, dry_run=True, status="dry_run",
+            events_read=5, windows_changed=0, changes=[], finished_at=now,
+        )  # fmt: skip
+        session.add_all([run, replay])
+        session.flush()
+        run_id, replay_id = run.id, replay.id
+        assert list_replay_runs(session, limit=1).total >= 1
+    runs = client.get(f"{API_PREFIX}/billing-runs", headers=bearer(admin.token)).json()
+    replays = client.get(f"{API_PREFIX}/replay-runs", headers=bearer(admin.token)).json()
+    assert runs["items"][0]["id"] == str(run_id)
+    assert runs["items"][0]["subscriptions"] == 3
+    assert replays["items"][0]["id"] == str(replay_id)
+
+
+def test_resolving_a_mismatch_keeps_the_note_and_who(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    path = _path("/mismatches/{mismatch}/resolve", tenant)
+    response = client.post(
+        path, json={"note": "Stripe price is right"}, headers=bearer(admin.token)
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert (body["resolved"], body["resolved_by"], body["resolution_note"]) == (
+        True, admin.name, "Stripe price is right",
+    )  # fmt: skip
+    again = client.post(path, json={"note": "again"}, headers=bearer(admin.token))
+    assert again.status_code == 409
+    open_ids = [
+        m["id"]
+        for m in client.get(f"{API_PREFIX}/mismatches", headers=bearer(admin.token)).json()["items"]
+    ]
+    assert str(tenant["mismatch_id"]) not in open_ids
+    assert len(_audit(engine, "mismatch.resolve", tenant["mismatch_id"])) == 1
+
+
+@pytest.mark.parametrize(
+    "body", [{}, {"note": ""}, {"note": "  "}, {"note": 5}, {"note": "x" * 2001}]
+)
+def test_a_resolution_without_a_usable_note_is_422(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object], body: dict[str, object]
+) -> None:
+    response = client.post(
+        _path("/mismatches/{mismatch}/resolve", tenant), json=body, headers=bearer(admin.token)
+    )
+    assert response.status_code == 422
+    assert "note" in response.json()["error"]["message"]
+
+
+def test_an_unknown_mismatch_is_404(client: TestClient, admin: OperatorToken) -> None:
+    for reference in (str(uuid.uuid4()), "not-an-id"):
+        response = client.post(
+            f"{API_PREFIX}/mismatches/{reference}/resolve", json={"note": "x"},
+            headers=bearer(admin.token),
+        )  # fmt: skip
+        assert response.status_code == 404
+
+
+def test_a_rerun_finding_the_same_difference_keeps_a_persons_resolution(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    from services.billing.reconcile import record_mismatch
+
+    client.post(
+        _path("/mismatches/{mismatch}/resolve", tenant), json={"note": "accepted"},
+        headers=bearer(admin.token),
+    )  # fmt: skip
+    with unit_of_work(engine) as session:
+        found = session.get(ReconciliationMismatch, tenant["mismatch_id"])
+        finding = {
+            "kind": found.kind, "metric": None, "period_start": None, "ours": found.ours,
+            "theirs": found.theirs, "amount": found.amount, "resolved": False,
+        }  # fmt: skip
+        record_mismatch(session.connection(), None, found.subscription_id, finding)
+    with unit_of_work(engine) as session:
+        assert session.get(ReconciliationMismatch, tenant["mismatch_id"]).resolved is True
+
+
+# --- dead letters ---------------------------------------------------------------------------
+
+
+def test_dead_letters_are_listed_with_their_reason_and_republished(
+    client: TestClient, engine: Engine, app_settings: Settings, admin: OperatorToken
+) -> None:
+    from tests.kafka_support import read_topic
+
+    organization_id = uuid.uuid4()
+    payload = envelope_bytes(organization_id, [event("dl-1", timestamp=datetime.now(UTC))])
+    bootstrap = app_settings.kafka_bootstrap_servers
+    partition, offset = produce_dead_letter(
+        bootstrap, app_settings.dlq_topic, payload, organization_id=organization_id
+    )
+    skip = produce_dead_letter(
+        bootstrap, app_settings.dlq_topic, b"garbage", organization_id=organization_id,
+        code="malformed", retryable=False, reason="not JSON",
+    )  # fmt: skip
+    listed = client.get(f"{API_PREFIX}/dead-letters", headers=bearer(admin.token)).json()
+    by_reference = {d["reference"]: d for d in listed["items"]}
+    letter = by_reference[f"{partition}:{offset}"]
+    assert (letter["code"], letter["retryable"], letter["event_ids"]) == (
+        "unknown_reference", True, ["dl-1"],
+    )  # fmt: skip
+    assert letter["organization_id"] == str(organization_id)
+    assert by_reference[f"{skip[0]}:{skip[1]}"]["reason"] == "not JSON"
+    assert listed["retained"] >= 2
+
+    sent = client.post(
+        f"{API_PREFIX}/dead-letters/{partition}:{offset}/republish", headers=bearer(admin.token)
+    )
+    assert sent.status_code == 200
+    on_topic = [
+        r.value
+        for r in read_topic(bootstrap, app_settings.events_topic)
+        if r.key == str(organization_id).encode()
+    ]
+    assert on_topic == [payload]
+    assert len(_audit(engine, "dead_letter.republish", f"{partition}:{offset}")) == 1
+
+    refused = client.post(
+        f"{API_PREFIX}/dead-letters/{skip[0]}:{skip[1]}/republish", headers=bearer(admin.token)
+    )
+    assert refused.status_code == 409
+    assert "malformed" in refused.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("reference", "status"), [("0:999999", 404), ("99:0", 404), ("x", 422)])
+def test_a_dead_letter_that_is_not_there_is_refused(
+    client: TestClient, admin: OperatorToken, reference: str, status: int
+) -> None:
+    response = client.post(
+        f"{API_PREFIX}/dead-letters/{reference}/republish", headers=bearer(admin.token)
+    )
+    assert response.status_code == status
+
+
+def test_republishing_all_retryable_letters_reports_what_it_did(
+    client: TestClient, admin: OperatorToken
+) -> None:
+    first = client.post(
+        f"{API_PREFIX}/dead-letters/republish-retryable", headers=bearer(admin.token)
+    ).json()
+    second = client.post(
+        f"{API_PREFIX}/dead-letters/republish-retryable", headers=bearer(admin.token)
+    ).json()
+    assert set(first) == {"read", "republished", "skipped"}
+    assert second == {"read": 0, "republished": 0, "skipped": {}}
+
+
+# --- pipeline and audit ---------------------------------------------------------------------
+
+
+def test_pipeline_health_names_unreachable_services_and_every_partition(
+    client: TestClient, admin: OperatorToken, app_settings: Settings
+) -> None:
+    body = client.get(f"{API_PREFIX}/pipeline", headers=bearer(admin.token)).json()
+    assert [s["status"] for s in body["ingest"] + body["aggregators"]] == ["unreachable"] * 2
+    assert [p["partition"] for p in body["partitions"]] == list(
+        range(app_settings.topic_partitions)
+    )
+    assert body["consumer_group"] == f"{app_settings.topic_prefix}-aggregator"
+
+
+def test_pipeline_samples_become_a_throughput_series(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    from shared.models import PipelineSample
+
+    now = datetime.now(UTC)
+    with unit_of_work(engine) as session:
+        session.execute(sa.delete(PipelineSample))
+        for seconds, total in ((-30, 1000), (-20, 1500), (-10, 100)):  # a restart reset the count
+            session.add(
+                PipelineSample(sampled_at=now + timedelta(seconds=seconds), events_total=total,
+                               lag=7, lag_by_partition={"0": 7}, dlq_messages=0)
+            )  # fmt: skip
+    samples = client.get(f"{API_PREFIX}/pipeline", headers=bearer(admin.token)).json()["samples"]
+    assert [s["events_per_second"] for s in samples] == [None, 50.0, 10.0]
+
+
+def test_audit_lists_changes_newest_first_and_filters_by_action(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    client.post(_path("/api-keys/{key}/revoke", tenant), headers=bearer(admin.token))
+    found = client.get(
+        f"{API_PREFIX}/audit", params={"action": "api_key.revoke"}, headers=bearer(admin.token)
+    ).json()
+    assert found["items"][0]["target_id"] == str(tenant["key_id"])
+    assert {e["action"] for e in found["items"]} == {"api_key.revoke"}
+
+
+# --- sessions and CSRF ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def browser(app_settings: Settings, admin: OperatorToken) -> Iterator[tuple[TestClient, str]]:
+    app = create_app(app_settings, sample=False, configure_logs=False)
+    with TestClient(app, base_url=URL, follow_redirects=False) as c:
+        yield c, login(c, admin.token)
+
+
+def test_session_cookie_is_secure_httponly_and_samesite_strict(
+    app_settings: Settings, admin: OperatorToken
+) -> None:
+    app = create_app(app_settings, sample=False, configure_logs=False)
+    with TestClient(app, base_url=URL, follow_redirects=False) as c:
+        form = c.get("/login")
+        token = form.text.split('name="login_csrf" value="')[1].split('"')[0]
+        response = c.post("/login", data={"token": admin.token, "login_csrf": token})
+    cookie = next(
+        v for k, v in response.headers.multi_items() if k == "set-cookie" and "session" in v
+    )
+    assert cookie.startswith("__Host-meterline_session=")
+    for attribute in ("Secure", "HttpOnly", "SameSite=strict", "Path=/"):
+        assert attribute.lower() in cookie.lower()
+
+
+def test_a_session_change_without_the_csrf_token_is_refused(
+    browser: tuple[TestClient, str], engine: Engine, tenant: dict[str, object]
+) -> None:
+    c, _ = browser
+    api = c.post(_path("/api-keys/{key}/revoke", tenant))
+    page = c.post(f"/api-keys/{tenant['key_id']}/revoke", data={})
+    wrong = c.post(f"/api-keys/{tenant['key_id']}/revoke", data={"csrf_token": "x" * 64})
+    assert (api.status_code, page.status_code, wrong.status_code) == (403, 403, 403)
+    assert api.json()["error"]["code"] == "csrf_refused"
+    with unit_of_work(engine) as session:
+        assert session.get(ApiKey, tenant["key_id"]).revoked_at is None
+
+
+def test_a_session_change_from_another_origin_is_refused_even_with_the_token(
+    browser: tuple[TestClient, str], engine: Engine, tenant: dict[str, object]
+) -> None:
+    c, csrf = browser
+    for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}):
+        response = c.post(
+            f"/api-keys/{tenant['key_id']}/revoke", data={"csrf_token": csrf}, headers=headers
+        )
+        assert response.status_code == 403
+    with unit_of_work(engine) as session:
+        assert session.get(ApiKey, tenant["key_id"]).revoked_at is None
+
+
+def test_a_session_change_with_its_csrf_token_is_made(
+    browser: tuple[TestClient, str], engine: Engine, tenant: dict[str, object]
+) -> None:
+    c, csrf = browser
+    page = c.post(f"/api-keys/{tenant['key_id']}/revoke", data={"csrf_token": csrf},
+                  headers={"origin": URL})  # fmt: skip
+    assert page.status_code == 303
+    api = c.post(_path("/mismatches/{mismatch}/resolve", tenant), json={"note": "ok"},
+                 headers={"x-csrf-token": csrf})  # fmt: skip
+    assert api.status_code == 200
+    with unit_of_work(engine) as session:
+        assert session.get(ApiKey, tenant["key_id"]).revoked_at is not None
+
+
+def test_a_login_post_without_the_login_form_token_is_refused(
+    app_settings: Settings, admin: OperatorToken
+) -> None:
+    app = create_app(app_settings, sample=False, configure_logs=False)
+    with TestClient(app, base_url=URL, follow_redirects=False) as c:
+        response = c.post("/login", data={"token": admin.token})
+        assert response.status_code == 403
+        assert c.get(f"{API_PREFIX}/me").status_code == 401
+
+
+def test_logging_out_ends_the_session(browser: tuple[TestClient, str]) -> None:
+    c, csrf = browser
+    assert c.get(f"{API_PREFIX}/me").status_code == 200
+    assert c.post("/logout", data={"csrf_token": csrf}).status_code == 303
+    assert c.get(f"{API_PREFIX}/me").status_code == 401
+
+
+def test_revoking_an_operator_ends_its_sessions(app_settings: Settings, engine: Engine) -> None:
+    operator = make_operator(engine, OperatorRole.ADMIN)
+    app = create_app(app_settings, sample=False, configure_logs=False)
+    with TestClient(app, base_url=URL, follow_redirects=False) as c:
+        login(c, operator.token)
+        assert c.get(f"{API_PREFIX}/me").status_code == 200
+        with unit_of_work(engine) as session:
+            revoke_operator(session, operator.id, now=datetime.now(UTC))
+        assert c.get(f"{API_PREFIX}/me").status_code == 401
+        assert c.get("/organizations").headers["location"].startswith("/login")
+
+
+def test_login_never_redirects_off_the_site(app_settings: Settings, admin: OperatorToken) -> None:
+    app = create_app(app_settings, sample=False, configure_logs=False)
+    with TestClient(app, base_url=URL, follow_redirects=False) as c:
+        form = c.get("/login")
+        token = form.text.split('name="login_csrf" value="')[1].split('"')[0]
+        response = c.post(
+            "/login", data={"token": admin.token, "login_csrf": token, "next": "//evil.example/x"}
+        )
+        assert response.headers["location"] == "/"
+
+
+def test_pages_carry_a_content_security_policy(browser: tuple[TestClient, str]) -> None:
+    c, _ = browser
+    response = c.get("/organizations")
+    assert response.status_code == 200
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    assert response.headers["x-frame-options"] == "DENY"
