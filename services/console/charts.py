@@ -70,7 +70,13 @@ def line_chart(series: Sequence[Series], *, title: str, unit: str = "") -> Marku
             f'text-anchor="end">{escape(_label(value))}{escape(unit)}</text>'
         )
     first, last = min(p[0] for p in points), max(p[0] for p in points)
-    fmt = "%Y-%m-%d %H:%M" if (t1 - t0) < 3 * 86400 else "%Y-%m-%d"
+    fmt = (
+        "%H:%M:%S"
+        if (t1 - t0) < 3600
+        else "%Y-%m-%d %H:%M"
+        if (t1 - t0) < 3 * 86400
+        else "%Y-%m-%d"
+    )
     parts.append(
         f'<text class="axis" x="{LEFT}" y="{HEIGHT - 8}">{first.strftime(fmt)}</text>'
         f'<text class="axis" x="{WIDTH - RIGHT}" y="{HEIGHT - 8}" text-anchor="end">'

@@ -386,7 +386,7 @@ def test_usage_by_organization_and_over_time(
                     3600,
                     Decimal("2.5"),
                     2,
-                )  # fmt: skip
+                )
                 for h in range(3)
             ],
         )
