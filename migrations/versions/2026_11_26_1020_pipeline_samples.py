@@ -27,8 +27,9 @@ def upgrade() -> None:
         sa.Column("sampled_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("events_total", sa.BigInteger(), nullable=True),
         sa.Column("lag", sa.BigInteger(), nullable=True),
-        sa.Column("lag_by_partition", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+        sa.Column("partitions", postgresql.JSONB(astext_type=sa.Text()), nullable=False),
         sa.Column("dlq_messages", sa.BigInteger(), nullable=True),
+        sa.Column("dlq_pending", sa.BigInteger(), nullable=True),
         sa.Column(
             "created_at", sa.DateTime(timezone=True), server_default=sa.func.now(), nullable=False
         ),

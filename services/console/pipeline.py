@@ -2,6 +2,10 @@
 counters (/metrics), consumer lag per partition and dead-letter counts; and the sampler that
 stores one reading every few seconds (pipeline_samples), from which throughput and lag are charted.
 
+A page reads the services live (a few milliseconds each) and Kafka's offsets from the latest
+sample when it is fresh (at most three sampling intervals old), so no request waits on new Kafka
+clients; without a fresh sample it reads Kafka itself.
+
 Every probe has a short timeout and reports what failed instead of raising: a health page that
 errors when the thing it watches is down shows nothing.
 """
@@ -64,8 +68,10 @@ class PipelineHealth:
     consumer_group: str
     partitions: list[PartitionLag]
     lag_error: str | None
-    dead_letters: list[PartitionLetters]
+    dlq_retained: int | None
+    dlq_pending: int | None
     dead_letter_error: str | None
+    kafka_as_of: datetime  # when the offsets above were read
 
     @property
     def lag(self) -> int | None:
@@ -84,10 +90,6 @@ class PipelineHealth:
             if a.detail.get("last_batch_at")
         ]
         return max(times) if times else None
-
-    @property
-    def dlq_retained(self) -> int | None:
-        return None if self.dead_letter_error else sum(p.retained for p in self.dead_letters)
 
 
 def _probe(client: httpx.Client, url: str) -> ServiceHealth:
@@ -119,31 +121,74 @@ def _aggregator(client: httpx.Client, url: str) -> AggregatorHealth:
     return AggregatorHealth(health.url, health.status, health.detail, events, by_code)
 
 
-def check_pipeline(
-    settings: Settings, *, now: datetime, with_dead_letters: bool = True
-) -> PipelineHealth:
-    with httpx.Client(timeout=PROBE_TIMEOUT_SECONDS) as client:
-        ingest = [_probe(client, url) for url in settings.ingest_urls]
-        aggregators = [_aggregator(client, url) for url in settings.aggregator_urls]
+def _kafka(
+    settings: Settings,
+) -> tuple[list[PartitionLag], str | None, list[PartitionLetters], str | None]:
     from services.aggregator.app import app_id  # imports faust: only when asked
 
-    group = app_id(settings)
     partitions: list[PartitionLag] = []
     lag_error = None
     try:
-        partitions = partition_lag(settings.kafka_bootstrap_servers, group, settings.events_topic)
+        partitions = partition_lag(
+            settings.kafka_bootstrap_servers, app_id(settings), settings.events_topic
+        )
     except MeterlineError as exc:
         lag_error = exc.message
     letters: list[PartitionLetters] = []
     letter_error = None
-    if with_dead_letters:
-        try:
-            letters = list_dead_letters(settings, limit=1).partitions
-        except MeterlineError as exc:
-            letter_error = exc.message
+    try:
+        letters = list_dead_letters(settings, limit=1).partitions
+    except MeterlineError as exc:
+        letter_error = exc.message
+    return partitions, lag_error, letters, letter_error
+
+
+def _services(settings: Settings) -> tuple[list[ServiceHealth], list[AggregatorHealth]]:
+    with httpx.Client(timeout=PROBE_TIMEOUT_SECONDS) as client:
+        ingest = [_probe(client, url) for url in settings.ingest_urls]
+        aggregators = [_aggregator(client, url) for url in settings.aggregator_urls]
+    return ingest, aggregators
+
+
+def check_pipeline(settings: Settings, *, now: datetime) -> PipelineHealth:
+    """Everything read now: the services and Kafka (what the sampler stores)."""
+    from services.aggregator.app import app_id
+
+    ingest, aggregators = _services(settings)
+    partitions, lag_error, letters, letter_error = _kafka(settings)
     return PipelineHealth(
-        now, ingest, aggregators, group, partitions, lag_error, letters, letter_error
+        now, ingest, aggregators, app_id(settings), partitions, lag_error,
+        None if letter_error else sum(p.retained for p in letters),
+        None if letter_error else sum(p.pending for p in letters),
+        letter_error, now,
+    )  # fmt: skip
+
+
+def pipeline_health(
+    settings: Settings, session: Session, *, now: datetime, max_age: timedelta
+) -> PipelineHealth:
+    """The services read now; Kafka's offsets from the latest sample younger than `max_age`,
+    else read now."""
+    from services.aggregator.app import app_id
+
+    sample = session.scalar(
+        sa.select(PipelineSample)
+        .where(PipelineSample.sampled_at >= now - max_age, PipelineSample.lag.is_not(None))
+        .order_by(PipelineSample.sampled_at.desc())
+        .limit(1)
     )
+    if sample is None:
+        return check_pipeline(settings, now=now)
+    ingest, aggregators = _services(settings)
+    partitions = [
+        PartitionLag(int(p["partition"] or 0), p.get("committed"), int(p.get("end") or 0))
+        for p in sample.partitions
+    ]
+    return PipelineHealth(
+        now, ingest, aggregators, app_id(settings), partitions, None, sample.dlq_messages,
+        sample.dlq_pending, None if sample.dlq_messages is not None else "not read",
+        sample.sampled_at,
+    )  # fmt: skip
 
 
 def record_sample(session: Session, health: PipelineHealth) -> None:
@@ -152,8 +197,12 @@ def record_sample(session: Session, health: PipelineHealth) -> None:
             sampled_at=health.checked_at,
             events_total=health.events_total,
             lag=health.lag,
-            lag_by_partition={str(p.partition): p.lag for p in health.partitions},
+            partitions=[
+                {"partition": p.partition, "committed": p.committed, "end": p.end}
+                for p in health.partitions
+            ],
             dlq_messages=health.dlq_retained,
+            dlq_pending=health.dlq_pending,
         )
     )
     session.execute(

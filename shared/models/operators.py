@@ -77,5 +77,7 @@ class PipelineSample(IdMixin, TimestampMixin, Base):
     # meterline_aggregator_events_total summed over the aggregators that answered (None: none did).
     events_total: Mapped[int | None] = mapped_column(BigInteger)
     lag: Mapped[int | None] = mapped_column(BigInteger)
-    lag_by_partition: Mapped[dict[str, int]] = mapped_column(JSONB, default=dict)
-    dlq_messages: Mapped[int | None] = mapped_column(BigInteger)
+    # [{"partition", "committed", "end"}] of the aggregator's group on the events topic.
+    partitions: Mapped[list[dict[str, int | None]]] = mapped_column(JSONB, default=list)
+    dlq_messages: Mapped[int | None] = mapped_column(BigInteger)  # retained in the DLQ topic
+    dlq_pending: Mapped[int | None] = mapped_column(BigInteger)  # not yet seen by `replay dlq`

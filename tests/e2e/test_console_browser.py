@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from shared.db import unit_of_work
-from shared.models import ApiKey, Organization, OperatorRole, ReconciliationMismatch
+from shared.models import ApiKey, OperatorRole, Organization, ReconciliationMismatch
 from shared.settings import Settings
 from shared.topics import ensure_topics
 from shared.usage import UsageDelta, record_usage

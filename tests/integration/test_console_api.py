@@ -609,10 +609,18 @@ def test_pipeline_samples_become_a_throughput_series(
         for seconds, total in ((-30, 1000), (-20, 1500), (-10, 100)):  # a restart reset the count
             session.add(
                 PipelineSample(sampled_at=now + timedelta(seconds=seconds), events_total=total,
-                               lag=7, lag_by_partition={"0": 7}, dlq_messages=0)
+                               lag=7, partitions=[{"partition": 0, "committed": 3, "end": 10}],
+                               dlq_messages=2, dlq_pending=1)
             )  # fmt: skip
-    samples = client.get(f"{API_PREFIX}/pipeline", headers=bearer(admin.token)).json()["samples"]
-    assert [s["events_per_second"] for s in samples] == [None, 50.0, 10.0]
+    try:
+        body = client.get(f"{API_PREFIX}/pipeline", headers=bearer(admin.token)).json()
+    finally:
+        with unit_of_work(engine) as session:
+            session.execute(sa.delete(PipelineSample))
+    assert [s["events_per_second"] for s in body["samples"]] == [None, 50.0, 10.0]
+    # The offsets come from the latest sample, fresh enough: no Kafka read on the request.
+    assert body["partitions"] == [{"partition": 0, "committed": 3, "end": 10, "lag": 7}]
+    assert body["dead_letters"] == {"retained": 2, "pending": 1, "error": None}
 
 
 def test_audit_lists_changes_newest_first_and_filters_by_action(

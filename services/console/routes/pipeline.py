@@ -10,7 +10,7 @@ from services.console.charts import Series, line_chart
 from services.console.pipeline import (
     PipelineHealth,
     ServiceHealth,
-    check_pipeline,
+    pipeline_health,
     recent_samples,
     throughput,
 )
@@ -45,11 +45,10 @@ def health_document(health: PipelineHealth, points: list) -> Document:
         "lag_error": health.lag_error,
         "last_batch_at": health.last_batch_at,
         "events_per_second": round(rates[-1], 1) if rates else None,
+        "kafka_as_of": health.kafka_as_of,
         "dead_letters": {
             "retained": health.dlq_retained,
-            "pending": None
-            if health.dead_letter_error
-            else sum(p.pending for p in health.dead_letters),
+            "pending": health.dlq_pending,
             "error": health.dead_letter_error,
         },
         "samples": [
@@ -67,7 +66,8 @@ def health_document(health: PipelineHealth, points: list) -> Document:
 
 
 def pipeline(call: Call) -> Document:
-    health = check_pipeline(call.settings, now=call.now)
+    fresh = timedelta(seconds=call.settings.console_sample_seconds * 3)
+    health = pipeline_health(call.settings, call.session, now=call.now, max_age=fresh)
     since = call.now - timedelta(hours=call.arg("hours"))
     return health_document(health, throughput(recent_samples(call.session, since=since)))
 
@@ -90,14 +90,17 @@ operations = [
                 "lag": {"type": ["integer", "null"]},
                 "lag_error": {"type": ["string", "null"]},
                 "last_batch_at": {"type": ["string", "null"]},
+                "kafka_as_of": {"type": "string", "format": "date-time"},
                 "events_per_second": {"type": ["number", "null"]},
                 "dead_letters": {"type": "object"},
                 "samples": {"type": "array", "items": {"type": "object"}},
             }
         ),
         params=(HOURS,),
-        description="Events/s is the change of the aggregators' event counter between the "
-        "console's samples (METERLINE_CONSOLE_SAMPLE_SECONDS).",
+        description="Services are probed now; offsets and dead-letter counts come from the "
+        "console's latest sample (METERLINE_CONSOLE_SAMPLE_SECONDS; `kafka_as_of`) when it is "
+        "at most three intervals old, else are read now. Events/s is the change of the "
+        "aggregators' event counter between samples.",
     ),
 ]
 
