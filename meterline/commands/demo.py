@@ -290,6 +290,13 @@ def demo(
     timeout: Annotated[
         float, typer.Option(help="Seconds to wait for usage to become visible.")
     ] = 120.0,
+    console: Annotated[
+        bool,
+        typer.Option(
+            "--console/--no-console",
+            help="At the end, serve the console (with ingest and the aggregator) until Ctrl-C.",
+        ),
+    ] = True,
 ) -> None:
     """Run the pipeline end to end on the local components and print what happened."""
     with cli_errors():
@@ -314,40 +321,84 @@ def demo(
             _wait_ready(base_url)
             expected = _post_traffic(base_url, keys, now)
             usage = _wait_for_usage(base_url, keys, expected, now, timeout)
-        for organization, rows in usage.items():
-            typer.echo(f"\n  usage of {organization} (today, all runs of the demo so far):")
-            print_table(
-                ["day", "metric", "quantity", "events"],
-                [(r.start.date(), r.metric, r.quantity, r.event_count) for r in rows],
+            for organization, rows in usage.items():
+                typer.echo(f"\n  usage of {organization} (today, all runs of the demo so far):")
+                print_table(
+                    ["day", "metric", "quantity", "events"],
+                    [(r.start.date(), r.metric, r.quantity, r.event_count) for r in rows],
+                )
+            _exact_check(
+                settings.libpq_url.replace("postgresql://", "postgresql+psycopg://"),
+                keys,
+                expected,
+                started_at,
             )
-        _exact_check(
-            settings.libpq_url.replace("postgresql://", "postgresql+psycopg://"),
-            keys,
-            expected,
-            started_at,
-        )
-
-        _say("7. Bill: price usage against the plans, record invoices, report to Stripe, reconcile")
-        billing = subprocess.run(
-            [sys.executable, "-m", "meterline", "billing", "run"],
-            env=dict(os.environ),
-            check=False,
-        )
-        if billing.returncode not in (EXIT_OK, EXIT_NEEDS_ATTENTION):
-            from shared.errors import MeterlineError
-
-            raise MeterlineError(f"billing run failed (exit status {billing.returncode})")
-        if billing.returncode == EXIT_NEEDS_ATTENTION:
-            typer.echo(
-                "  Unresolved mismatches above are expected here: stripe-mock keeps no state and "
-                "answers every subscription lookup with the same canned fixture (its own price "
-                "and a random period), so reconciliation rightly flags price and period. The "
-                "integration tests run the same reconciliation against a stateful Stripe fake, "
-                "where they agree."
-            )
+            _bill()
+            if console:
+                _serve_console(env, log_dir, ingest_url=base_url)
         _say("Done")
         typer.echo(
             "Posted traffic was counted exactly once (the retried batch and the invalid batch "
             "added nothing). Services are stopped; `make down` stops PostgreSQL, Kafka and "
             "stripe-mock."
         )
+
+
+def _bill() -> None:
+    _say("7. Bill: price usage against the plans, record invoices, report to Stripe, reconcile")
+    billing = subprocess.run(
+        [sys.executable, "-m", "meterline", "billing", "run"],
+        env=dict(os.environ),
+        check=False,
+    )
+    if billing.returncode not in (EXIT_OK, EXIT_NEEDS_ATTENTION):
+        from shared.errors import MeterlineError
+
+        raise MeterlineError(f"billing run failed (exit status {billing.returncode})")
+    if billing.returncode == EXIT_NEEDS_ATTENTION:
+        typer.echo(
+            "  Unresolved mismatches above are expected here: stripe-mock keeps no state and "
+            "answers every subscription lookup with the same canned fixture (its own price "
+            "and a random period), so reconciliation rightly flags price and period. The "
+            "integration tests run the same reconciliation against a stateful Stripe fake, "
+            "where they agree. Resolve them in the console (Mismatches)."
+        )
+
+
+def _serve_console(env: dict[str, str], log_dir: Path, *, ingest_url: str) -> None:
+    """Mint a demo admin operator, start the console and wait for Ctrl-C."""
+    from meterline.commands import context
+    from shared.db import unit_of_work
+    from shared.models import OperatorRole
+    from shared.operators import create_operator
+
+    _say("8. Open the console")
+    settings = context.settings()
+    with unit_of_work(context.engine()) as session:
+        created = create_operator(
+            session,
+            name=f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}",
+            role=OperatorRole.ADMIN,
+            pepper=settings.pepper_bytes(),
+        )
+        token = created.plaintext
+    port = settings.console_port
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", port)) == 0:  # taken: any free port will do
+            port = _free_port()
+    console_env = {
+        **env,
+        "METERLINE_CONSOLE_INGEST_URLS": ingest_url,
+        "METERLINE_CONSOLE_AGGREGATOR_URLS": f"http://127.0.0.1:{env['METERLINE_AGGREGATOR_PORT']}",
+        "METERLINE_CONSOLE_SAMPLE_SECONDS": "5",
+    }
+    url = f"http://127.0.0.1:{port}"
+    with _service("console", ["console", "--port", str(port)], console_env, log_dir):
+        typer.echo(f"  console:        {url}/  (admin API: {url}/admin/v1/openapi.json)")
+        typer.echo(f"  operator token: {token}  (admin; shown once)")
+        typer.echo("  Press Ctrl-C to stop the console, ingest and the aggregator.")
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            typer.echo("")
