@@ -49,3 +49,21 @@ def test_hash_is_keyed_by_pepper() -> None:
 def test_garbage_is_not_a_key() -> None:
     for text in ("", "Bearer x", "ml_live_", "ml_prod_abcdefgh_" + "a" * 58, "x" * 500):
         assert parse_prefix(text) is None
+
+
+def test_operator_tokens_and_api_keys_never_parse_as_each_other() -> None:
+    from shared.keys import generate_key, generate_operator_token, parse_operator_prefix
+
+    token = generate_operator_token()
+    key = generate_key()
+    assert parse_operator_prefix(token.plaintext) == token.prefix
+    assert parse_prefix(token.plaintext) is None
+    assert parse_operator_prefix(key.plaintext) is None
+
+
+def test_a_mistyped_operator_token_fails_its_checksum() -> None:
+    from shared.keys import generate_operator_token, parse_operator_prefix
+
+    token = generate_operator_token().plaintext
+    typo = token[:-1] + ("a" if token[-1] != "a" else "b")
+    assert parse_operator_prefix(typo) is None

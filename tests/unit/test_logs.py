@@ -38,3 +38,11 @@ def test_redact_keeps_ordinary_text() -> None:
     assert redact("batch_applied events=10 org=acme") == "batch_applied events=10 org=acme"
     assert "sk_test_abc123" not in redact("stripe key sk_test_abc123")
     assert "whsec_abc" not in redact("secret whsec_abcdef")
+
+
+def test_an_operator_token_is_redacted_wherever_it_appears() -> None:
+    from shared.keys import generate_operator_token
+
+    token = generate_operator_token().plaintext
+    assert token not in redact(f"login with {token} failed")
+    assert token not in redact(f'{{"token": "{token}"}}')

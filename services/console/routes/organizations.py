@@ -130,7 +130,9 @@ def _list_page(call: Call) -> Render:
 
 
 def _detail_page(call: Call) -> Render:
-    return Render("organization.html", organization(call))
+    document = organization(call)
+    slugs = {p["id"]: p["slug"] for p in document["projects"]}
+    return Render("organization.html", {**document, "project_slugs": slugs})
 
 
 def _revoke_page(call: Call) -> Redirect:
