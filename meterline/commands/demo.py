@@ -258,24 +258,34 @@ def _wait_for_usage(
     return usage
 
 
-def _exact_check(engine_url: str, keys: list[DemoKey], expected: Expected, since: datetime) -> None:
-    """This run's events, read back from the ledger, against what was accepted."""
+def _exact_check(
+    engine_url: str, keys: list[DemoKey], expected: Expected, since: datetime, timeout: float
+) -> None:
+    """This run's events, read back from the ledger, against what was accepted. Earlier runs'
+    usage may already satisfy the totals waited for above, so wait here for this run's events."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(engine_url)
+    deadline = time.monotonic() + timeout
     try:
-        with engine.connect() as connection:
-            counted: dict[str, int] = dict(
-                connection.execute(
-                    sa.text(
-                        "SELECT o.slug, count(*) FROM usage_event_ledger l "
-                        "JOIN organizations o ON o.id = l.organization_id "
-                        "WHERE l.event_id LIKE 'demo-%' AND l.recorded_at >= :since "
-                        "GROUP BY o.slug"
-                    ),
-                    {"since": since},
-                ).all()
-            )
+        while True:
+            with engine.connect() as connection:
+                counted: dict[str, int] = dict(
+                    connection.execute(
+                        sa.text(
+                            "SELECT o.slug, count(*) FROM usage_event_ledger l "
+                            "JOIN organizations o ON o.id = l.organization_id "
+                            "WHERE l.event_id LIKE 'demo-%' AND l.recorded_at >= :since "
+                            "GROUP BY o.slug"
+                        ),
+                        {"since": since},
+                    ).all()
+                )
+            if all(counted.get(s, 0) >= n for s, n in expected.events.items()):
+                break
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     finally:
         engine.dispose()
     rows = [(slug, expected.events[slug], counted.get(slug, 0)) for slug in sorted(expected.events)]
@@ -332,6 +342,7 @@ def demo(
                 keys,
                 expected,
                 started_at,
+                timeout,
             )
             _bill()
             if console:
