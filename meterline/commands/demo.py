@@ -2,6 +2,9 @@
 
 migrate -> seed -> demo keys -> start ingest and aggregator -> post traffic (with a retried batch
 and an invalid one) -> wait until usage_records hold exactly the accepted events -> bill -> stop.
+
+Every run tags its event ids with a run id of its own and reads the usage of its hours before it
+posts, so a repeat run reports (and checks) what it added, never what earlier runs left there.
 """
 
 from __future__ import annotations
@@ -18,14 +21,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from meterline.output import EXIT_NEEDS_ATTENTION, EXIT_OK, cli_errors, print_table
-
-if TYPE_CHECKING:
-    from meterline_client import UsageRow
 
 
 def _say(step: str) -> None:
@@ -47,17 +47,59 @@ class DemoKey:
     plaintext: str
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """A quantity and how many events made it."""
+
+    quantity: Decimal = Decimal(0)
+    events: int = 0
+
+    def __add__(self, other: Tally) -> Tally:
+        return Tally(self.quantity + other.quantity, self.events + other.events)
+
+    def __sub__(self, other: Tally) -> Tally:
+        return Tally(self.quantity - other.quantity, self.events - other.events)
+
+
+#: (organization slug, metric) -> its tally.
+Tallies = dict[tuple[str, str], Tally]
+
+
 @dataclass
 class Expected:
     """What the pipeline must count: the distinct accepted events, by organization and metric."""
 
-    totals: dict[tuple[str, str], Decimal] = field(default_factory=dict)
-    events: dict[str, int] = field(default_factory=dict)
+    totals: Tallies = field(default_factory=dict)
 
     def add(self, organization: str, metric: str, quantity: Decimal) -> None:
         key = (organization, metric)
-        self.totals[key] = self.totals.get(key, Decimal(0)) + quantity
-        self.events[organization] = self.events.get(organization, 0) + 1
+        self.totals[key] = self.totals.get(key, Tally()) + Tally(quantity, 1)
+
+    @property
+    def events(self) -> dict[str, int]:
+        """Distinct accepted events per organization."""
+        found: dict[str, int] = {}
+        for (organization, _), tally in self.totals.items():
+            found[organization] = found.get(organization, 0) + tally.events
+        return found
+
+
+def added_since(before: Tallies, after: Tallies) -> Tallies:
+    """What was added between two readings of the same hours: this run's share of windows that
+    earlier runs may have written to as well."""
+    return {key: after[key] - before.get(key, Tally()) for key in after}
+
+
+def differences(expected: Expected, added: Tallies) -> list[str]:
+    """Each (organization, metric) whose added usage is not exactly what was accepted."""
+    keys = sorted(set(expected.totals) | {k for k, v in added.items() if v != Tally()})
+    return [
+        f"{organization} {metric}: accepted {want.events} events ({want.quantity}), "
+        f"counted {got.events} ({got.quantity})"
+        for organization, metric in keys
+        if (want := expected.totals.get((organization, metric), Tally()))
+        != (got := added.get((organization, metric), Tally()))
+    ]
 
 
 def _prepare(now: datetime) -> list[DemoKey]:
@@ -164,7 +206,7 @@ def _wait_ready(base_url: str, timeout: float = 60.0) -> None:
     raise MeterlineError(f"ingest did not become ready at {base_url}: {last}")
 
 
-def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected:
+def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime, run: str) -> Expected:
     import httpx
 
     from meterline_client import MeterlineClient
@@ -181,7 +223,7 @@ def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected
             timestamp = now - timedelta(minutes=(n * 7) % 180)
             events.append(
                 {
-                    "id": f"demo-{uuid.uuid4()}",
+                    "id": f"demo-{run}-{uuid.uuid4()}",
                     "metric": metric,
                     "quantity": str(quantity),
                     "timestamp": timestamp.isoformat().replace("+00:00", "Z"),
@@ -202,8 +244,8 @@ def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected
 
     # One invalid event makes the whole batch fail; nothing of it is published.
     bad = [
-        {"id": f"demo-bad-{uuid.uuid4()}", "metric": "api_calls"},
-        {"id": f"demo-bad-{uuid.uuid4()}", "metric": "Not A Metric", "quantity": -1},
+        {"id": f"demo-{run}-bad-{uuid.uuid4()}", "metric": "api_calls"},
+        {"id": f"demo-{run}-bad-{uuid.uuid4()}", "metric": "Not A Metric", "quantity": -1},
     ]
     response = httpx.post(
         f"{base_url}/v1/events",
@@ -223,46 +265,76 @@ def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime) -> Expected
     return expected
 
 
-def _wait_for_usage(
-    base_url: str, keys: list[DemoKey], expected: Expected, now: datetime, timeout: float
-) -> dict[str, list[UsageRow]]:
+def _plain(quantity: Decimal) -> str:
+    """A quantity without trailing zeros or an exponent: 133.0 and 133 read the same."""
+    return f"{quantity.normalize():f}"
+
+
+def _read_usage(base_url: str, keys: list[DemoKey], now: datetime) -> Tallies:
+    """Each organization's usage per metric over the hours the demo's events fall in (the last
+    three; read wider), through the ingest API as a customer would."""
     from meterline_client import MeterlineClient
 
+    found: Tallies = {}
+    for key in keys:
+        if key.project is not None:
+            continue
+        with MeterlineClient(base_url, key.plaintext) as client:
+            rows = client.usage(
+                start=now - timedelta(hours=4), end=now + timedelta(hours=1), granularity="hour"
+            ).rows
+        for row in rows:
+            metric_key = (key.organization, row.metric or "")
+            found[metric_key] = found.get(metric_key, Tally()) + Tally(
+                row.quantity, row.event_count
+            )
+    return found
+
+
+def _wait_for_usage(
+    base_url: str,
+    keys: list[DemoKey],
+    expected: Expected,
+    before: Tallies,
+    now: datetime,
+    timeout: float,
+) -> Tallies:
+    """Wait until usage_records hold exactly this run's accepted events on top of what was
+    there before it posted; return what it added."""
     _say("6. Wait until usage_records hold exactly the accepted events")
-    org_keys = {k.organization: k for k in keys if k.project is None}
     started = time.monotonic()
-    deadline = started + timeout
-    usage: dict[str, list[UsageRow]] = {}
     while True:
-        totals: dict[tuple[str, str], Decimal] = {}
-        for organization, key in org_keys.items():
-            with MeterlineClient(base_url, key.plaintext) as client:
-                usage[organization] = client.usage(
-                    start=now - timedelta(hours=4), end=now + timedelta(hours=1), granularity="day"
-                ).rows
-            for row in usage[organization]:
-                metric_key = (organization, row.metric or "")
-                totals[metric_key] = totals.get(metric_key, Decimal(0)) + row.quantity
-        # Earlier demo runs added usage in the same windows: compare what this run added.
-        if all(totals.get(k, Decimal(0)) >= v for k, v in expected.totals.items()):
+        added = added_since(before, _read_usage(base_url, keys, now))
+        wrong = differences(expected, added)
+        if not wrong:
             break
-        if time.monotonic() > deadline:
+        if time.monotonic() > started + timeout:
             from shared.errors import MeterlineError
 
             raise MeterlineError(
-                f"usage did not reach the accepted totals within {timeout:.0f} s; "
-                "see .local/logs/demo-aggregator.log"
+                f"usage did not reach exactly the accepted totals within {timeout:.0f} s ("
+                + "; ".join(wrong)
+                + "); see .local/logs/demo-aggregator.log"
             )
         time.sleep(0.5)
     typer.echo(f"  visible after {time.monotonic() - started:.1f} s")
-    return usage
+    typer.echo("\n  usage this run added (earlier runs' usage in the same hours left out):")
+    print_table(
+        ["organization", "metric", "events accepted", "quantity accepted", "events counted",
+         "quantity counted"],
+        [
+            (organization, metric, want.events, _plain(want.quantity), got.events,
+             _plain(got.quantity))
+            for (organization, metric), want in sorted(expected.totals.items())
+            for got in [added.get((organization, metric), Tally())]
+        ],
+    )  # fmt: skip
+    return added
 
 
-def _exact_check(
-    engine_url: str, keys: list[DemoKey], expected: Expected, since: datetime, timeout: float
-) -> None:
-    """This run's events, read back from the ledger, against what was accepted. Earlier runs'
-    usage may already satisfy the totals waited for above, so wait here for this run's events."""
+def _exact_check(engine_url: str, expected: Expected, run: str, timeout: float) -> None:
+    """This run's events, read back from the ledger by their run's id prefix, against what was
+    accepted: each distinct accepted event recorded once, none of an earlier run's."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(engine_url)
@@ -275,10 +347,9 @@ def _exact_check(
                         sa.text(
                             "SELECT o.slug, count(*) FROM usage_event_ledger l "
                             "JOIN organizations o ON o.id = l.organization_id "
-                            "WHERE l.event_id LIKE 'demo-%' AND l.recorded_at >= :since "
-                            "GROUP BY o.slug"
+                            "WHERE l.event_id LIKE :pattern GROUP BY o.slug"
                         ),
-                        {"since": since},
+                        {"pattern": f"demo-{run}-%"},
                     ).all()
                 )
             if all(counted.get(s, 0) >= n for s, n in expected.events.items()):
@@ -288,6 +359,7 @@ def _exact_check(
             time.sleep(0.5)
     finally:
         engine.dispose()
+    typer.echo(f"\n  this run's events (ids demo-{run}-...) in the event ledger:")
     rows = [(slug, expected.events[slug], counted.get(slug, 0)) for slug in sorted(expected.events)]
     print_table(["organization", "distinct events accepted", "events counted"], rows)
     if any(accepted != got for _, accepted, got in rows):
@@ -314,7 +386,7 @@ def demo(
 
         settings = context.settings()
         now = datetime.now(UTC).replace(microsecond=0)
-        started_at = datetime.now(UTC) - timedelta(seconds=5)
+        run = uuid.uuid4().hex[:12]  # in every event id of this run
         keys = _prepare(now)
 
         _say("4. Start the ingest service and the aggregator")
@@ -329,19 +401,13 @@ def demo(
             _service("aggregator", ["aggregate", "run"], env, log_dir),
         ):
             _wait_ready(base_url)
-            expected = _post_traffic(base_url, keys, now)
-            usage = _wait_for_usage(base_url, keys, expected, now, timeout)
-            for organization, rows in usage.items():
-                typer.echo(f"\n  usage of {organization} (today, all runs of the demo so far):")
-                print_table(
-                    ["day", "metric", "quantity", "events"],
-                    [(r.start.date(), r.metric, r.quantity, r.event_count) for r in rows],
-                )
+            before = _read_usage(base_url, keys, now)
+            expected = _post_traffic(base_url, keys, now, run)
+            _wait_for_usage(base_url, keys, expected, before, now, timeout)
             _exact_check(
                 settings.libpq_url.replace("postgresql://", "postgresql+psycopg://"),
-                keys,
                 expected,
-                started_at,
+                run,
                 timeout,
             )
             _bill()
