@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import date, datetime
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal
 from typing import Literal
 
@@ -200,7 +200,62 @@ def query_usage(
     and only the usage of `keys_of_user`'s keys when those are given (a UsageScope).
 
     Rows are ordered by start then metric and always split by metric; `group_by` adds the
-    project or the key (grouping by metric alone is the default)."""
+    project or the key (grouping by metric alone is the default). Daily totals by metric read
+    the whole UTC days inside the range from the daily rollup (usage_daily, exact: kept by
+    triggers) and only the partial days at its ends from usage_records."""
+    if granularity == "day" and group_by in (None, "metric"):
+        return _daily_by_metric(connection, organization_id, start, end, metric)
+    return _from_records(connection, organization_id, start, end, metric, group_by, granularity)
+
+
+def _whole_days(start: datetime, end: datetime) -> tuple[datetime, datetime] | None:
+    """The UTC midnights [first, last) of the whole days inside [start, end), if any."""
+    first = _midnight(start)
+    if first < start:
+        first += timedelta(days=1)
+    last = _midnight(end)
+    return (first, last) if first < last else None
+
+
+def _midnight(moment: datetime) -> datetime:
+    utc = moment.astimezone(UTC)
+    return datetime(utc.year, utc.month, utc.day, tzinfo=UTC)
+
+
+def _daily_by_metric(
+    connection: Connection | Session,
+    organization_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    metric: str | None,
+) -> list[UsageRow]:
+    days = _whole_days(start, end)
+    if days is None:
+        return _from_records(connection, organization_id, start, end, metric, None, "day")
+    first, last = days
+    rows = [
+        UsageRow(datetime.combine(d.day, time(), UTC), d.metric, None, None, d.quantity,
+                 d.event_count)
+        for d in daily_usage(connection, start=first.date(), end=last.date(), metric=metric,
+                             organization_id=organization_id)
+    ]  # fmt: skip
+    # The partial days at the ends are days of their own: no bucket is in two parts.
+    if start < first:
+        rows += _from_records(connection, organization_id, start, first, metric, None, "day")
+    if last < end:
+        rows += _from_records(connection, organization_id, last, end, metric, None, "day")
+    return sorted(rows, key=lambda r: (r.start, r.metric or ""))
+
+
+def _from_records(
+    connection: Connection | Session,
+    organization_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    metric: str | None,
+    group_by: GroupBy | None,
+    granularity: Granularity,
+) -> list[UsageRow]:
     bucket = sa.func.date_trunc(granularity, sa.column("window_start"), "UTC").label("start")
     project = sa.column("project_id") if group_by == "project" else sa.null()
     api_key = sa.column("api_key_id") if group_by == "api_key" else sa.null()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 from sqlalchemy.orm import Session
@@ -131,3 +131,47 @@ def test_delete_usage_removes_only_the_named_windows(db: Session) -> None:
     assert usage_totals(db, org.id, start=T0, end=T0 + timedelta(days=1)) == {
         "api_calls": Decimal(5)
     }
+
+
+def test_daily_totals_are_those_of_the_hours_for_whole_and_partial_days(db: Session) -> None:
+    """Whole days come from the daily rollup and the partial days at a range's ends from the
+    windows: every range, aligned or not, in UTC or another offset, gives the hours' sums."""
+    org = factories.make_organization(db)
+    project = factories.make_project(db, org)
+    deltas = [
+        UsageDelta(
+            org.id, project.id if h % 3 else None, None, ("api_calls", "storage_gb")[h % 2],
+            T0 + timedelta(hours=h * 5), 3600, Decimal(h) + Decimal("0.25"), h + 1,
+        )
+        for h in range(20)
+    ]  # fmt: skip
+    record_usage(db, deltas)
+    # A replay's rewrite and removal reach the rollup too (its triggers recompute the day).
+    set_usage(db, [UsageDelta(org.id, None, None, "api_calls", T0, 3600, Decimal(100), 50)])
+    delete_usage(db, [UsageWindow(org.id, project.id, None, "storage_gb", deltas[5].window_start,
+                                  3600)])  # fmt: skip
+    plus_two = timezone(timedelta(hours=2))
+    ranges = [
+        (T0, T0 + timedelta(days=5)),
+        (T0 + timedelta(hours=7), T0 + timedelta(days=3, hours=2)),
+        (T0 + timedelta(hours=7), T0 + timedelta(hours=20)),
+        (T0 + timedelta(days=1), T0 + timedelta(days=2)),
+        (T0.astimezone(plus_two) + timedelta(hours=1), T0.astimezone(plus_two) + timedelta(days=4)),
+    ]
+    for start, end in ranges:
+        for metric in (None, "api_calls"):
+            hours = query_usage(db, org.id, start=start, end=end, metric=metric)
+            by_day: dict[tuple[datetime, str | None], tuple[Decimal, int]] = {}
+            for r in hours:
+                day = r.start.astimezone(UTC).replace(hour=0)
+                quantity, events = by_day.get((day, r.metric), (Decimal(0), 0))
+                by_day[(day, r.metric)] = (quantity + r.quantity, events + r.event_count)
+            days = query_usage(db, org.id, start=start, end=end, metric=metric, granularity="day")
+            assert [((r.start, r.metric), (r.quantity, r.event_count)) for r in days] == sorted(
+                by_day.items()
+            ), (start, end, metric)
+    whole = query_usage(db, org.id, start=T0, end=T0 + timedelta(days=1), granularity="day")
+    assert [(r.start, r.metric, r.quantity, r.event_count) for r in whole] == [
+        (T0, "api_calls", Decimal(100) + Decimal("2.25") + Decimal("4.25"), 50 + 3 + 5),
+        (T0, "storage_gb", Decimal("1.25") + Decimal("3.25"), 2 + 4),
+    ]  # fmt: skip
