@@ -1,3 +1,5 @@
 from meterline.cli import main
 
-main()
+# Guarded: a process started by multiprocessing ("spawn") imports this module again.
+if __name__ == "__main__":
+    main()

@@ -102,7 +102,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        sampler = Sampler(settings, engine, settings.console_sample_seconds) if sample else None
+        sampler = Sampler(settings, settings.console_sample_seconds) if sample else None
         if sampler is not None:
             sampler.start()
         log_event(logger, "console_started")

@@ -13,8 +13,9 @@ errors when the thing it watches is down shows nothing.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import os
 import re
-import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -252,34 +253,62 @@ def recent_samples(session: Session, *, since: datetime) -> list[PipelineSample]
 
 
 class Sampler:
-    """Reads the pipeline every `interval` seconds in a thread of its own and stores the reading."""
+    """Reads the pipeline every `interval` seconds and stores the reading, in a process of its
+    own: a reading builds Kafka clients and parses their replies (tens of milliseconds of Python
+    each time), which in a thread of the console would hold the interpreter lock while pages
+    wait for it.
 
-    def __init__(self, settings: Settings, engine: Engine, interval: float) -> None:
-        self._settings = settings
-        self._engine = engine
+    The process stops when asked, and on its own when the console that started it is gone."""
+
+    def __init__(self, settings: Settings, interval: float) -> None:
+        context = multiprocessing.get_context("spawn")
         self._interval = interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="pipeline-sampler", daemon=True)
+        self._stop = context.Event()
+        self._process = context.Process(
+            target=_sample_forever,
+            args=(settings, interval, self._stop, os.getpid()),
+            name="pipeline-sampler",
+            daemon=True,
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._process.start()
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=self._interval + PROBE_TIMEOUT_SECONDS * 4)
+        self._process.join(timeout=self._interval + PROBE_TIMEOUT_SECONDS * 4)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
 
-    def sample_once(self, now: datetime) -> PipelineHealth:
-        health = check_pipeline(self._settings, now=now)
-        with unit_of_work(self._engine) as session:
-            record_sample(session, health)
-        return health
 
-    def _loop(self) -> None:
-        from datetime import UTC
+def sample_once(settings: Settings, engine: Engine, now: datetime) -> PipelineHealth:
+    """Read the pipeline now and store the reading."""
+    health = check_pipeline(settings, now=now)
+    with unit_of_work(engine) as session:
+        record_sample(session, health)
+    return health
 
-        while not self._stop.is_set():
+
+def _sample_forever(settings: Settings, interval: float, stop: Any, parent: int) -> None:
+    import signal
+    from datetime import UTC
+
+    from shared.db import create_sync_engine
+    from shared.logs import configure_logging, register_secret
+
+    # Ctrl-C reaches the whole process group: the console stops this process in its own time.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    register_secret(settings.pepper_bytes().decode())
+    configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
+    engine = create_sync_engine(settings, pool_size=1, max_overflow=0)
+    try:
+        while not stop.is_set() and os.getppid() == parent:
             try:
-                self.sample_once(datetime.now(UTC))
+                sample_once(settings, engine, datetime.now(UTC))
             except Exception as exc:  # the sampler must outlive a database or broker outage
                 log_event(logger, "pipeline_sample_failed", logging.WARNING, error=str(exc)[:200])
-            self._stop.wait(self._interval)
+            stop.wait(interval)
+    finally:
+        engine.dispose()
