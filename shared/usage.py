@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session
 
 from shared.events import SUM_CONTEXT
 from shared.models import ApiKey
+from shared.models.usage import UsageDaily
 
 GroupBy = Literal["project", "api_key", "metric"]
 Granularity = Literal["hour", "day"]
@@ -202,10 +203,22 @@ def query_usage(
     Rows are ordered by start then metric and always split by metric; `group_by` adds the
     project or the key (grouping by metric alone is the default). Daily totals by metric read
     the whole UTC days inside the range from the daily rollup (usage_daily, exact: kept by
-    triggers) and only the partial days at its ends from usage_records."""
-    if granularity == "day" and group_by in (None, "metric"):
+    triggers) and only the partial days at its ends from usage_records. The rollup holds no
+    project or key, so a scoped read (project_id, keys_of_user) always reads usage_records."""
+    scoped = project_id is not None or keys_of_user is not None
+    if granularity == "day" and group_by in (None, "metric") and not scoped:
         return _daily_by_metric(connection, organization_id, start, end, metric)
-    return _from_records(connection, organization_id, start, end, metric, group_by, granularity)
+    return _from_records(
+        connection,
+        organization_id,
+        start,
+        end,
+        metric,
+        group_by,
+        granularity,
+        project_id=project_id,
+        keys_of_user=keys_of_user,
+    )
 
 
 def _whole_days(start: datetime, end: datetime) -> tuple[datetime, datetime] | None:
@@ -255,6 +268,9 @@ def _from_records(
     metric: str | None,
     group_by: GroupBy | None,
     granularity: Granularity,
+    *,
+    project_id: uuid.UUID | None = None,
+    keys_of_user: uuid.UUID | None = None,
 ) -> list[UsageRow]:
     bucket = sa.func.date_trunc(granularity, sa.column("window_start"), "UTC").label("start")
     project = sa.column("project_id") if group_by == "project" else sa.null()
@@ -300,16 +316,10 @@ def _from_records(
             ApiKey.organization_id == organization_id, ApiKey.user_id == keys_of_user
         )
         query = query.where(records.c.api_key_id.in_(users_keys))
+    # A month of hours is thousands of rows: fetched at once and unpacked by position.
     return [
-        UsageRow(
-            start=row.start,
-            metric=row.metric,
-            project_id=row.project_id,
-            api_key_id=row.api_key_id,
-            quantity=Decimal(row.quantity),
-            event_count=int(row.event_count),
-        )
-        for row in connection.execute(query)
+        UsageRow(start_, metric_, project_, key_, Decimal(quantity), int(events))
+        for start_, metric_, project_, key_, quantity, events in connection.execute(query).all()
     ]
 
 
@@ -339,6 +349,7 @@ def usage_totals(
 @dataclass(frozen=True, slots=True)
 class OrganizationUsage:
     organization_id: uuid.UUID
+    organization_slug: str | None
     metric: str
     quantity: Decimal
     event_count: int
@@ -352,7 +363,41 @@ class DailyUsage:
     event_count: int
 
 
-def usage_by_organization(
+@dataclass(frozen=True, slots=True)
+class UsageOverview:
+    """Every organization's usage over a range of UTC days: one page of (organization, metric)
+    totals, largest first, how many such pairs there are, and the totals per day and metric."""
+
+    items: list[OrganizationUsage]
+    total: int
+    daily: list[DailyUsage]
+
+
+# One pass over the rollup's rows of the range (an index-only scan of ix_usage_daily_day_totals)
+# feeds both groupings; the page of pairs is cut, and its slugs joined, in the same statement.
+# {metric} is empty or a fixed condition (see daily_usage on why not "(:metric IS NULL OR ...)").
+_OVERVIEW = """
+    WITH sums AS MATERIALIZED (
+        SELECT organization_id, metric, day, GROUPING(organization_id) AS per_day,
+               sum(quantity) AS q, sum(event_count) AS n
+          FROM usage_daily
+         WHERE day >= :start AND day < :end {metric}
+         GROUP BY GROUPING SETS ((organization_id, metric), (day, metric))
+    ), page AS (
+        SELECT organization_id, metric, q, n FROM sums WHERE per_day = 0
+         ORDER BY q DESC, organization_id, metric LIMIT :limit OFFSET :offset
+    )
+    SELECT 'pair' AS kind, p.organization_id, o.slug, p.metric, NULL AS day, p.q, p.n
+      FROM page AS p LEFT JOIN organizations AS o ON o.id = p.organization_id
+    UNION ALL
+    SELECT 'day', NULL, NULL, metric, day, q, n FROM sums WHERE per_day = 1
+    UNION ALL
+    SELECT 'total', NULL, NULL, NULL, NULL, NULL, count(*) FROM sums WHERE per_day = 0
+    """
+_ONE_METRIC = "AND metric = :metric"
+
+
+def usage_overview(
     connection: Connection | Session,
     *,
     start: date,
@@ -360,27 +405,30 @@ def usage_by_organization(
     metric: str | None = None,
     limit: int = 50,
     offset: int = 0,
-) -> tuple[list[OrganizationUsage], int]:
-    """Each organization's total per metric over the UTC days [start, end), read from the daily
-    rollup (usage_daily), largest first; and how many (organization, metric) pairs there are."""
+) -> UsageOverview:
+    """Usage of every organization over the UTC days [start, end), from the daily rollup
+    (usage_daily), in one statement."""
+    statement = sa.text(_OVERVIEW.format(metric=_ONE_METRIC if metric is not None else ""))
     result = connection.execute(
-        sa.text(
-            """
-            SELECT organization_id, metric, sum(quantity) AS q, sum(event_count) AS n,
-                   count(*) OVER () AS total
-              FROM usage_daily
-             WHERE day >= :start AND day < :end
-               AND (CAST(:metric AS text) IS NULL OR metric = CAST(:metric AS text))
-             GROUP BY organization_id, metric
-             ORDER BY q DESC, organization_id, metric
-             LIMIT :limit OFFSET :offset
-            """
-        ),
-        {"start": start, "end": end, "metric": metric, "limit": limit, "offset": offset},
+        statement,
+        {"start": start, "end": end, "limit": limit, "offset": offset}
+        | ({"metric": metric} if metric is not None else {}),
     ).all()
-    total = int(result[0].total) if result else 0
-    rows = [OrganizationUsage(r.organization_id, r.metric, Decimal(r.q), int(r.n)) for r in result]
-    return rows, total
+    # A UNION keeps no order: the page's own (largest first; uuids compare as PostgreSQL's do).
+    pairs = sorted(
+        (r for r in result if r.kind == "pair"),
+        key=lambda r: (-Decimal(r.q), r.organization_id, r.metric),
+    )
+    days = sorted((r for r in result if r.kind == "day"), key=lambda r: (r.day, r.metric))
+    total = next((int(r.n) for r in result if r.kind == "total"), 0)
+    return UsageOverview(
+        [
+            OrganizationUsage(r.organization_id, r.slug, r.metric, Decimal(r.q), int(r.n))
+            for r in pairs
+        ],
+        total,
+        [DailyUsage(r.day, r.metric, Decimal(r.q), int(r.n)) for r in days],
+    )
 
 
 def daily_usage(
@@ -392,18 +440,22 @@ def daily_usage(
     organization_id: uuid.UUID | None = None,
 ) -> list[DailyUsage]:
     """Totals per UTC day and metric over [start, end), of everyone or one organization."""
-    result = connection.execute(
-        sa.text(
-            """
-            SELECT day, metric, sum(quantity) AS q, sum(event_count) AS n
-              FROM usage_daily
-             WHERE day >= :start AND day < :end
-               AND (CAST(:metric AS text) IS NULL OR metric = CAST(:metric AS text))
-               AND (CAST(:org AS uuid) IS NULL OR organization_id = CAST(:org AS uuid))
-             GROUP BY day, metric
-             ORDER BY day, metric
-            """
-        ),
-        {"start": start, "end": end, "metric": metric, "org": organization_id},
+    # Only the filters asked for are in the statement: "(:x IS NULL OR column = :x)" would give
+    # a prepared statement's generic plan no index to use for one organization.
+    daily = UsageDaily.__table__.c
+    query = (
+        sa.select(
+            daily.day,
+            daily.metric,
+            sa.func.sum(daily.quantity).label("q"),
+            sa.func.sum(daily.event_count).label("n"),
+        )
+        .where(daily.day >= start, daily.day < end)
+        .group_by(daily.day, daily.metric)
+        .order_by(daily.day, daily.metric)
     )
-    return [DailyUsage(r.day, r.metric, Decimal(r.q), int(r.n)) for r in result]
+    if metric is not None:
+        query = query.where(daily.metric == metric)
+    if organization_id is not None:
+        query = query.where(daily.organization_id == organization_id)
+    return [DailyUsage(r.day, r.metric, Decimal(r.q), int(r.n)) for r in connection.execute(query)]

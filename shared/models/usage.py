@@ -59,8 +59,15 @@ class UsageDaily(TimestampMixin, Base):
     """
 
     __tablename__ = "usage_daily"
-    # The console's usage overview reads a range of days across every organization.
-    __table_args__ = (Index("ix_usage_daily_day", "day"),)
+    # The console's usage overview sums a range of days across every organization: from the
+    # index alone (migration 0019).
+    __table_args__ = (
+        Index(
+            "ix_usage_daily_day_totals",
+            "day",
+            postgresql_include=["organization_id", "metric", "quantity", "event_count"],
+        ),
+    )
 
     organization_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True

@@ -14,6 +14,7 @@ from shared.usage import (
     query_usage,
     record_usage,
     set_usage,
+    usage_overview,
     usage_totals,
 )
 from tests import factories
@@ -175,3 +176,39 @@ def test_daily_totals_are_those_of_the_hours_for_whole_and_partial_days(db: Sess
         (T0, "api_calls", Decimal(100) + Decimal("2.25") + Decimal("4.25"), 50 + 3 + 5),
         (T0, "storage_gb", Decimal("1.25") + Decimal("3.25"), 2 + 4),
     ]  # fmt: skip
+
+
+def test_overview_pages_organizations_largest_first_with_the_count_and_the_days(
+    db: Session,
+) -> None:
+    day0 = datetime(2001, 3, 4, tzinfo=UTC)  # a range no other test writes to
+    small, large = factories.make_organization(db), factories.make_organization(db)
+    record_usage(
+        db,
+        [
+            UsageDelta(small.id, None, None, "api_calls", day0, 3600, Decimal(1), 1),
+            UsageDelta(large.id, None, None, "api_calls", day0 + timedelta(hours=30), 3600,
+                       Decimal(5), 2),
+            UsageDelta(large.id, None, None, "storage_gb", day0, 3600, Decimal("0.5"), 1),
+            UsageDelta(large.id, None, None, "api_calls", day0 + timedelta(days=3), 3600,
+                       Decimal(100), 1),  # after the range
+        ],
+    )  # fmt: skip
+    start, end = day0.date(), (day0 + timedelta(days=2)).date()
+
+    found = usage_overview(db, start=start, end=end, limit=2)
+    assert found.total == 3
+    assert [(r.organization_slug, r.metric, r.quantity, r.event_count) for r in found.items] == [
+        (large.slug, "api_calls", Decimal(5), 2),
+        (small.slug, "api_calls", Decimal(1), 1),
+    ]
+    assert [(d.day, d.metric, d.quantity, d.event_count) for d in found.daily] == [
+        (day0.date(), "api_calls", Decimal(1), 1),
+        (day0.date(), "storage_gb", Decimal("0.5"), 1),
+        ((day0 + timedelta(days=1)).date(), "api_calls", Decimal(5), 2),
+    ]
+    past_the_end = usage_overview(db, start=start, end=end, limit=2, offset=4)
+    assert (past_the_end.items, past_the_end.total) == ([], 3)
+    storage = usage_overview(db, start=start, end=end, metric="storage_gb")
+    assert [(r.organization_id, r.quantity) for r in storage.items] == [(large.id, Decimal("0.5"))]
+    assert storage.total == 1

@@ -15,9 +15,9 @@ from services.console.charts import Series, line_chart
 from services.console.routing import PAGING, Call, Operation, Page, Param, Render
 from services.console.schemas import Document, obj
 from shared.errors import InvalidInput
-from shared.models import ApiKey, Organization, Project
+from shared.models import ApiKey, Project
 from shared.organizations import find_organization
-from shared.usage import Granularity, daily_usage, query_usage, usage_by_organization
+from shared.usage import Granularity, query_usage, usage_overview
 
 DEFAULT_DAYS = 7
 MAX_DAYS = {"hour": 31, "day": 366}
@@ -65,37 +65,29 @@ def _metric(call: Call) -> str | None:
 def overview(call: Call) -> Document:
     start, end = time_range(call, "day")
     first, stop = _days(start, end)
-    metric = _metric(call)
-    rows, total = usage_by_organization(
+    found = usage_overview(
         call.session,
         start=first,
         end=stop,
-        metric=metric,
+        metric=_metric(call),
         limit=call.arg("limit"),
         offset=call.arg("offset"),
-    )
-    slugs = dict(
-        call.session.execute(
-            sa.select(Organization.id, Organization.slug).where(
-                Organization.id.in_({r.organization_id for r in rows})
-            )
-        ).all()
     )
     return {
         "from": datetime.combine(first, datetime.min.time(), UTC),
         "to": datetime.combine(stop, datetime.min.time(), UTC),
-        "total": total,
+        "total": found.total,
         "limit": call.arg("limit"),
         "offset": call.arg("offset"),
         "items": [
             {
                 "organization_id": r.organization_id,
-                "organization_slug": slugs.get(r.organization_id),
+                "organization_slug": r.organization_slug,
                 "metric": r.metric,
                 "quantity": r.quantity,
                 "event_count": r.event_count,
             }
-            for r in rows
+            for r in found.items
         ],
         "daily": [
             {
@@ -104,7 +96,7 @@ def overview(call: Call) -> Document:
                 "quantity": d.quantity,
                 "event_count": d.event_count,
             }
-            for d in daily_usage(call.session, start=first, end=stop, metric=metric)
+            for d in found.daily
         ],
     }
 
