@@ -214,7 +214,14 @@ def _pages(engine: sa.Engine) -> dict[str, list[str]]:
             f"/organizations/{pick()}/usage?group_by=project&granularity=day&from="
             f"{(datetime.now(UTC) - timedelta(days=30)).date()}" for _ in range(50)
         ],
+        "usage of an organization (30 days, daily)": [
+            f"/organizations/{pick()}/usage?granularity=day&from="
+            f"{(datetime.now(UTC) - timedelta(days=30)).date()}" for _ in range(50)
+        ],
         "usage overview (7 days)": ["/usage"],
+        "usage overview (30 days, beyond the default)": [
+            f"/usage?from={(datetime.now(UTC) - timedelta(days=30)).date()}"
+        ],
         "plans": ["/plans"],
         "billing runs": ["/billing-runs", "/billing-runs?page=5"],
         "mismatches": ["/mismatches", "/mismatches?state=all&page=3"],

@@ -1,5 +1,6 @@
 """Usage: totals by organization and metric over days (from the daily rollup), and one
-organization's usage over time by metric, project or key (from usage_records), with charts."""
+organization's usage over time by metric, project or key (hours and splits by project or key from
+usage_records; days by metric from the rollup, see shared.usage.query_usage), with charts."""
 
 from __future__ import annotations
 
