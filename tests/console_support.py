@@ -20,10 +20,12 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from services.aggregator.batch import DeadLetter, SourceRecord
-from services.aggregator.schemas import dead_letter_headers, encode_dead_letter
+from services.aggregator.schemas import dead_letter_messages
 from shared.db import unit_of_work
+from shared.kafka import create_producer
 from shared.models import OperatorRole
 from shared.operators import create_operator
+from shared.settings import load_settings
 from tests import factories
 from tests.kafka_support import free_port
 
@@ -84,23 +86,22 @@ def produce_dead_letter(
     retryable: bool = True,
     reason: str = "unknown organization",
 ) -> tuple[int, int]:
-    """One dead letter on the DLQ topic as the aggregator writes it; returns (partition, offset)."""
-    from kafka import KafkaProducer
-
+    """One dead letter of a whole record on the DLQ topic as the aggregator writes it (through
+    dead_letter_messages); returns (partition, offset)."""
     letter = DeadLetter(
         source=SourceRecord("events", 0, 0, None, str(organization_id).encode(), payload),
         code=code,
         reason=reason,
         retryable=retryable,
-        payload=payload,
+        raw=payload,
     )
-    producer = KafkaProducer(bootstrap_servers=bootstrap.split(","), acks="all")
+    [message] = dead_letter_messages([letter], datetime.now(UTC))
+    producer = create_producer(
+        load_settings(kafka_bootstrap_servers=bootstrap), client_id="tests-dead-letters", acks="all"
+    )
     try:
         sent = producer.send(
-            dlq_topic,
-            key=str(organization_id).encode(),
-            value=encode_dead_letter(letter, datetime.now(UTC)),
-            headers=dead_letter_headers(letter),
+            dlq_topic, key=message.key, value=message.value, headers=message.headers
         ).get(timeout=30)
     finally:
         producer.close(timeout=10)

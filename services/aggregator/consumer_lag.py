@@ -101,18 +101,19 @@ class PartitionLag:
         return max(self.end - (self.committed or 0), 0)
 
 
-def partition_lag(bootstrap_servers: str, group_id: str, topic: str) -> list[PartitionLag]:
+def partition_lag(settings: Settings, group_id: str, topic: str) -> list[PartitionLag]:
     """Every partition of `topic` with the group's committed offset and the end offset (the
     console's per-partition view; group_backlog above answers "how much, how old"). Raises
     BrokerUnavailable."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
     from kafka.errors import KafkaError
 
     try:
-        consumer: Any = KafkaConsumer(
-            bootstrap_servers=bootstrap_servers.split(","),
+        # Assigned, never subscribed: the group's id only to read its committed offsets.
+        consumer: Any = create_consumer(
+            settings,
+            client_id="meterline-console-lag-reader",
             group_id=group_id,
-            enable_auto_commit=False,
             request_timeout_ms=REQUEST_TIMEOUT_MS,
         )
         try:

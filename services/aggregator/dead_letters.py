@@ -18,11 +18,12 @@ from typing import Any
 
 import msgspec
 
-from services.aggregator.dlq_replay import dlq_group
+from services.aggregator.dlq_replay import dlq_group, storable_payload
 from services.aggregator.schemas import DeadLetterRecord, decode_dead_letter
 from services.aggregator.topic_reader import STALL_SECONDS, broker_errors
 from shared.errors import BrokerUnavailable, Conflict, NotFound
 from shared.events import EnvelopeError, decode_envelope
+from shared.kafka import create_consumer, create_producer
 from shared.logs import log_event
 from shared.settings import Settings
 
@@ -102,12 +103,12 @@ def parse_reference(reference: str) -> tuple[int, int]:
 
 
 def _consumer(settings: Settings, group_id: str | None = None) -> Any:
-    from kafka import KafkaConsumer
-
-    return KafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap_servers.split(","),
+    # The group's id only to read `replay dlq`'s committed offsets: partitions are assigned, so
+    # this reader never joins that group.
+    return create_consumer(
+        settings,
+        client_id="meterline-console-dlq-reader",
         group_id=group_id,
-        enable_auto_commit=False,
         auto_offset_reset="earliest",
         request_timeout_ms=REQUEST_TIMEOUT_MS,
     )
@@ -212,7 +213,7 @@ def republish_dead_letter(settings: Settings, partition: int, offset: int) -> Re
 
 
 def _republish(settings: Settings, partition: int, offset: int) -> RepublishedLetter:
-    from kafka import KafkaProducer, TopicPartition
+    from kafka import TopicPartition
 
     consumer = _consumer(settings)
     try:
@@ -232,13 +233,27 @@ def _republish(settings: Settings, partition: int, offset: int) -> RepublishedLe
         raise Conflict(
             f"dead letter {partition}:{offset} is {view.code}, which a re-publish cannot cure"
         )
-    producer: Any = KafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap_servers.split(","), acks="all"
-    )
+    # As `replay dlq` does: an event PostgreSQL cannot store is left out (and logged), the rest
+    # goes back; a letter of nothing but such events cannot be cured by a re-publish.
+    refused: list[tuple[str, str]] = []
+    value = storable_payload(record.payload_bytes(), lambda e, reason: refused.append((e, reason)))
+    for event_id, reason in refused:
+        log_event(
+            logger,
+            "dead_letter_event_not_republished",
+            partition=partition,
+            offset=offset,
+            event_id=event_id,
+            reason=reason,
+        )
+    if value is None:
+        raise Conflict(
+            f"dead letter {partition}:{offset} holds only events PostgreSQL cannot store "
+            f"({refused[0][1]}), which a re-publish cannot cure"
+        )
+    producer: Any = create_producer(settings, client_id="meterline-console-republish", acks="all")
     try:
-        sent = producer.send(
-            settings.events_topic, key=message.key, value=record.payload_bytes()
-        ).get(timeout=60)
+        sent = producer.send(settings.events_topic, key=message.key, value=value).get(timeout=60)
     finally:
         producer.close(timeout=10)
     log_event(

@@ -130,9 +130,7 @@ def _kafka(
     partitions: list[PartitionLag] = []
     lag_error = None
     try:
-        partitions = partition_lag(
-            settings.kafka_bootstrap_servers, app_id(settings), settings.events_topic
-        )
+        partitions = partition_lag(settings, app_id(settings), settings.events_topic)
     except MeterlineError as exc:
         lag_error = exc.message
     letters: list[PartitionLetters] = []
