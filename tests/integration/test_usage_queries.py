@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal
 
 from sqlalchemy.orm import Session
 
+from shared.models import Role
 from shared.usage import (
     UsageDelta,
     UsageWindow,
@@ -176,6 +178,36 @@ def test_daily_totals_are_those_of_the_hours_for_whole_and_partial_days(db: Sess
         (T0, "api_calls", Decimal(100) + Decimal("2.25") + Decimal("4.25"), 50 + 3 + 5),
         (T0, "storage_gb", Decimal("1.25") + Decimal("3.25"), 2 + 4),
     ]  # fmt: skip
+
+
+def test_daily_totals_of_a_scoped_reader_hold_only_its_project_or_its_keys(db: Session) -> None:
+    """The daily rollup holds no project or key: a reader limited to a project or to a
+    member's keys gets whole days from its own windows, never the organization's day totals."""
+    org = factories.make_organization(db)
+    project = factories.make_project(db, org)
+    member = factories.add_member(db, org, Role.MEMBER)
+    own_key = factories.make_api_key(db, org, user=member).key
+    other_key = factories.make_api_key(db, org, project=project).key
+    record_usage(
+        db,
+        [
+            UsageDelta(org.id, project.id, other_key.id, "api_calls", T0, 3600, Decimal(5), 1),
+            UsageDelta(org.id, None, own_key.id, "api_calls", T0, 3600, Decimal(7), 2),
+            UsageDelta(org.id, None, None, "api_calls", T0, 3600, Decimal(11), 3),
+        ],
+    )
+    end = T0 + timedelta(days=1)
+    scopes: list[tuple[uuid.UUID | None, uuid.UUID | None, tuple[Decimal, int]]] = [
+        (None, None, (Decimal(23), 6)),
+        (project.id, None, (Decimal(5), 1)),
+        (None, member.id, (Decimal(7), 2)),
+    ]
+    for project_id, keys_of_user, expected in scopes:
+        rows = query_usage(
+            db, org.id, start=T0, end=end, granularity="day",
+            project_id=project_id, keys_of_user=keys_of_user,
+        )  # fmt: skip
+        assert [(r.start, r.quantity, r.event_count) for r in rows] == [(T0, *expected)]
 
 
 def test_overview_pages_organizations_largest_first_with_the_count_and_the_days(
