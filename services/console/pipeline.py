@@ -256,24 +256,28 @@ class Sampler:
     each time), which in a thread of the console would hold the interpreter lock while pages
     wait for it.
 
-    The process stops when asked, and on its own when the console that started it is gone."""
+    The process stops when asked, and on its own when the console that started it is gone. It is
+    asked by closing a pipe, never by a multiprocessing.Event: setting an Event waits for its
+    waiters to wake, so a sampler killed while waiting (a stop signal sent to the whole process
+    group) would leave the console's shutdown waiting for ever."""
 
     def __init__(self, settings: Settings, interval: float) -> None:
         context = multiprocessing.get_context("spawn")
         self._interval = interval
-        self._stop = context.Event()
+        self._stop_reader, self._stop_writer = context.Pipe(duplex=False)
         self._process = context.Process(
             target=_sample_forever,
-            args=(settings, interval, self._stop, os.getpid()),
+            args=(settings, interval, self._stop_reader, os.getpid()),
             name="pipeline-sampler",
             daemon=True,
         )
 
     def start(self) -> None:
         self._process.start()
+        self._stop_reader.close()  # the sampler holds its own end
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stop_writer.close()  # the sampler's end reads end-of-file: stop
         self._process.join(timeout=self._interval + PROBE_TIMEOUT_SECONDS * 4)
         if self._process.is_alive():
             self._process.terminate()
@@ -302,11 +306,12 @@ def _sample_forever(settings: Settings, interval: float, stop: Any, parent: int)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     engine = create_sync_engine(settings, pool_size=1, max_overflow=0)
     try:
-        while not stop.is_set() and os.getppid() == parent:
+        while os.getppid() == parent:
             try:
                 sample_once(settings, engine, datetime.now(UTC))
             except Exception as exc:  # the sampler must outlive a database or broker outage
                 log_event(logger, "pipeline_sample_failed", logging.WARNING, error=str(exc)[:200])
-            stop.wait(interval)
+            if stop.poll(interval):  # the console closed its end (or wrote): stop
+                break
     finally:
         engine.dispose()

@@ -52,3 +52,28 @@ def test_the_sampler_writes_while_the_console_runs_and_stops_when_it_is_killed(
         time.sleep(8)  # the interval, one reading in flight (Kafka timeouts) and a margin
         late = [t for t in _samples_since(engine, killed) if t > killed + timedelta(seconds=4)]
         assert late == [], console.logs()[-2000:]
+
+
+def test_the_console_stops_when_a_stop_signal_reaches_its_sampler_too(
+    service_env: dict[str, str], engine: Engine, tmp_path: Path
+) -> None:
+    """A stop signal sent to the whole process group (as a service manager does) kills the
+    sampler while it waits between readings; the console's own shutdown must still finish."""
+    started = datetime.now(UTC)
+    env = {
+        **service_env,
+        "METERLINE_TOPIC_PREFIX": f"sampler{secrets.token_hex(3)}",
+        "METERLINE_CONSOLE_INGEST_URLS": "http://127.0.0.1:9",
+        "METERLINE_CONSOLE_AGGREGATOR_URLS": "http://127.0.0.1:9",
+        "METERLINE_CONSOLE_SAMPLE_SECONDS": "30",
+    }
+    with run_console(env, tmp_path / "console.log") as console:
+        deadline = time.monotonic() + 30
+        while not _samples_since(engine, started):
+            assert time.monotonic() < deadline, console.logs()[-2000:]
+            time.sleep(0.3)
+        time.sleep(1)  # the reading is stored: the sampler now waits out its interval
+        os.killpg(console.process.pid, signal.SIGTERM)
+        # uvicorn ends by re-raising the signal it caught: -SIGTERM, after a full shutdown.
+        assert console.process.wait(20) in (0, -signal.SIGTERM), console.logs()[-2000:]
+        assert "console_stopped" in console.logs()
