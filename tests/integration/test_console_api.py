@@ -18,6 +18,7 @@ from services.aggregator.replay_runs import list_replay_runs
 from services.console.app import create_app, operations
 from services.console.routing import API_PREFIX
 from shared.db import unit_of_work
+from shared.events import decode_envelope
 from shared.models import (
     ApiKey,
     AuditEntry,
@@ -559,6 +560,40 @@ def test_dead_letters_are_listed_with_their_reason_and_republished(
     )
     assert refused.status_code == 409
     assert "malformed" in refused.json()["error"]["message"]
+
+
+def test_a_republished_letter_leaves_out_events_postgresql_cannot_store(
+    client: TestClient, app_settings: Settings, admin: OperatorToken
+) -> None:
+    """As `replay dlq` does: the storable events of a letter go back, a NUL one does not, and a
+    letter of nothing but such events is refused (409) with nothing sent."""
+    from tests.kafka_support import read_topic
+
+    organization_id = uuid.uuid4()
+    now = datetime.now(UTC)
+    bootstrap = app_settings.kafka_bootstrap_servers
+    events = [event("ok-1", timestamp=now), event("nul\x00", timestamp=now)]
+    mixed = produce_dead_letter(
+        bootstrap, app_settings.dlq_topic, envelope_bytes(organization_id, events),
+        organization_id=organization_id, code="database_rejected", reason="NUL",
+    )  # fmt: skip
+    only_bad = produce_dead_letter(
+        bootstrap, app_settings.dlq_topic,
+        envelope_bytes(organization_id, [event("nul-2\x00", timestamp=now)]),
+        organization_id=organization_id, code="database_rejected", reason="NUL",
+    )  # fmt: skip
+    for reference, status in [(mixed, 200), (only_bad, 409)]:
+        response = client.post(
+            f"{API_PREFIX}/dead-letters/{reference[0]}:{reference[1]}/republish",
+            headers=bearer(admin.token),
+        )
+        assert response.status_code == status, response.text
+    sent = [
+        decode_envelope(r.value)
+        for r in read_topic(bootstrap, app_settings.events_topic)
+        if r.key == str(organization_id).encode()
+    ]
+    assert [[e.id for e in envelope.events] for envelope in sent] == [["ok-1"]]
 
 
 @pytest.mark.parametrize(("reference", "status"), [("0:999999", 404), ("99:0", 404), ("x", 422)])
