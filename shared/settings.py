@@ -179,6 +179,15 @@ class Settings(BaseSettings):
             raise ValueError("must be a postgresql:// or postgresql+psycopg:// URL")
         return value
 
+    @field_validator("window_seconds")
+    @classmethod
+    def _window_divides_a_day(cls, value: int) -> int:
+        # Windows then never straddle a UTC midnight: the daily rollup and the usage cuts that
+        # split billing periods exactly both rest on it.
+        if 86400 % value:
+            raise ValueError("must divide a day (86400) evenly, e.g. 60, 300, 900, 3600, 86400")
+        return value
+
     @field_validator("topic_prefix")
     @classmethod
     def _topic_prefix(cls, value: str) -> str:

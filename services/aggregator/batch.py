@@ -30,6 +30,7 @@ from shared.events import (
     window_start,
 )
 from shared.usage import UsageDelta, UsageWindow
+from shared.usage_cuts import CutEvent
 
 EventKey = tuple[uuid.UUID, str]
 """(organization id, event id): the identity the ledger counts once."""
@@ -334,3 +335,13 @@ def usage_deltas(totals: Mapping[WindowKey, WindowTotal], window_seconds: int) -
 
 def usage_windows(keys: Iterable[WindowKey], window_seconds: int) -> list[UsageWindow]:
     return [UsageWindow(*key, window_seconds) for key in keys]
+
+
+def cut_events(events: Iterable[CountableEvent]) -> list[CutEvent]:
+    """What each event contributes to the usage cuts in its window."""
+    return [
+        CutEvent(
+            e.organization_id, e.event.timestamp, e.window_start, e.event.metric, e.event.quantity
+        )
+        for e in events
+    ]

@@ -7,7 +7,8 @@ Safe while the live aggregator runs, in two phases:
   phase 2  one transaction: take the replay lock exclusive (live batches wait), read E1 -> E2 (the
            end offsets now), look the range's event ids up in the ledger, record the events the
            ledger lacks (first accepted wins: an id the ledger holds with other content is not
-           counted), and set every window of the range to the recomputed totals; commit.
+           counted), and set every window of the range, and the part of every usage cut inside
+           those windows (shared.usage_cuts), to the recomputed totals; commit.
 Whatever the live aggregator committed is in the ledger and replaced here; whatever it has not yet
 applied (before E2) is recorded here and becomes a duplicate there; after E2 it adds as usual.
 """
@@ -34,6 +35,7 @@ from services.aggregator.batch import (
     WindowKey,
     WindowTotal,
     counted_version,
+    cut_events,
     read_records,
     sum_windows,
     usage_deltas,
@@ -53,6 +55,7 @@ from shared.logs import log_event
 from shared.settings import Settings
 from shared.topics import retention_message
 from shared.usage import delete_usage, set_usage
+from shared.usage_cuts import cut_deltas, cuts_between, replace_cut_totals, touch_usage_versions
 
 logger = logging.getLogger("meterline.replay")
 
@@ -228,7 +231,9 @@ def replay(
         counted, to_record = _accepted_in_range(connection, versions, request, start, end)
         # The ledger rows first, so that an event the database refuses is left out of the
         # windows too (each part in a savepoint: a refusal undoes only its part).
-        recorded = write_isolating(to_record, lambda part: _record_in_savepoint(connection, part))
+        recorded = write_isolating(
+            to_record, lambda part: _record_in_savepoint(connection, part, settings.window_seconds)
+        )
         refused = {event.key for event, _ in recorded.refused}
         counted = [event for event in counted if event.key not in refused]
         report.skipped = _skipped(versions.unstorable, request, start, end) + [
@@ -255,6 +260,7 @@ def replay(
                 usage_windows((k for k in before if k not in after), settings.window_seconds),
             )
             set_usage(connection, usage_deltas(changed, settings.window_seconds))
+            _rebuild_cuts(connection, counted, request, start, end, settings.window_seconds)
             _record_run(connection, report, now)
             transaction.commit()
     if request.dry_run:
@@ -275,9 +281,11 @@ def replay(
     return report
 
 
-def _record_in_savepoint(connection: Connection, events: Sequence[CountableEvent]) -> int:
+def _record_in_savepoint(
+    connection: Connection, events: Sequence[CountableEvent], window_seconds: int
+) -> int:
     with connection.begin_nested():
-        return repository.record_events(connection, events)
+        return repository.record_events(connection, events, window_seconds)
 
 
 def _skipped(
@@ -303,6 +311,28 @@ def _skipped_event(event: CountableEvent, reason: str) -> SkippedEvent:
         event_id=event.event.id,
         reason=reason,
     )
+
+
+def _rebuild_cuts(
+    connection: Connection,
+    counted: list[CountableEvent],
+    request: ReplayRequest,
+    start: datetime,
+    end: datetime,
+    window_seconds: int,
+) -> None:
+    """Set the parts of the usage cuts inside the rebuilt windows from the same events, so a
+    cut's part stays the part of its window (the range is whole windows: a cut's window is in it
+    or not)."""
+    cuts = cuts_between(connection, start, end, request.organization_id)
+    replace_cut_totals(
+        connection,
+        cuts,
+        cut_deltas(cut_events(counted), cuts, window_seconds),
+        window_seconds=window_seconds,
+        metric=request.metric,
+    )
+    touch_usage_versions(connection, (cut.organization_id for cut in cuts))
 
 
 def _refuse_below_floor(start: datetime, floor: datetime | None) -> None:

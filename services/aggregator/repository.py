@@ -26,37 +26,8 @@ from services.aggregator.batch import (
     WindowTotal,
 )
 
-# Advisory lock namespaces (the two-int4 lock space, apart from anyone's single-bigint locks).
-# Live batches hold REPLAY_LOCK shared; replay and ledger maintenance hold it exclusive, so neither
-# can interleave with a batch. ORG_LOCK serialises two consumers of one organization (a rebalance).
-LOCK_NAMESPACE = 0x4D4C  # "ML"
-REPLAY_LOCK = (LOCK_NAMESPACE, 1)
-ORG_LOCK_NAMESPACE = 0x4D4D
-
-
-def lock_shared_for_batch(connection: Connection, organization_ids: Iterable[uuid.UUID]) -> None:
-    """Replay lock shared, then every organization of the batch exclusive, in one sorted order."""
-    connection.execute(
-        sa.text("SELECT pg_advisory_xact_lock_shared(:ns, :key)"),
-        {"ns": REPLAY_LOCK[0], "key": REPLAY_LOCK[1]},
-    )
-    connection.execute(
-        sa.text(
-            # Sorted in the subquery so two batches take overlapping locks in the same order.
-            "SELECT count(pg_advisory_xact_lock(:ns, h)) FROM ("
-            "  SELECT DISTINCT hashtext(o::text) AS h FROM unnest(CAST(:orgs AS uuid[])) AS o"
-            "  ORDER BY h) AS ordered"
-        ),
-        {"ns": ORG_LOCK_NAMESPACE, "orgs": sorted(set(organization_ids))},
-    )
-
-
-def lock_exclusive(connection: Connection) -> None:
-    """Wait for running batches to finish and hold new ones off until this transaction ends."""
-    connection.execute(
-        sa.text("SELECT pg_advisory_xact_lock(:ns, :key)"),
-        {"ns": REPLAY_LOCK[0], "key": REPLAY_LOCK[1]},
-    )
+# The usage locks live with every other writer's; the batch and replay take them through here.
+from shared.usage_locks import lock_exclusive, lock_shared_for_batch  # noqa: F401
 
 
 def counted_versions(
@@ -131,16 +102,22 @@ def existing_references(connection: Connection, events: Sequence[CountableEvent]
 
 
 _RECORD_EVENTS = sa.text(
-    "INSERT INTO usage_event_ledger (organization_id, event_id, event_time, fingerprint)"
-    " SELECT * FROM unnest(CAST(:orgs AS uuid[]), CAST(:ids AS text[]),"
-    "                      CAST(:times AS timestamptz[]), CAST(:fingerprints AS bytea[]))"
+    "INSERT INTO usage_event_ledger (organization_id, event_id, event_time, fingerprint,"
+    "                                metric, quantity, window_seconds)"
+    " SELECT o, i, t, f, m, q, CAST(:window_seconds AS integer)"
+    "   FROM unnest(CAST(:orgs AS uuid[]), CAST(:ids AS text[]), CAST(:times AS timestamptz[]),"
+    "               CAST(:fingerprints AS bytea[]), CAST(:metrics AS text[]),"
+    "               CAST(:quantities AS numeric[])) AS e(o, i, t, f, m, q)"
     " ON CONFLICT DO NOTHING"
 )
 
 
-def record_events(connection: Connection, events: Sequence[CountableEvent]) -> int:
-    """Insert the events into the ledger; returns how many were new to it (the others are
-    left as they are: first accepted wins)."""
+def record_events(
+    connection: Connection, events: Sequence[CountableEvent], window_seconds: int
+) -> int:
+    """Insert the events into the ledger, with what each added to which window size (a usage
+    cut's part is computed from them); returns how many were new to it (the others are left as
+    they are: first accepted wins)."""
     if not events:
         return 0
     result = connection.execute(
@@ -150,6 +127,9 @@ def record_events(connection: Connection, events: Sequence[CountableEvent]) -> i
             "ids": [e.event.id for e in events],
             "times": [e.event.timestamp for e in events],
             "fingerprints": [e.fingerprint for e in events],
+            "metrics": [e.event.metric for e in events],
+            "quantities": [e.event.quantity for e in events],
+            "window_seconds": window_seconds,
         },
     )
     return int(result.rowcount)

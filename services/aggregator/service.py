@@ -3,7 +3,8 @@
 The order of a batch (the guarantee rests on it; services/aggregator/app.py runs the steps):
   (1) decode + validate every record; the unreadable become dead letters, nothing is sent yet.
   (2) one PostgreSQL transaction: the replay lock shared and the organizations' locks in sorted
-      order, the ledger lookup, the insert of new ledger rows and the window upserts; commit.
+      order, the ledger lookup, the insert of new ledger rows, the window upserts and the parts
+      of the registered usage cuts inside those windows (shared.usage_cuts); commit.
   (3) send the dead letters (unreadable, unknown references, conflicting duplicates) and wait for
       the broker's ack.
   (4) only then return, so that Faust acks the messages and may commit their offsets.
@@ -14,11 +15,11 @@ redelivery count nothing twice, and dead letters may be sent twice (at least onc
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from services.aggregator import repository
 from services.aggregator.batch import (
@@ -26,7 +27,10 @@ from services.aggregator.batch import (
     DeadLetter,
     ReadRules,
     SourceRecord,
+    WindowKey,
+    WindowTotal,
     conflict_letter,
+    cut_events,
     event_letter,
     read_records,
     select_new_events,
@@ -39,6 +43,7 @@ from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolatin
 from shared.logs import log_event
 from shared.settings import Settings
 from shared.usage import record_usage
+from shared.usage_cuts import add_cut_totals, cut_deltas, cuts_within_windows
 
 logger = logging.getLogger("meterline.aggregator")
 
@@ -49,6 +54,18 @@ class BatchResult:
     duplicates: int = 0
     conflicts: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def add_to_cuts(
+    connection: Connection,
+    events: Sequence[CountableEvent],
+    windows: Mapping[WindowKey, WindowTotal],
+    window_seconds: int,
+) -> None:
+    """Add the events at or after a registered usage cut to that cut's totals."""
+    cuts = cuts_within_windows(connection, ((k[0], k[4]) for k in windows), window_seconds)
+    if cuts:
+        add_cut_totals(connection, cut_deltas(cut_events(events), cuts, window_seconds))
 
 
 class BatchApplier:
@@ -114,17 +131,20 @@ class BatchApplier:
                     countable.append(event)
             recorded = repository.counted_versions(connection, (e.key for e in countable))
             selection = select_new_events(countable, recorded)
-            result.counted = repository.record_events(connection, selection.new)
+            result.counted = repository.record_events(
+                connection, selection.new, self._settings.window_seconds
+            )
             if result.counted != len(selection.new):
                 # Only a writer that skipped the organization lock could get here: roll back
                 # and let the retry's lookup see what it wrote.
                 raise LedgerChangedUnderBatch(
                     f"{len(selection.new) - result.counted} ledger rows appeared during the batch"
                 )
-            record_usage(
-                connection,
-                usage_deltas(sum_windows(selection.new), self._settings.window_seconds),
-            )
+            windows = sum_windows(selection.new)
+            record_usage(connection, usage_deltas(windows, self._settings.window_seconds))
+            # The cuts inside this batch's windows (usually none) get the events at or after
+            # them, in the same transaction as the windows, so a cut's part never lags its window.
+            add_to_cuts(connection, selection.new, windows, self._settings.window_seconds)
         result.duplicates = selection.duplicates
         result.conflicts = len(selection.conflicts)
         result.dead_letters += [conflict_letter(e) for e in selection.conflicts]

@@ -28,7 +28,14 @@ from shared.models.tenancy import (
     Project,
     Role,
 )
-from shared.models.usage import USAGE_RECORD_KEY, UsageDaily, UsageRecord
+from shared.models.usage import (
+    USAGE_RECORD_KEY,
+    UsageCut,
+    UsageCutTotal,
+    UsageDaily,
+    UsageRecord,
+    UsageVersion,
+)
 
 __all__ = [
     "LEDGER_TABLE",
@@ -60,9 +67,12 @@ __all__ = [
     "StripeWebhookEvent",
     "Subscription",
     "SubscriptionStatus",
+    "UsageCut",
+    "UsageCutTotal",
     "UsageDaily",
     "UsageEventLedger",
     "UsageRecord",
+    "UsageVersion",
     "User",
     "VerificationToken",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import (
     BigInteger,
@@ -16,7 +17,9 @@ from sqlalchemy import (
     DateTime,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
+    Numeric,
     PrimaryKeyConstraint,
     String,
     func,
@@ -52,6 +55,11 @@ class UsageEventLedger(Base):
     recorded_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now()
     )
+    # What the event added, and to which window size: the part of a window after a usage cut is
+    # computed from these (shared.usage_cuts). NULL on rows recorded before they were stored.
+    metric: Mapped[str | None] = mapped_column(String(64))
+    quantity: Mapped[Decimal | None] = mapped_column(Numeric)
+    window_seconds: Mapped[int | None] = mapped_column(Integer)
 
 
 class ReplayRun(IdMixin, TimestampMixin, Base):

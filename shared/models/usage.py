@@ -7,7 +7,18 @@ import uuid
 from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, Date, DateTime, ForeignKey, Index, Integer, Numeric, String
+from sqlalchemy import (
+    BigInteger,
+    Date,
+    DateTime,
+    ForeignKey,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    Numeric,
+    String,
+    func,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -79,3 +90,56 @@ class UsageDaily(TimestampMixin, Base):
     quantity: Mapped[Decimal] = mapped_column(Numeric)
     max_window_quantity: Mapped[Decimal] = mapped_column(Numeric)
     event_count: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageCut(Base):
+    """An instant at which an organization's usage is split exactly: a subscription's start, end,
+    cancellation or plan change. Registered by billing (shared.usage_cuts) before it bills
+    across it; the aggregator and replay keep its totals (`UsageCutTotal`) from then on."""
+
+    __tablename__ = "usage_cuts"
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    cut_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+
+
+class UsageCutTotal(Base):
+    """The usage of the window that holds a cut, counted from the cut on (events at or after it):
+    one row per metric and window size. The part before the cut is the window's total minus this."""
+
+    __tablename__ = "usage_cut_totals"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["organization_id", "cut_at"],
+            ["usage_cuts.organization_id", "usage_cuts.cut_at"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(primary_key=True)
+    cut_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), primary_key=True)
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    window_seconds: Mapped[int] = mapped_column(Integer, primary_key=True)
+    quantity: Mapped[Decimal] = mapped_column(Numeric)
+    event_count: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
+
+
+class UsageVersion(Base):
+    """A number that changes whenever an organization's usage changes: bumped by a statement
+    trigger on usage_records (every writer) and by the writers of cut totals. Billing compares it
+    with the one it last billed with, so a rerun with nothing new reads no usage."""
+
+    __tablename__ = "usage_versions"
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(BigInteger)

@@ -130,6 +130,41 @@ def test_replay_restores_corrupted_windows_exactly_and_a_second_run_changes_noth
     assert totals(engine, org) == expected
 
 
+def test_replay_rebuilds_the_part_of_a_usage_cut_from_the_events_it_counts(
+    engine: Engine, service_env: dict[str, str], topic_prefix: str
+) -> None:
+    from shared.usage_cuts import Cut, register_cuts, registered_cut_parts
+
+    stream = Stream(service_env, topic_prefix)
+    tenant = make_tenant(engine)
+    org = tenant.organization_id
+    base = hour(datetime.now(UTC)) - timedelta(hours=2)
+    cut = Cut(org, base + timedelta(minutes=27, seconds=45))
+    with engine.begin() as connection:
+        register_cuts(connection, [cut])
+    # Nothing applied them live: the cut's part is empty until the replay counts them.
+    stream.send(
+        org,
+        [
+            event("c1", quantity=3, timestamp=cut.at - timedelta(seconds=1)),
+            event("c2", quantity=5, timestamp=cut.at),
+            event("c3", quantity=7, timestamp=base + timedelta(minutes=59, seconds=59)),
+        ],
+    )
+    stream.producer.flush()
+    window = ["--from", base.isoformat(), "--to", (base + timedelta(hours=1)).isoformat()]
+
+    report = replay_json(stream.env, *window, "--organization", str(org))
+
+    with engine.connect() as connection:
+        _, parts = registered_cut_parts(connection, [cut])
+    assert report["events_counted"] == 3
+    assert [(p.metric, p.quantity, p.event_count) for p in parts[cut]] == [
+        ("api_calls", Decimal(12), 2)
+    ]
+    assert totals(engine, org) == (Decimal(15), 3)
+
+
 def test_dry_run_prints_the_changes_and_writes_nothing(
     engine: Engine, service_env: dict[str, str], topic_prefix: str
 ) -> None:

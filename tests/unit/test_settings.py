@@ -26,6 +26,13 @@ def test_bad_values_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "METERLINE_WINDOW_SECONDS" in info.value.message
 
 
+def test_a_window_that_does_not_divide_a_day_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("METERLINE_ENV_FILE", "/nonexistent")
+    monkeypatch.setenv("METERLINE_WINDOW_SECONDS", "7000")
+    with pytest.raises(ConfigurationError, match=r"METERLINE_WINDOW_SECONDS.*divide a day"):
+        load_settings()
+
+
 def test_missing_pepper_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("METERLINE_ENV_FILE", "/nonexistent")
     monkeypatch.delenv("METERLINE_API_KEY_PEPPER", raising=False)
