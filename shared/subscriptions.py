@@ -1,4 +1,10 @@
-"""Subscription lifecycle: create, change plan, cancel (at period end or now), renew, status."""
+"""Subscription lifecycle: create, change plan, cancel (at period end or now), renew, status.
+
+The rules that keep every unit of usage billed once: an organization holds at most one live
+subscription (the database's partial unique index, so two concurrent creates cannot both win), a
+new subscription starts no earlier than the end of the organization's previous one, a plan change
+starts a phase at its instant (billing prices each side on its own plan), and a cancellation ends
+billing at its instant. None of them reaches into a period that has ended."""
 
 from __future__ import annotations
 
@@ -8,11 +14,20 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import sqlalchemy as sa
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from shared.access import require_organization
 from shared.errors import Conflict, InvalidInput, NotFound
-from shared.models import BillingInterval, Plan, Subscription, SubscriptionStatus
+from shared.models import (
+    LIVE_STATUS_VALUES,
+    BillingInterval,
+    Organization,
+    Plan,
+    Subscription,
+    SubscriptionPhase,
+    SubscriptionStatus,
+)
 
 #: Statuses in which a subscription renews (gets its next period) and is billed: it started and
 #: is not over. Not `incomplete`: its first payment never succeeded, so it never started (Stripe
@@ -27,8 +42,11 @@ RENEWING_STATUSES = frozenset(
     }
 )
 #: Statuses in which an organization holds its subscription (one at a time, plan changes
-#: allowed): the renewing ones and `incomplete`, which awaits its first payment.
+#: allowed): the renewing ones and `incomplete`, which awaits its first payment. The database's
+#: unique index is defined over the same values (shared.models.LIVE_STATUS_VALUES).
 LIVE_STATUSES = RENEWING_STATUSES | {SubscriptionStatus.INCOMPLETE}
+assert {str(status) for status in LIVE_STATUSES} == set(LIVE_STATUS_VALUES)
+LIVE_INDEX = "uq_subscriptions_one_live_per_organization"
 #: Statuses a billing run invoices: the renewing ones, and a canceled one for its last period.
 BILLED_STATUSES = RENEWING_STATUSES | {SubscriptionStatus.CANCELED}
 
@@ -132,6 +150,33 @@ def _subscription(session: Session, subscription_id: uuid.UUID) -> Subscription:
     return subscription
 
 
+def subscription_start(subscription: Subscription) -> datetime:
+    """When billing of the subscription began: its anchor (rows from before the anchor was
+    stored: their current period's start)."""
+    return subscription.billing_cycle_anchor or subscription.current_period_start
+
+
+def billing_end(subscription: Subscription) -> datetime | None:
+    """When billing of the subscription ends or ended: its cancellation (None: it goes on)."""
+    if subscription.status == SubscriptionStatus.CANCELED:
+        return subscription.canceled_at or subscription.current_period_end
+    if subscription.status == SubscriptionStatus.INCOMPLETE_EXPIRED:
+        return subscription_start(subscription)
+    return None
+
+
+def _settle_ended(session: Session, live: Subscription, at: datetime) -> bool:
+    """A live subscription set to cancel at the end of a period that ended by `at` is over,
+    even if no billing run has marked it yet: mark it canceled at that end (the renewal rule)."""
+    if live.cancel_at_period_end and live.current_period_end <= at:
+        live.status = SubscriptionStatus.CANCELED
+        live.canceled_at = live.current_period_end
+        live.cancel_at_period_end = False
+        session.flush()
+        return True
+    return False
+
+
 def create_subscription(
     session: Session,
     *,
@@ -142,16 +187,33 @@ def create_subscription(
     trial_days: int = 0,
     stripe_subscription_id: str | None = None,
 ) -> Subscription:
+    """A new subscription starting at `now`, anchored there. Conflict if the organization holds
+    a live one, or if `now` is before its previous subscription's billing ended (the two would
+    bill the same usage)."""
+    session.get(Organization, organization_id, with_for_update=True)
     require_organization(session, organization_id)
     _plan(session, plan_id)
+    if trial_days < 0:
+        raise InvalidInput("trial days must not be negative")
     live = session.scalar(
-        sa.select(Subscription.id).where(
+        sa.select(Subscription)
+        .where(
             Subscription.organization_id == organization_id,
             Subscription.status.in_(LIVE_STATUSES),
         )
+        .with_for_update()
     )
-    if live is not None:
-        raise Conflict(f"organization {organization_id} already has a live subscription ({live})")
+    if live is not None and not _settle_ended(session, live, now):
+        raise Conflict(
+            f"organization {organization_id} already has a live subscription ({live.id}); "
+            "cancel it first"
+        )
+    previous_end = _previous_end(session, organization_id)
+    if previous_end is not None and now < previous_end:
+        raise Conflict(
+            f"a subscription of organization {organization_id} was billed until "
+            f"{previous_end.isoformat()}: a new one cannot start before that"
+        )
     subscription = Subscription(
         organization_id=organization_id,
         plan_id=plan_id,
@@ -165,8 +227,41 @@ def create_subscription(
         stripe_subscription_id=stripe_subscription_id,
     )
     session.add(subscription)
+    try:
+        # A savepoint: the unique index refusing a concurrent create leaves the session usable.
+        with session.begin_nested():
+            session.flush()
+    except IntegrityError as exc:
+        if LIVE_INDEX in str(exc.orig):
+            raise Conflict(
+                f"organization {organization_id} already has a live subscription "
+                "(created concurrently); cancel it first"
+            ) from None
+        raise
+    session.add(SubscriptionPhase(subscription_id=subscription.id, plan_id=plan_id, starts_at=now))
     session.flush()
     return subscription
+
+
+def _previous_end(session: Session, organization_id: uuid.UUID) -> datetime | None:
+    ended = session.scalars(
+        sa.select(Subscription).where(
+            Subscription.organization_id == organization_id,
+            Subscription.status == SubscriptionStatus.CANCELED,
+        )
+    ).all()
+    ends = [end for end in (billing_end(s) for s in ended) if end is not None]
+    return max(ends, default=None)
+
+
+def phases_of(session: Session, subscription_id: uuid.UUID) -> list[SubscriptionPhase]:
+    return list(
+        session.scalars(
+            sa.select(SubscriptionPhase)
+            .where(SubscriptionPhase.subscription_id == subscription_id)
+            .order_by(SubscriptionPhase.starts_at)
+        )
+    )
 
 
 def change_plan(
@@ -174,28 +269,77 @@ def change_plan(
     subscription_id: uuid.UUID,
     *,
     plan_id: uuid.UUID,
+    now: datetime,
     interval: BillingInterval | None = None,
 ) -> Subscription:
-    """Switch plan (and optionally interval); the new prices apply from the next billing run."""
+    """Switch the plan from `now` on: usage and time before `now` stay on the old plan, after it
+    on the new one (billing splits the period there and prorates the flat fees). The billing
+    interval cannot change in the middle of a subscription, nor the currency."""
     subscription = _subscription(session, subscription_id)
     if subscription.status not in LIVE_STATUSES:
         raise Conflict(f"subscription {subscription_id} is {subscription.status}, not live")
-    subscription.plan_id = _plan(session, plan_id).id
-    if interval is not None:
-        subscription.billing_interval = interval
+    if interval is not None and interval != subscription.billing_interval:
+        raise InvalidInput(
+            "the billing interval of a subscription cannot change: cancel it and create a new "
+            f"one on the {interval} interval"
+        )
+    plan = _plan(session, plan_id)
+    current = session.get(Plan, subscription.plan_id)
+    if current is not None and plan.currency != current.currency:
+        raise InvalidInput(
+            f"plan {plan.key!r} is priced in {plan.currency}, the subscription in "
+            f"{current.currency}: one invoice cannot mix currencies"
+        )
+    phases = phases_of(session, subscription_id)
+    latest = phases[-1].starts_at if phases else subscription_start(subscription)
+    floor = max(latest, subscription.current_period_start)
+    if now < floor:
+        raise InvalidInput(
+            f"a plan change cannot take effect before {floor.isoformat()} (the current period "
+            "or the last change): a period that has ended is never re-priced"
+        )
+    if plan.id == subscription.plan_id:
+        return subscription
+    if not phases:
+        session.add(
+            SubscriptionPhase(
+                subscription_id=subscription.id,
+                plan_id=subscription.plan_id,
+                starts_at=subscription_start(subscription),
+            )
+        )
+    if phases and phases[-1].starts_at == now:
+        phases[-1].plan_id = plan.id
+    else:
+        session.add(
+            SubscriptionPhase(subscription_id=subscription.id, plan_id=plan.id, starts_at=now)
+        )
+    subscription.plan_id = plan.id
     session.flush()
     return subscription
 
 
 def cancel_at_period_end(session: Session, subscription_id: uuid.UUID) -> Subscription:
     subscription = _subscription(session, subscription_id)
+    if subscription.status not in LIVE_STATUSES:
+        raise Conflict(f"subscription {subscription_id} is {subscription.status}, not live")
     subscription.cancel_at_period_end = True
     session.flush()
     return subscription
 
 
 def cancel_now(session: Session, subscription_id: uuid.UUID, *, now: datetime) -> Subscription:
+    """End the subscription at `now`: usage until `now` is billed on its last invoice (its flat
+    fee prorated to `now`), nothing after it."""
     subscription = _subscription(session, subscription_id)
+    if subscription.status not in LIVE_STATUSES:
+        raise Conflict(f"subscription {subscription_id} is {subscription.status}, not live")
+    floor = subscription.current_period_start
+    if now < floor:
+        raise InvalidInput(
+            f"a cancellation cannot take effect before {floor.isoformat()}, the start of the "
+            "current period: a period that has ended is never re-priced"
+        )
     subscription.status = SubscriptionStatus.CANCELED
     subscription.canceled_at = now
     subscription.cancel_at_period_end = False

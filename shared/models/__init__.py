@@ -19,7 +19,15 @@ from shared.models.operators import (
     OperatorSession,
     PipelineSample,
 )
-from shared.models.plans import BillingInterval, Plan, Subscription, SubscriptionStatus
+from shared.models.plans import (
+    LIVE_STATUS_VALUES,
+    BillingInterval,
+    Plan,
+    PlanVersion,
+    Subscription,
+    SubscriptionPhase,
+    SubscriptionStatus,
+)
 from shared.models.tenancy import (
     MANAGER_ROLES,
     USAGE_READER_ROLES,
@@ -39,6 +47,7 @@ from shared.models.usage import (
 
 __all__ = [
     "LEDGER_TABLE",
+    "LIVE_STATUS_VALUES",
     "MANAGER_ROLES",
     "USAGE_READER_ROLES",
     "USAGE_RECORD_KEY",
@@ -58,6 +67,7 @@ __all__ = [
     "OrganizationMember",
     "PipelineSample",
     "Plan",
+    "PlanVersion",
     "Project",
     "ReconciliationMismatch",
     "ReplayRun",
@@ -66,6 +76,7 @@ __all__ = [
     "StripeMeterReport",
     "StripeWebhookEvent",
     "Subscription",
+    "SubscriptionPhase",
     "SubscriptionStatus",
     "UsageCut",
     "UsageCutTotal",

@@ -7,7 +7,20 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Boolean, DateTime, Enum, ForeignKey, Integer, String, Text, true
+from sqlalchemy import (
+    Boolean,
+    DateTime,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+    true,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -52,8 +65,23 @@ class Plan(IdMixin, TimestampMixin, Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
 
 
+#: The statuses in which an organization holds its subscription (shared.subscriptions'
+#: LIVE_STATUSES): at most one row per organization may be in one, which the database enforces.
+LIVE_STATUS_VALUES = ("trialing", "active", "past_due", "unpaid", "paused", "incomplete")
+
+
 class Subscription(IdMixin, TimestampMixin, Base):
     __tablename__ = "subscriptions"
+    __table_args__ = (
+        Index(
+            "uq_subscriptions_one_live_per_organization",
+            "organization_id",
+            unique=True,
+            postgresql_where=text(
+                "status IN (" + ", ".join(f"'{status}'" for status in LIVE_STATUS_VALUES) + ")"
+            ),
+        ),
+    )
 
     organization_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), index=True
@@ -79,3 +107,37 @@ class Subscription(IdMixin, TimestampMixin, Base):
     # `created` of the last Stripe event applied to this subscription: an older event arriving
     # late is recorded as processed but changes nothing.
     stripe_event_created: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class SubscriptionPhase(IdMixin, TimestampMixin, Base):
+    """The plan a subscription is on from `starts_at` until the next phase: a plan change at an
+    instant starts a phase there, and billing prices each part of a period on its own phase's
+    plan. A subscription without phases (rows from before they were stored) is on its plan."""
+
+    __tablename__ = "subscription_phases"
+    __table_args__ = (UniqueConstraint("subscription_id", "starts_at"),)
+
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="CASCADE")
+    )
+    plan_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("plans.id"))
+    starts_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PlanVersion(IdMixin, Base):
+    """A plan's prices as they were from `effective_at` on, written by a trigger on every insert
+    and every change of a price (whoever makes it), so billing prices a closed period as the plan
+    stood when the period ended, never as it was edited later."""
+
+    __tablename__ = "plan_versions"
+    __table_args__ = (Index("ix_plan_versions_plan_id_effective_at", "plan_id", "effective_at"),)
+
+    plan_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("plans.id", ondelete="CASCADE"))
+    effective_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    price_monthly: Mapped[int] = mapped_column(Integer)
+    price_yearly: Mapped[int] = mapped_column(Integer)
+    currency: Mapped[str] = mapped_column(String(3))
+    features: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )
