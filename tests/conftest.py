@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from shared import migrate
 from shared.settings import Settings, load_settings
-from tests import components, factories
+from tests import components, factories, stripe_fake
 
 
 @pytest.fixture(scope="session")
@@ -132,3 +132,10 @@ def db(engine: Engine) -> Iterator[Session]:
 def topic_prefix() -> str:
     """A Kafka topic prefix of this test's own, so tests never read each other's events."""
     return f"t{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def fake_stripe(local_env: dict[str, str]) -> Iterator[stripe_fake.FakeStripe]:
+    """The stateful Stripe fake (tests/stripe_fake.py) in front of stripe-mock, per test."""
+    with stripe_fake.running_fake(local_env["STRIPE_API_BASE"]) as fake:
+        yield fake

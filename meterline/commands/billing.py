@@ -90,8 +90,8 @@ def run(
         if as_json:
             print_json(document)
         else:
-            _print_run(document, {str(invoice["id"]) for invoice in result.invoices})
-        if any(not m.get("resolved") for m in document["mismatches"]):
+            _print_run(document, {str(invoice.id) for invoice in result.invoices})
+        if any(not m.resolved for m in result.mismatches):
             # The run succeeded; what is left needs a person (not a failure: exit 1 is that).
             raise typer.Exit(EXIT_NEEDS_ATTENTION)
 

@@ -28,7 +28,12 @@ async def schedule_billing(settings: Settings, engine: Engine) -> None:
     while True:
         try:
             result = await asyncio.to_thread(
-                run_once, engine, settings, as_of=datetime.now(UTC), use_stripe=True
+                run_once,
+                engine,
+                settings,
+                as_of=datetime.now(UTC),
+                use_stripe=True,
+                list_invoices=False,
             )
             log_event(
                 logger,

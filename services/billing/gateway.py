@@ -1,7 +1,10 @@
 """The one edge to Stripe: a small typed `BillingGateway` and its stripe-python implementation.
 
 API version pinned, idempotency keys `meterline:<operation>:<stable id>`, calls paced under a rate
-and retried with backoff on 429. Nothing else in Meterline imports `stripe` for API calls.
+and retried with backoff on 429, 5xx and lost connections (with the same key, as Stripe advises).
+A request Stripe refuses for good (400, 404, an idempotency conflict) raises `StripeRefused`,
+which callers handle per request; anything else that fails raises `StripeUnavailable`, which stops
+the run's Stripe work. Nothing else in Meterline imports `stripe` for API calls.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ class StripeUnavailable(MeterlineError):
     status = 503
 
 
+class StripeRefused(MeterlineError):
+    """Stripe refused this request for good: sending it again unchanged cannot succeed."""
+
+    code = "stripe_refused"
+    status = 422
+
+
 @dataclass(frozen=True)
 class StripeSubscription:
     id: str
@@ -48,29 +58,58 @@ class MeterEvent:
     timestamp: datetime
 
 
+@dataclass(frozen=True)
+class StripeInvoice:
+    id: str
+    status: str
+    total: int
+    currency: str
+    meterline_invoice_id: str | None
+
+
+@dataclass(frozen=True)
+class InvoiceItem:
+    """One of our invoice lines as an item of the Stripe invoice that collects it."""
+
+    line_id: str
+    amount: int
+    currency: str
+    description: str
+    period_start: datetime
+    period_end: datetime
+
+
 class BillingGateway(Protocol):
     def report_meter_event(self, event: MeterEvent) -> None: ...
 
     def create_customer(self, organization_id: str, name: str) -> str: ...
-
-    def ensure_price(
-        self, plan_id: str, plan_name: str, interval: str, unit_amount: int, currency: str
-    ) -> str: ...
-
-    def create_subscription(
-        self,
-        subscription_id: str,
-        customer_id: str,
-        price_id: str,
-        period_start: datetime,
-        period_end: datetime,
-    ) -> str: ...
 
     def get_subscription(self, stripe_subscription_id: str) -> StripeSubscription: ...
 
     def meter_total(
         self, event_name: str, customer_id: str, start: datetime, end: datetime
     ) -> int: ...
+
+    def find_invoice(self, invoice_id: str) -> StripeInvoice | None: ...
+
+    def create_invoice(
+        self,
+        invoice_id: str,
+        customer_id: str,
+        currency: str,
+        description: str,
+        metadata: dict[str, str],
+    ) -> StripeInvoice: ...
+
+    def invoice_line_ids(self, stripe_invoice_id: str) -> set[str]: ...
+
+    def add_invoice_item(
+        self, stripe_invoice_id: str, customer_id: str, invoice_id: str, item: InvoiceItem
+    ) -> None: ...
+
+    def finalize_invoice(self, stripe_invoice_id: str, invoice_id: str) -> StripeInvoice: ...
+
+    def get_invoice(self, stripe_invoice_id: str) -> StripeInvoice: ...
 
 
 def _epoch(moment: datetime) -> int:
@@ -130,12 +169,16 @@ class StripeGateway:
                 delay = self.backoff_seconds * 2**attempt
                 log_event(logger, "stripe_rate_limited", operation=operation, retry_in=delay)
                 time.sleep(delay)
-            except stripe.APIConnectionError as exc:
+            except (stripe.APIConnectionError, stripe.APIError) as exc:
                 if attempt == self.max_retries:
                     raise StripeUnavailable(
                         f"Stripe unreachable for {operation}: {exc.user_message or 'no answer'}"
                     ) from None
                 time.sleep(self.backoff_seconds * 2**attempt)
+            except (stripe.InvalidRequestError, stripe.IdempotencyError, stripe.CardError) as exc:
+                raise StripeRefused(
+                    f"Stripe refused {operation}: {exc.user_message or type(exc).__name__}"
+                ) from None
             except stripe.StripeError as exc:
                 raise StripeUnavailable(
                     f"Stripe refused {operation}: {exc.user_message or type(exc).__name__}"
@@ -164,53 +207,6 @@ class StripeGateway:
         )
         return str(customer.id)
 
-    def ensure_price(
-        self, plan_id: str, plan_name: str, interval: str, unit_amount: int, currency: str
-    ) -> str:
-        product = self._call(
-            "create_product",
-            self.client.v1.products.create,
-            {"name": plan_name, "metadata": {"meterline_plan_id": plan_id}},
-            {"idempotency_key": f"meterline:create_product:{plan_id}"},
-        )
-        price = self._call(
-            "create_price",
-            self.client.v1.prices.create,
-            {
-                "product": product.id,
-                "currency": currency,
-                "unit_amount": unit_amount,
-                "recurring": {"interval": interval},
-                "metadata": {"meterline_plan_id": plan_id},
-            },
-            {"idempotency_key": f"meterline:create_price:{plan_id}:{interval}:{unit_amount}"},
-        )
-        return str(price.id)
-
-    def create_subscription(
-        self,
-        subscription_id: str,
-        customer_id: str,
-        price_id: str,
-        period_start: datetime,
-        period_end: datetime,
-    ) -> str:
-        # Backdated to our period's start and anchored at its end, so Stripe's first period is ours.
-        created = self._call(
-            "create_subscription",
-            self.client.v1.subscriptions.create,
-            {
-                "customer": customer_id,
-                "items": [{"price": price_id}],
-                "backdate_start_date": _epoch(period_start),
-                "billing_cycle_anchor": _epoch(period_end),
-                "proration_behavior": "none",
-                "metadata": {"meterline_subscription_id": subscription_id},
-            },
-            {"idempotency_key": f"meterline:create_subscription:{subscription_id}"},
-        )
-        return str(created.id)
-
     def get_subscription(self, stripe_subscription_id: str) -> StripeSubscription:
         found = self._call(
             "get_subscription", self.client.v1.subscriptions.retrieve, stripe_subscription_id
@@ -228,6 +224,94 @@ class StripeGateway:
             {"customer": customer_id, "start_time": _epoch(start), "end_time": _epoch(end)},
         )
         return int(sum(int(summary.aggregated_value) for summary in summaries.auto_paging_iter()))
+
+    def find_invoice(self, invoice_id: str) -> StripeInvoice | None:
+        """The Stripe invoice created for ours, if any: a create whose answer was lost more than
+        a day ago is no longer covered by its idempotency key."""
+        found = self._call(
+            "search_invoices",
+            self.client.v1.invoices.search,
+            {"query": f"metadata['meterline_invoice_id']:'{invoice_id}'", "limit": 10},
+        )
+        for invoice in found.data:
+            candidate = invoice_from_stripe(invoice)
+            if candidate.meterline_invoice_id == invoice_id:
+                return candidate
+        return None
+
+    def create_invoice(
+        self,
+        invoice_id: str,
+        customer_id: str,
+        currency: str,
+        description: str,
+        metadata: dict[str, str],
+    ) -> StripeInvoice:
+        # A draft that does not advance by itself: nothing is charged until every line is on it
+        # and it is finalized below; pending invoice items of the customer stay out of it.
+        created = self._call(
+            "create_invoice",
+            self.client.v1.invoices.create,
+            {
+                "customer": customer_id,
+                "currency": currency,
+                "collection_method": "charge_automatically",
+                "auto_advance": False,
+                "pending_invoice_items_behavior": "exclude",
+                "description": description[:500],
+                "metadata": {"meterline_invoice_id": invoice_id, **metadata},
+            },
+            {"idempotency_key": f"meterline:create_invoice:{invoice_id}"},
+        )
+        return invoice_from_stripe(created)
+
+    def invoice_line_ids(self, stripe_invoice_id: str) -> set[str]:
+        """Our line ids already on the Stripe invoice (from each item's metadata)."""
+        lines = self._call(
+            "list_invoice_lines",
+            self.client.v1.invoices.line_items.list,
+            stripe_invoice_id,
+            {"limit": 100},
+        )
+        return {
+            str(line.metadata["meterline_line_id"])
+            for line in lines.auto_paging_iter()
+            if line.metadata and "meterline_line_id" in line.metadata
+        }
+
+    def add_invoice_item(
+        self, stripe_invoice_id: str, customer_id: str, invoice_id: str, item: InvoiceItem
+    ) -> None:
+        self._call(
+            "create_invoice_item",
+            self.client.v1.invoice_items.create,
+            {
+                "customer": customer_id,
+                "invoice": stripe_invoice_id,
+                "amount": item.amount,
+                "currency": item.currency,
+                "description": item.description[:500],
+                "period": {"start": _epoch(item.period_start), "end": _epoch(item.period_end)},
+                "metadata": {"meterline_invoice_id": invoice_id, "meterline_line_id": item.line_id},
+            },
+            {"idempotency_key": f"meterline:invoice_item:{item.line_id}"},
+        )
+
+    def finalize_invoice(self, stripe_invoice_id: str, invoice_id: str) -> StripeInvoice:
+        # auto_advance from here on: Stripe charges the customer's default payment method.
+        finalized = self._call(
+            "finalize_invoice",
+            self.client.v1.invoices.finalize_invoice,
+            stripe_invoice_id,
+            {"auto_advance": True},
+            {"idempotency_key": f"meterline:finalize_invoice:{invoice_id}"},
+        )
+        return invoice_from_stripe(finalized)
+
+    def get_invoice(self, stripe_invoice_id: str) -> StripeInvoice:
+        return invoice_from_stripe(
+            self._call("get_invoice", self.client.v1.invoices.retrieve, stripe_invoice_id)
+        )
 
     def _meter_id(self, event_name: str) -> str | None:
         if self._meters is None:
@@ -258,4 +342,16 @@ def subscription_from_stripe(obj: stripe.Subscription | dict[str, Any]) -> Strip
         interval=recurring.get("interval") if recurring else None,
         period_start=_from_epoch(start),
         period_end=_from_epoch(end),
+    )
+
+
+def invoice_from_stripe(obj: stripe.Invoice | dict[str, Any]) -> StripeInvoice:
+    found: dict[str, Any] = obj.to_dict() if isinstance(obj, stripe.StripeObject) else obj
+    metadata = found.get("metadata") or {}
+    return StripeInvoice(
+        id=str(found["id"]),
+        status=str(found.get("status") or ""),
+        total=int(found.get("total") or 0),
+        currency=str(found.get("currency") or ""),
+        meterline_invoice_id=metadata.get("meterline_invoice_id"),
     )

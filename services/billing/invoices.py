@@ -1,54 +1,138 @@
-"""Invoices of one subscription: priced usage lines per period, and adjustments for late usage.
+"""Invoices of one subscription: flat fees, priced usage per segment, adjustments for late usage.
 
-A period's invoice is a draft while the period is open and final once it closed. A final invoice
-never changes: usage that arrives after it (late events) becomes an adjustment line on the newest
-invoice of the subscription, for the difference between the price of the period's true quantity
-and what was already billed for it, priced with the pricing snapshot the final invoice stored
-(a plan changed since re-prices nothing already final). A period that lies wholly within the
-subscription's trial charges no flat fee and, as Stripe does, no usage; a period the trial ends
-inside is billed in full (no proration). Pure: values in, the invoices as they should be out.
+A period's invoice is a draft while the period is open and final once it closed. Its lines:
+  - flat: the plan's fee for the period, and, the way Stripe prorates, at each plan change inside
+    the period a credit for the unused time on the old plan and a charge for the remaining time
+    on the new one, and at a cancellation a credit for the time after it. Each is
+    round_half_up(fee x time from that instant to the anchored period end / length of the
+    period), so a period's flat fees are exact to the second (Stripe counts seconds too);
+  - usage: each metric of each segment's plan, priced on that plan from zero (its included
+    quantity and tiers apply to the segment, as Stripe prices each subscription item's usage);
+  - adjustment: a final invoice never changes, so usage that reaches a final period later
+    (late events) is priced as that period was and the difference goes on the newest open
+    invoice of the subscription, or, when it has none (it was canceled), on an adjustment
+    invoice of its own.
+A period that lies wholly within the trial charges no flat fee and, as Stripe does, no usage; a
+period the trial ends inside is billed in full (no proration). Pure: values in, invoices out.
 """
 
 from __future__ import annotations
 
+import itertools
 import uuid
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Literal
 
-from services.billing.periods import Period
+from services.billing.periods import Period, Phase, segments_of
 from services.billing.pricing import (
     ZERO,
     MeteredPrice,
-    PlanPrice,
     PricedLine,
-    billable_quantity,
     price_metric,
+    prorated,
 )
-from services.billing.schemas import snapshot_price
+from services.billing.terms import InvoicePricing, PlanHistory, SegmentTerms
 from shared.events import SUM_CONTEXT, decimal_text
 
-Totals = dict[tuple[datetime, str], Decimal]
+LineKind = Literal["usage", "adjustment", "flat"]
+InvoiceStatus = Literal["draft", "final"]
+#: (segment start, segment end, metric) -> quantity, for one subscription.
+Totals = Mapping[tuple[datetime, datetime, str], Decimal]
+
+
+@dataclass(frozen=True)
+class InvoiceLine:
+    kind: LineKind
+    metric: str | None
+    quantity: Decimal
+    billable_quantity: Decimal
+    amount: int
+    adjusts_period_start: datetime | None = None
+    segment_start: datetime | None = None
+    segment_end: datetime | None = None
+    plan_id: uuid.UUID | None = None
+    description: str = ""
+    id: uuid.UUID | None = None  # set on stored lines
+
+    def key(self) -> tuple[object, ...]:
+        """What the line is, to tell a changed invoice (the id aside)."""
+        return (
+            self.kind,
+            self.metric or "",
+            self.adjusts_period_start.isoformat() if self.adjusts_period_start else "",
+            self.segment_start.isoformat() if self.segment_start else "",
+            str(self.plan_id or ""),
+            self.quantity,
+            self.billable_quantity,
+            self.amount,
+            self.segment_end.isoformat() if self.segment_end else "",
+            self.description,
+        )
+
+
+@dataclass(frozen=True)
+class Invoice:
+    id: uuid.UUID
+    organization_id: uuid.UUID
+    subscription_id: uuid.UUID
+    period_start: datetime
+    period_end: datetime
+    currency: str
+    status: InvoiceStatus
+    flat_amount: int
+    total: int
+    finalized_at: datetime | None
+    pricing: InvoicePricing | None
+    lines: tuple[InvoiceLine, ...]
+    stripe_invoice_id: str | None = None
+
+    @property
+    def is_adjustment_only(self) -> bool:
+        """An invoice of late usage alone, for a subscription with no open invoice left."""
+        return self.period_start == self.period_end
 
 
 @dataclass(frozen=True)
 class Subject:
-    """What billing needs to know of one subscription."""
+    """What billing needs to know of one subscription: its plans over time."""
 
     subscription_id: uuid.UUID
     organization_id: uuid.UUID
     currency: str
-    plan: PlanPrice
-    # The current plan as invoices store it (`plan_snapshot`): drafts are priced with the current
-    # plan, so each draft written carries it, and it freezes with the invoice.
-    snapshot: dict[str, Any] = field(default_factory=dict)
+    interval: str
+    plan_id: uuid.UUID
+    plans: Mapping[uuid.UUID, PlanHistory]
+    phases: tuple[Phase, ...] = ()
     trial_end: datetime | None = None
 
     def in_trial(self, period: Period) -> bool:
         """Whether the whole period lies within the trial. A period the trial ends inside is
         billed in full (flat fee and usage): prorating a partial trial is not supported."""
         return self.trial_end is not None and self.trial_end >= period.end
+
+    def pricing(self, period: Period, as_of: datetime) -> InvoicePricing:
+        """The period's segments, each on its plan as that plan stood at the segment's end (or
+        at `as_of`, while the segment is open)."""
+        terms = []
+        for segment in segments_of(period, self.phases, self.plan_id):
+            history = self.plans[segment.plan_id]
+            ended = segment.end <= as_of
+            version = history.as_of(segment.end if ended else as_of, ended=ended)
+            terms.append(
+                SegmentTerms(
+                    segment.start,
+                    segment.end,
+                    segment.plan_id,
+                    history.key,
+                    history.name,
+                    version.flat_amount(self.interval),
+                    version.metered_json,
+                )
+            )
+        return InvoicePricing(tuple(terms), trial=self.in_trial(period))
 
 
 def _priced(metric: str, quantity: Decimal, price: MeteredPrice, trial: bool) -> PricedLine:
@@ -58,234 +142,356 @@ def _priced(metric: str, quantity: Decimal, price: MeteredPrice, trial: bool) ->
     return price_metric(metric, quantity, price)
 
 
-def _usage_lines(
-    plan: PlanPrice, period: Period, totals: Totals, trial: bool
-) -> list[dict[str, Any]]:
-    lines = []
-    for metric, price in sorted(plan.metered.items()):
-        line = _priced(metric, totals.get((period.start, metric), ZERO), price, trial)
+def _time(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
+
+
+def flat_lines(period: Period, pricing: InvoicePricing) -> list[InvoiceLine]:
+    """The period's flat fee, and the prorations of its plan changes and cancellation."""
+    if pricing.trial or not pricing.segments:
+        return []
+    end = period.anchored_end
+    whole = end - period.start
+    first = pricing.segments[0]
+    lines = [
+        InvoiceLine(
+            "flat",
+            None,
+            Decimal(1),
+            Decimal(1),
+            first.flat_amount,
+            segment_start=period.start,
+            segment_end=end,
+            plan_id=first.plan_id,
+            description=f"{first.plan_name or 'Plan'} fee, {_time(period.start)} to {_time(end)}",
+        )
+    ]
+    for before, after in itertools.pairwise(pricing.segments):
+        remaining = end - after.start
         lines.append(
-            {
-                "metric": metric,
-                "kind": "usage",
-                "quantity": line.quantity,
-                "billable_quantity": line.billable_quantity,
-                "amount": line.amount,
-                "adjusts_period_start": None,
-            }
+            _proration(
+                before,
+                -prorated(before.flat_amount, remaining, whole),
+                after.start,
+                end,
+                f"Unused time on {before.plan_name or 'the previous plan'} from "
+                f"{_time(after.start)}",
+            )
+        )
+        lines.append(
+            _proration(
+                after,
+                prorated(after.flat_amount, remaining, whole),
+                after.start,
+                end,
+                f"Remaining time on {after.plan_name or 'the new plan'} from {_time(after.start)}",
+            )
+        )
+    if period.scheduled_end is not None:
+        last = pricing.segments[-1]
+        lines.append(
+            _proration(
+                last,
+                -prorated(last.flat_amount, end - period.end, whole),
+                period.end,
+                end,
+                f"Unused time on {last.plan_name or 'the plan'} after the cancellation at "
+                f"{_time(period.end)}",
+            )
         )
     return lines
 
 
-def period_pricing(invoice: dict[str, Any], current: PlanPrice) -> PlanPrice:
-    """The pricing of a stored invoice's period: its snapshot; the current plan for invoices from
-    before snapshots were stored (the only pricing known for them)."""
-    snapshot = invoice.get("plan_snapshot")
-    return snapshot_price(snapshot) if snapshot else current
+def _proration(
+    terms: SegmentTerms, amount: int, start: datetime, end: datetime, description: str
+) -> InvoiceLine:
+    return InvoiceLine(
+        "flat",
+        None,
+        Decimal(1),
+        Decimal(1),
+        amount,
+        segment_start=start,
+        segment_end=end,
+        plan_id=terms.plan_id,
+        description=description,
+    )
 
 
-def _period_in_trial(invoice: dict[str, Any], subject: Subject) -> bool:
-    snapshot = invoice.get("plan_snapshot")
-    if snapshot:
-        return bool(snapshot.get("trial"))
-    return subject.in_trial(Period(invoice["period_start"], invoice["period_end"]))
-
-
-def _adjustment_lines(
-    subject: Subject,
-    frozen: list[dict[str, Any]],
-    billed_elsewhere: list[dict[str, Any]],
-    totals: Totals,
-) -> list[dict[str, Any]]:
-    """Adjustments for each final period whose true usage differs from what was billed for it,
-    priced as that period was."""
+def usage_lines(pricing: InvoicePricing, totals: Totals) -> list[InvoiceLine]:
     lines = []
-    for invoice in frozen:
-        start = invoice["period_start"]
-        trial = _period_in_trial(invoice, subject)
-        for metric, price in sorted(period_pricing(invoice, subject.plan).metered.items()):
-            billed = [
-                line
-                for line in billed_elsewhere
-                if line["metric"] == metric
-                and (
-                    (line["kind"] == "usage" and line["_period_start"] == start)
-                    or (line["kind"] == "adjustment" and line["adjusts_period_start"] == start)
-                )
-            ]
-            billed_quantity = ZERO
-            for line in billed:
-                billed_quantity = SUM_CONTEXT.add(billed_quantity, line["quantity"])
-            billed_amount = sum(line["amount"] for line in billed)
-            true = _priced(metric, totals.get((start, metric), ZERO), price, trial)
-            if true.quantity == billed_quantity and true.amount == billed_amount:
-                continue
+    for segment in pricing.segments:
+        for metric, price in sorted(segment.price.metered.items()):
+            quantity = totals.get((segment.start, segment.end, metric), ZERO)
+            priced = _priced(metric, quantity, price, pricing.trial)
             lines.append(
-                {
-                    "metric": metric,
-                    "kind": "adjustment",
-                    "quantity": SUM_CONTEXT.subtract(true.quantity, billed_quantity),
-                    "billable_quantity": SUM_CONTEXT.subtract(
-                        true.billable_quantity,
-                        ZERO if trial else billable_quantity(billed_quantity, price),
-                    ),
-                    "amount": true.amount - billed_amount,
-                    "adjusts_period_start": start,
-                }
+                InvoiceLine(
+                    "usage",
+                    metric,
+                    priced.quantity,
+                    priced.billable_quantity,
+                    priced.amount,
+                    segment_start=segment.start,
+                    segment_end=segment.end,
+                    plan_id=segment.plan_id,
+                )
             )
     return lines
 
 
+@dataclass
+class _Billed:
+    """What was billed so far for one (final period, metric)."""
+
+    quantity: Decimal = ZERO
+    billable: Decimal = ZERO
+    amount: int = 0
+
+
+@dataclass
+class _Ledger:
+    billed: dict[tuple[datetime, str], _Billed] = field(default_factory=dict)
+
+    def add(self, period_start: datetime, line: InvoiceLine) -> None:
+        if line.metric is None:
+            return
+        entry = self.billed.setdefault((period_start, line.metric), _Billed())
+        entry.quantity = SUM_CONTEXT.add(entry.quantity, line.quantity)
+        entry.billable = SUM_CONTEXT.add(entry.billable, line.billable_quantity)
+        entry.amount += line.amount
+
+
+def _billed_so_far(invoices: Sequence[Invoice]) -> _Ledger:
+    ledger = _Ledger()
+    for invoice in invoices:
+        for line in invoice.lines:
+            if line.kind == "usage":
+                ledger.add(invoice.period_start, line)
+            elif line.kind == "adjustment" and line.adjusts_period_start is not None:
+                ledger.add(line.adjusts_period_start, line)
+    return ledger
+
+
+def adjustment_lines(
+    frozen: Sequence[Invoice], others: Sequence[Invoice], totals: Totals
+) -> list[InvoiceLine]:
+    """For each final period whose true usage differs from what was billed for it (on it and in
+    earlier adjustments, in `frozen` and `others`), the difference, priced as that period was."""
+    billed = _billed_so_far([*frozen, *others])
+    lines = []
+    for invoice in frozen:
+        if invoice.pricing is None or invoice.is_adjustment_only:
+            continue
+        true: dict[str, _Billed] = {}
+        for segment in invoice.pricing.segments:
+            for metric, price in segment.price.metered.items():
+                quantity = totals.get((segment.start, segment.end, metric), ZERO)
+                priced = _priced(metric, quantity, price, invoice.pricing.trial)
+                entry = true.setdefault(metric, _Billed())
+                entry.quantity = SUM_CONTEXT.add(entry.quantity, priced.quantity)
+                entry.billable = SUM_CONTEXT.add(entry.billable, priced.billable_quantity)
+                entry.amount += priced.amount
+        for metric in sorted(true):
+            now = true[metric]
+            was = billed.billed.get((invoice.period_start, metric), _Billed())
+            if now.quantity == was.quantity and now.amount == was.amount:
+                continue
+            lines.append(
+                InvoiceLine(
+                    "adjustment",
+                    metric,
+                    SUM_CONTEXT.subtract(now.quantity, was.quantity),
+                    SUM_CONTEXT.subtract(now.billable, was.billable),
+                    now.amount - was.amount,
+                    adjusts_period_start=invoice.period_start,
+                    description=f"Late usage of {_time(invoice.period_start)} to "
+                    f"{_time(invoice.period_end)}",
+                )
+            )
+    return lines
+
+
+def _invoice(
+    subject: Subject,
+    invoice_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    status: InvoiceStatus,
+    finalized_at: datetime | None,
+    pricing: InvoicePricing | None,
+    lines: Sequence[InvoiceLine],
+) -> Invoice:
+    flat = sum(line.amount for line in lines if line.kind == "flat")
+    return Invoice(
+        id=invoice_id,
+        organization_id=subject.organization_id,
+        subscription_id=subject.subscription_id,
+        period_start=start,
+        period_end=end,
+        currency=subject.currency,
+        status=status,
+        flat_amount=flat,
+        total=sum(line.amount for line in lines),
+        finalized_at=finalized_at,
+        pricing=pricing,
+        lines=tuple(lines),
+    )
+
+
 def plan_invoices(
     subject: Subject,
-    periods: list[Period],
-    existing: list[dict[str, Any]],
+    periods: Sequence[Period],
+    existing: Sequence[Invoice],
     totals: Totals,
     as_of: datetime,
-) -> list[dict[str, Any]]:
+) -> list[Invoice]:
     """Every invoice of the subscription that is not final yet, as it should be after this run
-    (`changed_invoices` picks the ones to write).
+    (`changed_invoices` picks the ones to write), and a new adjustment invoice when late usage
+    of a final period has no open invoice to go on.
 
     `periods` are the periods to invoice (oldest first, the open one last); `existing` the
     subscription's stored invoices that are drafts or recent enough to receive late usage.
     """
-    by_start = {invoice["period_start"]: invoice for invoice in existing}
-    frozen = [invoice for invoice in existing if invoice["status"] == "final"]
-    # Drafts whose period closed (a webhook may have moved the subscription on) are finalised too.
-    starts = {period.start for period in periods}
+    by_start = {invoice.period_start: invoice for invoice in existing}
+    frozen = [invoice for invoice in existing if invoice.status == "final"]
+    # Drafts whose period is not among the periods (a webhook moved the subscription on) are
+    # finalised too, as the periods they cover.
+    planned = list(periods)
+    starts = {period.start for period in planned}
     for invoice in existing:
-        if invoice["status"] == "draft" and invoice["period_start"] not in starts:
-            periods = [*periods, Period(invoice["period_start"], invoice["period_end"])]
-    periods = sorted(periods, key=lambda period: period.start)
-    target = next(
-        (p for p in reversed(periods) if by_start.get(p.start, {}).get("status") != "final"), None
-    )
+        if invoice.status == "draft" and invoice.period_start not in starts:
+            planned.append(Period(invoice.period_start, invoice.period_end))
+    planned.sort(key=lambda period: period.start)
+    open_periods = [
+        p for p in planned if p.start not in by_start or by_start[p.start].status != "final"
+    ]
+    target = open_periods[-1] if open_periods else None
 
-    desired: list[dict[str, Any]] = []
-    for period in periods:
+    desired: list[Invoice] = []
+    for period in open_periods:
         stored = by_start.get(period.start)
-        if stored is not None and stored["status"] == "final":
-            continue
         closed = period.closed_at(as_of)
-        trial = subject.in_trial(period)
-        lines = _usage_lines(subject.plan, period, totals, trial)
+        pricing = subject.pricing(period, as_of)
+        lines = [*flat_lines(period, pricing), *usage_lines(pricing, totals)]
         if period == target:
-            elsewhere = [
-                line | {"_period_start": invoice["period_start"]}
-                for invoice in frozen
-                for line in invoice["lines"]
-            ] + [
-                line | {"_period_start": other["period_start"]}
-                for other in desired
-                for line in other["lines"]
-            ]
-            lines += _adjustment_lines(subject, frozen, elsewhere, totals)
+            lines += adjustment_lines(frozen, desired, totals)
         elif stored is not None:
             # A draft finalised now keeps the adjustments it already carried; anything newer
             # goes to the target invoice.
-            lines += [dict(line) for line in stored["lines"] if line["kind"] == "adjustment"]
-        flat_amount = 0 if trial else subject.plan.flat_amount
-        snapshot = (subject.snapshot | {"trial": True}) if trial else subject.snapshot
+            lines += [line for line in stored.lines if line.kind == "adjustment"]
         desired.append(
-            {
-                "id": stored["id"] if stored else uuid.uuid4(),
-                "organization_id": subject.organization_id,
-                "subscription_id": subject.subscription_id,
-                "period_start": period.start,
-                "period_end": period.end,
-                "currency": subject.currency,
-                "status": "final" if closed else "draft",
-                "flat_amount": flat_amount,
-                "total": flat_amount + sum(line["amount"] for line in lines),
-                "finalized_at": as_of if closed else None,
-                "plan_snapshot": snapshot or None,
-                "lines": lines,
-            }
+            _invoice(
+                subject,
+                stored.id if stored else uuid.uuid4(),
+                period.start,
+                period.end,
+                "final" if closed else "draft",
+                as_of if closed else None,
+                pricing,
+                lines,
+            )
         )
+    if target is None:
+        late = adjustment_lines(frozen, [], totals)
+        if late:
+            taken = {invoice.period_start for invoice in existing}
+            at = max([as_of, *(i.period_end for i in existing)])
+            while at in taken:
+                at += timedelta(microseconds=1)
+            desired.append(
+                _invoice(subject, uuid.uuid4(), at, at, "final", as_of, InvoicePricing(()), late)
+            )
     return desired
 
 
-def changed_invoices(
-    desired: list[dict[str, Any]], existing: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def changed_invoices(desired: Sequence[Invoice], existing: Sequence[Invoice]) -> list[Invoice]:
     """The desired invoices that differ from what is stored: new ones and changed drafts."""
-    by_start = {invoice["period_start"]: invoice for invoice in existing}
-    return [
-        invoice for invoice in desired if _changed(invoice, by_start.get(invoice["period_start"]))
-    ]
+    by_start = {invoice.period_start: invoice for invoice in existing}
+    return [invoice for invoice in desired if _changed(invoice, by_start.get(invoice.period_start))]
 
 
-def invoices_of_run(
-    desired: list[dict[str, Any]], existing: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
+def invoices_of_run(desired: Sequence[Invoice], existing: Sequence[Invoice]) -> list[Invoice]:
     """What a run lists for one subscription, changed or not, oldest first: the desired invoices
     and the stored final ones it checked for late usage."""
-    starts = {invoice["period_start"] for invoice in desired}
+    starts = {invoice.period_start for invoice in desired}
     frozen = [
         invoice
         for invoice in existing
-        if invoice["status"] == "final" and invoice["period_start"] not in starts
+        if invoice.status == "final" and invoice.period_start not in starts
     ]
-    return sorted([*frozen, *desired], key=lambda invoice: invoice["period_start"])
+    return sorted([*frozen, *desired], key=lambda invoice: invoice.period_start)
 
 
-#: What a line is: compared to tell a changed invoice, and the columns stored for it.
-LINE_FIELDS = (
-    "metric",
-    "kind",
-    "quantity",
-    "billable_quantity",
-    "amount",
-    "adjusts_period_start",
-)
-
-
-def _line_key(line: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(line[k] for k in LINE_FIELDS)
-
-
-def _line_order(line: dict[str, Any]) -> tuple[str, str, str]:
-    adjusts = line["adjusts_period_start"]
-    return (line["metric"], line["kind"], adjusts.isoformat() if adjusts else "")
-
-
-def _changed(desired: dict[str, Any], stored: dict[str, Any] | None) -> bool:
+def _changed(desired: Invoice, stored: Invoice | None) -> bool:
     if stored is None:
         return True
-    compared = ("status", "period_end", "flat_amount", "total", "plan_snapshot")
-    if any(desired[k] != stored.get(k) for k in compared):
+    if (desired.status, desired.period_end, desired.flat_amount, desired.total) != (
+        stored.status,
+        stored.period_end,
+        stored.flat_amount,
+        stored.total,
+    ):
         return True
-    ours = [_line_key(line) for line in sorted(desired["lines"], key=_line_order)]
-    theirs = [_line_key(line) for line in sorted(stored["lines"], key=_line_order)]
-    return ours != theirs
+    if (desired.pricing.to_json() if desired.pricing else None) != (
+        stored.pricing.to_json() if stored.pricing else None
+    ):
+        return True
+    return sorted(line.key() for line in desired.lines) != sorted(
+        line.key() for line in stored.lines
+    )
 
 
-def _document_order(line: dict[str, Any]) -> tuple[bool, str, str]:
-    # Usage lines first, then adjustments: the same order for a computed and a stored invoice.
-    adjusts = line["adjusts_period_start"]
-    return (line["kind"] != "usage", line["metric"], adjusts.isoformat() if adjusts else "")
+def _line_order(line: InvoiceLine) -> tuple[int, str, str, str]:
+    # Flat fees first, then usage by segment and metric, then adjustments: the same order for a
+    # computed and a stored invoice.
+    rank = {"flat": 0, "usage": 1, "adjustment": 2}[line.kind]
+    segment = line.segment_start.isoformat() if line.segment_start else ""
+    adjusts = line.adjusts_period_start.isoformat() if line.adjusts_period_start else ""
+    return (rank, segment if line.kind != "flat" else "", line.metric or "", adjusts)
 
 
-def invoice_document(invoice: dict[str, Any]) -> dict[str, Any]:
-    """The `billing run --json` shape of DESIGN.md section 5."""
+def ordered_lines(invoice: Invoice) -> list[InvoiceLine]:
+    flat = [line for line in invoice.lines if line.kind == "flat"]
+    rest = sorted((line for line in invoice.lines if line.kind != "flat"), key=_line_order)
+    return [*flat, *rest]
+
+
+def invoice_document(invoice: Invoice) -> dict[str, object]:
+    """The `billing run --json` shape of DESIGN.md section 5 (and `flat_lines`, `segments`)."""
     return {
-        "id": str(invoice["id"]),
-        "organization_id": str(invoice["organization_id"]),
-        "subscription_id": str(invoice["subscription_id"]),
-        "period_start": invoice["period_start"].isoformat(),
-        "period_end": invoice["period_end"].isoformat(),
-        "currency": invoice["currency"],
-        "status": invoice["status"],
-        "flat_amount": invoice["flat_amount"],
+        "id": str(invoice.id),
+        "organization_id": str(invoice.organization_id),
+        "subscription_id": str(invoice.subscription_id),
+        "period_start": invoice.period_start.isoformat(),
+        "period_end": invoice.period_end.isoformat(),
+        "currency": invoice.currency,
+        "status": invoice.status,
+        "flat_amount": invoice.flat_amount,
+        "flat_lines": [
+            {"description": line.description, "amount": line.amount}
+            for line in ordered_lines(invoice)
+            if line.kind == "flat"
+        ],
         "lines": [
             {
-                "metric": line["metric"],
-                "quantity": decimal_text(line["quantity"]),
-                "billable_quantity": decimal_text(line["billable_quantity"]),
-                "amount": line["amount"],
-                "kind": line["kind"],
+                "metric": line.metric,
+                "quantity": decimal_text(line.quantity),
+                "billable_quantity": decimal_text(line.billable_quantity),
+                "amount": line.amount,
+                "kind": line.kind,
+                **(
+                    {"segment_start": line.segment_start.isoformat()}
+                    if line.kind == "usage" and line.segment_start
+                    else {}
+                ),
+                **(
+                    {"adjusts_period_start": line.adjusts_period_start.isoformat()}
+                    if line.adjusts_period_start
+                    else {}
+                ),
             }
-            for line in sorted(invoice["lines"], key=_document_order)
+            for line in ordered_lines(invoice)
+            if line.kind != "flat"
         ],
-        "total": invoice["total"],
+        "total": invoice.total,
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal, localcontext
 from typing import Literal
 
@@ -106,6 +107,18 @@ def _volume(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
 def round_amount(amount: Decimal) -> MinorUnits:
     """The one rounding of a line: half up to an integer number of minor units."""
     return int(amount.quantize(Decimal(1), rounding=ROUND_HALF_UP, context=SUM_CONTEXT))
+
+
+def prorated(amount: MinorUnits, part: timedelta, whole: timedelta) -> MinorUnits:
+    """`amount` for `part` of a period of length `whole`, the way Stripe prorates a fee: by the
+    time (Stripe counts seconds; this is exact to the microsecond, and whole seconds give the
+    same), rounded once, half up."""
+    if whole <= timedelta(0) or part <= timedelta(0):
+        return 0
+    part = min(part, whole)
+    tick = timedelta(microseconds=1)
+    with localcontext(SUM_CONTEXT):
+        return round_amount(Decimal(amount) * Decimal(part // tick) / Decimal(whole // tick))
 
 
 def price_metric(metric: str, quantity: Quantity, price: MeteredPrice) -> PricedLine:

@@ -1,294 +1,320 @@
-"""SQL of billing, set-based: subscriptions to bill, period totals from usage_records, invoices."""
+"""SQL of billing, set-based: subscriptions to bill with their terms, invoices, billing states,
+runs and the Stripe links of customers and invoices. Usage totals are in usage_totals.py, meter
+reports and mismatches in report_repository.py.
+
+Every function takes a Connection inside the caller's transaction; none commits.
+"""
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, time, timedelta
+from datetime import datetime
 from decimal import Decimal
-from typing import Any
+from typing import cast
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
-from services.billing.invoices import LINE_FIELDS
-from shared.models import BillingRun, Invoice, InvoiceLine, Organization, Plan, Subscription
+from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus, LineKind
+from services.billing.periods import Phase
+from services.billing.terms import InvoicePricing, PlanHistory, PlanVersionTerms, canonical_metered
+from shared.models import (
+    BillingRun,
+    BillingState,
+    Organization,
+    Plan,
+    PlanVersion,
+    Subscription,
+    SubscriptionPhase,
+    UsageVersion,
+)
+from shared.models import (
+    Invoice as InvoiceRow,
+)
+from shared.models import (
+    InvoiceLine as InvoiceLineRow,
+)
 
 
 @dataclass(frozen=True)
-class PeriodQuery:
-    """Which usage to total: one subscription's organization over [start, end), for these metrics;
-    `max_metrics` are totalled as the largest window (summed over projects and keys)."""
+class StoredState:
+    fingerprint: str
+    valid_from: datetime
+    valid_until: datetime | None
 
-    subscription_id: uuid.UUID
+
+@dataclass(frozen=True)
+class SubscriptionToBill:
+    id: uuid.UUID
     organization_id: uuid.UUID
-    start: datetime
-    end: datetime
-    metrics: tuple[str, ...]
-    max_metrics: tuple[str, ...]
+    organization_name: str
+    status: str
+    billing_interval: str
+    current_period_start: datetime
+    current_period_end: datetime
+    billing_cycle_anchor: datetime | None
+    cancel_at_period_end: bool
+    canceled_at: datetime | None
+    trial_end: datetime | None
+    stripe_subscription_id: str | None
+    plan_id: uuid.UUID
+    currency: str
+    stripe_customer_id: str | None
+    usage_version: int | None
+    state: StoredState | None
 
 
 def subscriptions_to_bill(
-    connection: Connection, *, organization_id: uuid.UUID | None = None
-) -> list[sa.Row[Any]]:
+    connection: Connection,
+    *,
+    statuses: Iterable[str],
+    organization_id: uuid.UUID | None = None,
+) -> list[SubscriptionToBill]:
+    """The subscriptions in these statuses, with what their billing state depends on."""
     query = (
         sa.select(
             Subscription.id,
             Subscription.organization_id,
+            Organization.name,
             Subscription.status,
             Subscription.billing_interval,
             Subscription.current_period_start,
             Subscription.current_period_end,
             Subscription.billing_cycle_anchor,
             Subscription.cancel_at_period_end,
+            Subscription.canceled_at,
             Subscription.trial_end,
             Subscription.stripe_subscription_id,
-            Plan.id.label("plan_id"),
-            Plan.features,
-            Plan.price_monthly,
-            Plan.price_yearly,
+            Subscription.plan_id,
             Plan.currency,
             Organization.stripe_customer_id,
+            UsageVersion.version,
+            BillingState.fingerprint,
+            BillingState.valid_from,
+            BillingState.valid_until,
         )
         .join(Plan, Plan.id == Subscription.plan_id)
         .join(Organization, Organization.id == Subscription.organization_id)
+        .outerjoin(UsageVersion, UsageVersion.organization_id == Subscription.organization_id)
+        .outerjoin(BillingState, BillingState.subscription_id == Subscription.id)
+        .where(Subscription.status.in_(sorted(statuses)))
         .order_by(Subscription.id)
     )
     if organization_id is not None:
         query = query.where(Subscription.organization_id == organization_id)
-    return list(connection.execute(query))
-
-
-# The periods of a run go to tables of their own, created (and dropped) inside the run's
-# transaction: analysed, so the planner sees true row counts (an unnest hid them), and not
-# TEMPORARY, because parallel workers cannot read a temporary table. UNLOGGED: they never outlive
-# the transaction, and no one else can see them before it commits (they never do).
-#
-# A period is read in two parts: its whole UTC days from usage_daily (the exact daily rollup of
-# usage_records, 24 times fewer rows for hourly windows), and its partial edge days, if its
-# boundaries are not midnights, window by window from usage_records. A window belongs to the day
-# of its start, as it belongs to the period its start falls in.
-_PERIODS = "billing_periods_{token}"
-_EDGES = "billing_period_edges_{token}"
-_CREATE_PERIODS = (
-    "CREATE UNLOGGED TABLE {table} (pid integer, organization_id uuid, day_from date, day_to date)"
-)
-_CREATE_EDGES = (
-    "CREATE UNLOGGED TABLE {table} (pid integer, organization_id uuid,"
-    " edge_start timestamptz, edge_end timestamptz)"
-)
-_LOAD_PERIODS = (
-    "INSERT INTO {table} SELECT * FROM unnest(CAST(:pids AS integer[]),"
-    " CAST(:organization_ids AS uuid[]), CAST(:day_froms AS date[]),"
-    " CAST(:day_tos AS date[]))"
-)
-_LOAD_EDGES = (
-    "INSERT INTO {table} SELECT * FROM unnest(CAST(:pids AS integer[]),"
-    " CAST(:organization_ids AS uuid[]), CAST(:starts AS timestamptz[]),"
-    " CAST(:ends AS timestamptz[]))"
-)
-# "sum" totals: the whole days' sums plus the edge windows, grouped by the period's integer id
-# and the metric only. Edges are read by a LATERAL subquery kept apart by OFFSET 0, so each edge
-# (hours of one organization) probes the (organization_id, window_start) index: a join the
-# planner may flatten could hash all of usage_records instead, the cost the rollup removes.
-# Joined on the organization alone (not organization and metric), every period of a plan gets
-# all its metrics in one probe; metrics a plan does not price are dropped by the caller. Every
-# window size counts, as every usage_records row in the period does.
-_SUM_TOTALS = (
-    "SELECT pid, metric, sum(quantity) AS quantity FROM ("
-    " SELECT p.pid, d.metric, d.quantity FROM {periods} p"
-    " JOIN usage_daily d ON d.organization_id = p.organization_id"
-    " AND d.day >= p.day_from AND d.day < p.day_to"
-    " UNION ALL"
-    " SELECT e.pid, u.metric, u.quantity FROM {edges} e CROSS JOIN LATERAL ("
-    " SELECT metric, quantity FROM usage_records WHERE organization_id = e.organization_id"
-    " AND window_start >= e.edge_start AND window_start < e.edge_end OFFSET 0) AS u"
-    ") AS parts GROUP BY pid, metric"
-)
-# "max" totals: the largest window, each window summed over its projects and keys first, and
-# (as the windows are grouped by their start alone) over the window sizes that share a start. A
-# whole day with one window size has its largest window in usage_daily; a day with several sizes
-# (a window-size change) may have windows of different sizes sharing a start, so it is read
-# window by window from usage_records, like the edges. Only the metrics some plan aggregates by
-# max are read.
-_MAX_TOTALS = (
-    "WITH days AS ("
-    " SELECT p.pid, p.organization_id, d.metric, d.day, count(*) AS window_sizes,"
-    " max(d.max_window_quantity) AS quantity FROM {periods} p"
-    " JOIN usage_daily d ON d.organization_id = p.organization_id"
-    " AND d.day >= p.day_from AND d.day < p.day_to"
-    " WHERE d.metric = ANY(CAST(:metrics AS text[]))"
-    " GROUP BY p.pid, p.organization_id, d.metric, d.day),"
-    " ranges AS ("
-    " SELECT e.pid, e.organization_id, m.metric, e.edge_start AS range_start,"
-    " e.edge_end AS range_end FROM {edges} e"
-    " CROSS JOIN unnest(CAST(:metrics AS text[])) AS m(metric)"
-    " UNION ALL"
-    " SELECT pid, organization_id, metric, CAST(day AS timestamp) AT TIME ZONE 'UTC',"
-    " CAST(day + 1 AS timestamp) AT TIME ZONE 'UTC' FROM days WHERE window_sizes > 1),"
-    " windows AS ("
-    " SELECT r.pid, r.metric, sum(u.quantity) AS quantity FROM ranges r CROSS JOIN LATERAL ("
-    " SELECT window_start, quantity FROM usage_records WHERE organization_id = r.organization_id"
-    " AND metric = r.metric AND window_start >= r.range_start AND window_start < r.range_end"
-    " OFFSET 0) AS u"
-    " GROUP BY r.pid, r.metric, u.window_start)"
-    " SELECT pid, metric, max(quantity) AS quantity FROM ("
-    " SELECT pid, metric, quantity FROM days WHERE window_sizes = 1"
-    " UNION ALL SELECT pid, metric, quantity FROM windows) AS parts"
-    " GROUP BY pid, metric"
-)
-# Above this many periods a run is "full" (tests/bench/bench_billing.py).
-_BULK_PERIODS = 1000
-_FULL_RUN_SETTINGS = (
-    # Parallel query: with the parallel costs at zero each worker joins and partially aggregates
-    # its share of the days instead of gathering every row to one process first.
-    "SET LOCAL max_parallel_workers_per_gather = 2",
-    "SET LOCAL parallel_setup_cost = 0",
-    "SET LOCAL parallel_tuple_cost = 0",
-    # Compiling the expressions costs more than it saves on these plans (measured).
-    "SET LOCAL jit = off",
-)
-
-
-@dataclass(frozen=True)
-class StagedPeriods:
-    """The names of a run's period tables: `periods` (whole days) and `edges` (partial days)."""
-
-    periods: str
-    edges: str
-
-
-@dataclass(frozen=True)
-class _PeriodParts:
-    day_from: date
-    day_to: date
-    edges: tuple[tuple[datetime, datetime], ...]
-
-
-def _period_parts(start: datetime, end: datetime) -> _PeriodParts:
-    """Split [start, end) into its whole UTC days [day_from, day_to) and the partial days at
-    its edges (none when a boundary is a midnight; the whole period when it has no whole day)."""
-    first = start.astimezone(UTC)
-    day_from = first.date() if first.time() == time.min else first.date() + timedelta(days=1)
-    day_to = end.astimezone(UTC).date()
-    if day_from >= day_to:
-        return _PeriodParts(day_from, day_from, ((start, end),) if start < end else ())
-    whole_start = datetime.combine(day_from, time.min, UTC)
-    whole_end = datetime.combine(day_to, time.min, UTC)
-    edges = tuple(
-        (edge_start, edge_end)
-        for edge_start, edge_end in ((start, whole_start), (whole_end, end))
-        if edge_start < edge_end
-    )
-    return _PeriodParts(day_from, day_to, edges)
-
-
-def stage_periods(connection: Connection, queries: Sequence[PeriodQuery]) -> StagedPeriods:
-    """Load the periods (numbered by their position in `queries`) into tables of this
-    transaction, set the transaction up for their size, and return the tables' names."""
-    token = uuid.uuid4().hex[:12]
-    staged = StagedPeriods(_PERIODS.format(token=token), _EDGES.format(token=token))
-    connection.execute(sa.text("SET LOCAL work_mem = '256MB'"))
-    if len(queries) > _BULK_PERIODS:
-        for setting in _FULL_RUN_SETTINGS:
-            connection.execute(sa.text(setting))
-    parts = [_period_parts(q.start, q.end) for q in queries]
-    connection.execute(sa.text(_CREATE_PERIODS.format(table=staged.periods)))
-    connection.execute(
-        sa.text(_LOAD_PERIODS.format(table=staged.periods)),
-        {
-            "pids": list(range(len(queries))),
-            "organization_ids": [q.organization_id for q in queries],
-            "day_froms": [p.day_from for p in parts],
-            "day_tos": [p.day_to for p in parts],
-        },
-    )
-    edges = [
-        (pid, query.organization_id, edge)
-        for pid, (query, part) in enumerate(zip(queries, parts, strict=True))
-        for edge in part.edges
+    return [
+        SubscriptionToBill(
+            id=row[0],
+            organization_id=row[1],
+            organization_name=row[2],
+            status=str(row[3]),
+            billing_interval=str(row[4]),
+            current_period_start=row[5],
+            current_period_end=row[6],
+            billing_cycle_anchor=row[7],
+            cancel_at_period_end=row[8],
+            canceled_at=row[9],
+            trial_end=row[10],
+            stripe_subscription_id=row[11],
+            plan_id=row[12],
+            currency=row[13],
+            stripe_customer_id=row[14],
+            usage_version=row[15],
+            state=StoredState(row[16], row[17], row[18]) if row[16] is not None else None,
+        )
+        for row in connection.execute(query)
     ]
-    connection.execute(sa.text(_CREATE_EDGES.format(table=staged.edges)))
-    connection.execute(
-        sa.text(_LOAD_EDGES.format(table=staged.edges)),
-        {
-            "pids": [pid for pid, _, _ in edges],
-            "organization_ids": [organization_id for _, organization_id, _ in edges],
-            "starts": [edge[0] for _, _, edge in edges],
-            "ends": [edge[1] for _, _, edge in edges],
-        },
-    )
-    connection.execute(sa.text(f"ANALYZE {staged.periods}"))
-    connection.execute(sa.text(f"ANALYZE {staged.edges}"))
-    return staged
 
 
-def drop_periods(connection: Connection, staged: StagedPeriods) -> None:
-    connection.execute(sa.text(f"DROP TABLE {staged.periods}, {staged.edges}"))
+def phases_of(
+    connection: Connection, subscription_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[Phase, ...]]:
+    found: dict[uuid.UUID, list[Phase]] = defaultdict(list)
+    if subscription_ids:
+        rows = connection.execute(
+            sa.select(
+                SubscriptionPhase.subscription_id,
+                SubscriptionPhase.starts_at,
+                SubscriptionPhase.plan_id,
+            )
+            .where(SubscriptionPhase.subscription_id.in_(subscription_ids))
+            .order_by(SubscriptionPhase.subscription_id, SubscriptionPhase.starts_at)
+        )
+        for subscription_id, starts_at, plan_id in rows:
+            found[subscription_id].append(Phase(starts_at, plan_id))
+    return {key: tuple(value) for key, value in found.items()}
 
 
-def period_totals(
-    connection: Connection, queries: Sequence[PeriodQuery]
-) -> dict[uuid.UUID, dict[tuple[datetime, str], Decimal]]:
-    """Per subscription, each (period start, metric)'s quantity by its aggregation.
-
-    Runs in the caller's transaction (the periods' tables are dropped before it returns).
-    """
-    queries = [q for q in queries if q.metrics]
-    if not queries:
+def plan_histories(
+    connection: Connection, plan_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, PlanHistory]:
+    """Each plan with every price version it had, oldest first (a plan from before versions
+    were kept has its current prices as its only version)."""
+    ids = sorted(set(plan_ids))
+    if not ids:
         return {}
-    staged = stage_periods(connection, queries)
-    tables = {"periods": staged.periods, "edges": staged.edges}
-    found = {
-        (row.pid, row.metric): row.quantity
-        for row in connection.execute(sa.text(_SUM_TOTALS.format(**tables)))
+    plans = {
+        row.id: row
+        for row in connection.execute(
+            sa.select(
+                Plan.id,
+                Plan.key,
+                Plan.name,
+                Plan.price_monthly,
+                Plan.price_yearly,
+                Plan.currency,
+                Plan.features,
+                Plan.created_at,
+            ).where(Plan.id.in_(ids))
+        )
     }
-    maxima: dict[tuple[int, str], Decimal] = {}
-    max_metrics = sorted({metric for q in queries for metric in q.max_metrics})
-    if max_metrics:
-        rows = connection.execute(sa.text(_MAX_TOTALS.format(**tables)), {"metrics": max_metrics})
-        maxima = {(row.pid, row.metric): row.quantity for row in rows}
-    drop_periods(connection, staged)
-    totals: dict[uuid.UUID, dict[tuple[datetime, str], Decimal]] = {}
-    for pid, query in enumerate(queries):
-        for metric in query.metrics:
-            source = maxima if metric in query.max_metrics else found
-            quantity = source.get((pid, metric))
-            if quantity is not None:
-                totals.setdefault(query.subscription_id, {})[(query.start, metric)] = quantity
-    return totals
+    versions: dict[uuid.UUID, list[PlanVersionTerms]] = defaultdict(list)
+    rows = connection.execute(
+        sa.select(
+            PlanVersion.plan_id,
+            PlanVersion.effective_at,
+            PlanVersion.price_monthly,
+            PlanVersion.price_yearly,
+            PlanVersion.currency,
+            PlanVersion.features,
+        )
+        .where(PlanVersion.plan_id.in_(ids))
+        .order_by(PlanVersion.plan_id, PlanVersion.effective_at, PlanVersion.created_at)
+    )
+    for plan_id, effective_at, monthly, yearly, currency, features in rows:
+        versions[plan_id].append(
+            PlanVersionTerms(effective_at, monthly, yearly, currency, canonical_metered(features))
+        )
+    histories = {}
+    for plan_id, plan in plans.items():
+        found = versions.get(plan_id) or [
+            PlanVersionTerms(
+                plan.created_at,
+                plan.price_monthly,
+                plan.price_yearly,
+                plan.currency,
+                canonical_metered(plan.features),
+            )
+        ]
+        histories[plan_id] = PlanHistory(plan_id, plan.key, plan.name, tuple(found))
+    return histories
+
+
+def plan_catalog_version(connection: Connection) -> str:
+    """Changes whenever any plan's prices change (a new version): reruns price again then."""
+    count, latest = connection.execute(
+        sa.select(sa.func.count(), sa.func.max(PlanVersion.created_at))
+    ).one()
+    return f"{count}:{latest.isoformat() if latest else ''}"
+
+
+_INVOICE_COLUMNS = (
+    InvoiceRow.id,
+    InvoiceRow.organization_id,
+    InvoiceRow.subscription_id,
+    InvoiceRow.period_start,
+    InvoiceRow.period_end,
+    InvoiceRow.currency,
+    InvoiceRow.status,
+    InvoiceRow.flat_amount,
+    InvoiceRow.total,
+    InvoiceRow.finalized_at,
+    InvoiceRow.plan_snapshot,
+    InvoiceRow.stripe_invoice_id,
+)
+_LINE_COLUMNS = (
+    InvoiceLineRow.invoice_id,
+    InvoiceLineRow.id,
+    InvoiceLineRow.kind,
+    InvoiceLineRow.metric,
+    InvoiceLineRow.quantity,
+    InvoiceLineRow.billable_quantity,
+    InvoiceLineRow.amount,
+    InvoiceLineRow.adjusts_period_start,
+    InvoiceLineRow.segment_start,
+    InvoiceLineRow.segment_end,
+    InvoiceLineRow.plan_id,
+    InvoiceLineRow.description,
+)
+
+
+def _invoices(connection: Connection, where: sa.ColumnElement[bool]) -> list[Invoice]:
+    rows = connection.execute(
+        sa.select(*_INVOICE_COLUMNS)
+        .where(where)
+        .order_by(InvoiceRow.subscription_id, InvoiceRow.period_start)
+    ).all()
+    if not rows:
+        return []
+    lines: dict[uuid.UUID, list[InvoiceLine]] = defaultdict(list)
+    for line in connection.execute(
+        sa.select(*_LINE_COLUMNS).where(InvoiceLineRow.invoice_id.in_([row[0] for row in rows]))
+    ):
+        lines[line[0]].append(
+            InvoiceLine(
+                kind=cast(LineKind, line[2]),
+                metric=line[3],
+                quantity=Decimal(line[4]),
+                billable_quantity=Decimal(line[5]),
+                amount=int(line[6]),
+                adjusts_period_start=line[7],
+                segment_start=line[8],
+                segment_end=line[9],
+                plan_id=line[10],
+                description=line[11] or "",
+                id=line[1],
+            )
+        )
+    return [
+        Invoice(
+            id=row[0],
+            organization_id=row[1],
+            subscription_id=row[2],
+            period_start=row[3],
+            period_end=row[4],
+            currency=row[5],
+            status=cast(InvoiceStatus, row[6]),
+            flat_amount=int(row[7]),
+            total=int(row[8]),
+            finalized_at=row[9],
+            pricing=InvoicePricing.from_json(row[10], row[3], row[4]),
+            lines=tuple(lines.get(row[0], ())),
+            stripe_invoice_id=row[11],
+        )
+        for row in rows
+    ]
 
 
 def invoices_of(
-    connection: Connection, subscription_ids: Iterable[uuid.UUID], *, since: datetime
-) -> dict[uuid.UUID, list[dict[str, Any]]]:
+    connection: Connection, subscription_ids: Sequence[uuid.UUID], *, since: datetime
+) -> dict[uuid.UUID, list[Invoice]]:
     """Each subscription's invoices that are draft or ended after `since`, with their lines."""
-    ids = list(subscription_ids)
-    if not ids:
+    if not subscription_ids:
         return {}
-    invoices = connection.execute(
-        sa.select(Invoice)
-        .where(Invoice.subscription_id.in_(ids))
-        .where(sa.or_(Invoice.status == "draft", Invoice.period_end > since))
-        .order_by(Invoice.subscription_id, Invoice.period_start)
-    ).mappings()
-    by_id: dict[uuid.UUID, dict[str, Any]] = {}
-    result: dict[uuid.UUID, list[dict[str, Any]]] = {}
-    for invoice in invoices:
-        document = dict(invoice) | {"lines": []}
-        by_id[invoice["id"]] = document
-        result.setdefault(invoice["subscription_id"], []).append(document)
-    if by_id:
-        lines = connection.execute(
-            sa.select(InvoiceLine)
-            .where(InvoiceLine.invoice_id.in_(list(by_id)))
-            .order_by(InvoiceLine.invoice_id, InvoiceLine.kind.desc(), InvoiceLine.metric)
-        ).mappings()
-        for line in lines:
-            by_id[line["invoice_id"]]["lines"].append(dict(line))
-    return result
+    found: dict[uuid.UUID, list[Invoice]] = defaultdict(list)
+    for invoice in _invoices(
+        connection,
+        sa.and_(
+            InvoiceRow.subscription_id.in_(subscription_ids),
+            sa.or_(InvoiceRow.status == "draft", InvoiceRow.period_end > since),
+        ),
+    ):
+        found[invoice.subscription_id].append(invoice)
+    return dict(found)
+
+
+def invoice_by_id(connection: Connection, invoice_id: uuid.UUID) -> Invoice | None:
+    found = _invoices(connection, InvoiceRow.id == invoice_id)
+    return found[0] if found else None
+
+
+def invoices_by_ids(connection: Connection, invoice_ids: Sequence[uuid.UUID]) -> list[Invoice]:
+    return _invoices(connection, InvoiceRow.id.in_(invoice_ids)) if invoice_ids else []
 
 
 def final_periods(
@@ -309,71 +335,89 @@ def final_periods(
     return {(row.subscription_id, row.period_start) for row in rows}
 
 
-def save_invoices(connection: Connection, invoices: list[dict[str, Any]]) -> None:
-    """Insert new invoices and update drafts (by subscription and period), and replace the lines
-    of those written, in three set-based statements whatever the number of invoices.
+# New invoices are inserted and drafts updated in one statement; a final invoice is never
+# changed: the update is conditional on the stored row being a draft, and lines are written under
+# the id the database returns for each row it wrote (an existing draft keeps its id), so lines can
+# never point at an invoice that was not written.
+_SAVE_INVOICES = sa.text(
+    "INSERT INTO invoices AS i (id, organization_id, subscription_id, period_start, period_end,"
+    " currency, status, flat_amount, total, finalized_at, plan_snapshot)"
+    " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:orgs AS uuid[]), CAST(:subs AS uuid[]),"
+    " CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]), CAST(:currencies AS text[]),"
+    " CAST(:statuses AS text[]), CAST(:flats AS bigint[]), CAST(:totals AS bigint[]),"
+    " CAST(:finalized AS timestamptz[]), CAST(:snapshots AS jsonb[]))"
+    " ON CONFLICT (subscription_id, period_start) DO UPDATE SET status = excluded.status,"
+    " period_end = excluded.period_end, flat_amount = excluded.flat_amount,"
+    " total = excluded.total, finalized_at = excluded.finalized_at,"
+    " plan_snapshot = excluded.plan_snapshot, updated_at = now()"
+    " WHERE i.status = 'draft'"
+    " RETURNING i.id, i.subscription_id, i.period_start"
+)
+_LINE_COPY = (
+    "COPY invoice_lines (id, invoice_id, kind, metric, quantity, billable_quantity, amount,"
+    " adjusts_period_start, segment_start, segment_end, plan_id, description) FROM STDIN"
+)
 
-    A final invoice is never changed here: the update is conditional on the stored row being a
-    draft, and lines are written under the id the database returns for each row it wrote (an
-    existing draft keeps its id), so lines can never point at an id that was not stored.
-    """
+
+def save_invoices(connection: Connection, invoices: Sequence[Invoice]) -> None:
+    """Insert new invoices and update drafts (by subscription and period), and replace the lines
+    of those written: one upsert, one delete and one COPY whatever the number of invoices."""
     if not invoices:
         return
-    insert = pg.insert(Invoice)
-    statement = insert.on_conflict_do_update(
-        index_elements=[Invoice.subscription_id, Invoice.period_start],
-        set_={
-            "status": insert.excluded.status,
-            "period_end": insert.excluded.period_end,
-            "flat_amount": insert.excluded.flat_amount,
-            "total": insert.excluded.total,
-            "finalized_at": insert.excluded.finalized_at,
-            "plan_snapshot": insert.excluded.plan_snapshot,
-            "updated_at": sa.func.now(),
-        },
-        where=Invoice.status == "draft",
-    ).returning(Invoice.id, Invoice.subscription_id, Invoice.period_start)
     written = {
-        (row.subscription_id, row.period_start): row.id
+        (row[1], row[2]): row[0]
         for row in connection.execute(
-            statement,
-            [
-                {"id": invoice["id"], **{k: invoice[k] for k in _INVOICE_COLUMNS}}
-                for invoice in invoices
-            ],
+            _SAVE_INVOICES,
+            {
+                "ids": [i.id for i in invoices],
+                "orgs": [i.organization_id for i in invoices],
+                "subs": [i.subscription_id for i in invoices],
+                "starts": [i.period_start for i in invoices],
+                "ends": [i.period_end for i in invoices],
+                "currencies": [i.currency for i in invoices],
+                "statuses": [i.status for i in invoices],
+                "flats": [i.flat_amount for i in invoices],
+                "totals": [i.total for i in invoices],
+                "finalized": [i.finalized_at for i in invoices],
+                "snapshots": [
+                    json.dumps(i.pricing.to_json()) if i.pricing else None for i in invoices
+                ],
+            },
         )
     }
     if not written:
         return
     connection.execute(
-        sa.delete(InvoiceLine).where(InvoiceLine.invoice_id.in_(list(written.values())))
+        sa.delete(InvoiceLineRow).where(InvoiceLineRow.invoice_id.in_(list(written.values())))
     )
-    lines = [
-        {"id": uuid.uuid4(), "invoice_id": invoice_id, **{k: line[k] for k in LINE_FIELDS}}
-        for invoice in invoices
-        if (invoice_id := written.get((invoice["subscription_id"], invoice["period_start"])))
-        for line in invoice["lines"]
-    ]
-    if lines:
-        connection.execute(sa.insert(InvoiceLine), lines)
-
-
-_INVOICE_COLUMNS = (
-    "organization_id",
-    "subscription_id",
-    "period_start",
-    "period_end",
-    "currency",
-    "status",
-    "flat_amount",
-    "total",
-    "finalized_at",
-    "plan_snapshot",
-)
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    with raw.cursor() as cursor, cursor.copy(_LINE_COPY) as copy:
+        for invoice in invoices:
+            invoice_id = written.get((invoice.subscription_id, invoice.period_start))
+            if invoice_id is None:
+                continue
+            for line in invoice.lines:
+                copy.write_row(
+                    (
+                        uuid.uuid4(),
+                        invoice_id,
+                        line.kind,
+                        line.metric,
+                        line.quantity,
+                        line.billable_quantity,
+                        line.amount,
+                        line.adjusts_period_start,
+                        line.segment_start,
+                        line.segment_end,
+                        line.plan_id,
+                        line.description or None,
+                    )
+                )
 
 
 def advance_periods(
-    connection: Connection, periods: list[tuple[uuid.UUID, datetime, datetime]]
+    connection: Connection, periods: Sequence[tuple[uuid.UUID, datetime, datetime]]
 ) -> None:
     """Move subscriptions to their new current period: (subscription id, start, end) each."""
     if not periods:
@@ -395,7 +439,7 @@ def advance_periods(
 
 
 def cancel_subscriptions(
-    connection: Connection, canceled: list[tuple[uuid.UUID, datetime]]
+    connection: Connection, canceled: Sequence[tuple[uuid.UUID, datetime]]
 ) -> None:
     """Mark subscriptions canceled: (subscription id, canceled at) each."""
     if not canceled:
@@ -411,37 +455,41 @@ def cancel_subscriptions(
     )
 
 
-def customers_of(connection: Connection, organization_ids: list[uuid.UUID]) -> dict[uuid.UUID, str]:
-    rows = connection.execute(
-        sa.select(Organization.id, Organization.stripe_customer_id)
-        .where(Organization.id.in_(organization_ids))
-        .where(Organization.stripe_customer_id.is_not(None))
+def save_states(
+    connection: Connection,
+    states: Sequence[tuple[uuid.UUID, str, datetime, datetime | None]],
+) -> None:
+    """Record what each subscription was billed from: (id, fingerprint, valid from, until)."""
+    if not states:
+        return
+    insert = pg.insert(BillingState)
+    connection.execute(
+        insert.on_conflict_do_update(
+            index_elements=[BillingState.subscription_id],
+            set_={
+                "fingerprint": insert.excluded.fingerprint,
+                "valid_from": insert.excluded.valid_from,
+                "valid_until": insert.excluded.valid_until,
+                "updated_at": sa.func.now(),
+            },
+        ),
+        [
+            {
+                "subscription_id": subscription_id,
+                "fingerprint": fingerprint,
+                "valid_from": valid_from,
+                "valid_until": valid_until,
+            }
+            for subscription_id, fingerprint, valid_from, valid_until in states
+        ],
     )
-    return {row.id: row.stripe_customer_id for row in rows}
 
 
-def organization_of(connection: Connection, organization_id: uuid.UUID) -> Any:
-    """The organization's name and Stripe customer id."""
-    return connection.execute(
-        sa.select(Organization.name, Organization.stripe_customer_id).where(
-            Organization.id == organization_id
+def forget_states(connection: Connection, subscription_ids: Sequence[uuid.UUID]) -> None:
+    if subscription_ids:
+        connection.execute(
+            sa.delete(BillingState).where(BillingState.subscription_id.in_(subscription_ids))
         )
-    ).one()
-
-
-def plan_prices_of(connection: Connection, plan_id: uuid.UUID) -> Any:
-    """The plan's name and Stripe price ids."""
-    return connection.execute(
-        sa.select(Plan.name, Plan.stripe_price_id_monthly, Plan.stripe_price_id_yearly).where(
-            Plan.id == plan_id
-        )
-    ).one()
-
-
-def stripe_subscription_of(connection: Connection, subscription_id: uuid.UUID) -> str | None:
-    return connection.execute(
-        sa.select(Subscription.stripe_subscription_id).where(Subscription.id == subscription_id)
-    ).scalar_one()
 
 
 def set_stripe_customer(
@@ -454,23 +502,163 @@ def set_stripe_customer(
     )
 
 
-def set_stripe_price(
-    connection: Connection, plan_id: uuid.UUID, column: str, price_id: str
-) -> None:
-    """Store a plan's Stripe price id in `column` (stripe_price_id_monthly or _yearly)."""
-    connection.execute(sa.update(Plan).where(Plan.id == plan_id).values({column: price_id}))
+@dataclass(frozen=True)
+class InvoiceToCollect:
+    invoice: Invoice
+    customer_id: str
+    stripe_invoice_id: str | None
 
 
-def link_subscription(
+def invoices_to_collect(
+    connection: Connection, subscription_ids: Sequence[uuid.UUID] | None, *, since: datetime
+) -> list[InvoiceToCollect]:
+    """Final invoices ended after `since` that Stripe does not collect yet (no Stripe invoice,
+    or one still a draft), of organizations that have a Stripe customer. Older ones are not
+    sent: a release that starts collecting does not charge for periods long closed."""
+    where = sa.and_(
+        InvoiceRow.status == "final",
+        InvoiceRow.period_end > since,
+        sa.or_(InvoiceRow.stripe_invoice_id.is_(None), InvoiceRow.stripe_status == "draft"),
+        InvoiceRow.organization_id.in_(
+            sa.select(Organization.id).where(Organization.stripe_customer_id.is_not(None))
+        ),
+    )
+    if subscription_ids is not None:
+        where = sa.and_(where, InvoiceRow.subscription_id.in_(subscription_ids))
+    invoices = _invoices(connection, where)
+    customers = dict(
+        connection.execute(
+            sa.select(Organization.id, Organization.stripe_customer_id).where(
+                Organization.id.in_({i.organization_id for i in invoices})
+            )
+        ).all()
+    )
+    return [
+        InvoiceToCollect(i, str(customers[i.organization_id]), i.stripe_invoice_id)
+        for i in invoices
+    ]
+
+
+def set_stripe_invoice(
     connection: Connection,
-    subscription_id: uuid.UUID,
-    stripe_subscription_id: str,
-    customer_id: str,
+    invoice_id: uuid.UUID,
+    *,
+    stripe_invoice_id: str,
+    status: str | None,
+    total: int | None,
+    at: datetime,
 ) -> None:
+    connection.execute(
+        sa.update(InvoiceRow)
+        .where(InvoiceRow.id == invoice_id)
+        .values(
+            stripe_invoice_id=stripe_invoice_id,
+            stripe_status=status,
+            stripe_total=total,
+            stripe_synced_at=at,
+        )
+    )
+
+
+@dataclass(frozen=True)
+class CollectedInvoice:
+    id: uuid.UUID
+    subscription_id: uuid.UUID
+    period_start: datetime
+    total: int
+    stripe_invoice_id: str
+
+
+def collected_invoices(
+    connection: Connection, subscription_ids: Sequence[uuid.UUID], *, since: datetime
+) -> list[CollectedInvoice]:
+    """Final invoices that Stripe collects, ended after `since` (what reconciliation checks)."""
+    if not subscription_ids:
+        return []
+    rows = connection.execute(
+        sa.select(
+            InvoiceRow.id,
+            InvoiceRow.subscription_id,
+            InvoiceRow.period_start,
+            InvoiceRow.total,
+            InvoiceRow.stripe_invoice_id,
+        )
+        .where(InvoiceRow.subscription_id.in_(subscription_ids))
+        .where(InvoiceRow.stripe_invoice_id.is_not(None))
+        .where(InvoiceRow.period_end > since)
+        .order_by(InvoiceRow.subscription_id, InvoiceRow.period_start)
+    )
+    return [CollectedInvoice(r[0], r[1], r[2], int(r[3]), str(r[4])) for r in rows]
+
+
+def invoice_periods(
+    connection: Connection, subscription_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[datetime, datetime]]:
+    """Each subscription's invoiced periods: start -> end."""
+    found: dict[uuid.UUID, dict[datetime, datetime]] = defaultdict(dict)
+    if subscription_ids:
+        rows = connection.execute(
+            sa.select(
+                InvoiceRow.subscription_id, InvoiceRow.period_start, InvoiceRow.period_end
+            ).where(InvoiceRow.subscription_id.in_(subscription_ids))
+        )
+        for subscription_id, start, end in rows:
+            found[subscription_id][start] = end
+    return dict(found)
+
+
+@dataclass(frozen=True)
+class ReconcileSubject:
+    id: uuid.UUID
+    status: str
+    stripe_subscription_id: str | None
+    flat_amount: int
+    period: tuple[datetime, datetime]
+    customer_id: str
+
+
+def reconciliation_subjects(
+    connection: Connection, subscription_ids: Sequence[uuid.UUID]
+) -> list[ReconcileSubject]:
+    """The subscriptions among these whose organization has a Stripe customer."""
+    if not subscription_ids:
+        return []
+    rows = connection.execute(
+        sa.select(
+            Subscription.id,
+            Subscription.status,
+            Subscription.stripe_subscription_id,
+            Subscription.billing_interval,
+            Plan.price_monthly,
+            Plan.price_yearly,
+            Subscription.current_period_start,
+            Subscription.current_period_end,
+            Organization.stripe_customer_id,
+        )
+        .join(Plan, Plan.id == Subscription.plan_id)
+        .join(Organization, Organization.id == Subscription.organization_id)
+        .where(Subscription.id.in_(subscription_ids))
+        .where(Organization.stripe_customer_id.is_not(None))
+        .order_by(Subscription.id)
+    )
+    return [
+        ReconcileSubject(
+            id=row[0],
+            status=str(row[1]),
+            stripe_subscription_id=row[2],
+            flat_amount=row[5] if str(row[3]) == "year" else row[4],
+            period=(row[6], row[7]),
+            customer_id=str(row[8]),
+        )
+        for row in rows
+    ]
+
+
+def set_status(connection: Connection, subscription_id: uuid.UUID, status: str) -> None:
     connection.execute(
         sa.update(Subscription)
         .where(Subscription.id == subscription_id)
-        .values(stripe_subscription_id=stripe_subscription_id, stripe_customer_id=customer_id)
+        .values(status=status, updated_at=sa.func.now())
     )
 
 

@@ -53,6 +53,7 @@ def run_once(
     use_stripe: bool = True,
     gateway: BillingGateway | None = None,
     show_progress: bool = False,
+    list_invoices: bool = True,
 ) -> RunResult:
     """One billing run under the lock; Conflict when another run holds it."""
     if gateway is None and use_stripe and not dry_run:
@@ -71,6 +72,7 @@ def run_once(
                 gateway=gateway if use_stripe else None,
                 settle=timedelta(seconds=settings.stripe_settle_seconds),
                 progress=progress,
+                list_invoices=list_invoices,
             )
 
 

@@ -1,68 +1,102 @@
-"""A billing run: for every subscription, price its periods, write its invoices and meter report
-intents in one unit of work, then report to Stripe and reconcile. Idempotent by construction: a
-rerun with no new usage finds every invoice and every reported total already as it should be.
+"""A billing run: every subscription's periods priced, invoiced, reported and collected.
+
+The steps of a run, in this order (each opens its own transactions; nothing below them does):
+  (0) refuse an `as_of` later than now (plus a small clock tolerance) unless it is a dry run:
+      final invoices never change, so a period must not be finalized before it ended;
+  (1) read every subscription to bill with its plans over time and its organization's usage
+      version; link a Stripe customer to organizations without one (steps 2 of stripe_steps);
+      skip every subscription whose inputs are those it was last billed from and whose open
+      period has not ended since (its billing state): a rerun with nothing new reads no usage;
+  (2) register the usage cuts the segments' boundaries need (shared.usage_cuts) before any
+      total is read across them: from then on batches keep their parts;
+  (3) total every segment's usage in one REPEATABLE READ transaction, so the windows and the
+      parts of the cuts come from one snapshot;
+  (4) price (pure: services.billing.invoices);
+  (5) write chunk by chunk: invoices, periods, cancellations, meter report intents and billing
+      states of whole subscriptions land together or not at all;
+  (6) Stripe (stripe_steps): send the meter reports, collect the final invoices, reconcile.
+A dry run does (1), (3) and (4), reading the parts of unregistered cuts from the ledger, and
+writes nothing. Idempotent: a rerun with no new usage finds everything as it should be.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
-from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from services.billing import repository
+from services.billing import repository, stripe_steps
 from services.billing.gateway import BillingGateway
 from services.billing.invoices import (
+    Invoice,
     Subject,
+    Totals,
     changed_invoices,
     invoice_document,
     invoices_of_run,
-    period_pricing,
     plan_invoices,
 )
-from services.billing.periods import Period, ToBill, billing_periods
-from services.billing.pricing import PlanPrice
-from services.billing.reporting import (
-    UsageToReport,
-    ledger_rows,
-    plan_report,
-    record_intents,
-    report_document,
-    send_unsent,
-)
-from services.billing.schemas import plan_price, pricing_snapshot
+from services.billing.periods import Period, Phase, ToBill, billing_periods
+from services.billing.reconcile import mismatch_document
+from services.billing.report_repository import Mismatch
+from services.billing.reporting import MeterReport
+from services.billing.repository import SubscriptionToBill
+from services.billing.terms import InvoicePricing, PlanHistory
+from services.billing.usage_totals import SegmentQuery, segment_totals
+from shared.errors import InvalidInput
 from shared.logs import log_event
 from shared.subscriptions import BILLED_STATUSES, RENEWING_STATUSES
+from shared.usage_cuts import (
+    Cut,
+    CutPart,
+    ledger_cut_parts,
+    register_cuts,
+    registered_cut_parts,
+    splits_windows,
+)
 
 logger = logging.getLogger("meterline.billing")
+
+#: How far past now a run's `as_of` may be: clocks of two hosts differ by that much at most.
+AS_OF_TOLERANCE = timedelta(seconds=60)
+#: Part of every billing state's fingerprint: a release that changes how invoices are computed
+#: bumps it, so no subscription is skipped on the strength of the old rules.
+RULES_VERSION = "2"
+Progress = Callable[[int, int], None]
+# Subscriptions written per transaction: large enough that a 10,000-subscription run is a few
+# dozen round trips, small enough that a retry of one chunk, one by one, stays quick.
+CHUNK = 500
 
 
 @dataclass
 class RunResult:
     """`invoices` are the ones this run wrote (new or changed); `billed` every invoice of the
-    run's periods, changed or not, which is what `billing run --json` lists."""
+    run's subscriptions, changed or not (what `billing run --json` lists), when asked for."""
 
     run_id: uuid.UUID | None
     as_of: datetime
-    invoices: list[dict[str, Any]] = field(default_factory=list)
-    billed: list[dict[str, Any]] = field(default_factory=list)
-    reported: list[dict[str, Any]] = field(default_factory=list)
-    mismatches: list[dict[str, Any]] = field(default_factory=list)
+    invoices: list[Invoice] = field(default_factory=list)
+    billed: list[Invoice] = field(default_factory=list)
+    reported: list[MeterReport] = field(default_factory=list)
+    mismatches: list[Mismatch] = field(default_factory=list)
+    collected: list[Invoice] = field(default_factory=list)
     subscriptions: int = 0
+    skipped: int = 0
 
-    def document(self) -> dict[str, Any]:
+    def document(self) -> dict[str, object]:
         """`billing run --json`, the shape of DESIGN.md section 5."""
         return {
             "as_of": self.as_of.isoformat(),
             "invoices": [invoice_document(invoice) for invoice in self.billed],
-            "reported": [report_document(row) for row in self.reported],
-            "mismatches": self.mismatches,
+            "reported": [stripe_steps.report_document(report) for report in self.reported],
+            "mismatches": [mismatch_document(m) for m in self.mismatches],
         }
 
 
@@ -70,18 +104,12 @@ class RunResult:
 class _Work:
     """One subscription's share of a run, prepared before its unit of work."""
 
-    row: Any
+    row: SubscriptionToBill
     subject: Subject
-    periods: list[Period]
-    existing: list[dict[str, Any]]
-    meters: dict[str, str]
-    canceled_at: datetime | None = None
-
-
-Progress = Callable[[int, int], None]
-# Subscriptions written per transaction: large enough that a 10,000-subscription run is a few
-# dozen round trips, small enough that a retry of one chunk, one by one, stays quick.
-CHUNK = 500
+    to_bill: ToBill
+    existing: list[Invoice] = field(default_factory=list)
+    desired: list[Invoice] = field(default_factory=list)
+    changed: list[Invoice] = field(default_factory=list)
 
 
 def run_billing(
@@ -96,58 +124,47 @@ def run_billing(
     reconcile: bool = True,
     settle: timedelta = timedelta(0),
     progress: Progress | None = None,
+    list_invoices: bool = True,
 ) -> RunResult:
-    result = RunResult(run_id=None, as_of=as_of)
-    with engine.begin() as connection:
-        work = _prepare(connection, as_of, lateness_horizon, organization_id)
-        totals = repository.period_totals(connection, _queries(work))
-    result.subscriptions = len(work)
-    if not dry_run:
-        result.run_id = _start_run(engine, as_of)
+    # (0) No final invoice for a period that has not ended.
+    if as_of > now + AS_OF_TOLERANCE and not dry_run:
+        raise InvalidInput(
+            f"--as-of {as_of.isoformat()} is later than now ({now.isoformat()}): a run would "
+            "finalize periods that have not ended; preview it with --dry-run"
+        )
+    run = _Run(
+        engine,
+        RunResult(run_id=None, as_of=as_of),
+        as_of=as_of,
+        now=now,
+        since=as_of - lateness_horizon,
+        dry_run=dry_run,
+        report=gateway is not None and not dry_run,
+        horizon=lateness_horizon,
+    )
+    result = run.result
+    rows, work, skipped = run.read(organization_id, gateway)
     try:
-        for done in range(0, len(work), CHUNK):
-            chunk = work[done : done + CHUNK]
-            if gateway is not None and not dry_run:
-                for item in chunk:
-                    if (
-                        item.row.stripe_customer_id is None
-                        or item.row.stripe_subscription_id is None
-                    ):
-                        _link_stripe(engine, gateway, item)
-            planned = []
-            for item in chunk:
-                desired = plan_invoices(
-                    item.subject,
-                    item.periods,
-                    item.existing,
-                    totals.get(item.subject.subscription_id, {}),
-                    as_of,
-                )
-                changed = changed_invoices(desired, item.existing)
-                planned.append((item, changed))
-                result.invoices.extend(changed)
-                result.billed.extend(invoices_of_run(desired, item.existing))
-            if not dry_run:
-                _write_chunk(engine, planned, totals, now, gateway is not None)
-            if progress is not None:
-                progress(done + len(chunk), len(work))
-        if gateway is not None and not dry_run:
-            ids = [item.subject.subscription_id for item in work]
-            result.reported = send_unsent(engine, gateway, now, ids)
-            if reconcile:
-                from services.billing.reconcile import reconcile_run
-
-                result.mismatches = reconcile_run(
-                    engine,
-                    gateway,
-                    work_ids=ids,
-                    run_id=result.run_id,
-                    as_of=as_of,
-                    now=now,
-                    settle=settle,
-                )
-                # Fixes (missing deltas) are intents too: send them in the same run.
-                result.reported += send_unsent(engine, gateway, now, ids)
+        queries = _queries(work, as_of)
+        missing = run.register_cuts(queries)
+        totals = run.totals(queries, missing)
+        run.price_and_write(work, totals, progress=progress, list_invoices=list_invoices)
+        if list_invoices:
+            run.list_skipped(skipped)
+        # (6) Stripe.
+        if run.report:
+            assert gateway is not None
+            stripe_steps.run_stripe_steps(
+                engine,
+                gateway,
+                result,
+                [row.id for row in rows] if organization_id else None,
+                [row.id for row in rows],
+                now=now,
+                since=run.since,
+                reconcile_run=reconcile,
+                settle=settle,
+            )
     except Exception as exc:
         if result.run_id is not None:
             _finish_run(engine, result, status="failed", error=str(exc)[:1000])
@@ -158,237 +175,365 @@ def run_billing(
         logger,
         "billing_run_finished",
         subscriptions=result.subscriptions,
+        skipped=result.skipped,
         invoices_changed=len(result.invoices),
         reported=len(result.reported),
+        collected=len(result.collected),
         mismatches=len(result.mismatches),
         dry_run=dry_run,
     )
     return result
 
 
-def _prepare(
-    connection: Connection,
-    as_of: datetime,
-    horizon: timedelta,
-    organization_id: uuid.UUID | None,
-) -> list[_Work]:
-    rows = [
-        row
-        for row in repository.subscriptions_to_bill(connection, organization_id=organization_id)
-        if str(row.status) in BILLED_STATUSES
-    ]
-    since = as_of - horizon
-    existing = repository.invoices_of(connection, [row.id for row in rows], since=since)
-    prices: dict[tuple[uuid.UUID, str], Any] = {}
-    to_bill: dict[uuid.UUID, ToBill] = {}
-    work = []
-    for row in rows:
-        interval = str(row.billing_interval)
-        flat = row.price_yearly if interval == "year" else row.price_monthly
-        key = (row.plan_id, interval)
-        if key not in prices:
-            prices[key] = plan_price(row.features or {}, flat)
-        to_bill[row.id] = billing_periods(
-            Period(row.current_period_start, row.current_period_end),
-            interval,
-            as_of,
-            renews=str(row.status) in RENEWING_STATUSES,
-            anchor=row.billing_cycle_anchor,
-            cancel_at_period_end=row.cancel_at_period_end,
+@dataclass
+class _Run:
+    """The steps (1) to (5) of one run, with what they share."""
+
+    engine: Engine
+    result: RunResult
+    as_of: datetime
+    now: datetime
+    since: datetime
+    dry_run: bool
+    report: bool
+    horizon: timedelta
+    salt: str = ""
+
+    def read(
+        self, organization_id: uuid.UUID | None, gateway: BillingGateway | None
+    ) -> tuple[list[SubscriptionToBill], list[_Work], list[uuid.UUID]]:
+        """(1) The subscriptions to bill, the work to do, and the ids of those to skip."""
+        with self.engine.begin() as connection:
+            rows = repository.subscriptions_to_bill(
+                connection, statuses=BILLED_STATUSES, organization_id=organization_id
+            )
+            catalog = repository.plan_catalog_version(connection)
+            phases = repository.phases_of(connection, [row.id for row in rows])
+            plan_ids = {row.plan_id for row in rows} | {
+                phase.plan_id for found in phases.values() for phase in found
+            }
+            histories = repository.plan_histories(connection, plan_ids)
+        if self.report:
+            assert gateway is not None
+            rows = stripe_steps.link_customers(self.engine, gateway, rows)
+        self.result.subscriptions = len(rows)
+        if not self.dry_run:
+            self.result.run_id = _start_run(self.engine, self.as_of)
+        self.salt = f"{RULES_VERSION}|{catalog}|{int(self.horizon.total_seconds())}|{self.report}"
+        work: list[_Work] = []
+        skipped: list[uuid.UUID] = []
+        for row in rows:
+            subject = _subject(row, phases.get(row.id, ()), histories)
+            state = row.state
+            if (
+                state is not None
+                and state.fingerprint == _fingerprint(row, subject, self.salt)
+                and state.valid_from <= self.as_of
+                and (state.valid_until is None or self.as_of < state.valid_until)
+            ):
+                skipped.append(row.id)
+                continue
+            work.append(_Work(row, subject, _to_bill(row, self.as_of)))
+        self.result.skipped = len(skipped)
+        with self.engine.begin() as connection:
+            _load_invoices(connection, work, self.since)
+        return rows, work, skipped
+
+    def register_cuts(self, queries: Sequence[tuple[_QueryKey, SegmentQuery]]) -> list[Cut]:
+        """(2) Register the cuts of the segments' boundaries; returns those that were not (a dry
+        run registers nothing: step 3 reads their parts from the ledger)."""
+        cuts = sorted({cut for _, q in queries for cut in q.cuts if splits_windows(cut.at)})
+        with self.engine.begin() as connection:
+            registered, _ = registered_cut_parts(connection, cuts)
+        missing = [cut for cut in cuts if cut not in registered]
+        if missing and not self.dry_run:
+            with self.engine.begin() as connection:
+                register_cuts(connection, missing)
+        return missing
+
+    def totals(
+        self, queries: Sequence[tuple[_QueryKey, SegmentQuery]], missing: Sequence[Cut]
+    ) -> dict[uuid.UUID, Totals]:
+        """(3) Every segment's usage, the windows and the cuts' parts from one snapshot."""
+        cuts = sorted({cut for _, q in queries for cut in q.cuts if splits_windows(cut.at)})
+        with (
+            self.engine.connect().execution_options(
+                isolation_level="REPEATABLE READ"
+            ) as connection,
+            connection.begin(),
+        ):
+            _, parts = registered_cut_parts(connection, cuts)
+            if self.dry_run and missing:
+                parts = {**ledger_cut_parts(connection, missing), **parts}
+            return _totals(connection, queries, parts)
+
+    def price_and_write(
+        self,
+        work: list[_Work],
+        totals: dict[uuid.UUID, Totals],
+        *,
+        progress: Progress | None,
+        list_invoices: bool,
+    ) -> None:
+        """(4) Price each chunk of subscriptions, then (5) write it."""
+        for done in range(0, len(work), CHUNK):
+            chunk = work[done : done + CHUNK]
+            for item in chunk:
+                own = totals.get(item.row.id, {})
+                item.desired = plan_invoices(
+                    item.subject, item.to_bill.periods, item.existing, own, self.as_of
+                )
+                item.changed = changed_invoices(item.desired, item.existing)
+                self.result.invoices.extend(item.changed)
+                if list_invoices:
+                    self.result.billed.extend(invoices_of_run(item.desired, item.existing))
+            if not self.dry_run:
+                _write_chunk(
+                    self.engine,
+                    chunk,
+                    totals,
+                    now=self.now,
+                    as_of=self.as_of,
+                    salt=self.salt,
+                    report=self.report,
+                )
+            if progress is not None:
+                progress(done + len(chunk), len(work))
+
+    def list_skipped(self, skipped: Sequence[uuid.UUID]) -> None:
+        """The stored invoices of the subscriptions skipped, for the run's listing."""
+        if skipped:
+            with self.engine.begin() as connection:
+                stored = repository.invoices_of(connection, skipped, since=self.since)
+            self.result.billed.extend(invoice for found in stored.values() for invoice in found)
+        self.result.billed.sort(key=lambda invoice: (invoice.subscription_id, invoice.period_start))
+
+
+def _subject(
+    row: SubscriptionToBill, phases: Sequence[Phase], plans: dict[uuid.UUID, PlanHistory]
+) -> Subject:
+    return Subject(
+        subscription_id=row.id,
+        organization_id=row.organization_id,
+        currency=row.currency,
+        interval=row.billing_interval,
+        plan_id=row.plan_id,
+        plans=plans,
+        phases=tuple(phases),
+        trial_end=row.trial_end,
+    )
+
+
+def _ends_at(row: SubscriptionToBill) -> datetime | None:
+    if row.status == "canceled":
+        return row.canceled_at or row.current_period_end
+    return None
+
+
+def _to_bill(row: SubscriptionToBill, as_of: datetime) -> ToBill:
+    return billing_periods(
+        Period(row.current_period_start, row.current_period_end),
+        row.billing_interval,
+        as_of,
+        renews=row.status in RENEWING_STATUSES,
+        anchor=row.billing_cycle_anchor,
+        cancel_at_period_end=row.cancel_at_period_end,
+        ends_at=_ends_at(row),
+    )
+
+
+def _fingerprint(row: SubscriptionToBill, subject: Subject, salt: str) -> str:
+    """What a subscription's invoices are computed from, hashed: its terms, its plan phases, its
+    organization's usage version and Stripe customer, and the run's rules (`salt`)."""
+    basis = "|".join(
+        str(value)
+        for value in (
+            salt,
+            row.status,
+            row.plan_id,
+            row.billing_interval,
+            row.current_period_start.isoformat(),
+            row.current_period_end.isoformat(),
+            row.billing_cycle_anchor.isoformat() if row.billing_cycle_anchor else "",
+            row.cancel_at_period_end,
+            row.canceled_at.isoformat() if row.canceled_at else "",
+            row.trial_end.isoformat() if row.trial_end else "",
+            row.currency,
+            row.stripe_customer_id or "",
+            row.usage_version,
+            ";".join(f"{p.starts_at.isoformat()}={p.plan_id}" for p in subject.phases),
         )
-    # A period that ended before the horizon and whose invoice is final is settled: invoices_of
-    # no longer returns its invoice (no late usage can reach it), so it must not be planned again
-    # as if it had none (a canceled subscription keeps its last period as its current one).
+    )
+    return hashlib.sha256(basis.encode()).hexdigest()
+
+
+def _after_run(row: SubscriptionToBill, to_bill: ToBill) -> SubscriptionToBill:
+    """The subscription as the run leaves it (its current period moved on, canceled at its end):
+    its billing state is fingerprinted from this, so the next run recognises it."""
+    if to_bill.periods:
+        last = to_bill.periods[-1]
+        row = replace(row, current_period_start=last.start, current_period_end=last.anchored_end)
+    if to_bill.canceled_at is not None:
+        row = replace(
+            row, status="canceled", canceled_at=to_bill.canceled_at, cancel_at_period_end=False
+        )
+    return row
+
+
+def _load_invoices(connection: Connection, work: list[_Work], since: datetime) -> None:
+    """Each subscription's stored invoices, and its periods without the settled ones: a period
+    that ended before the horizon with a final invoice takes no more late usage (and invoices_of
+    no longer returns it, so it must not be planned again as if it had none)."""
+    existing = repository.invoices_of(connection, [item.row.id for item in work], since=since)
     settled = repository.final_periods(
         connection,
-        [(id_, p.start) for id_, bill in to_bill.items() for p in bill.periods if p.end <= since],
+        [
+            (item.row.id, period.start)
+            for item in work
+            for period in item.to_bill.periods
+            if period.end <= since
+        ],
     )
-    for row in rows:
-        periods = [p for p in to_bill[row.id].periods if (row.id, p.start) not in settled]
-        plan = prices[(row.plan_id, str(row.billing_interval))]
-        work.append(
-            _Work(
-                row=row,
-                subject=Subject(
-                    row.id,
-                    row.organization_id,
-                    row.currency,
-                    plan,
-                    pricing_snapshot(row.plan_id, plan.flat_amount, row.features or {}),
-                    row.trial_end,
-                ),
-                periods=periods,
-                existing=existing.get(row.id, []),
-                meters={m: p.stripe_meter for m, p in plan.metered.items() if p.stripe_meter},
-                canceled_at=to_bill[row.id].canceled_at,
-            )
-        )
-    return work
-
-
-def _queries(work: list[_Work]) -> list[repository.PeriodQuery]:
-    """The usage to total: each period to bill with the current plan's metrics, and each stored
-    final invoice's period with the metrics of the pricing it was billed with (late usage)."""
-    queries = []
     for item in work:
-        current = item.subject.plan
-        pricing: dict[datetime, tuple[datetime, PlanPrice]] = {
-            p.start: (p.end, current) for p in item.periods
-        }
-        for invoice in item.existing:
-            if invoice["period_start"] in pricing:
-                continue
-            # A draft not among the periods is finalised with the current plan; a final one
-            # only takes adjustments, priced with its own snapshot.
-            final = invoice["status"] == "final"
-            price = period_pricing(invoice, current) if final else current
-            pricing[invoice["period_start"]] = (invoice["period_end"], price)
-        for start, (end, price) in pricing.items():
-            metrics = tuple(sorted(price.metered))
-            if not metrics:
-                continue
-            queries.append(
-                repository.PeriodQuery(
-                    item.subject.subscription_id,
-                    item.subject.organization_id,
-                    start,
-                    end,
-                    metrics,
-                    tuple(m for m in metrics if price.metered[m].aggregation == "max"),
+        item.existing = existing.get(item.row.id, [])
+        periods = [p for p in item.to_bill.periods if (item.row.id, p.start) not in settled]
+        item.to_bill = ToBill(periods, item.to_bill.canceled_at)
+
+
+def _pricings(item: _Work, as_of: datetime) -> list[InvoicePricing]:
+    """Every pricing the subscription's invoices will read usage for: its periods' (a draft not
+    among them as well) and its stored final invoices' own."""
+    starts = {period.start for period in item.to_bill.periods}
+    periods = list(item.to_bill.periods) + [
+        Period(invoice.period_start, invoice.period_end)
+        for invoice in item.existing
+        if invoice.status == "draft" and invoice.period_start not in starts
+    ]
+    finals = {i.period_start: i for i in item.existing if i.status == "final"}
+    pricings = [item.subject.pricing(p, as_of) for p in periods if p.start not in finals]
+    pricings += [i.pricing for i in finals.values() if i.pricing is not None]
+    return pricings
+
+
+@dataclass(frozen=True)
+class _QueryKey:
+    subscription_id: uuid.UUID
+    start: datetime
+    end: datetime
+
+
+def _queries(work: list[_Work], as_of: datetime) -> list[tuple[_QueryKey, SegmentQuery]]:
+    """One query per distinct segment of each subscription, with every metric a plan of that
+    segment prices (a draft and a final invoice may share a segment)."""
+    wanted: dict[_QueryKey, tuple[set[str], set[str], uuid.UUID]] = {}
+    for item in work:
+        for pricing in _pricings(item, as_of):
+            for segment in pricing.segments:
+                metered = segment.price.metered
+                key = _QueryKey(item.row.id, segment.start, segment.end)
+                metrics, maxima, _ = wanted.setdefault(
+                    key, (set(), set(), item.row.organization_id)
                 )
-            )
-    return queries
+                metrics.update(metered)
+                maxima.update(m for m, p in metered.items() if p.aggregation == "max")
+    return [
+        (
+            key,
+            SegmentQuery(
+                organization_id, key.start, key.end, tuple(sorted(metrics)), tuple(sorted(maxima))
+            ),
+        )
+        for key, (metrics, maxima, organization_id) in wanted.items()
+        if metrics
+    ]
+
+
+def _totals(
+    connection: Connection,
+    queries: Sequence[tuple[_QueryKey, SegmentQuery]],
+    parts: dict[Cut, tuple[CutPart, ...]],
+) -> dict[uuid.UUID, Totals]:
+    found = segment_totals(connection, [query for _, query in queries], parts)
+    totals: dict[uuid.UUID, dict[tuple[datetime, datetime, str], Decimal]] = {}
+    for (key, _), quantities in zip(queries, found, strict=True):
+        own = totals.setdefault(key.subscription_id, {})
+        for metric, quantity in quantities.items():
+            own[(key.start, key.end, metric)] = quantity
+    return dict(totals)
 
 
 def _write_chunk(
     engine: Engine,
-    planned: list[tuple[_Work, list[dict[str, Any]]]],
-    totals: dict[uuid.UUID, dict[tuple[datetime, str], Any]],
+    chunk: list[_Work],
+    totals: dict[uuid.UUID, Totals],
+    *,
     now: datetime,
+    as_of: datetime,
+    salt: str,
     report: bool,
 ) -> None:
-    """Write a chunk of subscriptions in one transaction: each subscription's invoices, period
-    and report intents land together or not at all (a chunk only ever holds whole subscriptions).
-    If the chunk fails, each subscription is retried in a transaction of its own, so one bad
-    subscription neither holds back nor hides behind the others."""
+    """Write a chunk of subscriptions in one transaction: each subscription's invoices, period,
+    report intents and billing state land together or not at all (a chunk only ever holds whole
+    subscriptions). If the chunk fails, each subscription is retried in a transaction of its
+    own, so one bad subscription neither holds back nor hides behind the others."""
     try:
         with engine.begin() as connection:
-            _write(connection, planned, totals, now, report)
+            _write(connection, chunk, totals, now=now, as_of=as_of, salt=salt, report=report)
     except sa_exc.DBAPIError:
-        if len(planned) == 1:
+        if len(chunk) == 1:
             raise
-        for one in planned:
+        for one in chunk:
             with engine.begin() as connection:
-                _write(connection, [one], totals, now, report)
+                _write(connection, [one], totals, now=now, as_of=as_of, salt=salt, report=report)
 
 
 def _write(
     connection: Connection,
-    planned: list[tuple[_Work, list[dict[str, Any]]]],
-    totals: dict[uuid.UUID, dict[tuple[datetime, str], Any]],
+    chunk: list[_Work],
+    totals: dict[uuid.UUID, Totals],
+    *,
     now: datetime,
+    as_of: datetime,
+    salt: str,
     report: bool,
 ) -> None:
-    repository.save_invoices(connection, [inv for _, invoices in planned for inv in invoices])
+    repository.save_invoices(connection, [invoice for item in chunk for invoice in item.changed])
     repository.advance_periods(
         connection,
         [
-            (item.subject.subscription_id, item.periods[-1].start, item.periods[-1].end)
-            for item, _ in planned
-            if item.periods and item.periods[-1].start != item.row.current_period_start
+            (item.row.id, last.start, last.anchored_end)
+            for item in chunk
+            if item.to_bill.periods
+            and (last := item.to_bill.periods[-1]).start != item.row.current_period_start
         ],
     )
     repository.cancel_subscriptions(
         connection,
         [
-            (item.subject.subscription_id, item.canceled_at)
-            for item, _ in planned
-            if item.canceled_at is not None
+            (item.row.id, item.to_bill.canceled_at)
+            for item in chunk
+            if item.to_bill.canceled_at is not None
         ],
     )
-    if not report:
-        return
-    reporting = [item for item, _ in planned if item.meters]
-    customers = repository.customers_of(
-        connection, [item.subject.organization_id for item in reporting]
-    )
-    ledger = ledger_rows(connection, [item.subject.subscription_id for item in reporting])
-    intents = []
-    for item in reporting:
-        customer_id = customers.get(item.subject.organization_id)
-        if customer_id:
-            own = totals.get(item.subject.subscription_id, {})
-            intents += _intents(ledger, item, own, customer_id, now)
-    record_intents(connection, intents)
-
-
-def _intents(
-    ledger: dict[Any, list[dict[str, Any]]],
-    item: _Work,
-    totals: dict[tuple[datetime, str], Any],
-    customer_id: str,
-    now: datetime,
-) -> list[dict[str, Any]]:
-    ends = {p.start: p.end for p in item.periods}
-    for invoice in item.existing:
-        ends.setdefault(invoice["period_start"], invoice["period_end"])
-    # A period that Stripe was told about but that now has no usage (a replay corrected it)
-    # totals 0, so the compensating delta is still sent.
-    keys = set(totals) | {
-        (start, metric) for (_, metric, start) in ledger if start in ends and metric in item.meters
-    }
-    intents = []
-    for start, metric in sorted(keys):
-        if metric not in item.meters:
-            continue
-        total = totals.get((start, metric), Decimal(0))
-        usage = UsageToReport(
-            item.subject.subscription_id,
-            customer_id,
-            metric,
-            item.meters[metric],
-            start,
-            ends[start],
-            total,
+    if report:
+        stripe_steps.record_report_intents(
+            connection,
+            [(item.row, [*item.desired, *item.existing]) for item in chunk],
+            totals,
+            now,
         )
-        intent = plan_report(usage, ledger.get((usage.subscription_id, metric, start), []), now)
-        if intent is not None:
-            intents.append(intent)
-    return intents
-
-
-def _link_stripe(engine: Engine, gateway: BillingGateway, item: _Work) -> None:
-    """Create the organization's Stripe customer and the subscription's Stripe subscription where
-    they have none. The calls carry idempotency keys on our ids, so a crash between the call and
-    the write below links the same Stripe objects on the next run."""
-    row = item.row
-    if str(row.status) not in RENEWING_STATUSES:
-        return
-    with engine.connect() as connection:
-        org = repository.organization_of(connection, row.organization_id)
-        plan = repository.plan_prices_of(connection, row.plan_id)
-        linked = repository.stripe_subscription_of(connection, row.id)
-    customer_id = org.stripe_customer_id or gateway.create_customer(
-        str(row.organization_id), org.name
+    repository.save_states(
+        connection,
+        [
+            (
+                item.row.id,
+                _fingerprint(_after_run(item.row, item.to_bill), item.subject, salt),
+                as_of,
+                min((p.end for p in item.to_bill.periods if p.end > as_of), default=None),
+            )
+            for item in chunk
+        ],
     )
-    if org.stripe_customer_id is None:
-        with engine.begin() as connection:
-            repository.set_stripe_customer(connection, row.organization_id, customer_id)
-    if linked is not None:
-        return
-    interval = str(row.billing_interval)
-    price_column = "stripe_price_id_yearly" if interval == "year" else "stripe_price_id_monthly"
-    price_id = getattr(plan, price_column)
-    if price_id is None:
-        amount = row.price_yearly if interval == "year" else row.price_monthly
-        price_id = gateway.ensure_price(str(row.plan_id), plan.name, interval, amount, row.currency)
-        with engine.begin() as connection:
-            repository.set_stripe_price(connection, row.plan_id, price_column, price_id)
-    stripe_subscription_id = gateway.create_subscription(
-        str(row.id), customer_id, price_id, row.current_period_start, row.current_period_end
-    )
-    with engine.begin() as connection:
-        repository.link_subscription(connection, row.id, stripe_subscription_id, customer_id)
 
 
 def _start_run(engine: Engine, as_of: datetime) -> uuid.UUID:

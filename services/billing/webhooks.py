@@ -20,7 +20,8 @@ from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
 from services.billing.gateway import subscription_from_stripe
-from services.billing.reconcile import period_finding, record_mismatch
+from services.billing.reconcile import period_finding
+from services.billing.report_repository import record_mismatch
 from shared.models import StripeWebhookEvent, Subscription
 from shared.subscriptions import next_period
 
@@ -148,8 +149,8 @@ def _apply_subscription(
             values["current_period_start"] = theirs.period_start
             values["current_period_end"] = theirs.period_end
         else:
-            finding = period_finding(ours, (theirs.period_start, theirs.period_end))
-            record_mismatch(connection, None, found.id, finding | {"resolved": False})
+            finding = period_finding(found.id, ours, (theirs.period_start, theirs.period_end))
+            record_mismatch(connection, None, finding)
             outcome = "period_differs"
     # Not billing_cycle_anchor: our anchor defines our periods; a different one at Stripe shows
     # as period_differs, for a person to settle.

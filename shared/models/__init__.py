@@ -3,6 +3,7 @@
 from shared.models.base import Base
 from shared.models.billing import (
     BillingRun,
+    BillingState,
     Invoice,
     InvoiceLine,
     ReconciliationMismatch,
@@ -58,6 +59,7 @@ __all__ = [
     "Base",
     "BillingInterval",
     "BillingRun",
+    "BillingState",
     "Invoice",
     "InvoiceLine",
     "Operator",

@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
@@ -63,32 +64,47 @@ class Invoice(IdMixin, TimestampMixin, Base):
     # features.metered section). Late usage of a final period is priced with it, never with the
     # subscription's current plan. NULL on invoices from before it was stored.
     plan_snapshot: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    # The Stripe invoice that collects this one (final invoices only), and what Stripe said of it
+    # when it was finalized and last reconciled.
+    stripe_invoice_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    stripe_status: Mapped[str | None] = mapped_column(String(30))
+    stripe_total: Mapped[int | None] = mapped_column(BigInteger)
+    stripe_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class InvoiceLine(IdMixin, TimestampMixin, Base):
-    """A metric's usage in the invoice's period, or an adjustment for late usage of an earlier,
-    already final period (`adjusts_period_start`): final invoices never change."""
+    """A flat fee or proration (`flat`), a metric's usage in one segment of the invoice's period
+    (`usage`), or an adjustment for late usage of an earlier, already final period (`adjustment`,
+    `adjusts_period_start`): final invoices never change."""
 
     __tablename__ = "invoice_lines"
     __table_args__ = (
         Index(
             "uq_invoice_lines_line",
             "invoice_id",
-            "metric",
             "kind",
+            "metric",
             "adjusts_period_start",
+            "segment_start",
+            "plan_id",
             unique=True,
             postgresql_nulls_not_distinct=True,
         ),
     )
 
     invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
-    metric: Mapped[str] = mapped_column(String(64))
+    metric: Mapped[str | None] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(12))
     quantity: Mapped[Decimal] = mapped_column(Numeric)
     billable_quantity: Mapped[Decimal] = mapped_column(Numeric)
     amount: Mapped[int] = mapped_column(BigInteger)
     adjusts_period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The segment of the period a usage line prices (a plan change splits a period), the instant
+    # a flat line counts from, and the plan of either.
+    segment_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    segment_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    plan_id: Mapped[uuid.UUID | None] = mapped_column()
+    description: Mapped[str | None] = mapped_column(Text)
 
 
 class StripeMeterReport(IdMixin, TimestampMixin, Base):
@@ -114,6 +130,10 @@ class StripeMeterReport(IdMixin, TimestampMixin, Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
+    # When Stripe was first asked (it may have taken an event whose answer was lost: its
+    # identifier protects a resend for 24 hours only), and when Stripe refused it for good.
+    first_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class StripeWebhookEvent(IdMixin, TimestampMixin, Base):
@@ -166,3 +186,21 @@ class ReconciliationMismatch(IdMixin, TimestampMixin, Base):
     resolved_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     resolved_by: Mapped[str | None] = mapped_column(String(100))
     resolution_note: Mapped[str | None] = mapped_column(Text)
+
+
+class BillingState(Base):
+    """What a subscription was last billed from (a fingerprint of its terms and its
+    organization's usage version) and until when that result holds by time alone: a run that
+    finds both unchanged reads no usage and writes nothing for it."""
+
+    __tablename__ = "billing_states"
+
+    subscription_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("subscriptions.id", ondelete="CASCADE"), primary_key=True
+    )
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=func.now(), nullable=False
+    )

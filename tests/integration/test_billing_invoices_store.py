@@ -12,45 +12,42 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.billing import repository
-from shared.models import Invoice, InvoiceLine
+from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus
+from shared.models import Invoice as InvoiceRow
+from shared.models import InvoiceLine as InvoiceLineRow
 from tests import factories
 
 NOV = datetime(2026, 11, 1, tzinfo=UTC)
 DEC = datetime(2026, 12, 1, tzinfo=UTC)
 
 
-def invoice(subscription: Any, status: str, total: int) -> dict[str, Any]:
-    return {
-        "id": uuid.uuid4(),
-        "organization_id": subscription.organization_id,
-        "subscription_id": subscription.id,
-        "period_start": NOV,
-        "period_end": DEC,
-        "currency": "usd",
-        "status": status,
-        "flat_amount": 100,
-        "total": total,
-        "finalized_at": DEC if status == "final" else None,
-        "plan_snapshot": None,
-        "lines": [
-            {
-                "metric": "exports",
-                "kind": "usage",
-                "quantity": Decimal(total - 100),
-                "billable_quantity": Decimal(total - 100),
-                "amount": total - 100,
-                "adjusts_period_start": None,
-            }
-        ],
-    }
+def invoice(subscription: Any, status: InvoiceStatus, total: int) -> Invoice:
+    return Invoice(
+        id=uuid.uuid4(),
+        organization_id=subscription.organization_id,
+        subscription_id=subscription.id,
+        period_start=NOV,
+        period_end=DEC,
+        currency="usd",
+        status=status,
+        flat_amount=100,
+        total=total,
+        finalized_at=DEC if status == "final" else None,
+        pricing=None,
+        lines=(
+            InvoiceLine(
+                "usage", "exports", Decimal(total - 100), Decimal(total - 100), total - 100
+            ),
+        ),
+    )
 
 
 def stored(db: Session, subscription_id: uuid.UUID) -> list[Any]:
     return list(
         db.execute(
-            sa.select(Invoice.id, Invoice.status, Invoice.total, InvoiceLine.amount)
-            .join(InvoiceLine, InvoiceLine.invoice_id == Invoice.id)
-            .where(Invoice.subscription_id == subscription_id)
+            sa.select(InvoiceRow.id, InvoiceRow.status, InvoiceRow.total, InvoiceLineRow.amount)
+            .join(InvoiceLineRow, InvoiceLineRow.invoice_id == InvoiceRow.id)
+            .where(InvoiceRow.subscription_id == subscription_id)
         ).all()
     )
 
@@ -63,7 +60,7 @@ def test_saving_over_a_final_invoice_changes_nothing(db: Session) -> None:
 
     repository.save_invoices(db.connection(), [invoice(subscription, "final", 999)])
 
-    assert stored(db, subscription.id) == [(final["id"], "final", 150, 50)]
+    assert stored(db, subscription.id) == [(final.id, "final", 150, 50)]
 
 
 def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) -> None:
@@ -74,4 +71,4 @@ def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) ->
 
     repository.save_invoices(db.connection(), [invoice(subscription, "final", 180)])
 
-    assert stored(db, subscription.id) == [(draft["id"], "final", 180, 80)]
+    assert stored(db, subscription.id) == [(draft.id, "final", 180, 80)]

@@ -19,7 +19,8 @@ from tests import factories
 
 ROOT = Path(__file__).resolve().parents[2]
 MELINE = str(ROOT / ".venv" / "bin" / "meterline")
-NOV = datetime(2026, 11, 1, tzinfo=UTC)
+# Periods in the past: a run may not bill as of a time after now.
+NOV = datetime(2026, 7, 1, tzinfo=UTC)
 FEATURES = {
     "metered": {
         "api_calls": {
@@ -57,7 +58,7 @@ def seed(engine: Engine, *, interval: str = "month") -> dict[str, Any]:
             plan,
             interval=factories.BillingInterval(interval),
             period_start=NOV,
-            period_end=datetime(2026, 12, 1, tzinfo=UTC) if interval == "month" else None,
+            period_end=datetime(2026, 8, 1, tzinfo=UTC) if interval == "month" else None,
         )
         return {
             "organization_id": organization.id,
@@ -125,7 +126,7 @@ def november_usage(org: dict[str, Any]) -> list[tuple[int, str, datetime, str]]:
         (0, "seats", h(2), "8"),
         # Outside the period: never billed in November.
         (0, "api_calls", NOV - timedelta(hours=1), "999999"),
-        (0, "api_calls", datetime(2026, 12, 1, tzinfo=UTC), "999999"),
+        (0, "api_calls", datetime(2026, 8, 1, tzinfo=UTC), "999999"),
     ]
 
 
@@ -146,7 +147,7 @@ def test_billing_run_prices_seeded_usage_as_computed_by_hand(
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
 
-    result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 7, 20, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
@@ -155,10 +156,11 @@ def test_billing_run_prices_seeded_usage_as_computed_by_hand(
     [invoice] = document["invoices"]
     assert set(invoice) == {
         "id", "organization_id", "subscription_id", "period_start", "period_end",
-        "currency", "status", "flat_amount", "lines", "total",
+        "currency", "status", "flat_amount", "flat_lines", "lines", "total",
     }  # fmt: skip
     assert invoice["status"] == "draft"
     assert invoice["flat_amount"] == 4900
+    assert [line["amount"] for line in invoice["flat_lines"]] == [4900]
     assert {k: (Decimal(q), Decimal(b), a) for k, (q, b, a) in lines_of(invoice).items()} == {
         # 2,000,000 billable: 1,000,000 x 0.05 + 1,000,000 x 0.02 + 500 flat of tier 2
         ("api_calls", "usage"): (Decimal(2100000), Decimal(2000000), 70500),
@@ -200,7 +202,7 @@ def test_a_second_run_with_no_new_usage_changes_nothing(
 ) -> None:
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
-    as_of = datetime(2026, 12, 2, tzinfo=UTC)
+    as_of = datetime(2026, 8, 2, tzinfo=UTC)
     first = billing_run(service_env, org, as_of)
     assert first.returncode == 0, first.stderr
     before = _snapshot(engine, org["subscription_id"])
@@ -218,14 +220,14 @@ def test_a_second_run_lists_the_same_invoices_with_the_same_amounts(
 ) -> None:
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
-    as_of = datetime(2026, 12, 2, tzinfo=UTC)
+    as_of = datetime(2026, 8, 2, tzinfo=UTC)
     first = json.loads(billing_run(service_env, org, as_of).stdout)
 
     second = json.loads(billing_run(service_env, org, as_of).stdout)
 
     assert [(i["period_start"][:10], i["status"]) for i in second["invoices"]] == [
-        ("2026-11-01", "final"),
-        ("2026-12-01", "draft"),
+        ("2026-07-01", "final"),
+        ("2026-08-01", "draft"),
     ]
     assert second["invoices"] == first["invoices"]
     assert second["invoices"][0]["total"] == 4900 + 70500 + 44 + 600 + 6600
@@ -237,7 +239,7 @@ def test_the_human_summary_of_a_rerun_lists_its_invoices_and_says_none_changed(
 ) -> None:
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
-    as_of = datetime(2026, 12, 2, tzinfo=UTC)
+    as_of = datetime(2026, 8, 2, tzinfo=UTC)
     billing_run(service_env, org, as_of)
     command = [MELINE, "billing", "run", "--as-of", as_of.isoformat(), "--no-stripe"]
     command += ["--organization", str(org["organization_id"])]
@@ -248,7 +250,7 @@ def test_the_human_summary_of_a_rerun_lists_its_invoices_and_says_none_changed(
 
     assert rerun.returncode == 0, rerun.stderr
     assert "2 invoices, 0 changed" in rerun.stdout
-    assert "2026-11-01" in rerun.stdout and "2026-12-01" in rerun.stdout
+    assert "2026-07-01" in rerun.stdout and "2026-08-01" in rerun.stdout
 
 
 def test_late_usage_after_finalisation_is_an_adjustment_on_the_next_invoice(
@@ -256,16 +258,16 @@ def test_late_usage_after_finalisation_is_an_adjustment_on_the_next_invoice(
 ) -> None:
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
-    closed = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+    closed = billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC))
     november = next(i for i in json.loads(closed.stdout)["invoices"] if i["status"] == "final")
     # A late event for November: 1,000,000 more API calls, all in the 0.02 tier.
     add_usage(engine, org, [(1, "api_calls", NOV + timedelta(days=20), "1000000")])
 
-    result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 3, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     listed = json.loads(result.stdout)["invoices"]
-    assert [i["period_start"][:10] for i in listed] == ["2026-11-01", "2026-12-01"]
+    assert [i["period_start"][:10] for i in listed] == ["2026-07-01", "2026-08-01"]
     assert listed[0] == november
     december = listed[1]
     assert december["status"] == "draft"
@@ -286,7 +288,7 @@ def test_a_yearly_plan_bills_the_yearly_flat_fee(
     org = seed(engine, interval="year")
     add_usage(engine, org, [(0, "exports", NOV + timedelta(days=100), "111")])
 
-    result = billing_run(service_env, org, datetime(2027, 3, 1, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 11, 1, tzinfo=UTC))
 
     [invoice] = json.loads(result.stdout)["invoices"]
     assert invoice["flat_amount"] == 49000
@@ -300,7 +302,7 @@ def test_a_dry_run_prints_invoices_but_writes_nothing(
     org = seed(engine)
     add_usage(engine, org, [(0, "exports", NOV + timedelta(hours=1), "20")])
 
-    result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC), "--dry-run")
+    result = billing_run(service_env, org, datetime(2026, 7, 20, tzinfo=UTC), "--dry-run")
 
     [invoice] = json.loads(result.stdout)["invoices"]
     assert invoice["total"] == 4900 + 200
@@ -315,7 +317,7 @@ def test_a_run_is_refused_while_another_holds_the_billing_lock(
     org = seed(engine)
     with billing_lock(engine) as held:
         assert held
-        result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC))
+        result = billing_run(service_env, org, datetime(2026, 7, 20, tzinfo=UTC))
 
     assert result.returncode == 1
     assert "another billing run is in progress" in result.stderr
@@ -333,28 +335,28 @@ def test_periods_billed_after_a_month_end_keep_the_anchor_day(
             session,
             organization,
             plan,
-            period_start=datetime(2027, 1, 31, tzinfo=UTC),
-            period_end=datetime(2027, 2, 28, tzinfo=UTC),
+            period_start=datetime(2026, 1, 31, tzinfo=UTC),
+            period_end=datetime(2026, 2, 28, tzinfo=UTC),
         )
         org = {"organization_id": organization.id}
 
-    result = billing_run(service_env, org, datetime(2027, 4, 1, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 4, 1, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     assert [
         (i["period_start"][:10], i["period_end"][:10], i["status"])
         for i in json.loads(result.stdout)["invoices"]
     ] == [
-        ("2027-01-31", "2027-02-28", "final"),
-        ("2027-02-28", "2027-03-31", "final"),
-        ("2027-03-31", "2027-04-30", "draft"),
+        ("2026-01-31", "2026-02-28", "final"),
+        ("2026-02-28", "2026-03-31", "final"),
+        ("2026-03-31", "2026-04-30", "draft"),
     ]
 
 
 def test_a_canceled_subscription_settled_before_the_horizon_is_left_alone_while_others_bill(
     service_env: dict[str, str], engine: Engine
 ) -> None:
-    september = datetime(2026, 9, 1, tzinfo=UTC)
+    september = datetime(2026, 5, 1, tzinfo=UTC)
     with unit_of_work(engine) as session:
         organization = factories.make_organization(session)
         project = factories.make_project(session, organization)
@@ -365,26 +367,32 @@ def test_a_canceled_subscription_settled_before_the_horizon_is_left_alone_while_
             plan,
             status=factories.SubscriptionStatus.CANCELED,
             period_start=september,
-            period_end=datetime(2026, 10, 1, tzinfo=UTC),
+            period_end=datetime(2026, 6, 1, tzinfo=UTC),
         )
-        live = factories.make_subscription(session, organization, plan, period_start=NOV)
+        live = factories.make_subscription(
+            session,
+            organization,
+            plan,
+            period_start=NOV,
+            period_end=datetime(2026, 8, 1, tzinfo=UTC),
+        )
         org = {"organization_id": organization.id, "projects": (project.id, project.id)}
     add_usage(engine, org, [(0, "exports", september + timedelta(days=3), "250")])
-    settled = billing_run(service_env, org, datetime(2026, 10, 2, tzinfo=UTC))
+    settled = billing_run(service_env, org, datetime(2026, 6, 2, tzinfo=UTC))
     assert settled.returncode == 0, settled.stderr
     before = _snapshot(engine, old.id)
     assert [status for _, status, _, _ in before[0]] == ["final"]
     add_usage(engine, org, [(0, "exports", NOV + timedelta(days=3), "20")])
 
     # December 10: September's period ended 70 days ago, beyond the 35-day horizon.
-    result = billing_run(service_env, org, datetime(2026, 12, 10, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 10, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     assert _snapshot(engine, old.id) == before
     listed = json.loads(result.stdout)["invoices"]
     assert [(i["subscription_id"], i["period_start"][:10], i["status"]) for i in listed] == [
-        (str(live.id), "2026-11-01", "final"),
-        (str(live.id), "2026-12-01", "draft"),
+        (str(live.id), "2026-07-01", "final"),
+        (str(live.id), "2026-08-01", "draft"),
     ]
     assert listed[0]["total"] == 4900 + 200
 
@@ -407,10 +415,10 @@ def test_a_plan_price_change_does_not_reprice_a_final_period(
 ) -> None:
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
-    assert billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC)).returncode == 0
+    assert billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC)).returncode == 0
     _reprice(engine, org)
 
-    result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 3, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     november, december = json.loads(result.stdout)["invoices"]
@@ -423,11 +431,11 @@ def test_late_usage_of_a_final_period_is_priced_with_that_period_s_plan(
 ) -> None:
     org = seed(engine)
     add_usage(engine, org, november_usage(org))
-    assert billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC)).returncode == 0
+    assert billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC)).returncode == 0
     _reprice(engine, org)
     add_usage(engine, org, [(1, "api_calls", NOV + timedelta(days=20), "1000000")])
 
-    result = billing_run(service_env, org, datetime(2026, 12, 3, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 3, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     december = json.loads(result.stdout)["invoices"][1]
@@ -460,18 +468,18 @@ def test_a_subscription_set_to_cancel_gets_no_period_after_its_current_one(
         subscription.cancel_at_period_end = True
     add_usage(engine, org, november_usage(org))
 
-    result = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
-    later = billing_run(service_env, org, datetime(2027, 1, 2, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC))
+    later = billing_run(service_env, org, datetime(2026, 9, 2, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     assert later.returncode == 0, later.stderr
     for run in (result, later):
         assert [
             (i["period_start"][:10], i["status"]) for i in json.loads(run.stdout)["invoices"]
-        ] == [("2026-11-01", "final")]
+        ] == [("2026-07-01", "final")]
     assert _status(engine, org["subscription_id"]) == (
         "canceled",
-        datetime(2026, 12, 1, tzinfo=UTC),
+        datetime(2026, 8, 1, tzinfo=UTC),
         NOV,
     )
 
@@ -484,10 +492,10 @@ def test_a_period_within_the_trial_charges_neither_flat_fee_nor_usage(
         subscription = session.get(Subscription, org["subscription_id"])
         assert subscription is not None
         subscription.status = factories.SubscriptionStatus.TRIALING
-        subscription.trial_end = datetime(2026, 12, 1, tzinfo=UTC)
+        subscription.trial_end = datetime(2026, 8, 1, tzinfo=UTC)
     add_usage(engine, org, november_usage(org))
 
-    result = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     november, december = json.loads(result.stdout)["invoices"]
@@ -504,7 +512,7 @@ def test_a_tiny_quantity_is_printed_as_a_plain_decimal_string(
     org = seed(engine)
     add_usage(engine, org, [(0, "storage_gb", NOV + timedelta(hours=1), "0.0000001")])
 
-    result = billing_run(service_env, org, datetime(2026, 11, 20, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 7, 20, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     [invoice] = json.loads(result.stdout)["invoices"]
@@ -521,7 +529,7 @@ def test_an_incomplete_subscription_is_not_billed(
         subscription.status = factories.SubscriptionStatus.INCOMPLETE
     add_usage(engine, org, november_usage(org))
 
-    result = billing_run(service_env, org, datetime(2026, 12, 2, tzinfo=UTC))
+    result = billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC))
 
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["invoices"] == []

@@ -5,33 +5,25 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
-from typing import Any
 
-from services.billing.invoices import invoice_document
+from services.billing.invoices import Invoice, InvoiceLine, invoice_document
 
 
-def invoice_with(quantity: Decimal) -> dict[str, Any]:
-    return {
-        "id": uuid.uuid4(),
-        "organization_id": uuid.uuid4(),
-        "subscription_id": uuid.uuid4(),
-        "period_start": datetime(2026, 11, 1, tzinfo=UTC),
-        "period_end": datetime(2026, 12, 1, tzinfo=UTC),
-        "currency": "usd",
-        "status": "draft",
-        "flat_amount": 0,
-        "total": 0,
-        "lines": [
-            {
-                "metric": "m",
-                "kind": "usage",
-                "quantity": quantity,
-                "billable_quantity": quantity,
-                "amount": 0,
-                "adjusts_period_start": None,
-            }
-        ],
-    }
+def invoice_with(quantity: Decimal) -> Invoice:
+    return Invoice(
+        id=uuid.uuid4(),
+        organization_id=uuid.uuid4(),
+        subscription_id=uuid.uuid4(),
+        period_start=datetime(2026, 11, 1, tzinfo=UTC),
+        period_end=datetime(2026, 12, 1, tzinfo=UTC),
+        currency="usd",
+        status="draft",
+        flat_amount=0,
+        total=0,
+        finalized_at=None,
+        pricing=None,
+        lines=(InvoiceLine("usage", "m", quantity, quantity, 0),),
+    )
 
 
 def test_a_tiny_quantity_prints_as_a_plain_decimal_string() -> None:

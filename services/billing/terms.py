@@ -1,0 +1,142 @@
+"""The terms an invoice is priced on: each plan's price versions, and per segment of a period the
+plan and prices it was billed with (the invoice's stored pricing). Pure values.
+
+A segment is priced as its plan stood at the segment's end (a plan edited after a period ended
+never re-prices it); a segment still open at `as_of` as the plan stands at `as_of`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from services.billing.pricing import PlanPrice
+from services.billing.schemas import plan_price
+
+
+@dataclass(frozen=True)
+class PlanVersionTerms:
+    effective_at: datetime
+    price_monthly: int
+    price_yearly: int
+    currency: str
+    metered_json: str  # features.metered as canonical JSON
+
+    def flat_amount(self, interval: str) -> int:
+        return self.price_yearly if interval == "year" else self.price_monthly
+
+
+@dataclass(frozen=True)
+class PlanHistory:
+    plan_id: uuid.UUID
+    key: str
+    name: str
+    versions: tuple[PlanVersionTerms, ...]  # oldest first, never empty
+
+    def as_of(self, moment: datetime, *, ended: bool) -> PlanVersionTerms:
+        """The version in effect at `moment`; `ended`: the moment is the end of what is priced,
+        which an edit made at that very instant does not reach."""
+        chosen = self.versions[0]
+        for version in self.versions:
+            if version.effective_at < moment or (not ended and version.effective_at == moment):
+                chosen = version
+        return chosen
+
+
+def canonical_metered(features: Mapping[str, Any] | None) -> str:
+    return json.dumps((features or {}).get("metered") or {}, sort_keys=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def metered_price(metered_json: str, flat_amount: int) -> PlanPrice:
+    """The pricing view of a plan's metered prices (parsed once per distinct text)."""
+    return plan_price({"metered": json.loads(metered_json)}, flat_amount)
+
+
+@dataclass(frozen=True)
+class SegmentTerms:
+    """One segment of a period and the plan terms it is priced on."""
+
+    start: datetime
+    end: datetime
+    plan_id: uuid.UUID | None
+    plan_key: str
+    plan_name: str
+    flat_amount: int  # the plan's flat fee for a whole period of the interval
+    metered_json: str
+
+    @property
+    def price(self) -> PlanPrice:
+        return metered_price(self.metered_json, self.flat_amount)
+
+
+@dataclass(frozen=True)
+class InvoicePricing:
+    """What an invoice was priced with (`invoices.plan_snapshot`)."""
+
+    segments: tuple[SegmentTerms, ...]
+    trial: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": 2,
+            "trial": self.trial,
+            "segments": [
+                {
+                    "start": s.start.isoformat(),
+                    "end": s.end.isoformat(),
+                    "plan_id": str(s.plan_id) if s.plan_id else None,
+                    "plan_key": s.plan_key,
+                    "plan_name": s.plan_name,
+                    "flat_amount": s.flat_amount,
+                    "metered": json.loads(s.metered_json),
+                }
+                for s in self.segments
+            ],
+        }
+
+    @classmethod
+    def from_json(
+        cls, snapshot: Mapping[str, Any] | None, start: datetime, end: datetime
+    ) -> InvoicePricing | None:
+        """A stored snapshot; one of the first release ({"plan_id", "flat_amount", "metered"})
+        is one segment over the invoice's period. None: the invoice stored none."""
+        if not snapshot:
+            return None
+        trial = bool(snapshot.get("trial"))
+        if snapshot.get("version") != 2:
+            plan_id = snapshot.get("plan_id")
+            return cls(
+                (
+                    SegmentTerms(
+                        start,
+                        end,
+                        uuid.UUID(plan_id) if plan_id else None,
+                        "",
+                        "",
+                        int(snapshot.get("flat_amount") or 0),
+                        json.dumps(snapshot.get("metered") or {}, sort_keys=True),
+                    ),
+                ),
+                trial,
+            )
+        return cls(
+            tuple(
+                SegmentTerms(
+                    datetime.fromisoformat(raw["start"]),
+                    datetime.fromisoformat(raw["end"]),
+                    uuid.UUID(raw["plan_id"]) if raw.get("plan_id") else None,
+                    raw.get("plan_key") or "",
+                    raw.get("plan_name") or "",
+                    int(raw["flat_amount"]),
+                    json.dumps(raw.get("metered") or {}, sort_keys=True),
+                )
+                for raw in snapshot["segments"]
+            ),
+            trial,
+        )
