@@ -534,3 +534,33 @@ def test_an_incomplete_subscription_is_not_billed(
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["invoices"] == []
     assert _snapshot(engine, org["subscription_id"])[0] == []
+
+
+def test_a_run_as_of_a_time_after_now_is_refused_with_one_line_and_writes_nothing(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    future = datetime.now(UTC) + timedelta(days=100)
+
+    refused = billing_run(service_env, org, future)
+    previewed = billing_run(service_env, org, future, "--dry-run")
+
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "later than now" in refused.stderr and "--dry-run" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    assert previewed.returncode == 0, previewed.stderr
+    assert len(json.loads(previewed.stdout)["invoices"]) >= 5
+    assert _snapshot(engine, org["subscription_id"])[0] == []
+    assert _status(engine, org["subscription_id"])[2] == NOV
+
+
+def test_a_run_as_of_now_within_the_clock_tolerance_is_accepted(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    org = seed(engine)
+
+    result = billing_run(service_env, org, datetime.now(UTC) + timedelta(seconds=20))
+
+    assert result.returncode == 0, result.stderr
