@@ -18,11 +18,13 @@ from meterline.commands import (
     db,
     demo,
     ingest,
+    invoices,
     keys,
     operators,
     orgs,
     plans,
     replay,
+    subscriptions,
 )
 from meterline.output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, error_document
 
@@ -65,6 +67,8 @@ app.add_typer(replay.app, name="replay")
 app.add_typer(billing.app, name="billing")
 app.add_typer(operators.app, name="operators")
 app.command("console")(console.console)
+app.add_typer(subscriptions.app, name="subscriptions")
+app.add_typer(invoices.app, name="invoices")
 app.command("demo")(demo.demo)
 
 

@@ -166,6 +166,9 @@ class Settings(BaseSettings):
     )
     console_ingest_urls: str = Field("", validation_alias="METERLINE_CONSOLE_INGEST_URLS")
     console_aggregator_urls: str = Field("", validation_alias="METERLINE_CONSOLE_AGGREGATOR_URLS")
+    # Who issues the invoices (`invoices show --html`): a name, and address lines split on ";".
+    seller_name: str = Field("Meterline", validation_alias="METERLINE_SELLER_NAME")
+    seller_address: str = Field("", validation_alias="METERLINE_SELLER_ADDRESS")
     log_level: str = Field("INFO", validation_alias="METERLINE_LOG_LEVEL")
     log_format: str = Field("json", validation_alias="METERLINE_LOG_FORMAT")
 

@@ -392,3 +392,30 @@ def organization_subscription(session: Session, organization_id: uuid.UUID) -> S
             Subscription.status.in_(LIVE_STATUSES),
         )
     )
+
+
+def get_subscription(session: Session, subscription_id: uuid.UUID) -> Subscription:
+    subscription = session.get(Subscription, subscription_id)
+    if subscription is None:
+        raise NotFound(f"subscription {subscription_id} not found")
+    return subscription
+
+
+def list_subscriptions(
+    session: Session,
+    *,
+    organization_id: uuid.UUID | None = None,
+    status: SubscriptionStatus | None = None,
+    limit: int = 1000,
+) -> list[Subscription]:
+    """Subscriptions, newest first, of one organization or all, in one status or any."""
+    query = sa.select(Subscription).order_by(Subscription.created_at.desc()).limit(limit)
+    if organization_id is not None:
+        query = query.where(Subscription.organization_id == organization_id)
+    if status is not None:
+        query = query.where(Subscription.status == status)
+    return list(session.scalars(query))
+
+
+def plans_by_id(session: Session, plan_ids: set[uuid.UUID]) -> dict[uuid.UUID, Plan]:
+    return {plan.id: plan for plan in session.scalars(sa.select(Plan).where(Plan.id.in_(plan_ids)))}

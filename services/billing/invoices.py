@@ -88,6 +88,8 @@ class Invoice:
     pricing: InvoicePricing | None
     lines: tuple[InvoiceLine, ...]
     stripe_invoice_id: str | None = None
+    stripe_status: str | None = None
+    stripe_total: int | None = None
 
     @property
     def is_adjustment_only(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from services.billing.schemas import PLAN_FIELDS, validate_plan_file
-from shared.errors import InvalidInput
+from shared.errors import InvalidInput, NotFound
 from shared.models import Plan
 
 
@@ -79,6 +80,19 @@ def apply_plans(session: Session, plans: list[dict[str, Any]]) -> list[tuple[str
         outcome.append((values["key"], "updated" if changed else "unchanged"))
     session.flush()
     return outcome
+
+
+def find_plan(session: Session, reference: str) -> Plan:
+    """A plan by key or id."""
+    plan = session.scalar(sa.select(Plan).where(Plan.key == reference))
+    if plan is None:
+        try:
+            plan = session.get(Plan, uuid.UUID(reference))
+        except ValueError:
+            plan = None
+    if plan is None:
+        raise NotFound(f"plan {reference!r} not found")
+    return plan
 
 
 def list_plans(session: Session) -> list[Plan]:

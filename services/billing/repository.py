@@ -226,6 +226,8 @@ _INVOICE_COLUMNS = (
     InvoiceRow.finalized_at,
     InvoiceRow.plan_snapshot,
     InvoiceRow.stripe_invoice_id,
+    InvoiceRow.stripe_status,
+    InvoiceRow.stripe_total,
 )
 _LINE_COLUMNS = (
     InvoiceLineRow.invoice_id,
@@ -285,6 +287,8 @@ def _invoices(connection: Connection, where: sa.ColumnElement[bool]) -> list[Inv
             pricing=InvoicePricing.from_json(row[10], row[3], row[4]),
             lines=tuple(lines.get(row[0], ())),
             stripe_invoice_id=row[11],
+            stripe_status=row[12],
+            stripe_total=row[13],
         )
         for row in rows
     ]
@@ -311,6 +315,27 @@ def invoices_of(
 def invoice_by_id(connection: Connection, invoice_id: uuid.UUID) -> Invoice | None:
     found = _invoices(connection, InvoiceRow.id == invoice_id)
     return found[0] if found else None
+
+
+def list_invoices(
+    connection: Connection,
+    *,
+    organization_id: uuid.UUID | None = None,
+    subscription_id: uuid.UUID | None = None,
+    status: str | None = None,
+    limit: int = 100,
+) -> list[Invoice]:
+    """Invoices, newest period first, filtered."""
+    query = sa.select(InvoiceRow.id).order_by(InvoiceRow.period_start.desc()).limit(limit)
+    if organization_id is not None:
+        query = query.where(InvoiceRow.organization_id == organization_id)
+    if subscription_id is not None:
+        query = query.where(InvoiceRow.subscription_id == subscription_id)
+    if status is not None:
+        query = query.where(InvoiceRow.status == status)
+    ids = list(connection.execute(query).scalars())
+    found = {invoice.id: invoice for invoice in invoices_by_ids(connection, ids)}
+    return [found[i] for i in ids]
 
 
 def invoices_by_ids(connection: Connection, invoice_ids: Sequence[uuid.UUID]) -> list[Invoice]:
