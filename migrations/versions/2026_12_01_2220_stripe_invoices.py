@@ -1,18 +1,20 @@
-"""Stripe invoices and typed lines: Stripe invoice of each final invoice, line segments and plans,
-flat lines, meter report attempts and parking, billing states of reruns
+"""Stripe invoices and invoice lines as documents: the Stripe invoice of each final invoice, the
+lines of each invoice in one JSONB column, meter report attempts and parking, billing states
 
 Revision ID: 0012_stripe_invoices
 Revises: 0011_subscription_terms
 Create Date: 2026-12-01 22:20:00+00:00
 
-Old code still runs while this migrates: every new column is nullable (or a new table), and the
-line index only gains columns, so a line the running release writes stays unique as before.
+Old code still runs while this migrates: every new column is nullable (or a new table). The
+running release keeps writing invoice_lines, which the new one reads for any invoice whose `lines`
+are empty; invoice_lines itself goes in a later release.
 """
 
 from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
+from sqlalchemy.dialects import postgresql
 
 revision: str = "0012_stripe_invoices"
 down_revision: str | None = "0011_subscription_terms"
@@ -30,24 +32,18 @@ def upgrade() -> None:
     op.create_unique_constraint(
         op.f("uq_invoices_stripe_invoice_id"), "invoices", ["stripe_invoice_id"]
     )
-    op.alter_column("invoice_lines", "metric", existing_type=sa.String(length=64), nullable=True)
     op.add_column(
-        "invoice_lines", sa.Column("segment_start", sa.DateTime(timezone=True), nullable=True)
+        "invoices", sa.Column("lines", postgresql.JSONB(astext_type=sa.Text()), nullable=True)
     )
-    op.add_column(
-        "invoice_lines", sa.Column("segment_end", sa.DateTime(timezone=True), nullable=True)
-    )
-    op.add_column("invoice_lines", sa.Column("plan_id", sa.Uuid(), nullable=True))
-    op.add_column("invoice_lines", sa.Column("description", sa.Text(), nullable=True))
-    op.drop_index(
-        "uq_invoice_lines_line", table_name="invoice_lines", postgresql_nulls_not_distinct=True
-    )
-    op.create_index(
-        "uq_invoice_lines_line",
-        "invoice_lines",
-        ["invoice_id", "kind", "metric", "adjusts_period_start", "segment_start", "plan_id"],
-        unique=True,
-        postgresql_nulls_not_distinct=True,
+    # The lines the first release wrote, in the order the new one keeps: usage, then adjustments.
+    op.execute(
+        "UPDATE invoices AS i SET lines = l.lines FROM ("
+        " SELECT invoice_id, jsonb_agg(jsonb_build_object("
+        "   'kind', kind, 'metric', metric, 'quantity', CAST(quantity AS text),"
+        "   'billable_quantity', CAST(billable_quantity AS text), 'amount', amount,"
+        "   'adjusts_period_start', adjusts_period_start)"
+        "   ORDER BY kind DESC, metric, adjusts_period_start) AS lines"
+        " FROM invoice_lines GROUP BY invoice_id) AS l WHERE l.invoice_id = i.id"
     )
     op.add_column(
         "stripe_meter_reports",
@@ -79,22 +75,20 @@ def downgrade() -> None:
     op.drop_table("billing_states")
     op.drop_column("stripe_meter_reports", "parked_at")
     op.drop_column("stripe_meter_reports", "first_attempt_at")
-    op.drop_index(
-        "uq_invoice_lines_line", table_name="invoice_lines", postgresql_nulls_not_distinct=True
+    # The first release reads invoice_lines: give it the lines of invoices written since, per
+    # metric (it knew neither segments nor flat lines; the flat fee is on the invoice).
+    op.execute(
+        "INSERT INTO invoice_lines (id, invoice_id, metric, kind, quantity, billable_quantity,"
+        " amount, adjusts_period_start)"
+        " SELECT gen_random_uuid(), i.id, l->>'metric', l->>'kind',"
+        " sum(CAST(l->>'quantity' AS numeric)), sum(CAST(l->>'billable_quantity' AS numeric)),"
+        " sum(CAST(l->>'amount' AS bigint)), CAST(l->>'adjusts_period_start' AS timestamptz)"
+        " FROM invoices AS i CROSS JOIN jsonb_array_elements(i.lines) AS l"
+        " WHERE l->>'kind' IN ('usage', 'adjustment')"
+        " AND NOT EXISTS (SELECT 1 FROM invoice_lines AS o WHERE o.invoice_id = i.id)"
+        " GROUP BY i.id, l->>'metric', l->>'kind', l->>'adjusts_period_start'"
     )
-    op.execute("DELETE FROM invoice_lines WHERE metric IS NULL")
-    op.create_index(
-        "uq_invoice_lines_line",
-        "invoice_lines",
-        ["invoice_id", "metric", "kind", "adjusts_period_start"],
-        unique=True,
-        postgresql_nulls_not_distinct=True,
-    )
-    op.drop_column("invoice_lines", "description")
-    op.drop_column("invoice_lines", "plan_id")
-    op.drop_column("invoice_lines", "segment_end")
-    op.drop_column("invoice_lines", "segment_start")
-    op.alter_column("invoice_lines", "metric", existing_type=sa.String(length=64), nullable=False)
+    op.drop_column("invoices", "lines")
     op.drop_constraint(op.f("uq_invoices_stripe_invoice_id"), "invoices", type_="unique")
     op.drop_column("invoices", "stripe_synced_at")
     op.drop_column("invoices", "stripe_total")

@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from services.billing.gateway import InvoiceItem
-from services.billing.invoices import Invoice, InvoiceLine, ordered_lines
+from services.billing.invoices import Invoice, InvoiceLine
 from shared.events import decimal_text
 
 
@@ -38,12 +38,13 @@ def describe_line(line: InvoiceLine) -> str:
 
 
 def invoice_items(invoice: Invoice) -> list[InvoiceItem]:
+    """One item per line. A line is known to Stripe by the invoice's id and its position: a final
+    invoice's lines never change, so the key is stable across runs."""
     items = []
-    for line in ordered_lines(invoice):
-        assert line.id is not None, "only stored lines are collected"
+    for position, line in enumerate(invoice.lines):
         items.append(
             InvoiceItem(
-                line_id=str(line.id),
+                line_id=f"{invoice.id}:{position}",
                 amount=line.amount,
                 currency=invoice.currency,
                 description=describe_line(line),

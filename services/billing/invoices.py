@@ -53,9 +53,9 @@ class InvoiceLine:
     adjusts_period_start: datetime | None = None
     segment_start: datetime | None = None
     segment_end: datetime | None = None
-    plan_id: uuid.UUID | None = None
+    # The plan of a computed line (not stored: a usage line's segment names it in the pricing).
+    plan_id: uuid.UUID | None = field(default=None, compare=False)
     description: str = ""
-    id: uuid.UUID | None = None  # set on stored lines
 
     def key(self) -> tuple[object, ...]:
         """What the line is, to tell a changed invoice (the id aside)."""
@@ -64,7 +64,6 @@ class InvoiceLine:
             self.metric or "",
             self.adjusts_period_start.isoformat() if self.adjusts_period_start else "",
             self.segment_start.isoformat() if self.segment_start else "",
-            str(self.plan_id or ""),
             self.quantity,
             self.billable_quantity,
             self.amount,
@@ -132,6 +131,7 @@ class Subject:
                     history.name,
                     version.flat_amount(self.interval),
                     version.metered_json,
+                    version.id,
                 )
             )
         return InvoicePricing(tuple(terms), trial=self.in_trial(period))
@@ -346,13 +346,15 @@ def plan_invoices(
     existing: Sequence[Invoice],
     totals: Totals,
     as_of: datetime,
+    pricings: Mapping[Period, InvoicePricing] | None = None,
 ) -> list[Invoice]:
     """Every invoice of the subscription that is not final yet, as it should be after this run
     (`changed_invoices` picks the ones to write), and a new adjustment invoice when late usage
     of a final period has no open invoice to go on.
 
     `periods` are the periods to invoice (oldest first, the open one last); `existing` the
-    subscription's stored invoices that are drafts or recent enough to receive late usage.
+    subscription's stored invoices that are drafts or recent enough to receive late usage;
+    `pricings` the periods' pricings when the caller computed them already.
     """
     by_start = {invoice.period_start: invoice for invoice in existing}
     frozen = [invoice for invoice in existing if invoice.status == "final"]
@@ -373,7 +375,7 @@ def plan_invoices(
     for period in open_periods:
         stored = by_start.get(period.start)
         closed = period.closed_at(as_of)
-        pricing = subject.pricing(period, as_of)
+        pricing = (pricings or {}).get(period) or subject.pricing(period, as_of)
         lines = [*flat_lines(period, pricing), *usage_lines(pricing, totals)]
         if period == target:
             lines += adjustment_lines(frozen, desired, totals)
@@ -434,9 +436,7 @@ def _changed(desired: Invoice, stored: Invoice | None) -> bool:
         stored.total,
     ):
         return True
-    if (desired.pricing.to_json() if desired.pricing else None) != (
-        stored.pricing.to_json() if stored.pricing else None
-    ):
+    if desired.pricing != stored.pricing:
         return True
     return sorted(line.key() for line in desired.lines) != sorted(
         line.key() for line in stored.lines

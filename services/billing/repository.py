@@ -7,22 +7,28 @@ Every function takes a Connection inside the caller's transaction; none commits.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import cast
+from typing import Any, cast
 
+import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
 from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus, LineKind
 from services.billing.periods import Phase
-from services.billing.terms import InvoicePricing, PlanHistory, PlanVersionTerms, canonical_metered
+from services.billing.terms import (
+    InvoicePricing,
+    PlanHistory,
+    PlanVersionTerms,
+    canonical_metered,
+    referenced_versions,
+)
 from shared.models import (
     BillingRun,
     BillingState,
@@ -176,6 +182,7 @@ def plan_histories(
     versions: dict[uuid.UUID, list[PlanVersionTerms]] = defaultdict(list)
     rows = connection.execute(
         sa.select(
+            PlanVersion.id,
             PlanVersion.plan_id,
             PlanVersion.effective_at,
             PlanVersion.price_monthly,
@@ -186,9 +193,11 @@ def plan_histories(
         .where(PlanVersion.plan_id.in_(ids))
         .order_by(PlanVersion.plan_id, PlanVersion.effective_at, PlanVersion.created_at)
     )
-    for plan_id, effective_at, monthly, yearly, currency, features in rows:
+    for version_id, plan_id, effective_at, monthly, yearly, currency, features in rows:
         versions[plan_id].append(
-            PlanVersionTerms(effective_at, monthly, yearly, currency, canonical_metered(features))
+            PlanVersionTerms(
+                effective_at, monthly, yearly, currency, canonical_metered(features), version_id
+            )
         )
     histories = {}
     for plan_id, plan in plans.items():
@@ -228,21 +237,102 @@ _INVOICE_COLUMNS = (
     InvoiceRow.stripe_invoice_id,
     InvoiceRow.stripe_status,
     InvoiceRow.stripe_total,
+    # As text, parsed by orjson: several times faster than the driver's json for many lines.
+    sa.cast(InvoiceRow.lines, sa.Text),
 )
-_LINE_COLUMNS = (
-    InvoiceLineRow.invoice_id,
-    InvoiceLineRow.id,
-    InvoiceLineRow.kind,
-    InvoiceLineRow.metric,
-    InvoiceLineRow.quantity,
-    InvoiceLineRow.billable_quantity,
-    InvoiceLineRow.amount,
-    InvoiceLineRow.adjusts_period_start,
-    InvoiceLineRow.segment_start,
-    InvoiceLineRow.segment_end,
-    InvoiceLineRow.plan_id,
-    InvoiceLineRow.description,
-)
+
+
+def _time(value: object) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else None
+
+
+# A stored line: usage lines name their segment by its position in the invoice's pricing (the
+# segment's bounds are there), the others keep their instants.
+def _line(raw: dict[str, Any], pricing: InvoicePricing | None) -> InvoiceLine:
+    segment = raw.get("segment")
+    if segment is not None and pricing is not None and segment < len(pricing.segments):
+        terms = pricing.segments[segment]
+        start, end = terms.start, terms.end
+    else:
+        start, end = _time(raw.get("segment_start")), _time(raw.get("segment_end"))
+    return InvoiceLine(
+        kind=cast(LineKind, raw["kind"]),
+        metric=raw.get("metric"),
+        quantity=Decimal(raw["quantity"]),
+        billable_quantity=Decimal(raw["billable_quantity"]),
+        amount=int(raw["amount"]),
+        adjusts_period_start=_time(raw.get("adjusts_period_start")),
+        segment_start=start,
+        segment_end=end,
+        description=raw.get("description") or "",
+    )
+
+
+def _line_document(line: InvoiceLine, segments: dict[datetime, int]) -> dict[str, object]:
+    document: dict[str, object] = {
+        "kind": line.kind,
+        "metric": line.metric,
+        "quantity": str(line.quantity),
+        "billable_quantity": str(line.billable_quantity),
+        "amount": line.amount,
+    }
+    position = (
+        segments.get(line.segment_start) if line.kind == "usage" and line.segment_start else None
+    )
+    if position is not None:
+        document["segment"] = position
+    else:
+        for name in ("segment_start", "segment_end"):
+            moment = getattr(line, name)
+            if moment is not None:
+                document[name] = moment.isoformat()
+    if line.adjusts_period_start is not None:
+        document["adjusts_period_start"] = line.adjusts_period_start.isoformat()
+    if line.description:
+        document["description"] = line.description
+    return document
+
+
+def _legacy_lines(
+    connection: Connection, invoice_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[InvoiceLine]]:
+    """Lines the first release kept in invoice_lines, for invoices without `lines`."""
+    found: dict[uuid.UUID, list[InvoiceLine]] = defaultdict(list)
+    if invoice_ids:
+        rows = connection.execute(
+            sa.select(
+                InvoiceLineRow.invoice_id,
+                InvoiceLineRow.kind,
+                InvoiceLineRow.metric,
+                InvoiceLineRow.quantity,
+                InvoiceLineRow.billable_quantity,
+                InvoiceLineRow.amount,
+                InvoiceLineRow.adjusts_period_start,
+            )
+            .where(InvoiceLineRow.invoice_id.in_(invoice_ids))
+            .order_by(InvoiceLineRow.kind.desc(), InvoiceLineRow.metric)
+        )
+        for invoice_id, kind, metric, quantity, billable, amount, adjusts in rows:
+            found[invoice_id].append(
+                InvoiceLine(
+                    cast(LineKind, kind),
+                    metric,
+                    Decimal(quantity),
+                    Decimal(billable),
+                    int(amount),
+                    adjusts_period_start=adjusts,
+                )
+            )
+    return found
+
+
+def _version_prices(connection: Connection, ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
+    if not ids:
+        return {}
+    rows = connection.execute(
+        sa.select(PlanVersion.id, PlanVersion.features).where(PlanVersion.id.in_(ids))
+    )
+    return {version_id: canonical_metered(features) for version_id, features in rows}
 
 
 def _invoices(connection: Connection, where: sa.ColumnElement[bool]) -> list[Invoice]:
@@ -251,47 +341,33 @@ def _invoices(connection: Connection, where: sa.ColumnElement[bool]) -> list[Inv
         .where(where)
         .order_by(InvoiceRow.subscription_id, InvoiceRow.period_start)
     ).all()
-    if not rows:
-        return []
-    lines: dict[uuid.UUID, list[InvoiceLine]] = defaultdict(list)
-    for line in connection.execute(
-        sa.select(*_LINE_COLUMNS).where(InvoiceLineRow.invoice_id.in_([row[0] for row in rows]))
-    ):
-        lines[line[0]].append(
-            InvoiceLine(
-                kind=cast(LineKind, line[2]),
-                metric=line[3],
-                quantity=Decimal(line[4]),
-                billable_quantity=Decimal(line[5]),
-                amount=int(line[6]),
-                adjusts_period_start=line[7],
-                segment_start=line[8],
-                segment_end=line[9],
-                plan_id=line[10],
-                description=line[11] or "",
-                id=line[1],
+    legacy = _legacy_lines(connection, [row[0] for row in rows if row[14] is None])
+    versions = _version_prices(connection, referenced_versions(row[10] for row in rows))
+    invoices = []
+    for row in rows:
+        pricing = InvoicePricing.from_json(row[10], row[3], row[4], versions)
+        invoices.append(
+            Invoice(
+                id=row[0],
+                organization_id=row[1],
+                subscription_id=row[2],
+                period_start=row[3],
+                period_end=row[4],
+                currency=row[5],
+                status=cast(InvoiceStatus, row[6]),
+                flat_amount=int(row[7]),
+                total=int(row[8]),
+                finalized_at=row[9],
+                pricing=pricing,
+                lines=tuple(_line(raw, pricing) for raw in orjson.loads(row[14]))
+                if row[14] is not None
+                else tuple(legacy.get(row[0], ())),
+                stripe_invoice_id=row[11],
+                stripe_status=row[12],
+                stripe_total=row[13],
             )
         )
-    return [
-        Invoice(
-            id=row[0],
-            organization_id=row[1],
-            subscription_id=row[2],
-            period_start=row[3],
-            period_end=row[4],
-            currency=row[5],
-            status=cast(InvoiceStatus, row[6]),
-            flat_amount=int(row[7]),
-            total=int(row[8]),
-            finalized_at=row[9],
-            pricing=InvoicePricing.from_json(row[10], row[3], row[4]),
-            lines=tuple(lines.get(row[0], ())),
-            stripe_invoice_id=row[11],
-            stripe_status=row[12],
-            stripe_total=row[13],
-        )
-        for row in rows
-    ]
+    return invoices
 
 
 def invoices_of(
@@ -360,85 +436,70 @@ def final_periods(
     return {(row.subscription_id, row.period_start) for row in rows}
 
 
-# New invoices are inserted and drafts updated in one statement; a final invoice is never
-# changed: the update is conditional on the stored row being a draft, and lines are written under
-# the id the database returns for each row it wrote (an existing draft keeps its id), so lines can
-# never point at an invoice that was not written.
-_SAVE_INVOICES = sa.text(
+# Invoices are staged with COPY (one round trip, no per-row parameters), then inserted, or a draft
+# updated, by one statement. A final invoice is never changed: the update is conditional on the
+# stored row being a draft, and its lines travel with it in the same row.
+_STAGE = (
+    "CREATE TEMPORARY TABLE billing_invoices_staged (id uuid, organization_id uuid,"
+    " subscription_id uuid, period_start timestamptz, period_end timestamptz, currency text,"
+    " status text, flat_amount bigint, total bigint, finalized_at timestamptz,"
+    " plan_snapshot jsonb, lines jsonb) ON COMMIT DROP"
+)
+_COPY = "COPY billing_invoices_staged FROM STDIN"
+_SAVE = (
     "INSERT INTO invoices AS i (id, organization_id, subscription_id, period_start, period_end,"
-    " currency, status, flat_amount, total, finalized_at, plan_snapshot)"
-    " SELECT * FROM unnest(CAST(:ids AS uuid[]), CAST(:orgs AS uuid[]), CAST(:subs AS uuid[]),"
-    " CAST(:starts AS timestamptz[]), CAST(:ends AS timestamptz[]), CAST(:currencies AS text[]),"
-    " CAST(:statuses AS text[]), CAST(:flats AS bigint[]), CAST(:totals AS bigint[]),"
-    " CAST(:finalized AS timestamptz[]), CAST(:snapshots AS jsonb[]))"
+    " currency, status, flat_amount, total, finalized_at, plan_snapshot, lines)"
+    " SELECT * FROM billing_invoices_staged"
     " ON CONFLICT (subscription_id, period_start) DO UPDATE SET status = excluded.status,"
     " period_end = excluded.period_end, flat_amount = excluded.flat_amount,"
     " total = excluded.total, finalized_at = excluded.finalized_at,"
-    " plan_snapshot = excluded.plan_snapshot, updated_at = now()"
+    " plan_snapshot = excluded.plan_snapshot, lines = excluded.lines, updated_at = now()"
     " WHERE i.status = 'draft'"
-    " RETURNING i.id, i.subscription_id, i.period_start"
 )
-_LINE_COPY = (
-    "COPY invoice_lines (id, invoice_id, kind, metric, quantity, billable_quantity, amount,"
-    " adjusts_period_start, segment_start, segment_end, plan_id, description) FROM STDIN"
-)
+
+
+def _copy_field(value: object) -> str:
+    """One field of COPY's text format: NULL as \\N, backslashes doubled (JSON escapes its
+    own control characters, so none reaches the stream raw)."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value).replace("\\", "\\\\")
 
 
 def save_invoices(connection: Connection, invoices: Sequence[Invoice]) -> None:
-    """Insert new invoices and update drafts (by subscription and period), and replace the lines
-    of those written: one upsert, one delete and one COPY whatever the number of invoices."""
+    """Insert new invoices and update drafts (by subscription and period), lines included."""
     if not invoices:
         return
-    written = {
-        (row[1], row[2]): row[0]
-        for row in connection.execute(
-            _SAVE_INVOICES,
-            {
-                "ids": [i.id for i in invoices],
-                "orgs": [i.organization_id for i in invoices],
-                "subs": [i.subscription_id for i in invoices],
-                "starts": [i.period_start for i in invoices],
-                "ends": [i.period_end for i in invoices],
-                "currencies": [i.currency for i in invoices],
-                "statuses": [i.status for i in invoices],
-                "flats": [i.flat_amount for i in invoices],
-                "totals": [i.total for i in invoices],
-                "finalized": [i.finalized_at for i in invoices],
-                "snapshots": [
-                    json.dumps(i.pricing.to_json()) if i.pricing else None for i in invoices
-                ],
-            },
+    buffer = []
+    for invoice in invoices:
+        segments = (
+            {s.start: n for n, s in enumerate(invoice.pricing.segments)} if invoice.pricing else {}
         )
-    }
-    if not written:
-        return
-    connection.execute(
-        sa.delete(InvoiceLineRow).where(InvoiceLineRow.invoice_id.in_(list(written.values())))
-    )
+        fields = (
+            invoice.id,
+            invoice.organization_id,
+            invoice.subscription_id,
+            invoice.period_start,
+            invoice.period_end,
+            invoice.currency,
+            invoice.status,
+            invoice.flat_amount,
+            invoice.total,
+            invoice.finalized_at,
+            orjson.dumps(invoice.pricing.to_json()).decode() if invoice.pricing else None,
+            orjson.dumps([_line_document(line, segments) for line in invoice.lines]).decode(),
+        )
+        buffer.append("\t".join(_copy_field(field) for field in fields))
     raw = connection.connection.driver_connection
     assert raw is not None
-    with raw.cursor() as cursor, cursor.copy(_LINE_COPY) as copy:
-        for invoice in invoices:
-            invoice_id = written.get((invoice.subscription_id, invoice.period_start))
-            if invoice_id is None:
-                continue
-            for line in invoice.lines:
-                copy.write_row(
-                    (
-                        uuid.uuid4(),
-                        invoice_id,
-                        line.kind,
-                        line.metric,
-                        line.quantity,
-                        line.billable_quantity,
-                        line.amount,
-                        line.adjusts_period_start,
-                        line.segment_start,
-                        line.segment_end,
-                        line.plan_id,
-                        line.description or None,
-                    )
-                )
+    with raw.cursor() as cursor:
+        cursor.execute(_STAGE)
+        with cursor.copy(_COPY) as copy:
+            copy.write("\n".join(buffer) + "\n")
+        cursor.execute(_SAVE)
+        cursor.execute("DROP TABLE billing_invoices_staged")
 
 
 def advance_periods(

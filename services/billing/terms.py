@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -26,6 +26,7 @@ class PlanVersionTerms:
     price_yearly: int
     currency: str
     metered_json: str  # features.metered as canonical JSON
+    id: uuid.UUID | None = None  # plan_versions.id (None: a plan from before versions)
 
     def flat_amount(self, interval: str) -> int:
         return self.price_yearly if interval == "year" else self.price_monthly
@@ -53,9 +54,22 @@ def canonical_metered(features: Mapping[str, Any] | None) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
+def _metered_document(metered_json: str) -> Any:
+    # Shared between snapshots and never mutated: snapshots only serialise it.
+    return json.loads(metered_json)
+
+
+@functools.lru_cache(maxsize=4096)
 def metered_price(metered_json: str, flat_amount: int) -> PlanPrice:
     """The pricing view of a plan's metered prices (parsed once per distinct text)."""
     return plan_price({"metered": json.loads(metered_json)}, flat_amount)
+
+
+@functools.lru_cache(maxsize=4096)
+def metric_names(metered_json: str) -> tuple[frozenset[str], frozenset[str]]:
+    """The metrics a set of metered prices prices, and those of them aggregated by max."""
+    metered = metered_price(metered_json, 0).metered
+    return frozenset(metered), frozenset(m for m, p in metered.items() if p.aggregation == "max")
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,7 @@ class SegmentTerms:
     plan_name: str
     flat_amount: int  # the plan's flat fee for a whole period of the interval
     metered_json: str
+    version_id: uuid.UUID | None = None
 
     @property
     def price(self) -> PlanPrice:
@@ -86,26 +101,20 @@ class InvoicePricing:
         return {
             "version": 2,
             "trial": self.trial,
-            "segments": [
-                {
-                    "start": s.start.isoformat(),
-                    "end": s.end.isoformat(),
-                    "plan_id": str(s.plan_id) if s.plan_id else None,
-                    "plan_key": s.plan_key,
-                    "plan_name": s.plan_name,
-                    "flat_amount": s.flat_amount,
-                    "metered": json.loads(s.metered_json),
-                }
-                for s in self.segments
-            ],
+            "segments": [_segment_json(s) for s in self.segments],
         }
 
     @classmethod
     def from_json(
-        cls, snapshot: Mapping[str, Any] | None, start: datetime, end: datetime
+        cls,
+        snapshot: Mapping[str, Any] | None,
+        start: datetime,
+        end: datetime,
+        versions: Mapping[uuid.UUID, str] | None = None,
     ) -> InvoicePricing | None:
         """A stored snapshot; one of the first release ({"plan_id", "flat_amount", "metered"})
-        is one segment over the invoice's period. None: the invoice stored none."""
+        is one segment over the invoice's period. None: the invoice stored none. A segment that
+        names its plan version takes the version's metered prices from `versions`."""
         if not snapshot:
             return None
         trial = bool(snapshot.get("trial"))
@@ -125,18 +134,51 @@ class InvoicePricing:
                 ),
                 trial,
             )
-        return cls(
-            tuple(
-                SegmentTerms(
-                    datetime.fromisoformat(raw["start"]),
-                    datetime.fromisoformat(raw["end"]),
-                    uuid.UUID(raw["plan_id"]) if raw.get("plan_id") else None,
-                    raw.get("plan_key") or "",
-                    raw.get("plan_name") or "",
-                    int(raw["flat_amount"]),
-                    json.dumps(raw.get("metered") or {}, sort_keys=True),
-                )
-                for raw in snapshot["segments"]
-            ),
-            trial,
-        )
+        return cls(tuple(_segment(raw, versions or {}) for raw in snapshot["segments"]), trial)
+
+
+def referenced_versions(snapshots: Iterable[Mapping[str, Any] | None]) -> set[uuid.UUID]:
+    """The plan versions these stored snapshots name."""
+    return {
+        uuid.UUID(raw["version_id"])
+        for snapshot in snapshots
+        if snapshot and snapshot.get("version") == 2
+        for raw in snapshot["segments"]
+        if raw.get("version_id")
+    }
+
+
+def _segment_json(segment: SegmentTerms) -> dict[str, Any]:
+    # A version's prices never change, so a snapshot names the version instead of copying them.
+    document: dict[str, Any] = {
+        "start": segment.start.isoformat(),
+        "end": segment.end.isoformat(),
+        "plan_id": str(segment.plan_id) if segment.plan_id else None,
+        "plan_key": segment.plan_key,
+        "plan_name": segment.plan_name,
+        "flat_amount": segment.flat_amount,
+    }
+    if segment.version_id is not None:
+        document["version_id"] = str(segment.version_id)
+    else:
+        document["metered"] = _metered_document(segment.metered_json)
+    return document
+
+
+def _segment(raw: Mapping[str, Any], versions: Mapping[uuid.UUID, str]) -> SegmentTerms:
+    version_id = uuid.UUID(raw["version_id"]) if raw.get("version_id") else None
+    metered = (
+        versions[version_id]
+        if version_id is not None
+        else json.dumps(raw.get("metered") or {}, sort_keys=True)
+    )
+    return SegmentTerms(
+        datetime.fromisoformat(raw["start"]),
+        datetime.fromisoformat(raw["end"]),
+        uuid.UUID(raw["plan_id"]) if raw.get("plan_id") else None,
+        raw.get("plan_key") or "",
+        raw.get("plan_name") or "",
+        int(raw["flat_amount"]),
+        metered,
+        version_id,
+    )

@@ -70,41 +70,36 @@ class Invoice(IdMixin, TimestampMixin, Base):
     stripe_status: Mapped[str | None] = mapped_column(String(30))
     stripe_total: Mapped[int | None] = mapped_column(BigInteger)
     stripe_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The invoice's lines, in their order (services/billing/invoices.py: flat fees and
+    # prorations, usage per segment, adjustments): written whole with the invoice, never apart.
+    lines: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
 
 
 class InvoiceLine(IdMixin, TimestampMixin, Base):
-    """A flat fee or proration (`flat`), a metric's usage in one segment of the invoice's period
-    (`usage`), or an adjustment for late usage of an earlier, already final period (`adjustment`,
-    `adjusts_period_start`): final invoices never change."""
+    """The lines of invoices written by the first release. Invoices now keep their lines in
+    `invoices.lines`; this table is read for invoices that have none there, and no longer
+    written (it goes in a later release, once no running release writes it)."""
 
     __tablename__ = "invoice_lines"
     __table_args__ = (
         Index(
             "uq_invoice_lines_line",
             "invoice_id",
-            "kind",
             "metric",
+            "kind",
             "adjusts_period_start",
-            "segment_start",
-            "plan_id",
             unique=True,
             postgresql_nulls_not_distinct=True,
         ),
     )
 
     invoice_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("invoices.id", ondelete="CASCADE"))
-    metric: Mapped[str | None] = mapped_column(String(64))
+    metric: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(12))
     quantity: Mapped[Decimal] = mapped_column(Numeric)
     billable_quantity: Mapped[Decimal] = mapped_column(Numeric)
     amount: Mapped[int] = mapped_column(BigInteger)
     adjusts_period_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # The segment of the period a usage line prices (a plan change splits a period), the instant
-    # a flat line counts from, and the plan of either.
-    segment_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    segment_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    plan_id: Mapped[uuid.UUID | None] = mapped_column()
-    description: Mapped[str | None] = mapped_column(Text)
 
 
 class StripeMeterReport(IdMixin, TimestampMixin, Base):

@@ -1,5 +1,5 @@
 """services.billing.repository.save_invoices against real PostgreSQL: a final invoice is never
-changed by SQL, whatever a caller asks."""
+changed by SQL, whatever a caller asks, and its lines travel with it."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from sqlalchemy.orm import Session
 from services.billing import repository
 from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus
 from shared.models import Invoice as InvoiceRow
-from shared.models import InvoiceLine as InvoiceLineRow
 from tests import factories
 
 NOV = datetime(2026, 11, 1, tzinfo=UTC)
@@ -43,13 +42,14 @@ def invoice(subscription: Any, status: InvoiceStatus, total: int) -> Invoice:
 
 
 def stored(db: Session, subscription_id: uuid.UUID) -> list[Any]:
-    return list(
-        db.execute(
-            sa.select(InvoiceRow.id, InvoiceRow.status, InvoiceRow.total, InvoiceLineRow.amount)
-            .join(InvoiceLineRow, InvoiceLineRow.invoice_id == InvoiceRow.id)
-            .where(InvoiceRow.subscription_id == subscription_id)
-        ).all()
-    )
+    rows = db.execute(
+        sa.select(InvoiceRow.id, InvoiceRow.status, InvoiceRow.total, InvoiceRow.lines).where(
+            InvoiceRow.subscription_id == subscription_id
+        )
+    ).all()
+    return [
+        (i, status, total, [line["amount"] for line in lines]) for i, status, total, lines in rows
+    ]
 
 
 def test_saving_over_a_final_invoice_changes_nothing(db: Session) -> None:
@@ -60,7 +60,7 @@ def test_saving_over_a_final_invoice_changes_nothing(db: Session) -> None:
 
     repository.save_invoices(db.connection(), [invoice(subscription, "final", 999)])
 
-    assert stored(db, subscription.id) == [(final.id, "final", 150, 50)]
+    assert stored(db, subscription.id) == [(final.id, "final", 150, [50])]
 
 
 def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) -> None:
@@ -71,4 +71,4 @@ def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) ->
 
     repository.save_invoices(db.connection(), [invoice(subscription, "final", 180)])
 
-    assert stored(db, subscription.id) == [(draft.id, "final", 180, 80)]
+    assert stored(db, subscription.id) == [(draft.id, "final", 180, [80])]

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from shared.db import unit_of_work
-from shared.models import Invoice, InvoiceLine, Plan, Subscription, UsageRecord
+from shared.models import Invoice, Plan, Subscription, UsageRecord
 from tests import factories
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -184,10 +184,9 @@ def _snapshot(engine: Engine, subscription_id: Any) -> list[Any]:
             .order_by(Invoice.period_start)
         ).all()
         lines = connection.execute(
-            sa.select(InvoiceLine.id, InvoiceLine.amount, InvoiceLine.updated_at)
-            .join(Invoice, Invoice.id == InvoiceLine.invoice_id)
+            sa.select(Invoice.id, Invoice.lines)
             .where(Invoice.subscription_id == subscription_id)
-            .order_by(InvoiceLine.id)
+            .order_by(Invoice.period_start)
         ).all()
         subscription = connection.execute(
             sa.select(Subscription.current_period_start, Subscription.updated_at).where(
