@@ -77,11 +77,12 @@ def _ordering(created: datetime | None) -> dict[str, Any]:
 
 def _find(connection: Connection, stripe_id: object, metadata: object) -> Any:
     """The one subscription a Stripe object is about, or None: matched by its Stripe id, or by
-    the meterline_subscription_id we put in its metadata (before the two are linked).
+    the meterline_subscription_id we put in its metadata (before the two are linked, and on the
+    invoices Meterline creates, which belong to no Stripe subscription).
 
-    Never a guess: an object with neither (an invoice without a subscription), no match, two
-    candidates, or our row already linked to another Stripe subscription is no match at all, so
-    an event can never change a subscription it is not about."""
+    Never a guess: an object with neither, no match, two candidates, or an object of one Stripe
+    subscription naming our row already linked to another is no match at all, so an event can
+    never change a subscription it is not about."""
     conditions = []
     if isinstance(stripe_id, str) and stripe_id:
         conditions.append(Subscription.stripe_subscription_id == stripe_id)
@@ -108,7 +109,12 @@ def _find(connection: Connection, stripe_id: object, metadata: object) -> Any:
     if len(found) != 1:
         return None
     [row] = found
-    if row.stripe_subscription_id is not None and row.stripe_subscription_id != stripe_id:
+    if (
+        isinstance(stripe_id, str)
+        and stripe_id
+        and row.stripe_subscription_id is not None
+        and row.stripe_subscription_id != stripe_id
+    ):
         return None
     return row
 
@@ -177,7 +183,7 @@ def _invoice_subscription(obj: dict[str, Any]) -> str | None:
 def _apply_invoice(
     connection: Connection, kind: str, obj: dict[str, Any], created: datetime | None
 ) -> tuple[uuid.UUID | None, str]:
-    found = _find(connection, _invoice_subscription(obj), None)
+    found = _find(connection, _invoice_subscription(obj), obj.get("metadata"))
     if found is None:
         return None, "unmatched"
     if _stale(found, created):

@@ -210,6 +210,47 @@ def test_a_failed_invoice_payment_makes_the_subscription_past_due(
     assert state(engine, subscription_id)[0] == "past_due"
 
 
+def invoice_event(kind: str, metadata: dict[str, str]) -> bytes:
+    return json.dumps(
+        {
+            "id": f"evt_{secrets.token_hex(8)}",
+            "object": "event",
+            "type": kind,
+            "data": {"object": {"id": "in_2", "object": "invoice", "metadata": metadata}},
+        }
+    ).encode()
+
+
+def test_a_failed_payment_of_an_invoice_meterline_made_makes_its_subscription_past_due(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    secret = settings.stripe_webhook_secret.get_secret_value()
+    subscription_id, _ = seeded_subscription(engine)
+    failed = invoice_event(
+        "invoice.payment_failed", {"meterline_subscription_id": str(subscription_id)}
+    )
+    paid = invoice_event("invoice.paid", {"meterline_subscription_id": str(subscription_id)})
+
+    assert post(client, failed, sign(failed, secret)).json()["outcome"] == "status_past_due"
+    assert state(engine, subscription_id)[0] == "past_due"
+    assert post(client, paid, sign(paid, secret)).json()["outcome"] == "status_active"
+
+
+def test_an_invoice_event_naming_no_subscription_changes_none(
+    client: TestClient, engine: Engine, settings: Settings
+) -> None:
+    secret = settings.stripe_webhook_secret.get_secret_value()
+    # A subscription without a Stripe id: an event naming no subscription must not find it.
+    with unit_of_work(engine) as session:
+        organization = factories.make_organization(session)
+        plan = factories.make_plan(session)
+        subscription_id = factories.make_subscription(session, organization, plan).id
+    event = invoice_event("invoice.payment_failed", {})
+
+    assert post(client, event, sign(event, secret)).json()["outcome"] == "unknown_subscription"
+    assert state(engine, subscription_id)[0] == "active"
+
+
 def test_an_older_event_delivered_late_changes_nothing_and_counts_as_processed(
     client: TestClient, engine: Engine, settings: Settings
 ) -> None:
