@@ -208,11 +208,14 @@ def replace_cut_totals(
 
 
 # Events of the ledger at or after each cut, inside the cut's window for their own window size
-# (none when the cut is that window's start: the whole window then starts after the cut).
+# (none when the cut is that window's start: the whole window then starts after the cut). A cut
+# more than two hours ahead is not looked up: ingest refuses timestamps more than an hour (at most,
+# METERLINE_MAX_FUTURE_SECONDS) ahead, so no event can lie at or after it yet.
 # The range on event_time lets the planner skip every monthly partition but the cut's.
 _FROM_LEDGER = sa.text(
     "SELECT c.org, c.at, l.metric, l.window_seconds, sum(l.quantity), count(*)"
-    " FROM unnest(CAST(:orgs AS uuid[]), CAST(:ats AS timestamptz[])) AS c(org, at)"
+    " FROM (SELECT * FROM unnest(CAST(:orgs AS uuid[]), CAST(:ats AS timestamptz[])) AS u(org, at)"
+    "       WHERE u.at <= now() + interval '2 hours') AS c"
     " JOIN usage_event_ledger AS l ON l.organization_id = c.org"
     "  AND l.event_time >= c.at AND l.event_time < c.at + interval '1 day'"
     "  AND l.metric IS NOT NULL"

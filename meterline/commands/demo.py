@@ -435,10 +435,10 @@ def _bill() -> None:
     if billing.returncode == EXIT_NEEDS_ATTENTION:
         typer.echo(
             "  Unresolved mismatches above are expected here: stripe-mock keeps no state and "
-            "answers every subscription lookup with the same canned fixture (its own price "
-            "and a random period), so reconciliation rightly flags price and period. The "
-            "integration tests run the same reconciliation against a stateful Stripe fake, "
-            "where they agree. Resolve them in the console (Mismatches)."
+            "answers every lookup with the same canned fixture (an invoice total and meter "
+            "summaries of its own), so reconciliation rightly flags them. The integration "
+            "tests run the same reconciliation against a stateful Stripe fake, where they "
+            "agree. Resolve them in the console (Mismatches)."
         )
 
 

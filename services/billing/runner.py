@@ -8,16 +8,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 
-import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from services.billing import repository
 from services.billing.gateway import BillingGateway, StripeGateway
 from services.billing.service import RunResult, run_billing
 from shared.errors import Conflict
 from shared.settings import Settings
-
-# pg_try_advisory_lock key: "billing" as an int, so no two runs (CLI or scheduler) overlap.
-BILLING_LOCK = 0x62696C6C696E67
 
 
 def stripe_gateway(settings: Settings) -> StripeGateway:
@@ -33,14 +30,12 @@ def billing_lock(engine: Engine) -> Iterator[bool]:
     """Yield whether this process holds the billing lock (session-level, on its own connection,
     in autocommit: the lock outlives statements, and no transaction stays open for the run)."""
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        held = bool(
-            connection.execute(sa.select(sa.func.pg_try_advisory_lock(BILLING_LOCK))).scalar()
-        )
+        held = repository.try_lock_billing(connection)
         try:
             yield held
         finally:
             if held:
-                connection.execute(sa.select(sa.func.pg_advisory_unlock(BILLING_LOCK)))
+                repository.unlock_billing(connection)
 
 
 def run_once(
