@@ -92,12 +92,13 @@ _SUM_TOTALS = (
     " AND window_start >= e.edge_start AND window_start < e.edge_end OFFSET 0) AS u"
     ") AS parts GROUP BY pid, metric"
 )
-# "max" totals: the largest window, each window (a start and a size) summed over its projects and
-# keys first. A whole day with one window size has its largest window in usage_daily; a day with
-# several sizes is read window by window from usage_records, like the edges. The window that
-# straddles the segment's end (it starts inside, ends after) is returned on its own (`straddles`
-# = its size), for the caller to take away its part after the end. Only the metrics some plan
-# aggregates by max are read.
+# "max" totals: the largest window, each window summed over its projects and keys first, and (as
+# the windows are grouped by their start alone) over the window sizes that share a start. A whole
+# day with one window size has its largest window in usage_daily; a day with several sizes (a
+# window-size change) may have windows of different sizes sharing a start, so it is read window by
+# window from usage_records, like the edges. A window that straddles the segment's end (it starts
+# inside, ends after) is returned on its own with its sizes (`straddles`), for the caller to take
+# away its part after the end. Only the metrics some plan aggregates by max are read.
 _MAX_TOTALS = (
     "WITH days AS ("
     " SELECT p.pid, p.organization_id, d.metric, d.day, count(*) AS window_sizes,"
@@ -114,17 +115,19 @@ _MAX_TOTALS = (
     " SELECT pid, organization_id, metric, CAST(day AS timestamp) AT TIME ZONE 'UTC',"
     " CAST(day + 1 AS timestamp) AT TIME ZONE 'UTC' FROM days WHERE window_sizes > 1),"
     " windows AS ("
-    " SELECT r.pid, r.metric, u.window_start, u.window_seconds, sum(u.quantity) AS quantity"
+    " SELECT r.pid, r.metric, sum(u.quantity) AS quantity,"
+    " array_agg(DISTINCT u.window_seconds) AS sizes,"
+    " max(u.window_start + make_interval(secs => u.window_seconds)) AS window_end"
     " FROM ranges r CROSS JOIN LATERAL ("
     " SELECT window_start, window_seconds, quantity FROM usage_records"
     " WHERE organization_id = r.organization_id"
     " AND metric = r.metric AND window_start >= r.range_start AND window_start < r.range_end"
     " OFFSET 0) AS u"
-    " GROUP BY r.pid, r.metric, u.window_start, u.window_seconds),"
+    " GROUP BY r.pid, r.metric, u.window_start),"
     " classified AS ("
-    " SELECT w.pid, w.metric, w.quantity, CASE WHEN w.window_start"
-    " + make_interval(secs => w.window_seconds) > p.period_end THEN w.window_seconds END"
-    " AS straddles FROM windows w JOIN {periods} p ON p.pid = w.pid)"
+    " SELECT w.pid, w.metric, w.quantity,"
+    " CASE WHEN w.window_end > p.period_end THEN w.sizes END AS straddles"
+    " FROM windows w JOIN {periods} p ON p.pid = w.pid)"
     " SELECT pid, metric, max(quantity) AS quantity, NULL AS straddles FROM ("
     " SELECT pid, metric, quantity FROM days WHERE window_sizes = 1"
     " UNION ALL SELECT pid, metric, quantity FROM classified WHERE straddles IS NULL) AS parts"
@@ -243,7 +246,7 @@ def segment_totals(
         (row.pid, row.metric): Decimal(row.quantity)
         for row in connection.execute(sa.text(_SUM_TOTALS.format(**tables)))
     }
-    maxima: dict[int, dict[str, list[tuple[Decimal, int | None]]]] = defaultdict(
+    maxima: dict[int, dict[str, list[tuple[Decimal, list[int] | None]]]] = defaultdict(
         lambda: defaultdict(list)
     )
     max_metrics = sorted({metric for q in staged_queries for metric in q.max_metrics})
@@ -299,7 +302,7 @@ def _sum(
 
 def _largest(
     query: SegmentQuery,
-    rows: Sequence[tuple[Decimal, int | None]],
+    rows: Sequence[tuple[Decimal, list[int] | None]],
     after_start: Mapping[int, Decimal],
     after_end: Mapping[int, Decimal],
 ) -> Decimal | None:
@@ -308,7 +311,10 @@ def _largest(
     candidates = [quantity for quantity, straddles in rows if straddles is None]
     for quantity, straddles in rows:
         if straddles is not None:
-            candidates.append(SUM_CONTEXT.subtract(quantity, after_end.get(straddles, Decimal(0))))
+            after = Decimal(0)
+            for size in straddles:
+                after = SUM_CONTEXT.add(after, after_end.get(size, Decimal(0)))
+            candidates.append(SUM_CONTEXT.subtract(quantity, after))
     for size, quantity in after_start.items():
         same_window = window_start(query.start, size) == window_start(query.end, size)
         inside = quantity

@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from services.billing.repository import PeriodQuery, period_totals
+from services.billing.usage_totals import SegmentQuery, segment_totals
 from shared.models import Organization
 from shared.usage import UsageDelta, UsageWindow, delete_usage, record_usage, set_usage
 from tests import factories
@@ -108,10 +108,10 @@ def world(db: Session) -> Iterator[World]:
     yield world
 
 
-def _queries(world: World) -> list[PeriodQuery]:
+def _queries(world: World) -> list[SegmentQuery]:
     """Every period of every organization, once with every metric summed, once by max."""
     return [
-        PeriodQuery(uuid.uuid4(), organization_id, start, end, METRICS, max_metrics)
+        SegmentQuery(organization_id, start, end, METRICS, max_metrics)
         for organization_id in world.organizations
         for start, end in PERIODS
         for max_metrics in ((), METRICS)
@@ -119,8 +119,8 @@ def _queries(world: World) -> list[PeriodQuery]:
 
 
 def _reference_totals(
-    connection: Connection, queries: list[PeriodQuery]
-) -> dict[uuid.UUID, dict[tuple[datetime, str], Decimal]]:
+    connection: Connection, queries: list[SegmentQuery]
+) -> list[dict[str, Decimal]]:
     """The totals straight from usage_records (billing's query before usage_daily)."""
     periods = (
         "unnest(CAST(:pids AS integer[]), CAST(:orgs AS uuid[]), CAST(:starts AS timestamptz[]),"
@@ -149,14 +149,12 @@ def _reference_totals(
     )
     by_sum = {(row.pid, row.metric): row.q for row in sums}
     by_max = {(row.pid, row.metric): row.q for row in maxima}
-    totals: dict[uuid.UUID, dict[tuple[datetime, str], Decimal]] = {}
+    totals: list[dict[str, Decimal]] = [{} for _ in queries]
     for pid, query in enumerate(queries):
         for metric in query.metrics:
             source = by_max if metric in query.max_metrics else by_sum
             if (pid, metric) in source:
-                totals.setdefault(query.subscription_id, {})[(query.start, metric)] = source[
-                    (pid, metric)
-                ]
+                totals[pid][metric] = source[(pid, metric)]
     return totals
 
 
@@ -192,7 +190,7 @@ def _rollup_from_records(
 def _assert_exact(connection: Connection, world: World) -> None:
     assert _rollup(connection, world) == _rollup_from_records(connection, world)
     queries = _queries(world)
-    assert period_totals(connection, queries) == _reference_totals(connection, queries)
+    assert segment_totals(connection, queries, {}) == _reference_totals(connection, queries)
 
 
 def test_rollup_and_period_totals_equal_usage_records_after_aggregator_writes(
