@@ -39,7 +39,7 @@ def list_(
     """List invoices, newest period first."""
     with cli_errors(as_json):
         from meterline.commands import context
-        from services.billing import repository
+        from services.billing import invoice_repository
         from services.billing.documents import invoice_summary
         from shared.db import unit_of_work
         from shared.errors import InvalidInput
@@ -53,7 +53,7 @@ def list_(
         with unit_of_work(engine) as session:
             org_id = find_organization(session, organization).id if organization else None
         with engine.connect() as connection:
-            invoices = repository.list_invoices(
+            invoices = invoice_repository.list_invoices(
                 connection,
                 organization_id=org_id,
                 subscription_id=_id(subscription, "a subscription") if subscription else None,
@@ -87,7 +87,7 @@ def show(
     """One invoice with its lines; `--html FILE` writes the page a customer reads."""
     with cli_errors(as_json):
         from meterline.commands import context
-        from services.billing import repository
+        from services.billing import invoice_repository
         from services.billing.documents import invoice_summary
         from services.billing.invoice_html import Party, money, render_invoice_html
         from shared.access import require_organization
@@ -96,7 +96,7 @@ def show(
 
         engine = context.engine()
         with engine.connect() as connection:
-            invoice = repository.invoice_by_id(connection, _id(invoice_id, "an invoice"))
+            invoice = invoice_repository.invoice_by_id(connection, _id(invoice_id, "an invoice"))
         if invoice is None:
             raise NotFound(f"invoice {invoice_id} not found")
         if html is not None:

@@ -32,7 +32,7 @@ from decimal import Decimal
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
-from services.billing import repository, stripe_steps
+from services.billing import invoice_repository, repository, stripe_steps
 from services.billing.gateway import BillingGateway
 from services.billing.invoices import (
     Invoice,
@@ -316,7 +316,7 @@ class _Run:
         """The stored invoices of the subscriptions skipped, for the run's listing."""
         if skipped:
             with self.engine.begin() as connection:
-                stored = repository.invoices_of(connection, skipped, since=self.since)
+                stored = invoice_repository.invoices_of(connection, skipped, since=self.since)
             self.result.billed.extend(invoice for found in stored.values() for invoice in found)
         self.result.billed.sort(key=lambda invoice: (invoice.subscription_id, invoice.period_start))
 
@@ -396,8 +396,10 @@ def _load_invoices(connection: Connection, work: list[_Work], since: datetime) -
     """Each subscription's stored invoices, and its periods without the settled ones: a period
     that ended before the horizon with a final invoice takes no more late usage (and invoices_of
     no longer returns it, so it must not be planned again as if it had none)."""
-    existing = repository.invoices_of(connection, [item.row.id for item in work], since=since)
-    settled = repository.final_periods(
+    existing = invoice_repository.invoices_of(
+        connection, [item.row.id for item in work], since=since
+    )
+    settled = invoice_repository.final_periods(
         connection,
         [
             (item.row.id, period.start)
@@ -513,7 +515,9 @@ def _write(
     salt: str,
     report: bool,
 ) -> None:
-    repository.save_invoices(connection, [invoice for item in chunk for invoice in item.changed])
+    invoice_repository.save_invoices(
+        connection, [invoice for item in chunk for invoice in item.changed]
+    )
     repository.advance_periods(
         connection,
         [

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
+from services.billing import invoice_repository, repository
 from services.billing import report_repository as reports
-from services.billing import repository
 from services.billing.collection import invoice_description, invoice_items, missing_items
 from services.billing.gateway import BillingGateway, MeterEvent, StripeRefused
 from services.billing.invoices import Invoice, Totals
@@ -278,7 +278,7 @@ def collect_invoices(
 ) -> None:
     """Make Stripe charge each final invoice of the horizon that it does not hold yet."""
     with engine.connect() as connection:
-        pending = repository.invoices_to_collect(connection, subscription_ids, since=since)
+        pending = invoice_repository.invoices_to_collect(connection, subscription_ids, since=since)
     for found in pending:
         invoice = found.invoice
         try:
@@ -299,7 +299,7 @@ def collect_invoices(
             stripe_id = found.stripe_invoice_id or (stripe_invoice.id if stripe_invoice else "")
             if found.stripe_invoice_id is None:
                 with engine.begin() as connection:
-                    repository.set_stripe_invoice(
+                    invoice_repository.set_stripe_invoice(
                         connection,
                         invoice.id,
                         stripe_invoice_id=stripe_id,
@@ -327,7 +327,7 @@ def collect_invoices(
             result.mismatches.append(mismatch)
             continue
         with engine.begin() as connection:
-            repository.set_stripe_invoice(
+            invoice_repository.set_stripe_invoice(
                 connection,
                 invoice.id,
                 stripe_invoice_id=stripe_id,
@@ -359,8 +359,10 @@ def reconcile(
         customer_reports = reports.reports_of_customers(
             connection, {s.customer_id for s in subjects}
         )
-        collected = repository.collected_invoices(connection, [s.id for s in subjects], since=since)
-        periods = repository.invoice_periods(connection, [s.id for s in subjects])
+        collected = invoice_repository.collected_invoices(
+            connection, [s.id for s in subjects], since=since
+        )
+        periods = invoice_repository.invoice_periods(connection, [s.id for s in subjects])
     by_customer: dict[str, list[MeterReport]] = defaultdict(list)
     for report in customer_reports:
         by_customer[report.customer_id].append(report)

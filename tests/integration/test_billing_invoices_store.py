@@ -1,5 +1,5 @@
-"""services.billing.repository.save_invoices against real PostgreSQL: a final invoice is never
-changed by SQL, whatever a caller asks, and its lines travel with it."""
+"""services.billing.invoice_repository.save_invoices against real PostgreSQL: a final invoice is
+never changed by SQL, whatever a caller asks, and its lines travel with it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
-from services.billing import repository
+from services.billing import invoice_repository
 from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus
 from shared.models import Invoice as InvoiceRow
 from tests import factories
@@ -56,9 +56,9 @@ def test_saving_over_a_final_invoice_changes_nothing(db: Session) -> None:
     organization = factories.make_organization(db)
     subscription = factories.make_subscription(db, organization, factories.make_plan(db))
     final = invoice(subscription, "final", 150)
-    repository.save_invoices(db.connection(), [final])
+    invoice_repository.save_invoices(db.connection(), [final])
 
-    repository.save_invoices(db.connection(), [invoice(subscription, "final", 999)])
+    invoice_repository.save_invoices(db.connection(), [invoice(subscription, "final", 999)])
 
     assert stored(db, subscription.id) == [(final.id, "final", 150, [50])]
 
@@ -67,8 +67,8 @@ def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) ->
     organization = factories.make_organization(db)
     subscription = factories.make_subscription(db, organization, factories.make_plan(db))
     draft = invoice(subscription, "draft", 150)
-    repository.save_invoices(db.connection(), [draft])
+    invoice_repository.save_invoices(db.connection(), [draft])
 
-    repository.save_invoices(db.connection(), [invoice(subscription, "final", 180)])
+    invoice_repository.save_invoices(db.connection(), [invoice(subscription, "final", 180)])
 
     assert stored(db, subscription.id) == [(draft.id, "final", 180, [80])]
