@@ -221,7 +221,14 @@ class _Run:
             histories = repository.plan_histories(connection, plan_ids)
         if self.report:
             assert gateway is not None
-            rows = stripe_steps.link_customers(self.engine, gateway, rows)
+            # Only organizations with something left to bill get a Stripe customer: not those
+            # whose subscriptions ended before the horizon.
+            rows = stripe_steps.link_customers(
+                self.engine,
+                gateway,
+                rows,
+                needed={row.organization_id for row in rows if _still_billed(row, self.since)},
+            )
         self.result.subscriptions = len(rows)
         if not self.dry_run:
             self.result.run_id = _start_run(self.engine, self.as_of)
@@ -334,6 +341,11 @@ def _subject(
         phases=tuple(phases),
         trial_end=row.trial_end,
     )
+
+
+def _still_billed(row: SubscriptionToBill, since: datetime) -> bool:
+    ends = _ends_at(row)
+    return ends is None or ends > since
 
 
 def _ends_at(row: SubscriptionToBill) -> datetime | None:

@@ -61,14 +61,22 @@ logger = logging.getLogger("meterline.billing.stripe")
 
 
 def link_customers(
-    engine: Engine, gateway: BillingGateway, rows: list[SubscriptionToBill]
+    engine: Engine,
+    gateway: BillingGateway,
+    rows: list[SubscriptionToBill],
+    *,
+    needed: set[uuid.UUID],
 ) -> list[SubscriptionToBill]:
-    """Create the Stripe customer of every organization billed without one. The call carries an
-    idempotency key on the organization's id, so a crash between the call and the write below
-    links the same customer on the next run."""
+    """Create the Stripe customer of every `needed` organization billed without one. The call
+    carries an idempotency key on the organization's id, so a crash between the call and the
+    write below links the same customer on the next run."""
     linked: dict[uuid.UUID, str] = {}
     for row in rows:
-        if row.stripe_customer_id or row.organization_id in linked:
+        if (
+            row.stripe_customer_id
+            or row.organization_id in linked
+            or row.organization_id not in needed
+        ):
             continue
         customer_id = gateway.create_customer(str(row.organization_id), row.organization_name)
         with engine.begin() as connection:
