@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from datetime import date, datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
@@ -90,3 +92,29 @@ def _first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     text = str(orig).strip().splitlines()
     return text[0] if text else type(orig).__name__
+
+
+def array_literal(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal of uuids, numbers, dates, times or simple text (no quotes or
+    backslashes: ids, instants, metric names), for `CAST(:param AS type[])`.
+
+    The driver adapts a Python list element by element in Python, which costs more than the
+    query for the arrays of tens of thousands of elements a billing run sends; PostgreSQL parses
+    the literal in C. None is NULL."""
+    parts = []
+    for value in values:
+        if value is None:
+            parts.append("NULL")
+        elif isinstance(value, datetime | date):
+            parts.append(f'"{value.isoformat()}"')
+        else:
+            parts.append(f'"{value}"')
+    return "{" + ",".join(parts) + "}"
+
+
+def array_param(values: Iterable[object], element: Any) -> sa.ColumnElement[Any]:
+    """`values` as one array parameter of `element`s (an IN list binds each value apart); use as
+    `column == sa.any_(array_param(ids, sa.Uuid))`."""
+    from sqlalchemy.dialects.postgresql import ARRAY
+
+    return sa.cast(sa.bindparam(None, array_literal(values), type_=sa.Text), ARRAY(element))

@@ -32,6 +32,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from shared.db import array_literal
 from shared.events import SUM_CONTEXT
 from shared.usage_locks import lock_shared_for_batch
 
@@ -246,7 +247,10 @@ def registered_cut_parts(
     """Which of these cuts are registered, and the parts of those that are."""
     if not cuts:
         return set(), {}
-    columns = {"orgs": [c.organization_id for c in cuts], "ats": [c.at for c in cuts]}
+    columns = {
+        "orgs": array_literal(c.organization_id for c in cuts),
+        "ats": array_literal(c.at for c in cuts),
+    }
     registered = {
         Cut(row[0], row[1])
         for row in connection.execute(

@@ -17,7 +17,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus, LineKind
-from services.billing.terms import InvoicePricing, canonical_metered, referenced_versions
+from services.billing.terms import InvoicePricing, canonical_metered, iso, referenced_versions
+from shared.db import array_literal, array_param
 from shared.models import Invoice as InvoiceRow
 from shared.models import InvoiceLine as InvoiceLineRow
 from shared.models import Organization, PlanVersion
@@ -85,9 +86,9 @@ def _line_document(line: InvoiceLine, segments: dict[datetime, int]) -> dict[str
         for name in ("segment_start", "segment_end"):
             moment = getattr(line, name)
             if moment is not None:
-                document[name] = moment.isoformat()
+                document[name] = iso(moment)
     if line.adjusts_period_start is not None:
-        document["adjusts_period_start"] = line.adjusts_period_start.isoformat()
+        document["adjusts_period_start"] = iso(line.adjusts_period_start)
     if line.description:
         document["description"] = line.description
     return document
@@ -180,7 +181,7 @@ def invoices_of(
     for invoice in _invoices(
         connection,
         sa.and_(
-            InvoiceRow.subscription_id.in_(subscription_ids),
+            InvoiceRow.subscription_id == sa.any_(array_param(subscription_ids, sa.Uuid)),
             sa.or_(InvoiceRow.status == "draft", InvoiceRow.period_end > since),
         ),
     ):
@@ -231,7 +232,10 @@ def final_periods(
             " ON i.subscription_id = p.id AND i.period_start = p.start"
             " WHERE i.status = 'final'"
         ),
-        {"ids": [p[0] for p in periods], "starts": [p[1] for p in periods]},
+        {
+            "ids": array_literal(p[0] for p in periods),
+            "starts": array_literal(p[1] for p in periods),
+        },
     )
     return {(row.subscription_id, row.period_start) for row in rows}
 
@@ -243,9 +247,13 @@ _STAGE = (
     "CREATE TEMPORARY TABLE billing_invoices_staged (id uuid, organization_id uuid,"
     " subscription_id uuid, period_start timestamptz, period_end timestamptz, currency text,"
     " status text, flat_amount bigint, total bigint, finalized_at timestamptz,"
-    " plan_snapshot jsonb, lines jsonb) ON COMMIT DROP"
+    " plan_snapshot jsonb, lines json) ON COMMIT DROP"
 )
 _COPY = "COPY billing_invoices_staged FROM STDIN"
+_COPY_NEW = (
+    "COPY invoices (id, organization_id, subscription_id, period_start, period_end, currency,"
+    " status, flat_amount, total, finalized_at, plan_snapshot, lines) FROM STDIN"
+)
 _SAVE = (
     "INSERT INTO invoices AS i (id, organization_id, subscription_id, period_start, period_end,"
     " currency, status, flat_amount, total, finalized_at, plan_snapshot, lines)"
@@ -258,50 +266,68 @@ _SAVE = (
 )
 
 
-def _copy_field(value: object) -> str:
-    """One field of COPY's text format: NULL as \\N, backslashes doubled (JSON escapes its
-    own control characters, so none reaches the stream raw)."""
-    if value is None:
-        return "\\N"
-    if isinstance(value, datetime):
-        return value.isoformat()
-    return str(value).replace("\\", "\\\\")
+def _copy_json(document: object) -> str:
+    # COPY's text format takes backslashes as escapes: double them. msgspec escapes every
+    # control character inside strings, so no tab or newline reaches the stream raw.
+    return msgspec.json.encode(document).decode().replace("\\", "\\\\")
 
 
-def save_invoices(connection: Connection, invoices: Sequence[Invoice]) -> None:
-    """Insert new invoices and update drafts (by subscription and period), lines included."""
-    if not invoices:
-        return
-    buffer = []
+_NULL = "\\N"  # COPY's text format for NULL
+
+
+def _copy_time(moment: datetime | None) -> str:
+    return iso(moment) if moment is not None else _NULL
+
+
+@dataclass(frozen=True)
+class InvoiceRows:
+    """Invoices in COPY's text format, ready to write: `new` (no stored row: copied straight in)
+    and `updated` (through the staged upsert). Built apart from the write, so a writer thread
+    only waits on the database."""
+
+    new: str
+    updated: str
+
+
+def invoice_rows(invoices: Sequence[Invoice], *, new: frozenset[uuid.UUID]) -> InvoiceRows:
+    """`new` names the invoices the caller found no stored row for."""
+    fresh: list[str] = []
+    updated: list[str] = []
     for invoice in invoices:
-        segments = (
-            {s.start: n for n, s in enumerate(invoice.pricing.segments)} if invoice.pricing else {}
+        pricing = invoice.pricing
+        segments = {s.start: n for n, s in enumerate(pricing.segments)} if pricing else {}
+        # Ids, instants, currency codes and statuses hold nothing COPY would read as an escape.
+        (fresh if invoice.id in new else updated).append(
+            f"{invoice.id}\t{invoice.organization_id}\t{invoice.subscription_id}\t"
+            f"{iso(invoice.period_start)}\t{iso(invoice.period_end)}\t"
+            f"{invoice.currency}\t{invoice.status}\t{invoice.flat_amount}\t{invoice.total}\t"
+            f"{_copy_time(invoice.finalized_at)}\t"
+            f"{_copy_json(pricing.to_json()) if pricing else _NULL}\t"
+            f"{_copy_json([_line_document(line, segments) for line in invoice.lines])}\n"
         )
-        fields = (
-            invoice.id,
-            invoice.organization_id,
-            invoice.subscription_id,
-            invoice.period_start,
-            invoice.period_end,
-            invoice.currency,
-            invoice.status,
-            invoice.flat_amount,
-            invoice.total,
-            invoice.finalized_at,
-            msgspec.json.encode(invoice.pricing.to_json()).decode() if invoice.pricing else None,
-            msgspec.json.encode(
-                [_line_document(line, segments) for line in invoice.lines]
-            ).decode(),
-        )
-        buffer.append("\t".join(_copy_field(field) for field in fields))
+    return InvoiceRows("".join(fresh), "".join(updated))
+
+
+def save_invoices(connection: Connection, rows: InvoiceRows) -> None:
+    """Insert new invoices and update drafts (by subscription and period), lines included.
+
+    New ones (the caller found no stored row, and under the billing lock no one else writes
+    invoices) are copied straight into the table; the others go through the staged upsert, which
+    never touches a final invoice."""
+    if not rows.new and not rows.updated:
+        return
     raw = connection.connection.driver_connection
     assert raw is not None
     with raw.cursor() as cursor:
-        cursor.execute(_STAGE)
-        with cursor.copy(_COPY) as copy:
-            copy.write("\n".join(buffer) + "\n")
-        cursor.execute(_SAVE)
-        cursor.execute("DROP TABLE billing_invoices_staged")
+        if rows.new:
+            with cursor.copy(_COPY_NEW) as copy:
+                copy.write(rows.new)
+        if rows.updated:
+            cursor.execute(_STAGE)
+            with cursor.copy(_COPY) as copy:
+                copy.write(rows.updated)
+            cursor.execute(_SAVE)
+            cursor.execute("DROP TABLE billing_invoices_staged")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ period the trial ends inside is billed in full (no proration). Pure: values in, 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import uuid
 from collections.abc import Mapping, Sequence
@@ -26,7 +27,7 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Literal
 
-from services.billing.periods import Period, Phase, segments_of
+from services.billing.periods import Period, Phase, Segment, segments_of
 from services.billing.pricing import (
     ZERO,
     MeteredPrice,
@@ -34,7 +35,7 @@ from services.billing.pricing import (
     price_metric,
     prorated,
 )
-from services.billing.terms import InvoicePricing, PlanHistory, SegmentTerms
+from services.billing.terms import InvoicePricing, PlanHistory, SegmentTerms, iso
 from shared.events import SUM_CONTEXT, decimal_text
 
 LineKind = Literal["usage", "adjustment", "flat"]
@@ -117,39 +118,69 @@ class Subject:
     def pricing(self, period: Period, as_of: datetime) -> InvoicePricing:
         """The period's segments, each on its plan as that plan stood at the segment's end (or
         at `as_of`, while the segment is open)."""
-        terms = []
-        for segment in segments_of(period, self.phases, self.plan_id):
-            history = self.plans[segment.plan_id]
-            ended = segment.end <= as_of
-            version = history.as_of(segment.end if ended else as_of, ended=ended)
-            terms.append(
-                SegmentTerms(
-                    segment.start,
-                    segment.end,
-                    segment.plan_id,
-                    history.key,
-                    history.name,
-                    version.flat_amount(self.interval),
-                    version.metered_json,
-                    version.id,
-                )
+        segments = (
+            segments_of(period, self.phases, self.plan_id)
+            if self.phases
+            else [Segment(period.start, period.end, self.plan_id)]
+        )
+        return _pricing(
+            tuple(
+                (segment.start, segment.end, self.plans[segment.plan_id]) for segment in segments
+            ),
+            self.interval,
+            as_of,
+            self.in_trial(period),
+        )
+
+
+# Subscriptions anchored alike (all on the 1st, say) share their periods' pricings: each distinct
+# one is built once per process, and its lines below once too. Values in, values out: caching is
+# safe because every argument is an immutable value.
+@functools.lru_cache(maxsize=20_000)
+def _pricing(
+    segments: tuple[tuple[datetime, datetime, PlanHistory], ...],
+    interval: str,
+    as_of: datetime,
+    trial: bool,
+) -> InvoicePricing:
+    terms = []
+    for start, end, history in segments:
+        ended = end <= as_of
+        version = history.as_of(end if ended else as_of, ended=ended)
+        terms.append(
+            SegmentTerms(
+                start,
+                end,
+                history.plan_id,
+                history.key,
+                history.name,
+                version.flat_amount(interval),
+                version.metered_json,
+                version.id,
             )
-        return InvoicePricing(tuple(terms), trial=self.in_trial(period))
+        )
+    return InvoicePricing(tuple(terms), trial=trial)
 
 
 def _priced(metric: str, quantity: Decimal, price: MeteredPrice, trial: bool) -> PricedLine:
     # As Stripe does, usage during a trial is not charged: the quantity shows, none is billable.
-    if trial:
+    # No usage costs nothing in every model (and is the most common line of all).
+    if trial or not quantity:
         return PricedLine(metric, quantity, ZERO, 0)
     return price_metric(metric, quantity, price)
 
 
 def _time(moment: datetime) -> str:
-    return moment.isoformat().replace("+00:00", "Z")
+    return iso(moment).replace("+00:00", "Z")
 
 
-def flat_lines(period: Period, pricing: InvoicePricing) -> list[InvoiceLine]:
+@functools.lru_cache(maxsize=20_000)
+def flat_lines(period: Period, pricing: InvoicePricing) -> tuple[InvoiceLine, ...]:
     """The period's flat fee, and the prorations of its plan changes and cancellation."""
+    return tuple(_flat_lines(period, pricing))
+
+
+def _flat_lines(period: Period, pricing: InvoicePricing) -> list[InvoiceLine]:
     if pricing.trial or not pricing.segments:
         return []
     end = period.anchored_end
@@ -223,7 +254,7 @@ def _proration(
 def usage_lines(pricing: InvoicePricing, totals: Totals) -> list[InvoiceLine]:
     lines = []
     for segment in pricing.segments:
-        for metric, price in sorted(segment.price.metered.items()):
+        for metric, price in segment.sorted_metered:
             quantity = totals.get((segment.start, segment.end, metric), ZERO)
             priced = _priced(metric, quantity, price, pricing.trial)
             lines.append(
@@ -279,6 +310,8 @@ def adjustment_lines(
 ) -> list[InvoiceLine]:
     """For each final period whose true usage differs from what was billed for it (on it and in
     earlier adjustments, in `frozen` and `others`), the difference, priced as that period was."""
+    if not frozen:
+        return []
     billed = _billed_so_far([*frozen, *others])
     lines = []
     for invoice in frozen:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
 from services.billing.periods import Phase
@@ -24,9 +23,9 @@ from services.billing.terms import (
     PlanVersionTerms,
     canonical_metered,
 )
+from shared.db import array_literal, array_param
 from shared.models import (
     BillingRun,
-    BillingState,
     Organization,
     Plan,
     PlanVersion,
@@ -89,14 +88,13 @@ def subscriptions_to_bill(
             Plan.currency,
             Organization.stripe_customer_id,
             UsageVersion.version,
-            BillingState.fingerprint,
-            BillingState.valid_from,
-            BillingState.valid_until,
+            Subscription.billed_fingerprint,
+            Subscription.billed_from,
+            Subscription.billed_until,
         )
         .join(Plan, Plan.id == Subscription.plan_id)
         .join(Organization, Organization.id == Subscription.organization_id)
         .outerjoin(UsageVersion, UsageVersion.organization_id == Subscription.organization_id)
-        .outerjoin(BillingState, BillingState.subscription_id == Subscription.id)
         .where(Subscription.status.in_(sorted(statuses)))
         .order_by(Subscription.id)
     )
@@ -137,7 +135,9 @@ def phases_of(
                 SubscriptionPhase.starts_at,
                 SubscriptionPhase.plan_id,
             )
-            .where(SubscriptionPhase.subscription_id.in_(subscription_ids))
+            .where(
+                SubscriptionPhase.subscription_id == sa.any_(array_param(subscription_ids, sa.Uuid))
+            )
             .order_by(SubscriptionPhase.subscription_id, SubscriptionPhase.starts_at)
         )
         for subscription_id, starts_at, plan_id in rows:
@@ -211,24 +211,35 @@ def plan_catalog_version(connection: Connection) -> str:
     return f"{count}:{latest.isoformat() if latest else ''}"
 
 
-def advance_periods(
-    connection: Connection, periods: Sequence[tuple[uuid.UUID, datetime, datetime]]
+def record_billing(
+    connection: Connection,
+    billed: Sequence[tuple[uuid.UUID, datetime, datetime, str, datetime, datetime | None]],
 ) -> None:
-    """Move subscriptions to their new current period: (subscription id, start, end) each."""
-    if not periods:
+    """Move each subscription to its current period and record what it was billed from:
+    (id, period start, period end, fingerprint, valid from, valid until), in one statement. The
+    row's updated_at moves only when its period does (the state is billing's own memo)."""
+    if not billed:
         return
     connection.execute(
         sa.text(
-            "UPDATE subscriptions AS s SET current_period_start = p.start,"
-            " current_period_end = p.end_, updated_at = now()"
+            "UPDATE subscriptions AS s SET current_period_start = b.start,"
+            " current_period_end = b.end_, billed_fingerprint = b.fingerprint,"
+            " billed_from = b.from_, billed_until = b.until,"
+            " updated_at = CASE WHEN (s.current_period_start, s.current_period_end)"
+            "   = (b.start, b.end_) THEN s.updated_at ELSE now() END"
             " FROM unnest(CAST(:ids AS uuid[]), CAST(:starts AS timestamptz[]),"
-            "             CAST(:ends AS timestamptz[])) AS p(id, start, end_)"
-            " WHERE s.id = p.id"
+            "   CAST(:ends AS timestamptz[]), CAST(:fingerprints AS text[]),"
+            "   CAST(:froms AS timestamptz[]), CAST(:untils AS timestamptz[]))"
+            "   AS b(id, start, end_, fingerprint, from_, until)"
+            " WHERE s.id = b.id"
         ),
         {
-            "ids": [p[0] for p in periods],
-            "starts": [p[1] for p in periods],
-            "ends": [p[2] for p in periods],
+            "ids": array_literal(b[0] for b in billed),
+            "starts": array_literal(b[1] for b in billed),
+            "ends": array_literal(b[2] for b in billed),
+            "fingerprints": array_literal(b[3] for b in billed),
+            "froms": array_literal(b[4] for b in billed),
+            "untils": array_literal(b[5] for b in billed),
         },
     )
 
@@ -246,45 +257,11 @@ def cancel_subscriptions(
             " FROM unnest(CAST(:ids AS uuid[]), CAST(:ats AS timestamptz[])) AS c(id, at)"
             " WHERE s.id = c.id"
         ),
-        {"ids": [c[0] for c in canceled], "ats": [c[1] for c in canceled]},
+        {
+            "ids": array_literal(c[0] for c in canceled),
+            "ats": array_literal(c[1] for c in canceled),
+        },
     )
-
-
-def save_states(
-    connection: Connection,
-    states: Sequence[tuple[uuid.UUID, str, datetime, datetime | None]],
-) -> None:
-    """Record what each subscription was billed from: (id, fingerprint, valid from, until)."""
-    if not states:
-        return
-    insert = pg.insert(BillingState)
-    connection.execute(
-        insert.on_conflict_do_update(
-            index_elements=[BillingState.subscription_id],
-            set_={
-                "fingerprint": insert.excluded.fingerprint,
-                "valid_from": insert.excluded.valid_from,
-                "valid_until": insert.excluded.valid_until,
-                "updated_at": sa.func.now(),
-            },
-        ),
-        [
-            {
-                "subscription_id": subscription_id,
-                "fingerprint": fingerprint,
-                "valid_from": valid_from,
-                "valid_until": valid_until,
-            }
-            for subscription_id, fingerprint, valid_from, valid_until in states
-        ],
-    )
-
-
-def forget_states(connection: Connection, subscription_ids: Sequence[uuid.UUID]) -> None:
-    if subscription_ids:
-        connection.execute(
-            sa.delete(BillingState).where(BillingState.subscription_id.in_(subscription_ids))
-        )
 
 
 def set_stripe_customer(

@@ -12,8 +12,9 @@ The steps of a run, in this order (each opens its own transactions; nothing belo
   (3) total every segment's usage in one REPEATABLE READ transaction, so the windows and the
       parts of the cuts come from one snapshot;
   (4) price (pure: services.billing.invoices);
-  (5) write chunk by chunk: invoices, periods, cancellations, meter report intents and billing
-      states of whole subscriptions land together or not at all;
+  (5) write chunk by chunk (a writer thread, in order, while the next chunk is priced):
+      invoices, periods, cancellations, meter report intents and billing states of whole
+      subscriptions land together or not at all;
   (6) Stripe (stripe_steps): send the meter reports, collect the final invoices, reconcile.
 A dry run does (1), (3) and (4), reading the parts of unregistered cuts from the ledger, and
 writes nothing. Idempotent: a rerun with no new usage finds everything as it should be.
@@ -25,6 +26,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
@@ -72,7 +74,7 @@ RULES_VERSION = "2"
 Progress = Callable[[int, int], None]
 # Subscriptions written per transaction: large enough that a 10,000-subscription run is a few
 # dozen round trips, small enough that a retry of one chunk, one by one, stays quick.
-CHUNK = 500
+CHUNK = 1000
 
 
 @dataclass
@@ -289,35 +291,47 @@ class _Run:
         progress: Progress | None,
         list_invoices: bool,
     ) -> None:
-        """(4) Price each chunk of subscriptions, then (5) write it."""
-        for done in range(0, len(work), CHUNK):
-            chunk = work[done : done + CHUNK]
-            for item in chunk:
-                own = totals.get(item.row.id, {})
-                item.desired = plan_invoices(
-                    item.subject,
-                    item.to_bill.periods,
-                    item.existing,
-                    own,
-                    self.as_of,
-                    item.pricings,
-                )
-                item.changed = changed_invoices(item.desired, item.existing)
-                self.result.invoices.extend(item.changed)
-                if list_invoices:
-                    self.result.billed.extend(invoices_of_run(item.desired, item.existing))
-            if not self.dry_run:
-                _write_chunk(
-                    self.engine,
-                    chunk,
-                    totals,
-                    now=self.now,
-                    as_of=self.as_of,
-                    salt=self.salt,
-                    report=self.report,
-                )
-            if progress is not None:
-                progress(done + len(chunk), len(work))
+        """(4) Price each chunk of subscriptions and prepare its rows, then (5) write it. One
+        writer thread writes the chunks in order while this one prices the next: the writer
+        only waits on PostgreSQL, which runs beside Python. At most two chunks are in flight,
+        and the first failure stops the run before it is reported."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="billing-writer") as writer:
+            in_flight: list[Future[None]] = []
+            for done in range(0, len(work), CHUNK):
+                chunk = work[done : done + CHUNK]
+                for item in chunk:
+                    item.desired = plan_invoices(
+                        item.subject,
+                        item.to_bill.periods,
+                        item.existing,
+                        totals.get(item.row.id, {}),
+                        self.as_of,
+                        item.pricings,
+                    )
+                    item.changed = changed_invoices(item.desired, item.existing)
+                    self.result.invoices.extend(item.changed)
+                    if list_invoices:
+                        self.result.billed.extend(invoices_of_run(item.desired, item.existing))
+                if not self.dry_run:
+                    prepared = _chunk_write(chunk, as_of=self.as_of, salt=self.salt)
+                    while len(in_flight) >= 2:
+                        in_flight.pop(0).result()
+                    in_flight.append(writer.submit(self._write_chunk, prepared, totals))
+                if progress is not None:
+                    progress(done + len(chunk), len(work))
+            for future in in_flight:
+                future.result()
+
+    def _write_chunk(self, prepared: _ChunkWrite, totals: dict[uuid.UUID, Totals]) -> None:
+        _write_chunk(
+            self.engine,
+            prepared,
+            totals,
+            now=self.now,
+            as_of=self.as_of,
+            salt=self.salt,
+            report=self.report,
+        )
 
     def list_skipped(self, skipped: Sequence[uuid.UUID]) -> None:
         """The stored invoices of the subscriptions skipped, for the run's listing."""
@@ -492,9 +506,62 @@ def _totals(
     return dict(totals)
 
 
+@dataclass(frozen=True)
+class _ChunkWrite:
+    """What step 5 writes for a chunk of subscriptions, prepared by the pricing thread."""
+
+    items: list[_Work]
+    invoices: invoice_repository.InvoiceRows
+    canceled: list[tuple[uuid.UUID, datetime]]
+    billed: list[tuple[uuid.UUID, datetime, datetime, str, datetime, datetime | None]]
+
+
+def _chunk_write(
+    chunk: list[_Work], *, as_of: datetime, salt: str, upsert_all: bool = False
+) -> _ChunkWrite:
+    """`upsert_all`: write every invoice through the conflict-safe upsert, none straight in (for
+    the retry of a chunk that failed, in case a stored row the run did not load was the cause)."""
+    return _ChunkWrite(
+        items=chunk,
+        invoices=invoice_repository.invoice_rows(
+            [invoice for item in chunk for invoice in item.changed],
+            new=frozenset()
+            if upsert_all
+            else frozenset(
+                invoice.id
+                for item in chunk
+                for invoice in item.changed
+                if invoice.period_start not in {stored.period_start for stored in item.existing}
+            ),
+        ),
+        canceled=[
+            (item.row.id, item.to_bill.canceled_at)
+            for item in chunk
+            if item.to_bill.canceled_at is not None
+        ],
+        billed=[_billed(item, as_of=as_of, salt=salt) for item in chunk],
+    )
+
+
+def _billed(
+    item: _Work, *, as_of: datetime, salt: str
+) -> tuple[uuid.UUID, datetime, datetime, str, datetime, datetime | None]:
+    """The subscription's current period after the run, and its billing state: fingerprinted
+    as the run leaves it, valid from `as_of` until its open period ends."""
+    after = _after_run(item.row, item.to_bill)
+    return (
+        item.row.id,
+        after.current_period_start,
+        after.current_period_end,
+        _fingerprint(after, item.subject, salt),
+        as_of,
+        min((p.end for p in item.to_bill.periods if p.end > as_of), default=None),
+    )
+
+
 def _write_chunk(
     engine: Engine,
-    chunk: list[_Work],
+    write: _ChunkWrite,
     totals: dict[uuid.UUID, Totals],
     *,
     now: datetime,
@@ -508,64 +575,32 @@ def _write_chunk(
     own, so one bad subscription neither holds back nor hides behind the others."""
     try:
         with engine.begin() as connection:
-            _write(connection, chunk, totals, now=now, as_of=as_of, salt=salt, report=report)
+            _write(connection, write, totals, now=now, report=report)
     except sa_exc.DBAPIError:
-        if len(chunk) == 1:
-            raise
-        for one in chunk:
+        for one in write.items:
+            alone = _chunk_write([one], as_of=as_of, salt=salt, upsert_all=True)
             with engine.begin() as connection:
-                _write(connection, [one], totals, now=now, as_of=as_of, salt=salt, report=report)
+                _write(connection, alone, totals, now=now, report=report)
 
 
 def _write(
     connection: Connection,
-    chunk: list[_Work],
+    write: _ChunkWrite,
     totals: dict[uuid.UUID, Totals],
     *,
     now: datetime,
-    as_of: datetime,
-    salt: str,
     report: bool,
 ) -> None:
-    invoice_repository.save_invoices(
-        connection, [invoice for item in chunk for invoice in item.changed]
-    )
-    repository.advance_periods(
-        connection,
-        [
-            (item.row.id, last.start, last.anchored_end)
-            for item in chunk
-            if item.to_bill.periods
-            and (last := item.to_bill.periods[-1]).start != item.row.current_period_start
-        ],
-    )
-    repository.cancel_subscriptions(
-        connection,
-        [
-            (item.row.id, item.to_bill.canceled_at)
-            for item in chunk
-            if item.to_bill.canceled_at is not None
-        ],
-    )
+    invoice_repository.save_invoices(connection, write.invoices)
+    repository.cancel_subscriptions(connection, write.canceled)
     if report:
         stripe_steps.record_report_intents(
             connection,
-            [(item.row, [*item.desired, *item.existing]) for item in chunk],
+            [(item.row, [*item.desired, *item.existing]) for item in write.items],
             totals,
             now,
         )
-    repository.save_states(
-        connection,
-        [
-            (
-                item.row.id,
-                _fingerprint(_after_run(item.row, item.to_bill), item.subject, salt),
-                as_of,
-                min((p.end for p in item.to_bill.periods if p.end > as_of), default=None),
-            )
-            for item in chunk
-        ],
-    )
+    repository.record_billing(connection, write.billed)
 
 
 def _start_run(engine: Engine, as_of: datetime) -> uuid.UUID:

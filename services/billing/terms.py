@@ -15,8 +15,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from services.billing.pricing import PlanPrice
+from services.billing.pricing import MeteredPrice, PlanPrice
 from services.billing.schemas import plan_price
+
+
+@functools.lru_cache(maxsize=100_000)
+def iso(moment: datetime) -> str:
+    """`moment.isoformat()`, remembered: a run writes the same few period bounds many times."""
+    return moment.isoformat()
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,10 @@ class SegmentTerms:
     def price(self) -> PlanPrice:
         return metered_price(self.metered_json, self.flat_amount)
 
+    @functools.cached_property
+    def sorted_metered(self) -> list[tuple[str, MeteredPrice]]:
+        return sorted(self.price.metered.items())
+
 
 @dataclass(frozen=True)
 class InvoicePricing:
@@ -151,8 +161,8 @@ def referenced_versions(snapshots: Iterable[Mapping[str, Any] | None]) -> set[uu
 def _segment_json(segment: SegmentTerms) -> dict[str, Any]:
     # A version's prices never change, so a snapshot names the version instead of copying them.
     document: dict[str, Any] = {
-        "start": segment.start.isoformat(),
-        "end": segment.end.isoformat(),
+        "start": iso(segment.start),
+        "end": iso(segment.end),
         "plan_id": str(segment.plan_id) if segment.plan_id else None,
         "plan_key": segment.plan_key,
         "plan_name": segment.plan_name,

@@ -23,6 +23,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from shared.db import array_literal
 from shared.events import SUM_CONTEXT, window_start
 from shared.usage_cuts import Cut, CutPart
 
@@ -195,11 +196,11 @@ def stage_periods(connection: Connection, queries: Sequence[SegmentQuery]) -> St
     connection.execute(
         sa.text(_LOAD_PERIODS.format(table=staged.periods)),
         {
-            "pids": list(range(len(queries))),
-            "organization_ids": [q.organization_id for q in queries],
-            "day_froms": [p.day_from for p in parts],
-            "day_tos": [p.day_to for p in parts],
-            "ends": [q.end for q in queries],
+            "pids": array_literal(range(len(queries))),
+            "organization_ids": array_literal(q.organization_id for q in queries),
+            "day_froms": array_literal(p.day_from for p in parts),
+            "day_tos": array_literal(p.day_to for p in parts),
+            "ends": array_literal(q.end for q in queries),
         },
     )
     edges = [
@@ -211,10 +212,10 @@ def stage_periods(connection: Connection, queries: Sequence[SegmentQuery]) -> St
     connection.execute(
         sa.text(_LOAD_EDGES.format(table=staged.edges)),
         {
-            "pids": [pid for pid, _, _ in edges],
-            "organization_ids": [organization_id for _, organization_id, _ in edges],
-            "starts": [edge[0] for _, _, edge in edges],
-            "ends": [edge[1] for _, _, edge in edges],
+            "pids": array_literal(pid for pid, _, _ in edges),
+            "organization_ids": array_literal(organization_id for _, organization_id, _ in edges),
+            "starts": array_literal(edge[0] for _, _, edge in edges),
+            "ends": array_literal(edge[1] for _, _, edge in edges),
         },
     )
     connection.execute(sa.text(f"ANALYZE {staged.periods}"))

@@ -3,7 +3,6 @@
 from shared.models.base import Base
 from shared.models.billing import (
     BillingRun,
-    BillingState,
     Invoice,
     InvoiceLine,
     ReconciliationMismatch,
@@ -59,7 +58,6 @@ __all__ = [
     "Base",
     "BillingInterval",
     "BillingRun",
-    "BillingState",
     "Invoice",
     "InvoiceLine",
     "Operator",

@@ -19,9 +19,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    func,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -71,8 +70,9 @@ class Invoice(IdMixin, TimestampMixin, Base):
     stripe_total: Mapped[int | None] = mapped_column(BigInteger)
     stripe_synced_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # The invoice's lines, in their order (services/billing/invoices.py: flat fees and
-    # prorations, usage per segment, adjustments): written whole with the invoice, never apart.
-    lines: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONB)
+    # prorations, usage per segment, adjustments): written and read whole with the invoice, so
+    # json (the text as written), not jsonb.
+    lines: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
 
 class InvoiceLine(IdMixin, TimestampMixin, Base):
@@ -182,20 +182,3 @@ class ReconciliationMismatch(IdMixin, TimestampMixin, Base):
     resolved_by: Mapped[str | None] = mapped_column(String(100))
     resolution_note: Mapped[str | None] = mapped_column(Text)
 
-
-class BillingState(Base):
-    """What a subscription was last billed from (a fingerprint of its terms and its
-    organization's usage version) and until when that result holds by time alone: a run that
-    finds both unchanged reads no usage and writes nothing for it."""
-
-    __tablename__ = "billing_states"
-
-    subscription_id: Mapped[uuid.UUID] = mapped_column(
-        ForeignKey("subscriptions.id", ondelete="CASCADE"), primary_key=True
-    )
-    fingerprint: Mapped[str] = mapped_column(String(64))
-    valid_from: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    valid_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), nullable=False
-    )

@@ -41,6 +41,11 @@ def invoice(subscription: Any, status: InvoiceStatus, total: int) -> Invoice:
     )
 
 
+def rows(invoices: list[Invoice], *, new: bool = False) -> invoice_repository.InvoiceRows:
+    ids = frozenset(invoice.id for invoice in invoices) if new else frozenset()
+    return invoice_repository.invoice_rows(invoices, new=ids)
+
+
 def stored(db: Session, subscription_id: uuid.UUID) -> list[Any]:
     rows = db.execute(
         sa.select(InvoiceRow.id, InvoiceRow.status, InvoiceRow.total, InvoiceRow.lines).where(
@@ -56,9 +61,9 @@ def test_saving_over_a_final_invoice_changes_nothing(db: Session) -> None:
     organization = factories.make_organization(db)
     subscription = factories.make_subscription(db, organization, factories.make_plan(db))
     final = invoice(subscription, "final", 150)
-    invoice_repository.save_invoices(db.connection(), [final])
+    invoice_repository.save_invoices(db.connection(), rows([final], new=True))
 
-    invoice_repository.save_invoices(db.connection(), [invoice(subscription, "final", 999)])
+    invoice_repository.save_invoices(db.connection(), rows([invoice(subscription, "final", 999)]))
 
     assert stored(db, subscription.id) == [(final.id, "final", 150, [50])]
 
@@ -67,8 +72,8 @@ def test_saving_over_a_draft_keeps_its_id_and_replaces_its_lines(db: Session) ->
     organization = factories.make_organization(db)
     subscription = factories.make_subscription(db, organization, factories.make_plan(db))
     draft = invoice(subscription, "draft", 150)
-    invoice_repository.save_invoices(db.connection(), [draft])
+    invoice_repository.save_invoices(db.connection(), rows([draft], new=True))
 
-    invoice_repository.save_invoices(db.connection(), [invoice(subscription, "final", 180)])
+    invoice_repository.save_invoices(db.connection(), rows([invoice(subscription, "final", 180)]))
 
     assert stored(db, subscription.id) == [(draft.id, "final", 180, [80])]

@@ -563,3 +563,26 @@ def test_a_run_as_of_now_within_the_clock_tolerance_is_accepted(
     result = billing_run(service_env, org, datetime.now(UTC) + timedelta(seconds=20))
 
     assert result.returncode == 0, result.stderr
+
+
+def test_a_settled_final_invoice_is_kept_when_its_period_comes_back(
+    service_env: dict[str, str], engine: Engine
+) -> None:
+    """New invoices are copied straight into the table: a final one past the lateness horizon
+    (not read by the run) for a period the subscription was moved back to must be neither
+    planned again nor collide with the new rows; the run succeeds and the final one stays."""
+    org = seed(engine)
+    add_usage(engine, org, november_usage(org))
+    assert billing_run(service_env, org, datetime(2026, 8, 2, tzinfo=UTC)).returncode == 0
+    july = _snapshot(engine, org["subscription_id"])[0][0]
+    with engine.begin() as connection:
+        connection.execute(
+            sa.update(Subscription)
+            .where(Subscription.id == org["subscription_id"])
+            .values(current_period_start=NOV, current_period_end=datetime(2026, 8, 1, tzinfo=UTC))
+        )
+
+    result = billing_run(service_env, org, datetime(2026, 10, 2, tzinfo=UTC))
+
+    assert result.returncode == 0, result.stderr
+    assert _snapshot(engine, org["subscription_id"])[0][0] == july
