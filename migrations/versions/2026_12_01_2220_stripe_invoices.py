@@ -1,5 +1,6 @@
 """Stripe invoices and invoice lines as documents: the Stripe invoice of each final invoice, the
-lines of each invoice in one json column, meter report attempts and parking, billing states
+lines of each invoice in one json column, meter report attempts and parking, billing states on
+subscriptions
 
 Revision ID: 0012_stripe_invoices
 Revises: 0011_subscription_terms

@@ -247,7 +247,7 @@ def test_an_invoice_event_naming_no_subscription_changes_none(
         subscription_id = factories.make_subscription(session, organization, plan).id
     event = invoice_event("invoice.payment_failed", {})
 
-    assert post(client, event, sign(event, secret)).json()["outcome"] == "unknown_subscription"
+    assert post(client, event, sign(event, secret)).json()["outcome"] == "unmatched"
     assert state(engine, subscription_id)[0] == "active"
 
 
