@@ -112,9 +112,12 @@ def array_literal(values: Iterable[object]) -> str:
     return "{" + ",".join(parts) + "}"
 
 
-def array_param(values: Iterable[object], element: Any) -> sa.ColumnElement[Any]:
-    """`values` as one array parameter of `element`s (an IN list binds each value apart); use as
-    `column == sa.any_(array_param(ids, sa.Uuid))`."""
+def in_array(column: Any, values: Iterable[object], element: Any) -> sa.ColumnElement[bool]:
+    """`column IN (SELECT unnest(CAST(:values AS element[])))`: one array parameter (an IN list
+    binds each value apart). Not `column = ANY(...)`: the cast array is no constant to the
+    planner, so ANY would search it element by element for every row, quadratic in a run's
+    10,000 subscriptions; the unnested rows join by hash or index."""
     from sqlalchemy.dialects.postgresql import ARRAY
 
-    return sa.cast(sa.bindparam(None, array_literal(values), type_=sa.Text), ARRAY(element))
+    array = sa.cast(sa.bindparam(None, array_literal(values), type_=sa.Text), ARRAY(element))
+    return column.in_(sa.select(sa.func.unnest(array)).scalar_subquery())

@@ -18,7 +18,7 @@ from sqlalchemy.engine import Connection
 
 from services.billing.invoices import Invoice, InvoiceLine, InvoiceStatus, LineKind
 from services.billing.terms import InvoicePricing, canonical_metered, iso, referenced_versions
-from shared.db import array_literal, array_param
+from shared.db import array_literal, in_array
 from shared.models import Invoice as InvoiceRow
 from shared.models import InvoiceLine as InvoiceLineRow
 from shared.models import Organization, PlanVersion
@@ -181,7 +181,7 @@ def invoices_of(
     for invoice in _invoices(
         connection,
         sa.and_(
-            InvoiceRow.subscription_id == sa.any_(array_param(subscription_ids, sa.Uuid)),
+            in_array(InvoiceRow.subscription_id, subscription_ids, sa.Uuid),
             sa.or_(InvoiceRow.status == "draft", InvoiceRow.period_end > since),
         ),
     ):

@@ -23,7 +23,7 @@ from services.billing.terms import (
     PlanVersionTerms,
     canonical_metered,
 )
-from shared.db import array_literal, array_param
+from shared.db import array_literal, in_array
 from shared.models import (
     BillingRun,
     Organization,
@@ -135,9 +135,7 @@ def phases_of(
                 SubscriptionPhase.starts_at,
                 SubscriptionPhase.plan_id,
             )
-            .where(
-                SubscriptionPhase.subscription_id == sa.any_(array_param(subscription_ids, sa.Uuid))
-            )
+            .where(in_array(SubscriptionPhase.subscription_id, subscription_ids, sa.Uuid))
             .order_by(SubscriptionPhase.subscription_id, SubscriptionPhase.starts_at)
         )
         for subscription_id, starts_at, plan_id in rows:
