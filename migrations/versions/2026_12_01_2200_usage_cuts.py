@@ -1,7 +1,7 @@
 """usage cuts: event content in the ledger, cut registry and totals, per-organization usage versions
 
 Revision ID: 0010_usage_cuts
-Revises: 0009_api_key_tombstones
+Revises: 0019_console_indexes
 Create Date: 2026-12-01 22:00:00+00:00
 
 Old code still runs while this migrates: the ledger gains nullable columns (the running release
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0010_usage_cuts"
-down_revision: str | None = "0009_api_key_tombstones"
+down_revision: str | None = "0019_console_indexes"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

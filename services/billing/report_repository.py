@@ -229,7 +229,10 @@ def record_mismatch(connection: Connection, run_id: uuid.UUID | None, mismatch: 
             ],
             set_={
                 "run_id": statement.excluded.run_id,
-                "resolved": statement.excluded.resolved,
+                # A person's resolution (resolved_at) stands when a run finds the same again.
+                "resolved": sa.or_(
+                    ReconciliationMismatch.resolved_at.is_not(None), statement.excluded.resolved
+                ),
                 "resolution": statement.excluded.resolution,
                 "updated_at": sa.func.now(),
             },

@@ -498,7 +498,7 @@ def test_an_unknown_mismatch_is_404(client: TestClient, admin: OperatorToken) ->
 def test_a_rerun_finding_the_same_difference_keeps_a_persons_resolution(
     client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
 ) -> None:
-    from services.billing.reconcile import record_mismatch
+    from services.billing.report_repository import Mismatch, record_mismatch
 
     client.post(
         _path("/mismatches/{mismatch}/resolve", tenant), json={"note": "accepted"},
@@ -506,11 +506,10 @@ def test_a_rerun_finding_the_same_difference_keeps_a_persons_resolution(
     )  # fmt: skip
     with unit_of_work(engine) as session:
         found = session.get(ReconciliationMismatch, tenant["mismatch_id"])
-        finding = {
-            "kind": found.kind, "metric": None, "period_start": None, "ours": found.ours,
-            "theirs": found.theirs, "amount": found.amount, "resolved": False,
-        }  # fmt: skip
-        record_mismatch(session.connection(), None, found.subscription_id, finding)
+        again = Mismatch(
+            found.subscription_id, found.kind, found.ours, found.theirs, amount=found.amount
+        )
+        record_mismatch(session.connection(), None, again)
     with unit_of_work(engine) as session:
         assert session.get(ReconciliationMismatch, tenant["mismatch_id"]).resolved is True
 
