@@ -51,14 +51,29 @@ def post_until(url: str, key: str, stop: threading.Event) -> None:
                 time.sleep(0.1)
 
 
+def accepted_within(
+    client: httpx.Client, key: str, event_id: str, *, seconds: float
+) -> httpx.Response:
+    """Post one event until it is accepted (every other answer must be a bounded 503), or the
+    time is up; returns the last answer."""
+    deadline = time.monotonic() + seconds
+    while True:
+        response = client.post("/v1/events", json=event(event_id), headers=bearer(key))
+        if response.status_code != 503 or time.monotonic() >= deadline:
+            return response
+        time.sleep(1)
+
+
 @pytest.mark.fault
 def test_broker_outage_gives_bounded_503_then_recovers_without_restart(
     server: IngestServer, engine: Engine, settings: Settings
 ) -> None:
     tenant = make_tenant(engine)
     with httpx.Client(base_url=server.url, timeout=30) as client:
-        before = client.post("/v1/events", json=event("before"), headers=bearer(tenant.key))
-        assert before.status_code == 202
+        # An earlier fault test may have restarted the broker just now: wait (with bounded 503s)
+        # until it leads the topic's partitions again before taking it away.
+        before = accepted_within(client, tenant.key, "before", seconds=60)
+        assert before.status_code == 202, before.text
 
         # Traffic through the whole outage: kafka-python's producer can wedge when the broker
         # comes back under load, which only a producer reset (publisher.RESET_AFTER) cures.
@@ -91,14 +106,8 @@ def test_broker_outage_gives_bounded_503_then_recovers_without_restart(
 
         # Same process: posting works again once the broker is back, and stays working.
         try:
-            deadline = time.monotonic() + 60
-            after = None
-            while time.monotonic() < deadline:
-                after = client.post("/v1/events", json=event("after"), headers=bearer(tenant.key))
-                if after.status_code == 202:
-                    break
-                time.sleep(1)
-            assert after is not None and after.status_code == 202, after and after.text
+            after = accepted_within(client, tenant.key, "after", seconds=60)
+            assert after.status_code == 202, after.text
             steady = [
                 client.post("/v1/events", json=event(), headers=bearer(tenant.key)).status_code
                 for _ in range(20)
