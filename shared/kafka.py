@@ -59,8 +59,8 @@ class KafkaConnection:
     def uses_tls(self) -> bool:
         return self.security_protocol.endswith("SSL")
 
-    def kafka_python_options(self) -> dict[str, Any]:
-        """Connection keyword arguments of kafka-python's producer, consumer and admin."""
+    def _plain_options(self) -> dict[str, Any]:
+        """What both client libraries take under the same names: servers, protocol, SASL."""
         options: dict[str, Any] = {
             "bootstrap_servers": list(self.bootstrap_servers),
             "security_protocol": self.security_protocol,
@@ -71,6 +71,11 @@ class KafkaConnection:
                 sasl_plain_username=self.sasl_username,
                 sasl_plain_password=self.sasl_password,
             )
+        return options
+
+    def kafka_python_options(self) -> dict[str, Any]:
+        """Connection keyword arguments of kafka-python's producer, consumer and admin."""
+        options = self._plain_options()
         if self.uses_tls:
             options.update(
                 ssl_check_hostname=True,
@@ -94,16 +99,7 @@ class KafkaConnection:
 
     def aiokafka_options(self) -> dict[str, Any]:
         """Connection keyword arguments of aiokafka's producer and consumer."""
-        options: dict[str, Any] = {
-            "bootstrap_servers": list(self.bootstrap_servers),
-            "security_protocol": self.security_protocol,
-        }
-        if self.uses_sasl:
-            options.update(
-                sasl_mechanism=self.sasl_mechanism,
-                sasl_plain_username=self.sasl_username,
-                sasl_plain_password=self.sasl_password,
-            )
+        options = self._plain_options()
         context = self.ssl_context()
         if context is not None:
             options["ssl_context"] = context
