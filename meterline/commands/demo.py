@@ -10,6 +10,7 @@ posts, so a repeat run reports (and checks) what it added, never what earlier ru
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -381,6 +382,7 @@ def demo(
     ] = True,
 ) -> None:
     """Run the pipeline end to end on the local components and print what happened."""
+    _stop_like_ctrl_c()
     with cli_errors():
         from meterline.commands import context
 
@@ -419,6 +421,21 @@ def demo(
             "added nothing). Services are stopped; `make down` stops PostgreSQL, Kafka and "
             "stripe-mock."
         )
+
+
+def _stop_like_ctrl_c() -> None:
+    """Make SIGTERM and SIGHUP stop the demo as Ctrl-C does: every service it started is stopped.
+
+    The services run in sessions of their own (so a Ctrl-C reaches only the demo, which then stops
+    them in order); without this, a supervisor's or `timeout`'s SIGTERM would end the demo and leave
+    ingest, the aggregator and the console running.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, interrupt)
 
 
 def _bill() -> None:
