@@ -1,4 +1,8 @@
-"""API key management: create (plaintext returned once), verify, revoke, expire, list, usage."""
+"""API key management: create (plaintext returned once), verify, revoke, expire, list, usage.
+
+Two kinds of key: an organization's (optionally scoped to a project or acting for a member), and
+a platform key, an operator's secret that belongs to no organization and names the organization
+of each event it posts and of each usage query (README "Platform keys")."""
 
 from __future__ import annotations
 
@@ -26,10 +30,11 @@ class VerifiedKey:
     """What a request may act as once its key is verified."""
 
     id: uuid.UUID
-    organization_id: uuid.UUID
+    organization_id: uuid.UUID | None  # None only for a platform key
     project_id: uuid.UUID | None
     user_id: uuid.UUID | None
     expires_at: datetime | None
+    platform: bool = False
 
 
 def create_api_key(
@@ -72,6 +77,32 @@ def create_api_key(
     return CreatedKey(key=key, plaintext=new.plaintext)
 
 
+def create_platform_key(
+    session: Session,
+    *,
+    name: str,
+    pepper: bytes,
+    expires_at: datetime | None = None,
+    environment: str = "live",
+) -> CreatedKey:
+    """An operator's key that may write and read any organization it names; stored like every
+    key (prefix and keyed hash), the plaintext returned once."""
+    if not name.strip():
+        raise InvalidInput("key name must not be empty")
+    new = generate_key(environment)
+    key = ApiKey(
+        organization_id=None,
+        platform=True,
+        name=name.strip(),
+        prefix=new.prefix,
+        key_hash=hash_key(new.plaintext, pepper),
+        expires_at=expires_at,
+    )
+    session.add(key)
+    session.flush()
+    return CreatedKey(key=key, plaintext=new.plaintext)
+
+
 def verify_api_key(
     session: Session, plaintext: str, *, pepper: bytes, now: datetime
 ) -> VerifiedKey | None:
@@ -87,7 +118,8 @@ def verify_api_key(
 
 # Core text on the hot path of a flood of made-up keys: a third of the ORM select's CPU.
 _UNREVOKED_KEYS = sa.text(
-    "SELECT id, organization_id, project_id, user_id, expires_at, key_hash FROM api_keys"
+    "SELECT id, organization_id, project_id, user_id, expires_at, platform, key_hash"
+    "  FROM api_keys"
     " WHERE key_hash = ANY(CAST(:hashes AS bytea[])) AND revoked_at IS NULL"
 )
 
@@ -112,6 +144,7 @@ def find_unrevoked_keys(session: Session, key_hashes: list[bytes]) -> dict[bytes
             project_id=row.project_id,
             user_id=row.user_id,
             expires_at=row.expires_at,
+            platform=row.platform,
         )
     return found
 
@@ -120,6 +153,11 @@ def _managed_key(session: Session, key_id: uuid.UUID, actor_id: uuid.UUID | None
     key = session.get(ApiKey, key_id)
     if key is None:
         raise NotFound(f"API key {key_id} not found")
+    if key.organization_id is None:
+        # A platform key is the operator's: no member of any organization manages it.
+        if actor_id is not None:
+            raise Forbidden("only an operator manages a platform key")
+        return key
     require_manager(session, key.organization_id, actor_id)
     return key
 
@@ -179,6 +217,12 @@ def list_api_keys(
     query = sa.select(ApiKey).where(ApiKey.organization_id == organization_id)
     if not include_revoked:
         query = query.where(ApiKey.revoked_at.is_(None))
+    return list(session.scalars(query.order_by(ApiKey.created_at.desc(), ApiKey.id.desc())))
+
+
+def list_platform_keys(session: Session) -> list[ApiKey]:
+    """Every platform key, newest first."""
+    query = sa.select(ApiKey).where(ApiKey.platform)
     return list(session.scalars(query.order_by(ApiKey.created_at.desc(), ApiKey.id.desc())))
 
 

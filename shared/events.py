@@ -45,7 +45,12 @@ MAX_PROPERTIES = 16
 MAX_PROPERTY_KEY = 64
 MAX_PROPERTY_VALUE = 256
 MAX_ID = 128
-EVENT_FIELDS = frozenset({"id", "metric", "quantity", "timestamp", "project_id", "properties"})
+#: A platform key names each event's organization (its external id or id); the name is resolved
+#: by ingest, which puts the organization in the envelope, so it never travels with the event.
+MAX_CUSTOMER = 255
+EVENT_FIELDS = frozenset(
+    {"id", "metric", "quantity", "timestamp", "project_id", "properties", "customer"}
+)
 
 # The text rules as patterns that JSON Schema (ECMA 262) and Python read alike, so the OpenAPI
 # document states them verbatim: `(?!\n)$` because Python's `$` also matches before a final newline.
@@ -324,7 +329,7 @@ def validate_event(
 
     project_id, project_problems = _parse_project_id(raw.get("project_id"))
     properties, property_problems = _parse_properties(raw.get("properties"))
-    problems += project_problems + property_problems
+    problems += project_problems + property_problems + customer_problems(raw.get("customer"))
 
     if problems:
         return problems
@@ -338,6 +343,17 @@ def validate_event(
         properties=properties,
         timestamp_defaulted=defaulted,
     )
+
+
+def customer_problems(value: Any) -> list[str]:
+    """Why `value` cannot name a customer (absent or null names none)."""
+    if value is None:
+        return []
+    if not isinstance(value, str) or not 1 <= len(value) <= MAX_CUSTOMER:
+        return [f"customer: a string of 1-{MAX_CUSTOMER} characters (an external id or id)"]
+    if text_problem := unstorable_text(value):
+        return [f"customer: {text_problem}"]
+    return []
 
 
 def _parse_project_id(value: Any) -> tuple[uuid.UUID | None, list[str]]:

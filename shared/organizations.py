@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from shared.access import require_manager, require_organization
 from shared.errors import Conflict, Forbidden, InvalidInput, NotFound
+from shared.events import MAX_CUSTOMER
 from shared.models import ApiKey, Organization, OrganizationMember, Project, Role, User
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,98}[a-z0-9])?$")
@@ -56,7 +57,12 @@ def require_user(session: Session, email: str) -> User:
 
 
 def create_organization(
-    session: Session, *, name: str, slug: str, owner_id: uuid.UUID
+    session: Session,
+    *,
+    name: str,
+    slug: str,
+    owner_id: uuid.UUID,
+    external_id: str | None = None,
 ) -> Organization:
     """A new organization whose first member, `owner_id`, is its owner."""
     _check_slug(slug)
@@ -66,7 +72,12 @@ def create_organization(
         raise NotFound(f"user {owner_id} not found")
     if session.scalar(sa.select(Organization.id).where(Organization.slug == slug)) is not None:
         raise Conflict(f"an organization with slug {slug!r} already exists")
-    organization = Organization(name=name.strip(), slug=slug)
+    if external_id is not None:
+        check_external_id(external_id)
+        taken = sa.select(Organization.id).where(Organization.external_id == external_id)
+        if session.scalar(taken) is not None:
+            raise Conflict(f"an organization with external id {external_id!r} already exists")
+    organization = Organization(name=name.strip(), slug=slug, external_id=external_id)
     session.add(organization)
     session.flush()
     session.add(
@@ -85,6 +96,28 @@ def find_organization(session: Session, reference: str) -> Organization:
     if organization is None:
         raise NotFound(f"organization {reference!r} not found")
     return organization
+
+
+def check_external_id(external_id: str) -> None:
+    """InvalidInput unless `external_id` can name a customer: 1-255 characters of printable
+    text, without surrounding spaces (the id another system knows an organization or a
+    subscription by)."""
+    if not 1 <= len(external_id) <= MAX_CUSTOMER:
+        raise InvalidInput(f"external id must be 1-{MAX_CUSTOMER} characters")
+    if external_id != external_id.strip() or not external_id.isprintable():
+        raise InvalidInput("external id must be printable, without surrounding spaces")
+
+
+def find_customer(session: Session, customer: str) -> Organization | None:
+    """The organization a platform key names as `customer`: the one with that external id,
+    else the one with that id. The external id goes first: another system's ids may be UUIDs."""
+    found = session.scalar(sa.select(Organization).where(Organization.external_id == customer))
+    if found is not None:
+        return found
+    try:
+        return session.get(Organization, uuid.UUID(customer))
+    except ValueError:
+        return None
 
 
 def list_organizations(session: Session) -> list[Organization]:

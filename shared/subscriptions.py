@@ -28,6 +28,7 @@ from shared.models import (
     SubscriptionPhase,
     SubscriptionStatus,
 )
+from shared.organizations import check_external_id
 
 #: Statuses in which a subscription renews (gets its next period) and is billed: it started and
 #: is not over. Not `incomplete`: its first payment never succeeded, so it never started (Stripe
@@ -186,15 +187,21 @@ def create_subscription(
     now: datetime,
     trial_days: int = 0,
     stripe_subscription_id: str | None = None,
+    external_id: str | None = None,
 ) -> Subscription:
     """A new subscription starting at `now`, anchored there. Conflict if the organization holds
     a live one, or if `now` is before its previous subscription's billing ended (the two would
-    bill the same usage)."""
+    bill the same usage), or if another subscription has `external_id`."""
     session.get(Organization, organization_id, with_for_update=True)
     require_organization(session, organization_id)
     _plan(session, plan_id)
     if trial_days < 0:
         raise InvalidInput("trial days must not be negative")
+    if external_id is not None:
+        check_external_id(external_id)
+        taken = sa.select(Subscription.id).where(Subscription.external_id == external_id)
+        if session.scalar(taken) is not None:
+            raise Conflict(f"a subscription with external id {external_id!r} already exists")
     live = session.scalar(
         sa.select(Subscription)
         .where(
@@ -225,6 +232,7 @@ def create_subscription(
         cancel_at_period_end=False,
         trial_end=now + timedelta(days=trial_days) if trial_days else None,
         stripe_subscription_id=stripe_subscription_id,
+        external_id=external_id,
     )
     session.add(subscription)
     try:

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from shared.apikeys import CreatedKey, create_api_key
+from shared.apikeys import CreatedKey, create_api_key, create_platform_key
 from shared.models import (
     BillingInterval,
     Organization,
@@ -37,9 +37,14 @@ def make_user(session: Session, *, email: str | None = None, name: str = "Test U
 
 
 def make_organization(
-    session: Session, *, owner: User | None = None, slug: str | None = None, name: str = "Acme"
+    session: Session,
+    *,
+    owner: User | None = None,
+    slug: str | None = None,
+    name: str = "Acme",
+    external_id: str | None = None,
 ) -> Organization:
-    organization = Organization(name=name, slug=slug or f"org-{_suffix()}")
+    organization = Organization(name=name, slug=slug or f"org-{_suffix()}", external_id=external_id)
     session.add(organization)
     session.flush()
     owner = owner or make_user(session)
@@ -91,6 +96,10 @@ def make_api_key(
     )
 
 
+def make_platform_key(session: Session, *, pepper: bytes = PEPPER) -> CreatedKey:
+    return create_platform_key(session, name="platform test key", pepper=pepper)
+
+
 def make_plan(
     session: Session,
     *,
@@ -124,6 +133,7 @@ def make_subscription(
     period_start: datetime | None = None,
     period_end: datetime | None = None,
     stripe_subscription_id: str | None = None,
+    external_id: str | None = None,
 ) -> Subscription:
     start = period_start or datetime(2026, 11, 1, tzinfo=UTC)
     end = period_end or (
@@ -138,6 +148,7 @@ def make_subscription(
         current_period_end=end,
         cancel_at_period_end=False,
         stripe_subscription_id=stripe_subscription_id,
+        external_id=external_id,
     )
     session.add(subscription)
     session.flush()

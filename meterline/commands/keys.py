@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from meterline.commands import context
 from meterline.output import cli_errors, print_json, print_table
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session
+
+    from shared.apikeys import CreatedKey
 
 app = typer.Typer(no_args_is_help=True, help="API keys.")
 
@@ -29,7 +34,16 @@ def _when(value: str | None) -> datetime | None:
 
 @app.command()
 def create(
-    organization: Annotated[str, typer.Option("--org", help="Organization id or slug.")],
+    organization: Annotated[
+        str | None, typer.Option("--org", help="Organization id or slug.")
+    ] = None,
+    platform: Annotated[
+        bool,
+        typer.Option(
+            "--platform",
+            help="An operator's key for every organization: each event names its customer.",
+        ),
+    ] = False,
     name: Annotated[str, typer.Option(help="What the key is for.")] = "default",
     project: Annotated[
         str | None, typer.Option(help="Project slug or id: the key may write only this project.")
@@ -42,67 +56,110 @@ def create(
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Create a key and print its plaintext, once."""
-    from shared.apikeys import create_api_key
+    """Create a key and print its plaintext, once: an organization's (--org) or a platform key."""
+    from shared.apikeys import create_platform_key
     from shared.db import unit_of_work
-    from shared.organizations import find_organization, find_project, require_user
+    from shared.errors import InvalidInput
 
     with cli_errors(as_json):
         settings = context.settings()
         pepper = settings.pepper_bytes()
         expiry = _when(expires_at)
+        if platform and (organization or project or user):
+            raise InvalidInput("--platform: a platform key has no --org, --project or --user")
+        if not platform and organization is None:
+            raise InvalidInput("name the key's organization (--org) or create a --platform key")
         with unit_of_work(context.engine()) as session:
-            found = find_organization(session, organization)
-            project_id = None
-            if project is not None:
-                project_id = find_project(session, found.id, project).id
-            user_id = None
-            if user is not None:
-                user_id = require_user(session, user).id
-            created = create_api_key(
-                session,
-                organization_id=found.id,
-                actor_id=None,
-                name=name,
-                pepper=pepper,
-                project_id=project_id,
-                user_id=user_id,
-                expires_at=expiry,
-                environment=settings.api_key_environment,
-            )
+            created: CreatedKey
+            if platform:
+                created = create_platform_key(
+                    session,
+                    name=name,
+                    pepper=pepper,
+                    expires_at=expiry,
+                    environment=settings.api_key_environment,
+                )
+            else:
+                assert organization is not None
+                created = _create_organization_key(
+                    session, organization, project, user, name, expiry
+                )
             result = {
                 "id": str(created.key.id),
                 "prefix": created.key.prefix,
+                "platform": created.key.platform,
                 "key": created.plaintext,
             }
     if as_json:
         print_json(result)
     else:
-        typer.echo(f"created key {result['prefix']} ({result['id']})")
+        kind = "platform key" if platform else "key"
+        typer.echo(f"created {kind} {result['prefix']} ({result['id']})")
         typer.echo(f"key (shown once, store it now): {result['key']}")
+
+
+def _create_organization_key(
+    session: Session,
+    organization: str,
+    project: str | None,
+    user: str | None,
+    name: str,
+    expiry: datetime | None,
+) -> CreatedKey:
+    from shared.apikeys import create_api_key
+    from shared.organizations import find_organization, find_project, require_user
+
+    settings = context.settings()
+    found = find_organization(session, organization)
+    project_id = find_project(session, found.id, project).id if project is not None else None
+    user_id = require_user(session, user).id if user is not None else None
+    return create_api_key(
+        session,
+        organization_id=found.id,
+        actor_id=None,
+        name=name,
+        pepper=settings.pepper_bytes(),
+        project_id=project_id,
+        user_id=user_id,
+        expires_at=expiry,
+        environment=settings.api_key_environment,
+    )
 
 
 @app.command("list")
 def list_(
-    organization: Annotated[str, typer.Option("--org", help="Organization id or slug.")],
+    organization: Annotated[
+        str | None, typer.Option("--org", help="Organization id or slug.")
+    ] = None,
+    platform: Annotated[bool, typer.Option("--platform", help="List the platform keys.")] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """List an organization's keys: prefixes and state, never the key."""
-    from shared.apikeys import key_state, list_api_keys
+    """List an organization's keys, or the platform keys: prefixes and state, never the key."""
+    from shared.apikeys import key_state, list_api_keys, list_platform_keys
     from shared.db import unit_of_work
+    from shared.errors import InvalidInput
     from shared.organizations import find_organization
 
     now = datetime.now(UTC)
     with cli_errors(as_json), unit_of_work(context.engine()) as session:
-        found = find_organization(session, organization)
+        if platform == (organization is not None):
+            raise InvalidInput("list one organization's keys (--org) or the --platform keys")
+        if platform:
+            keys = list_platform_keys(session)
+        else:
+            assert organization is not None
+            keys = list_api_keys(
+                session, find_organization(session, organization).id, actor_id=None
+            )
         rows = []
-        for key in list_api_keys(session, found.id, actor_id=None):
+        for key in keys:
             rows.append(
                 {
                     "id": str(key.id),
                     "prefix": key.prefix,
                     "name": key.name,
                     "project_id": str(key.project_id) if key.project_id else None,
+                    "platform": key.platform,
                     "state": key_state(key, now),
                     "last_used_at": key.last_used_at,
                     "usage_count": key.usage_count,

@@ -55,6 +55,7 @@ def list_(as_json: JsonOption = False) -> None:
                 "id": str(o.id),
                 "slug": o.slug,
                 "name": o.name,
+                "external_id": o.external_id,
                 "stripe_customer_id": o.stripe_customer_id,
             }
             for o in list_organizations(session)
@@ -63,8 +64,11 @@ def list_(as_json: JsonOption = False) -> None:
         print_json(rows)
     else:
         print_table(
-            ["id", "slug", "name", "stripe customer"],
-            [(r["id"], r["slug"], r["name"], r["stripe_customer_id"]) for r in rows],
+            ["id", "slug", "name", "external id", "stripe customer"],
+            [
+                (r["id"], r["slug"], r["name"], r["external_id"] or "-", r["stripe_customer_id"])
+                for r in rows
+            ],
         )
 
 
@@ -75,6 +79,13 @@ def create(
         str, typer.Option("--owner", help="Email of the owner (created if new).")
     ],
     name: Annotated[str | None, typer.Option(help="Display name (default: the slug).")] = None,
+    external_id: Annotated[
+        str | None,
+        typer.Option(
+            "--external-id",
+            help="Unique id your own system knows it by (a platform key's customer).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Create an organization with its first owner."""
@@ -83,8 +94,15 @@ def create(
 
     with cli_errors(as_json), unit_of_work(context.engine()) as session:
         owner = find_user(session, owner_email) or create_user(session, email=owner_email)
-        organization = create_organization(session, name=name or slug, slug=slug, owner_id=owner.id)
-        result = {"id": str(organization.id), "slug": organization.slug, "owner": owner.email}
+        organization = create_organization(
+            session, name=name or slug, slug=slug, owner_id=owner.id, external_id=external_id
+        )
+        result = {
+            "id": str(organization.id),
+            "slug": organization.slug,
+            "external_id": organization.external_id,
+            "owner": owner.email,
+        }
     if as_json:
         print_json(result)
     else:

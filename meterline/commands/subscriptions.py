@@ -74,10 +74,20 @@ def _document(
 
 def _print(document: dict[str, object]) -> None:
     print_table(
-        ["id", "organization", "plan", "status", "interval", "current period", "canceled at"],
+        [
+            "id",
+            "external id",
+            "organization",
+            "plan",
+            "status",
+            "interval",
+            "current period",
+            "canceled at",
+        ],
         [
             (
                 document["id"],
+                document["external_id"] or "-",
                 document["organization"],
                 document["plan"],
                 document["status"],
@@ -101,6 +111,13 @@ def create(
     start: Annotated[
         str | None,
         typer.Option("--start", help="RFC 3339 start (default now; past within the horizon)."),
+    ] = None,
+    external_id: Annotated[
+        str | None,
+        typer.Option(
+            "--external-id",
+            help="Unique id your own system knows it by (Lago's external_subscription_id).",
+        ),
     ] = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -129,6 +146,7 @@ def create(
                 interval=billing_interval,
                 now=begins,
                 trial_days=trial_days,
+                external_id=external_id,
             )
             document = _document(session, subscription)
         if as_json:
@@ -168,10 +186,10 @@ def list_(
             print_json({"subscriptions": documents})
             return
         print_table(
-            ["id", "organization", "plan", "status", "interval", "period end"],
+            ["id", "external id", "organization", "plan", "status", "interval", "period end"],
             [
-                (d["id"], d["organization"], d["plan"], d["status"], d["billing_interval"],
-                 d["current_period_end"])
+                (d["id"], d["external_id"] or "-", d["organization"], d["plan"], d["status"],
+                 d["billing_interval"], d["current_period_end"])
                 for d in documents
             ],
         )  # fmt: skip

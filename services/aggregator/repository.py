@@ -54,11 +54,12 @@ def counted_versions(
 
 @dataclass(frozen=True, slots=True)
 class References:
-    """Which ids of a batch exist, and the organization each project and key belongs to."""
+    """Which ids of a batch exist, and the organization each project and key belongs to (None:
+    a platform key, which writes for the organization ingest resolved from the event)."""
 
     organizations: frozenset[uuid.UUID]
     project_owner: dict[uuid.UUID, uuid.UUID]
-    key_owner: dict[uuid.UUID, uuid.UUID]
+    key_owner: dict[uuid.UUID, uuid.UUID | None]
 
     def problem(self, event: CountableEvent) -> str | None:
         if event.organization_id not in self.organizations:
@@ -67,7 +68,9 @@ class References:
         if project is not None and self.project_owner.get(project) != event.organization_id:
             return f"unknown project {project} for organization {event.organization_id}"
         key = event.api_key_id
-        if key is not None and self.key_owner.get(key) != event.organization_id:
+        if key is not None and (
+            key not in self.key_owner or self.key_owner[key] not in (None, event.organization_id)
+        ):
             return f"unknown api key {key} for organization {event.organization_id}"
         return None
 
@@ -89,7 +92,7 @@ def existing_references(connection: Connection, events: Sequence[CountableEvent]
             {"ids": projects},
         )
         project_owner = {row[0]: row[1] for row in rows}
-    key_owner: dict[uuid.UUID, uuid.UUID] = {}
+    key_owner: dict[uuid.UUID, uuid.UUID | None] = {}
     if keys:
         rows = connection.execute(
             sa.text(

@@ -31,6 +31,7 @@ def subscription_document(
         "canceled_at": _time(subscription.canceled_at),
         "trial_end": _time(subscription.trial_end),
         "stripe_subscription_id": subscription.stripe_subscription_id,
+        "external_id": subscription.external_id,
     }
     if phases is not None:
         document["phases"] = [

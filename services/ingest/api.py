@@ -35,7 +35,7 @@ from shared.logs import log_event, redact
 logger = logging.getLogger("meterline.ingest")
 
 JSON = "application/json"
-USAGE_PARAMETERS = frozenset({"metric", "from", "to", "group_by", "granularity"})
+USAGE_PARAMETERS = frozenset({"metric", "from", "to", "group_by", "granularity", "customer"})
 
 
 def _service(request: Request) -> IngestService:
@@ -207,6 +207,7 @@ async def get_usage(request: Request) -> Response:
             metric=params.get("metric"),
             group_by=params.get("group_by"),
             granularity=params.get("granularity", "hour"),
+            customer=params.get("customer"),
         )
     except MeterlineError as exc:
         return error_response(exc)

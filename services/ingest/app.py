@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from services.ingest.api import authenticate_first, error_response, routes
-from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache
+from services.ingest.keycache import FreshCache, KeyCache, KeyUsageTally, ProjectCache
 from services.ingest.keylookup import KeyLookups
 from services.ingest.publisher import EventPublisher, KafkaPublisher
 from services.ingest.queries import IngestQueries
@@ -83,6 +83,10 @@ def create_app(
             publisher=chosen,
             usage=queries.usage,
             member_role=queries.member_role,
+            customers=FreshCache(queries.customers, ttl=settings.key_cache_ttl_seconds),
+            subscriptions=FreshCache(
+                queries.subscription_customers, ttl=settings.key_cache_ttl_seconds
+            ),
         )
         background.append(asyncio.create_task(tally.run(settings.key_usage_flush_seconds)))
         background.append(asyncio.create_task(keys.run_polls()))

@@ -213,14 +213,14 @@ class KeyCache:
             await asyncio.sleep(max(0.0, self._ttl / 2 - (self._clock() - started)))
 
 
-class ProjectCache:
-    """Which organization each project belongs to, and whether it is archived, fresh for `ttl`
-    (a deleted or archived project is refused within it). Unknown ids are remembered too, in a
-    least-recently-used map of their own, so made-up ids never push real projects out."""
+class FreshCache(Generic[K, V]):
+    """What `fetch` answers for each key (a project's organization, a customer's), fresh for
+    `ttl`: a deleted or changed row is seen within it. Unknown keys are remembered too, in a
+    least-recently-used map of their own, so made-up names never push real entries out."""
 
     def __init__(
         self,
-        fetch: Callable[[set[uuid.UUID]], Awaitable[dict[uuid.UUID, ProjectInfo]]],
+        fetch: Callable[[set[K]], Awaitable[dict[K, V]]],
         *,
         ttl: float,
         max_entries: int = MAX_ENTRIES,
@@ -229,33 +229,38 @@ class ProjectCache:
         self._fetch = fetch
         self._ttl = ttl
         self._clock = clock
-        self._known: RecentlyUsed[uuid.UUID, tuple[float, ProjectInfo]] = RecentlyUsed(max_entries)
-        self._unknown: RecentlyUsed[uuid.UUID, float] = RecentlyUsed(max_entries)
+        self._known: RecentlyUsed[K, tuple[float, V]] = RecentlyUsed(max_entries)
+        self._unknown: RecentlyUsed[K, float] = RecentlyUsed(max_entries)
 
-    async def get_many(self, project_ids: Iterable[uuid.UUID]) -> dict[uuid.UUID, ProjectInfo]:
+    async def get_many(self, keys: Iterable[K]) -> dict[K, V]:
         now = self._clock()
-        found: dict[uuid.UUID, ProjectInfo] = {}
-        missing: set[uuid.UUID] = set()
-        for project_id in project_ids:
-            known = self._known.get(project_id)
+        found: dict[K, V] = {}
+        missing: set[K] = set()
+        for key in keys:
+            known = self._known.get(key)
             if known is not None and now - known[0] < self._ttl:
-                found[project_id] = known[1]
+                found[key] = known[1]
                 continue
-            unknown_at = self._unknown.get(project_id)
+            unknown_at = self._unknown.get(key)
             if unknown_at is None or now - unknown_at >= self._ttl:
-                missing.add(project_id)
+                missing.add(key)
         if missing:
             fetched = await self._fetch(missing)
-            for project_id in missing:
-                info = fetched.get(project_id)
+            for key in missing:
+                info = fetched.get(key)
                 if info is None:
-                    self._known.pop(project_id)
-                    self._unknown.put(project_id, now)
+                    self._known.pop(key)
+                    self._unknown.put(key, now)
                 else:
-                    self._unknown.pop(project_id)
-                    self._known.put(project_id, (now, info))
-                    found[project_id] = info
+                    self._unknown.pop(key)
+                    self._known.put(key, (now, info))
+                    found[key] = info
         return found
+
+
+class ProjectCache(FreshCache[uuid.UUID, ProjectInfo]):
+    """Which organization each project belongs to, and whether it is archived (a deleted or
+    archived project is refused within `ttl`)."""
 
 
 class KeyUsageTally:

@@ -17,6 +17,7 @@ from typing import Any
 from services.ingest.service import MAX_USAGE_RANGE
 from shared.events import (
     MAX_BODY_BYTES,
+    MAX_CUSTOMER,
     MAX_EVENTS_PER_REQUEST,
     MAX_ID,
     MAX_PROPERTIES,
@@ -39,6 +40,10 @@ NO_NUL = "Text must not contain U+0000 (NUL) or unpaired surrogates."
 # them, which the descriptions say.
 DEFAULT_MAX_FUTURE_SECONDS = 300
 DEFAULT_LATENESS_HORIZON_DAYS = 35
+PLATFORM_CUSTOMER = (
+    "The organization this is for, named by a platform key: the organization's external_id, "
+    "else its id. An unknown one is 422 (code `unknown_customer`) naming it."
+)
 
 
 def _ref(name: str) -> Schema:
@@ -106,6 +111,13 @@ def _event_schema() -> Schema:
                 "additionalProperties": {"type": "string", "maxLength": MAX_PROPERTY_VALUE},
                 "description": f"At most {MAX_PROPERTIES} string -> string pairs (keys at most "
                 f"{MAX_PROPERTY_KEY} characters, values at most {MAX_PROPERTY_VALUE}). {NO_NUL}",
+            },
+            "customer": {
+                "type": ["string", "null"],
+                "minLength": 1,
+                "maxLength": MAX_CUSTOMER,
+                "description": PLATFORM_CUSTOMER + " Required with a platform key; any other "
+                f"key naming a customer is 403. {NO_NUL}",
             },
         },
     }
@@ -261,16 +273,18 @@ def _events_operation() -> Schema:
             },
             "401": UNAUTHENTICATED,
             "403": _error(
-                "a project outside the key's organization, or outside a project-scoped key's "
-                "project; details name each event by index",
+                "a project outside the event's organization, or outside a project-scoped key's "
+                "project, or a customer named by a key that is not a platform key; details name "
+                "each event by index",
                 "forbidden",
             ),
             "413": _error(f"the body is larger than {MAX_BODY_BYTES} bytes", "payload_too_large"),
             "415": _error("the body is not JSON (Content-Type)", "unsupported_media_type"),
             "422": _error(
-                "not valid JSON, not an event or batch, or invalid events; details name each "
-                "bad event by index with every reason",
-                "invalid",
+                "not valid JSON, not an event or batch, invalid events, or (a platform key) an "
+                "event naming no customer or an unknown one; details name each bad event by "
+                "index with every reason",
+                "invalid, unknown_customer",
             ),
             "429": RATE_LIMITED,
             "503": _error(
@@ -298,7 +312,8 @@ def _usage_operation() -> Schema:
     instant = {"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN}
     return {
         "summary": "Usage the key may see, from usage_records",
-        "description": "An organization key reads its organization's usage; a project-scoped key "
+        "description": "A platform key reads the usage of the organization `customer` names; "
+        "an organization key reads its organization's usage; a project-scoped key "
         "only its project's; a user-scoped key what its member's role may see at the time of the "
         "request: owners, admins and billing members the organization's, a plain member only what "
         "its own user-scoped keys recorded (a key that is both keeps both limits). Rows outside "
@@ -320,6 +335,12 @@ def _usage_operation() -> Schema:
                 {"type": "string", "enum": ["hour", "day"], "default": "hour"},
                 "Bucket size.",
             ),
+            _query(
+                "customer",
+                {"type": "string", "minLength": 1, "maxLength": MAX_CUSTOMER},
+                PLATFORM_CUSTOMER + " Required with a platform key; any other key naming one "
+                "is 403.",
+            ),
         ],
         "x-meterline-range": {"max_days": days, "default_days": 1, "from_before_to": True},
         "responses": {
@@ -328,11 +349,16 @@ def _usage_operation() -> Schema:
                 "content": {"application/json": {"schema": _ref("Usage")}},
             },
             "401": UNAUTHENTICATED,
-            "403": _error("a user-scoped key whose member has left the organization", "forbidden"),
+            "403": _error(
+                "a user-scoped key whose member has left the organization, or a customer named "
+                "by a key that is not a platform key",
+                "forbidden",
+            ),
             "422": _error(
-                f"a bad parameter, an unknown one, one given twice, `from` not before `to`, or "
-                f"a range over {days} days; details name each problem",
-                "invalid",
+                f"a bad parameter, an unknown one, one given twice, `from` not before `to`, a "
+                f"range over {days} days, or (a platform key) no customer or an unknown one; "
+                "details name each problem",
+                "invalid, unknown_customer",
             ),
             "429": RATE_LIMITED,
             "503": _error("the database is unreachable", "database_unavailable", RETRY_AFTER),

@@ -20,7 +20,8 @@ from services.ingest.keycache import CHANGE_MARGIN, KeyChanges, ProjectInfo
 from shared.access import member_role
 from shared.apikeys import VerifiedKey, find_unrevoked_keys, record_key_usage
 from shared.errors import DatabaseUnavailable
-from shared.models import ApiKey, ApiKeyDeletion, Project, Role
+from shared.events import UUID_RE
+from shared.models import ApiKey, ApiKeyDeletion, Organization, Project, Role, Subscription
 from shared.usage import Granularity, GroupBy, UsageRow, UsageScope, query_usage
 
 T = TypeVar("T")
@@ -85,6 +86,40 @@ class IngestQueries:
                 row.id: ProjectInfo(row.organization_id, row.archived_at is not None)
                 for row in rows
             }
+
+        return await self._read(fetch)
+
+    async def customers(self, names: set[str]) -> dict[str, uuid.UUID]:
+        """The organization each name is the external id of, else the id of (customers.py)."""
+
+        def fetch(session: Session) -> dict[str, uuid.UUID]:
+            ids = [uuid.UUID(name) for name in names if UUID_RE.match(name)]
+            rows = session.execute(
+                sa.select(Organization.external_id, Organization.id).where(
+                    sa.or_(Organization.external_id.in_(names), Organization.id.in_(ids))
+                )
+            ).all()
+            by_id = {str(row.id): row.id for row in rows}
+            by_external = {row.external_id: row.id for row in rows if row.external_id}
+            found = {}
+            for name in names:
+                organization_id = by_external.get(name) or by_id.get(name.lower())
+                if organization_id is not None:
+                    found[name] = organization_id
+            return found
+
+        return await self._read(fetch)
+
+    async def subscription_customers(self, names: set[str]) -> dict[str, uuid.UUID]:
+        """The organization of the subscription each name is the external id of."""
+
+        def fetch(session: Session) -> dict[str, uuid.UUID]:
+            rows = session.execute(
+                sa.select(Subscription.external_id, Subscription.organization_id).where(
+                    Subscription.external_id.in_(names)
+                )
+            )
+            return {row.external_id: row.organization_id for row in rows}
 
         return await self._read(fetch)
 

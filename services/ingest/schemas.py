@@ -17,6 +17,7 @@ from typing import Annotated
 import msgspec
 
 from shared.events import (
+    MAX_CUSTOMER,
     MAX_EVENTS_PER_REQUEST,
     MAX_ID,
     MAX_PROPERTIES,
@@ -31,6 +32,7 @@ EventId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_ID)]
 Metric = Annotated[str, msgspec.Meta(pattern=METRIC_PATTERN)]
 Timestamp = Annotated[str, msgspec.Meta(pattern=TIMESTAMP_PATTERN)]
 ProjectId = Annotated[str, msgspec.Meta(pattern=UUID_PATTERN)]
+Customer = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_CUSTOMER)]
 Properties = Annotated[
     dict[
         Annotated[str, msgspec.Meta(max_length=MAX_PROPERTY_KEY)],
@@ -49,6 +51,7 @@ class EventIn(msgspec.Struct, forbid_unknown_fields=True):
     timestamp: Timestamp | None = None
     project_id: ProjectId | None = None
     properties: Properties | None = None
+    customer: Customer | None = None
 
 
 class BatchIn(msgspec.Struct, forbid_unknown_fields=True):

@@ -7,6 +7,7 @@ shared.errors exceptions that api.py maps to status codes.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 import msgspec
 
 from services.ingest import metrics
+from services.ingest.customers import Directory, resolve_organizations, usage_organization
 from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache, ProjectInfo
 from services.ingest.publisher import EventPublisher
 from services.ingest.ratelimit import RateLimiter
@@ -71,6 +73,14 @@ def parse_bearer(authorization: str | None) -> str | None:
     return token or None
 
 
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """The validated events of one request and the customer each names (None: none)."""
+
+    events: list[UsageEvent]
+    customers: list[str | None]
+
+
 def parse_events(
     body: bytes,
     *,
@@ -79,7 +89,22 @@ def parse_events(
     max_future: timedelta,
     default_project: uuid.UUID | None = None,
 ) -> list[UsageEvent]:
-    """Every event of a request body, validated, or InvalidInput listing each bad event by index.
+    """Every event of a request body, validated, or InvalidInput listing each bad event by index."""
+    return parse_request(
+        body, now=now, horizon=horizon, max_future=max_future, default_project=default_project
+    ).events
+
+
+def parse_request(
+    body: bytes,
+    *,
+    now: datetime,
+    horizon: timedelta,
+    max_future: timedelta,
+    default_project: uuid.UUID | None = None,
+) -> ParsedRequest:
+    """Every event of a request body, validated, with the customer each names, or InvalidInput
+    listing each bad event by index.
 
     The fast path decodes in C into typed structs and checks only what needs values; whatever it
     does not accept is handed to shared.events.validate_event, the authority on the rules, which
@@ -116,7 +141,7 @@ def _accept_fast(
     latest: datetime,
     default_project: uuid.UUID | None,
     escaped: bool,
-) -> list[UsageEvent] | None:
+) -> ParsedRequest | None:
     events = []
     for item in decoded:
         quantity = quantity_from_json(bytes(item.quantity))
@@ -145,11 +170,11 @@ def _accept_fast(
                 timestamp_defaulted=defaulted,
             )
         )
-    return events
+    return ParsedRequest(events, [item.customer for item in decoded])
 
 
 def _text_unstorable(item: EventIn) -> bool:
-    if unstorable_text(item.id):
+    if unstorable_text(item.id) or (item.customer and unstorable_text(item.customer)):
         return True
     return any(
         unstorable_text(name) or unstorable_text(value)
@@ -164,7 +189,7 @@ def _parse_slow(
     horizon: timedelta,
     max_future: timedelta,
     default_project: uuid.UUID | None,
-) -> list[UsageEvent]:
+) -> ParsedRequest:
     try:
         raw = generic_decoder.decode(body)
     except msgspec.MsgspecError:
@@ -188,7 +213,8 @@ def _parse_slow(
             f"{len(problems)} of {len(items)} events are invalid; nothing was accepted",
             details=problems,
         )
-    return events
+    # Each item is a valid event here, so an object whose customer is a string or absent.
+    return ParsedRequest(events, [item.get("customer") for item in items])
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
@@ -225,10 +251,14 @@ def _event_items(raw: Any) -> list[Any]:
 
 
 def check_projects(
-    events: Sequence[UsageEvent], key: VerifiedKey, projects: Mapping[uuid.UUID, ProjectInfo]
+    events: Sequence[UsageEvent],
+    key: VerifiedKey,
+    projects: Mapping[uuid.UUID, ProjectInfo],
+    organizations: Sequence[uuid.UUID] | None = None,
 ) -> None:
-    """Forbidden unless every event's project belongs to the key's organization (and, for a
-    project-scoped key, is that project). Unknown projects read the same as foreign ones."""
+    """Forbidden unless every event's project belongs to the event's organization (the key's,
+    or for a platform key the one its customer names) and, for a project-scoped key, is that
+    project. Unknown projects read the same as foreign ones."""
     problems = []
     for index, event in enumerate(events):
         project_id = event.project_id
@@ -241,7 +271,8 @@ def check_projects(
             # The key's own project was checked when the key was made; archiving revokes it.
             continue
         info = projects.get(project_id)
-        if info is None or info.organization_id != key.organization_id:
+        organization_id = key.organization_id if organizations is None else organizations[index]
+        if info is None or info.organization_id != organization_id:
             problems.append(
                 {"index": index, "reason": f"project {project_id} is not in this organization"}
             )
@@ -252,13 +283,19 @@ def check_projects(
 
 
 def build_envelopes(
-    key: VerifiedKey, events: list[UsageEvent], received_at: datetime
+    key: VerifiedKey,
+    events: list[UsageEvent],
+    received_at: datetime,
+    organization_id: uuid.UUID | None = None,
 ) -> list[bytes]:
-    """The encoded envelope of one request: one message, or several if it would be too large."""
+    """The encoded envelopes of one organization's events of a request (default: the key's):
+    one message, or several if it would be too large."""
+    organization = organization_id or key.organization_id
+    assert organization is not None, "a platform key's events name their organization"
     value = encode_envelope(
         Envelope(
             v=ENVELOPE_VERSION,
-            organization_id=key.organization_id,
+            organization_id=organization,
             api_key_id=key.id,
             received_at=received_at,
             events=events,
@@ -267,9 +304,20 @@ def build_envelopes(
     if len(value) <= MAX_MESSAGE_BYTES or len(events) == 1:
         return [value]
     half = len(events) // 2
-    return build_envelopes(key, events[:half], received_at) + build_envelopes(
-        key, events[half:], received_at
+    return build_envelopes(key, events[:half], received_at, organization) + build_envelopes(
+        key, events[half:], received_at, organization
     )
+
+
+def by_organization(
+    events: Sequence[UsageEvent], organizations: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[UsageEvent]]:
+    """The events of a request grouped by organization, each group in request order: an
+    envelope holds one organization's events, keyed by it (its partition, its order)."""
+    groups: dict[uuid.UUID, list[UsageEvent]] = {}
+    for event, organization_id in zip(events, organizations, strict=True):
+        groups.setdefault(organization_id, []).append(event)
+    return groups
 
 
 class UsageReader(Protocol):
@@ -288,11 +336,18 @@ class UsageReader(Protocol):
 MemberRole = Callable[[uuid.UUID, uuid.UUID], Awaitable[Role | None]]
 
 
-def usage_scope(key: VerifiedKey, role: Role | None) -> UsageScope:
+def usage_scope(
+    key: VerifiedKey, role: Role | None, organization_id: uuid.UUID | None = None
+) -> UsageScope:
     """What a key may read (DESIGN.md 4, README "Ingest API"): an organization key, its
     organization; a project key, its project; a user key, what its member's role may see now:
     owners, admins and billing the organization, a plain member only its own keys' usage. A
-    user key that is also project-scoped keeps both limits."""
+    user key that is also project-scoped keeps both limits. A platform key, the organization
+    it names (`organization_id`, resolved from the customer)."""
+    if key.platform:
+        assert organization_id is not None
+        return UsageScope(organization_id)
+    assert key.organization_id is not None
     if key.user_id is None:
         return UsageScope(key.organization_id, project_id=key.project_id)
     if role is None:
@@ -325,6 +380,8 @@ class IngestService:
         publisher: EventPublisher,
         usage: UsageReader,
         member_role: MemberRole,
+        customers: Directory,
+        subscriptions: Directory,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.topic = settings.events_topic
@@ -340,6 +397,8 @@ class IngestService:
         self.publisher = publisher
         self.usage_reader = usage
         self.member_role = member_role
+        self.customers = customers
+        self.subscriptions = subscriptions
         self.clock = clock
 
     async def authenticate(
@@ -358,40 +417,72 @@ class IngestService:
             raise RateLimited("over this key's rate limit", retry_after=wait)
         return key
 
-    async def ingest(self, key: VerifiedKey, body: bytes) -> int:
-        """Validate every event of `body`, publish them, and return how many the broker holds."""
+    async def ingest(
+        self,
+        key: VerifiedKey,
+        body: bytes,
+        *,
+        directory: Directory | None = None,
+        always_named: bool = False,
+    ) -> int:
+        """Validate every event of `body`, publish them, and return how many the broker holds.
+
+        `directory` is where the events' customer names are looked up (default: organizations);
+        `always_named` says the wire shape names a customer in every event (customers.py)."""
         received_at = self.clock()
         limits = self.limits
-        events = parse_events(
+        parsed = parse_request(
             body,
             now=received_at,
             horizon=limits.horizon,
             max_future=limits.max_future,
             default_project=key.project_id,
         )
-        project_ids = {e.project_id for e in events if e.project_id is not None}
-        if project_ids and not (key.project_id is not None and project_ids == {key.project_id}):
-            known = await self.projects.get_many(project_ids) if key.project_id is None else {}
-            try:
-                check_projects(events, key, known)
-            except Forbidden:
-                metrics.EVENTS_REJECTED.inc(len(events))
-                raise
-        values = build_envelopes(key, events, received_at)
+        events = parsed.events
+        try:
+            organizations = await resolve_organizations(
+                key, parsed.customers, directory or self.customers, always_named=always_named
+            )
+            project_ids = {e.project_id for e in events if e.project_id is not None}
+            if project_ids and not (key.project_id is not None and project_ids == {key.project_id}):
+                known = await self.projects.get_many(project_ids) if key.project_id is None else {}
+                check_projects(events, key, known, organizations)
+        except (Forbidden, InvalidInput):
+            metrics.EVENTS_REJECTED.inc(len(events))
+            raise
+        groups = by_organization(events, organizations)
         started = time.perf_counter()
-        await self.publisher.publish_all(
-            self.topic,
-            str(key.organization_id).encode(),
-            values,
-            int(received_at.timestamp() * 1000),
-            wait_seconds=limits.publish_timeout,
+        # Every organization's envelopes are published, or the request is answered 503 and
+        # retried: a group the broker already holds is then a resend the ledger counts once.
+        published = await asyncio.gather(
+            *(
+                self._publish(organization_id, key, group, received_at)
+                for organization_id, group in groups.items()
+            )
         )
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
         metrics.EVENTS_ACCEPTED.inc(len(events))
         log_event(
-            logger, "events_published", logging.DEBUG, count=len(events), messages=len(values)
+            logger, "events_published", logging.DEBUG, count=len(events), messages=sum(published)
         )
         return len(events)
+
+    async def _publish(
+        self,
+        organization_id: uuid.UUID,
+        key: VerifiedKey,
+        events: list[UsageEvent],
+        received_at: datetime,
+    ) -> int:
+        values = build_envelopes(key, events, received_at, organization_id)
+        await self.publisher.publish_all(
+            self.topic,
+            str(organization_id).encode(),
+            values,
+            int(received_at.timestamp() * 1000),
+            wait_seconds=self.limits.publish_timeout,
+        )
+        return len(values)
 
     async def usage(
         self,
@@ -402,8 +493,10 @@ class IngestService:
         metric: str | None,
         group_by: str | None,
         granularity: str,
+        customer: str | None = None,
     ) -> UsageOut:
-        """The usage the key may see (usage_scope) in [start, end) (default: the last 24 hours)."""
+        """The usage the key may see (usage_scope) in [start, end) (default: the last 24 hours);
+        a platform key reads the organization `customer` names."""
         problems = []
         if group_by not in (None, "project", "api_key", "metric"):
             problems.append("group_by: one of project, api_key, metric")
@@ -422,13 +515,10 @@ class IngestService:
             problems.append(f"from/to: at most {MAX_USAGE_RANGE.days} days apart")
         if problems:
             raise InvalidInput("invalid usage query", details=problems)
-        role = (
-            None
-            if key.user_id is None
-            else await self.member_role(key.organization_id, key.user_id)
-        )
+        organization_id = await usage_organization(key, customer, self.customers)
+        role = None if key.user_id is None else await self.member_role(organization_id, key.user_id)
         rows = await self.usage_reader(
-            usage_scope(key, role),
+            usage_scope(key, role, organization_id),
             start=start,
             end=end,
             metric=metric,

@@ -5,7 +5,18 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, LargeBinary, String, func
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    false,
+    func,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.models.base import Base, IdMixin, TimestampMixin
@@ -17,11 +28,19 @@ class ApiKey(IdMixin, TimestampMixin, Base):
     __table_args__ = (
         Index("ix_api_keys_updated_at", "updated_at"),
         Index("ix_api_keys_revoked_at", "revoked_at"),
+        # A platform key acts for whichever organization a request names, so it has none of
+        # its own (nor a project or user); every other key belongs to one organization.
+        CheckConstraint(
+            "(platform AND organization_id IS NULL AND project_id IS NULL AND user_id IS NULL)"
+            " OR (NOT platform AND organization_id IS NOT NULL)",
+            name="platform_scope",
+        ),
     )
 
-    organization_id: Mapped[uuid.UUID] = mapped_column(
+    organization_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), index=True
     )
+    platform: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # NO ACTION (checked at statement end) rather than RESTRICT, so that an organization's
     # cascade may remove its projects, keys and usage together, while deleting one project
     # that still has keys or usage is refused.

@@ -107,6 +107,9 @@ class Subscription(IdMixin, TimestampMixin, Base):
     trial_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     stripe_subscription_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255))
+    # The id the integrator's own system knows this subscription by (Lago's
+    # external_subscription_id names the organization of an event through it).
+    external_id: Mapped[str | None] = mapped_column(String(255), unique=True)
     # `created` of the last Stripe event applied to this subscription: an older event arriving
     # late is recorded as processed but changes nothing.
     stripe_event_created: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

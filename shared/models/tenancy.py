@@ -33,6 +33,9 @@ class Organization(IdMixin, TimestampMixin, Base):
     name: Mapped[str] = mapped_column(String(200))
     slug: Mapped[str] = mapped_column(String(100), unique=True)
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)
+    # The id the integrator's own system knows this organization by: what a platform key names
+    # as an event's `customer` (an OpenMeter subject).
+    external_id: Mapped[str | None] = mapped_column(String(255), unique=True)
 
 
 class OrganizationMember(IdMixin, TimestampMixin, Base):
