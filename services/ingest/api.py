@@ -17,6 +17,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from services.ingest import metrics
+from services.ingest.dropins import api as dropins
 from services.ingest.openapi import openapi_document
 from services.ingest.publisher import RETRY_AFTER_SECONDS
 from services.ingest.schemas import Accepted, encoder
@@ -89,7 +90,9 @@ def _escape_surrogates(value: Any) -> Any:
 
 
 # The routes that need a key, authenticated by `authenticate_first` before the framework runs.
-AUTHENTICATED = frozenset({("POST", "/v1/events"), ("GET", "/v1/usage")})
+AUTHENTICATED = frozenset(
+    {("POST", "/v1/events"), ("GET", "/v1/usage"), *(("POST", path) for path in dropins.PATHS)}
+)
 _KEY = "meterline.key"
 
 
@@ -109,13 +112,13 @@ def authenticate_first(app: Starlette) -> ASGIApp:
         except MeterlineError as exc:
             if scope["path"] == "/v1/events":
                 metrics.REQUESTS.labels(str(exc.status)).inc()
-            await _send_error(exc, send)
+            await _send_error(exc, send, scope["path"])
             return
         except Exception as exc:
             log_event(
                 logger, "request_failed", logging.ERROR, path=scope["path"], error=repr(exc)[:300]
             )
-            await _send_error(MeterlineError("internal error"), send)
+            await _send_error(MeterlineError("internal error"), send, scope["path"])
             return
         await app(scope, receive, send)
 
@@ -136,7 +139,16 @@ def _client(scope: Scope) -> str | None:
     return str(client[0]) if client else None
 
 
-async def _send_error(exc: MeterlineError, send: Send) -> None:
+async def _send_error(exc: MeterlineError, send: Send, path: str) -> None:
+    renderer = dropins.error_renderer(path)
+    if renderer is not None:
+        # A drop-in client reads refusals in its own API's document.
+        status, headers, body, media_type = renderer(exc)
+        raw = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
+        raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+        return
     status, headers, body = _error_parts(exc)
     await send({"type": "http.response.start", "status": status, "headers": _raw(headers, body)})
     await send({"type": "http.response.body", "body": body})
@@ -258,4 +270,5 @@ routes = [
     Route("/readyz", readyz, methods=["GET"]),
     Route("/metrics", metrics_endpoint, methods=["GET"]),
     Route("/openapi.json", openapi, methods=["GET"]),
+    *dropins.routes,
 ]

@@ -19,6 +19,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from services.ingest.api import authenticate_first, error_response, routes
+from services.ingest.dropins.values import no_value_paths
 from services.ingest.keycache import FreshCache, KeyCache, KeyUsageTally, ProjectCache
 from services.ingest.keylookup import KeyLookups
 from services.ingest.publisher import EventPublisher, KafkaPublisher
@@ -92,6 +93,8 @@ def create_app(
         background.append(asyncio.create_task(keys.run_polls()))
         app.state.service = service
         app.state.queries = queries
+        # Until meters name value paths, the drop-ins' defaults hold (dropins/values.py).
+        app.state.value_paths = no_value_paths
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise rescan every module object and stall requests.
         gc.freeze()
