@@ -38,7 +38,8 @@ def serve(
         ),
     ] = None,
 ) -> None:
-    """Serve POST /v1/events, GET /v1/usage, /healthz, /readyz, /metrics and /openapi.json."""
+    """Serve POST /v1/events, GET /v1/usage, /healthz, /readyz, /metrics and /openapi.json,
+    and the OpenMeter (/openmeter) and Lago (/lago) drop-in ingest routes."""
     with cli_errors():
         import uvicorn
 

@@ -197,3 +197,34 @@ def test_lago_refuses_a_bad_key(stack: IngestServer, engine: Engine) -> None:
     with pytest.raises(LagoApiError) as caught:
         client.events.create(lago_event("tx-1", customer.subscription_external_id))
     assert caught.value.status_code == 401
+
+
+def test_lago_organization_key_may_name_only_its_own_subscriptions(
+    stack: IngestServer, engine: Engine
+) -> None:
+    customer, other = make_customer(engine), make_customer(engine)
+    client = lago_python_client.Client(api_key=customer.key, api_url=f"{stack.url}/lago/")
+    client.events.create(lago_event("tx-own", customer.subscription_external_id))
+    with pytest.raises(LagoApiError) as caught:
+        client.events.create(lago_event("tx-foreign", other.subscription_external_id))
+    assert caught.value.status_code == 403
+    assert counted(engine, customer, 1) == (Decimal(1), 1)
+    assert totals(engine, other.organization_id) == (Decimal(0), 0)
+
+
+def test_openmeter_route_refuses_other_media_types_as_a_problem(
+    stack: IngestServer, platform_key: str
+) -> None:
+    import httpx
+
+    response = httpx.post(
+        f"{stack.url}/openmeter/api/v1/events",
+        content=b"id=1",
+        headers={"Authorization": f"Bearer {platform_key}", "Content-Type": "text/plain"},
+    )
+    assert response.status_code == 415
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["status"] == 415
+    refused = httpx.post(f"{stack.url}/openmeter/api/v1/events", json={})
+    assert refused.status_code == 401
+    assert refused.headers["content-type"] == "application/problem+json"
