@@ -1,7 +1,8 @@
 """The decisions of ingest: who is asking, may they, are the events valid, what goes on the topic.
 
-A request goes: authenticate -> rate limit -> parse and validate -> check projects -> build the
-envelope -> publish and wait for the broker's acknowledgement. Nothing here knows HTTP: errors are
+A request goes: authenticate -> rate limit -> parse and validate -> resolve each event's
+organization (a platform key's customers, customers.py) -> check projects -> build the envelopes
+(one organization each) -> publish and wait for the broker's acknowledgement. Nothing here knows HTTP: errors are
 shared.errors exceptions that api.py maps to status codes.
 """
 
