@@ -2,8 +2,8 @@
 
 A request goes: authenticate -> rate limit -> parse and validate -> resolve each event's
 organization (a platform key's customers, customers.py) -> check projects -> build the envelopes
-(one organization each) -> publish and wait for the broker's acknowledgement. Nothing here knows HTTP: errors are
-shared.errors exceptions that api.py maps to status codes.
+(one organization each) -> publish and wait for the broker's acknowledgement. Nothing here knows
+HTTP: errors are shared.errors exceptions that api.py maps to status codes.
 """
 
 from __future__ import annotations
