@@ -32,8 +32,9 @@ async def resolve_organizations(
     directory: Directory,
     *,
     always_named: bool = False,
-) -> list[uuid.UUID]:
-    """The organization of each event, in order, from the customer each names (None: none).
+) -> list[uuid.UUID] | None:
+    """The organization of each event, in order, from the customer each names (None: none);
+    None when every event is the key's own organization's (the common case, kept cheap).
 
     A platform key must name a known customer for every event. Any other key writes its own
     organization: on /v1/events it may not name a customer at all (Forbidden); where the wire
@@ -45,7 +46,7 @@ async def resolve_organizations(
     own = key.organization_id
     named = [(index, name) for index, name in enumerate(names) if name is not None]
     if not named:
-        return [own] * len(names)
+        return None
     if not always_named:
         raise Forbidden(
             "only a platform key may name a customer",
@@ -62,7 +63,7 @@ async def resolve_organizations(
     ]
     if foreign:
         raise Forbidden("this key may only write its own organization", details=foreign)
-    return [own] * len(names)
+    return None
 
 
 async def _platform_organizations(

@@ -451,21 +451,24 @@ class IngestService:
         except (Forbidden, InvalidInput):
             metrics.EVENTS_REJECTED.inc(len(events))
             raise
-        groups = by_organization(events, organizations)
         started = time.perf_counter()
-        # Every organization's envelopes are published, or the request is answered 503 and
-        # retried: a group the broker already holds is then a resend the ledger counts once.
-        published = await asyncio.gather(
-            *(
-                self._publish(organization_id, key, group, received_at)
-                for organization_id, group in groups.items()
+        if organizations is None:
+            assert key.organization_id is not None
+            messages = await self._publish(key.organization_id, key, events, received_at)
+        else:
+            # Every organization's envelopes are published, or the request is answered 503 and
+            # retried: a group the broker already holds is then a resend the ledger counts once.
+            groups = by_organization(events, organizations)
+            published = await asyncio.gather(
+                *(
+                    self._publish(organization_id, key, group, received_at)
+                    for organization_id, group in groups.items()
+                )
             )
-        )
+            messages = sum(published)
         metrics.PUBLISH_SECONDS.observe(time.perf_counter() - started)
         metrics.EVENTS_ACCEPTED.inc(len(events))
-        log_event(
-            logger, "events_published", logging.DEBUG, count=len(events), messages=sum(published)
-        )
+        log_event(logger, "events_published", logging.DEBUG, count=len(events), messages=messages)
         return len(events)
 
     async def _publish(
