@@ -310,6 +310,12 @@ def build_envelopes(
     )
 
 
+def _only(organizations: Sequence[uuid.UUID]) -> uuid.UUID | None:
+    """The one organization of a request's events, or None when they name several."""
+    first = organizations[0]
+    return first if all(o == first for o in organizations) else None
+
+
 def by_organization(
     events: Sequence[UsageEvent], organizations: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, list[UsageEvent]]:
@@ -452,9 +458,9 @@ class IngestService:
             metrics.EVENTS_REJECTED.inc(len(events))
             raise
         started = time.perf_counter()
-        if organizations is None:
-            assert key.organization_id is not None
-            messages = await self._publish(key.organization_id, key, events, received_at)
+        only = key.organization_id if organizations is None else _only(organizations)
+        if only is not None:
+            messages = await self._publish(only, key, events, received_at)
         else:
             # Every organization's envelopes are published, or the request is answered 503 and
             # retried: a group the broker already holds is then a resend the ledger counts once.
