@@ -462,6 +462,7 @@ class IngestService:
         if only is not None:
             messages = await self._publish(only, key, events, received_at)
         else:
+            assert organizations is not None
             # Every organization's envelopes are published, or the request is answered 503 and
             # retried: a group the broker already holds is then a resend the ledger counts once.
             groups = by_organization(events, organizations)
