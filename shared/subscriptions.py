@@ -13,16 +13,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-import sqlalchemy as sa
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from shared import subscription_repository as repository
 from shared.access import require_organization
 from shared.errors import Conflict, InvalidInput, NotFound
 from shared.models import (
     LIVE_STATUS_VALUES,
     BillingInterval,
-    Organization,
     Plan,
     Subscription,
     SubscriptionPhase,
@@ -47,7 +45,6 @@ RENEWING_STATUSES = frozenset(
 #: unique index is defined over the same values (shared.models.LIVE_STATUS_VALUES).
 LIVE_STATUSES = RENEWING_STATUSES | {SubscriptionStatus.INCOMPLETE}
 assert {str(status) for status in LIVE_STATUSES} == set(LIVE_STATUS_VALUES)
-LIVE_INDEX = "uq_subscriptions_one_live_per_organization"
 #: Statuses a billing run invoices: the renewing ones, and a canceled one for its last period.
 BILLED_STATUSES = RENEWING_STATUSES | {SubscriptionStatus.CANCELED}
 
@@ -136,7 +133,7 @@ def roll_periods(
 
 
 def _plan(session: Session, plan_id: uuid.UUID) -> Plan:
-    plan = session.get(Plan, plan_id)
+    plan = repository.plan_by_id(session, plan_id)
     if plan is None:
         raise NotFound(f"plan {plan_id} not found")
     if not plan.active:
@@ -145,7 +142,7 @@ def _plan(session: Session, plan_id: uuid.UUID) -> Plan:
 
 
 def _subscription(session: Session, subscription_id: uuid.UUID) -> Subscription:
-    subscription = session.get(Subscription, subscription_id, with_for_update=True)
+    subscription = repository.subscription_by_id(session, subscription_id, for_update=True)
     if subscription is None:
         raise NotFound(f"subscription {subscription_id} not found")
     return subscription
@@ -173,7 +170,7 @@ def _settle_ended(session: Session, live: Subscription, at: datetime) -> bool:
         live.status = SubscriptionStatus.CANCELED
         live.canceled_at = live.current_period_end
         live.cancel_at_period_end = False
-        session.flush()
+        repository.save(session)
         return True
     return False
 
@@ -192,24 +189,16 @@ def create_subscription(
     """A new subscription starting at `now`, anchored there. Conflict if the organization holds
     a live one, or if `now` is before its previous subscription's billing ended (the two would
     bill the same usage), or if another subscription has `external_id`."""
-    session.get(Organization, organization_id, with_for_update=True)
+    repository.lock_organization(session, organization_id)
     require_organization(session, organization_id)
     _plan(session, plan_id)
     if trial_days < 0:
         raise InvalidInput("trial days must not be negative")
     if external_id is not None:
         check_external_id(external_id)
-        taken = sa.select(Subscription.id).where(Subscription.external_id == external_id)
-        if session.scalar(taken) is not None:
+        if repository.subscription_by_external_id(session, external_id) is not None:
             raise Conflict(f"a subscription with external id {external_id!r} already exists")
-    live = session.scalar(
-        sa.select(Subscription)
-        .where(
-            Subscription.organization_id == organization_id,
-            Subscription.status.in_(LIVE_STATUSES),
-        )
-        .with_for_update()
-    )
+    live = repository.live_subscription(session, organization_id, for_update=True)
     if live is not None and not _settle_ended(session, live, now):
         raise Conflict(
             f"organization {organization_id} already has a live subscription ({live.id}); "
@@ -234,42 +223,22 @@ def create_subscription(
         stripe_subscription_id=stripe_subscription_id,
         external_id=external_id,
     )
-    session.add(subscription)
-    try:
-        # A savepoint: the unique index refusing a concurrent create leaves the session usable.
-        with session.begin_nested():
-            session.flush()
-    except IntegrityError as exc:
-        if LIVE_INDEX in str(exc.orig):
-            raise Conflict(
-                f"organization {organization_id} already has a live subscription "
-                "(created concurrently); cancel it first"
-            ) from None
-        raise
-    session.add(SubscriptionPhase(subscription_id=subscription.id, plan_id=plan_id, starts_at=now))
-    session.flush()
+    if not repository.insert_subscription(session, subscription):
+        raise Conflict(
+            f"organization {organization_id} already has a live subscription "
+            "(created concurrently); cancel it first"
+        )
+    repository.add_phase(
+        session, SubscriptionPhase(subscription_id=subscription.id, plan_id=plan_id, starts_at=now)
+    )
+    repository.save(session)
     return subscription
 
 
 def _previous_end(session: Session, organization_id: uuid.UUID) -> datetime | None:
-    ended = session.scalars(
-        sa.select(Subscription).where(
-            Subscription.organization_id == organization_id,
-            Subscription.status == SubscriptionStatus.CANCELED,
-        )
-    ).all()
+    ended = repository.canceled_subscriptions(session, organization_id)
     ends = [end for end in (billing_end(s) for s in ended) if end is not None]
     return max(ends, default=None)
-
-
-def phases_of(session: Session, subscription_id: uuid.UUID) -> list[SubscriptionPhase]:
-    return list(
-        session.scalars(
-            sa.select(SubscriptionPhase)
-            .where(SubscriptionPhase.subscription_id == subscription_id)
-            .order_by(SubscriptionPhase.starts_at)
-        )
-    )
 
 
 def change_plan(
@@ -292,13 +261,13 @@ def change_plan(
             f"one on the {interval} interval"
         )
     plan = _plan(session, plan_id)
-    current = session.get(Plan, subscription.plan_id)
+    current = repository.plan_by_id(session, subscription.plan_id)
     if current is not None and plan.currency != current.currency:
         raise InvalidInput(
             f"plan {plan.key!r} is priced in {plan.currency}, the subscription in "
             f"{current.currency}: one invoice cannot mix currencies"
         )
-    phases = phases_of(session, subscription_id)
+    phases = repository.phases_of(session, subscription_id)
     latest = phases[-1].starts_at if phases else subscription_start(subscription)
     floor = max(latest, subscription.current_period_start)
     if now < floor:
@@ -309,21 +278,23 @@ def change_plan(
     if plan.id == subscription.plan_id:
         return subscription
     if not phases:
-        session.add(
+        repository.add_phase(
+            session,
             SubscriptionPhase(
                 subscription_id=subscription.id,
                 plan_id=subscription.plan_id,
                 starts_at=subscription_start(subscription),
-            )
+            ),
         )
     if phases and phases[-1].starts_at == now:
         phases[-1].plan_id = plan.id
     else:
-        session.add(
-            SubscriptionPhase(subscription_id=subscription.id, plan_id=plan.id, starts_at=now)
+        repository.add_phase(
+            session,
+            SubscriptionPhase(subscription_id=subscription.id, plan_id=plan.id, starts_at=now),
         )
     subscription.plan_id = plan.id
-    session.flush()
+    repository.save(session)
     return subscription
 
 
@@ -332,7 +303,7 @@ def cancel_at_period_end(session: Session, subscription_id: uuid.UUID) -> Subscr
     if subscription.status not in LIVE_STATUSES:
         raise Conflict(f"subscription {subscription_id} is {subscription.status}, not live")
     subscription.cancel_at_period_end = True
-    session.flush()
+    repository.save(session)
     return subscription
 
 
@@ -351,7 +322,7 @@ def cancel_now(session: Session, subscription_id: uuid.UUID, *, now: datetime) -
     subscription.status = SubscriptionStatus.CANCELED
     subscription.canceled_at = now
     subscription.cancel_at_period_end = False
-    session.flush()
+    repository.save(session)
     return subscription
 
 
@@ -377,7 +348,7 @@ def renew_period(session: Session, subscription_id: uuid.UUID, *, now: datetime)
         subscription.current_period_start, subscription.current_period_end = rollover.periods[-1]
         if subscription.trial_end and subscription.trial_end <= subscription.current_period_start:
             subscription.status = SubscriptionStatus.ACTIVE
-    session.flush()
+    repository.save(session)
     return subscription
 
 
@@ -388,42 +359,12 @@ def set_status(
     subscription.status = status
     if status == SubscriptionStatus.CANCELED and subscription.canceled_at is None:
         subscription.canceled_at = now
-    session.flush()
+    repository.save(session)
     return subscription
-
-
-def organization_subscription(session: Session, organization_id: uuid.UUID) -> Subscription | None:
-    """The organization's live subscription, if any."""
-    return session.scalar(
-        sa.select(Subscription).where(
-            Subscription.organization_id == organization_id,
-            Subscription.status.in_(LIVE_STATUSES),
-        )
-    )
 
 
 def get_subscription(session: Session, subscription_id: uuid.UUID) -> Subscription:
-    subscription = session.get(Subscription, subscription_id)
+    subscription = repository.subscription_by_id(session, subscription_id)
     if subscription is None:
         raise NotFound(f"subscription {subscription_id} not found")
     return subscription
-
-
-def list_subscriptions(
-    session: Session,
-    *,
-    organization_id: uuid.UUID | None = None,
-    status: SubscriptionStatus | None = None,
-    limit: int = 1000,
-) -> list[Subscription]:
-    """Subscriptions, newest first, of one organization or all, in one status or any."""
-    query = sa.select(Subscription).order_by(Subscription.created_at.desc()).limit(limit)
-    if organization_id is not None:
-        query = query.where(Subscription.organization_id == organization_id)
-    if status is not None:
-        query = query.where(Subscription.status == status)
-    return list(session.scalars(query))
-
-
-def plans_by_id(session: Session, plan_ids: set[uuid.UUID]) -> dict[uuid.UUID, Plan]:
-    return {plan.id: plan for plan in session.scalars(sa.select(Plan).where(Plan.id.in_(plan_ids)))}

@@ -64,7 +64,7 @@ def _document(
 ) -> dict[str, object]:
     from services.billing.documents import subscription_document
     from shared.access import require_organization
-    from shared.subscriptions import phases_of, plans_by_id
+    from shared.subscription_repository import phases_of, plans_by_id
 
     found = phases_of(session, subscription.id) if phases else None
     plans = plans_by_id(session, {subscription.plan_id} | {p.plan_id for p in found or []})
@@ -170,7 +170,7 @@ def list_(
         from shared.errors import InvalidInput
         from shared.models import SubscriptionStatus
         from shared.organizations import find_organization
-        from shared.subscriptions import list_subscriptions
+        from shared.subscription_repository import list_subscriptions
 
         try:
             wanted = SubscriptionStatus(status) if status else None

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from services.billing.mismatch_repository import billing_runs
 from shared.models import BillingRun
 
 
@@ -17,11 +17,5 @@ class BillingRunPage:
 
 
 def list_billing_runs(session: Session, *, limit: int = 50, offset: int = 0) -> BillingRunPage:
-    total = session.scalar(sa.select(sa.func.count()).select_from(BillingRun)) or 0
-    runs = session.scalars(
-        sa.select(BillingRun)
-        .order_by(BillingRun.created_at.desc(), BillingRun.id.desc())
-        .limit(limit)
-        .offset(offset)
-    )
-    return BillingRunPage(list(runs), int(total))
+    runs, total = billing_runs(session, limit=limit, offset=offset)
+    return BillingRunPage(runs, total)

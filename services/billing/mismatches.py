@@ -7,15 +7,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Literal
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from services.billing import mismatch_repository as repository
+from services.billing.mismatch_repository import MismatchState
 from shared.errors import Conflict, InvalidInput, NotFound
-from shared.models import Organization, ReconciliationMismatch, Subscription
+from shared.models import ReconciliationMismatch
 
-MismatchState = Literal["open", "resolved", "all"]
 MAX_NOTE = 2000
 
 
@@ -55,14 +54,6 @@ def parse_state(value: str | None) -> MismatchState:
     return value  # type: ignore[return-value]
 
 
-def _query() -> Any:
-    return (
-        sa.select(ReconciliationMismatch, Organization.id, Organization.slug)
-        .join(Subscription, Subscription.id == ReconciliationMismatch.subscription_id)
-        .join(Organization, Organization.id == Subscription.organization_id)
-    )
-
-
 def _view(row: ReconciliationMismatch, organization_id: uuid.UUID, slug: str) -> MismatchView:
     return MismatchView(
         id=row.id,
@@ -96,27 +87,17 @@ def list_mismatches(
 ) -> MismatchPage:
     """Findings, newest first: `open` (no run fixed it and no person resolved it), `resolved`,
     or `all`."""
-    query = _query()
-    if state == "open":
-        query = query.where(ReconciliationMismatch.resolved.is_(False))
-    elif state == "resolved":
-        query = query.where(ReconciliationMismatch.resolved.is_(True))
-    if organization_id is not None:
-        query = query.where(Organization.id == organization_id)
-    total = session.scalar(sa.select(sa.func.count()).select_from(query.subquery())) or 0
-    rows = session.execute(
-        query.order_by(ReconciliationMismatch.updated_at.desc(), ReconciliationMismatch.id.desc())
-        .limit(limit)
-        .offset(offset)
+    rows, total = repository.mismatch_rows(
+        session, state=state, organization_id=organization_id, limit=limit, offset=offset
     )
-    return MismatchPage([_view(row[0], row[1], row[2]) for row in rows], int(total))
+    return MismatchPage([_view(*row) for row in rows], total)
 
 
 def get_mismatch(session: Session, mismatch_id: uuid.UUID) -> MismatchView:
-    row = session.execute(_query().where(ReconciliationMismatch.id == mismatch_id)).one_or_none()
-    if row is None:
+    found = repository.mismatch_row(session, mismatch_id)
+    if found is None:
         raise NotFound(f"mismatch {mismatch_id} not found")
-    return _view(row[0], row[1], row[2])
+    return _view(*found)
 
 
 def resolve_mismatch(
@@ -128,7 +109,7 @@ def resolve_mismatch(
         raise InvalidInput("note: say what was done or why no change is needed")
     if len(note) > MAX_NOTE or "\x00" in note:
         raise InvalidInput(f"note: at most {MAX_NOTE} characters, and no NUL character")
-    row = session.get(ReconciliationMismatch, mismatch_id, with_for_update=True)
+    row = repository.lock_mismatch(session, mismatch_id)
     if row is None:
         raise NotFound(f"mismatch {mismatch_id} not found")
     if row.resolved:
@@ -137,5 +118,5 @@ def resolve_mismatch(
     row.resolved_at = now
     row.resolved_by = resolved_by
     row.resolution_note = note
-    session.flush()
+    repository.save(session)
     return get_mismatch(session, mismatch_id)

@@ -6,9 +6,16 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
+from services.billing.plan_repository import (
+    add_plan,
+    all_plans,
+    plan_by_id,
+    plan_by_key,
+    plans_by_key,
+    save_plans,
+)
 from services.billing.schemas import PLAN_FIELDS, validate_plan_file
 from shared.errors import InvalidInput, NotFound
 from shared.models import Plan
@@ -62,14 +69,13 @@ def _refuse_nul(value: Any, path: str) -> None:
 def apply_plans(session: Session, plans: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """Create or update each plan by key; returns (key, created|updated|unchanged) per plan."""
     keys = [plan["key"] for plan in plans]
-    existing = {
-        plan.key: plan for plan in session.scalars(sa.select(Plan).where(Plan.key.in_(keys)))
-    }
+    existing = plans_by_key(session, keys)
     outcome: list[tuple[str, str]] = []
     for values in plans:
         plan = existing.get(values["key"])
         if plan is None:
-            session.add(Plan(key=values["key"], **{name: values[name] for name in PLAN_FIELDS}))
+            fields = {name: values[name] for name in PLAN_FIELDS}
+            add_plan(session, Plan(key=values["key"], **fields))
             outcome.append((values["key"], "created"))
             continue
         changed = False
@@ -78,16 +84,16 @@ def apply_plans(session: Session, plans: list[dict[str, Any]]) -> list[tuple[str
                 setattr(plan, name, values[name])
                 changed = True
         outcome.append((values["key"], "updated" if changed else "unchanged"))
-    session.flush()
+    save_plans(session)
     return outcome
 
 
 def find_plan(session: Session, reference: str) -> Plan:
     """A plan by key or id."""
-    plan = session.scalar(sa.select(Plan).where(Plan.key == reference))
+    plan = plan_by_key(session, reference)
     if plan is None:
         try:
-            plan = session.get(Plan, uuid.UUID(reference))
+            plan = plan_by_id(session, uuid.UUID(reference))
         except ValueError:
             plan = None
     if plan is None:
@@ -96,7 +102,7 @@ def find_plan(session: Session, reference: str) -> Plan:
 
 
 def list_plans(session: Session) -> list[Plan]:
-    return list(session.scalars(sa.select(Plan).order_by(Plan.key)))
+    return all_plans(session)
 
 
 def plan_document(plan: Plan) -> dict[str, Any]:

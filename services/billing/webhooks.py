@@ -15,14 +15,20 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import Connection
 
 from services.billing.gateway import subscription_from_stripe
 from services.billing.reconcile import period_finding
 from services.billing.report_repository import record_mismatch
-from shared.models import StripeWebhookEvent, Subscription
+from services.billing.webhook_repository import (
+    SubscriptionChange,
+    WebhookSubject,
+    apply_subscription_change,
+    claim_event,
+    record_outcome,
+    set_subscription_status,
+    subscriptions_matching,
+)
 from shared.subscriptions import next_period
 
 # A paid invoice brings these back to active; a failed payment makes an active one past_due.
@@ -31,12 +37,7 @@ _RECOVERS_ON_PAYMENT = ("past_due", "unpaid", "incomplete")
 
 def apply_stripe_event(connection: Connection, event: dict[str, Any]) -> str:
     """Apply one verified Stripe event; returns its outcome (`duplicate` when seen before)."""
-    claimed = connection.execute(
-        pg.insert(StripeWebhookEvent)
-        .values(id=uuid.uuid4(), stripe_event_id=event["id"], type=event["type"], outcome="pending")
-        .on_conflict_do_nothing(index_elements=[StripeWebhookEvent.stripe_event_id])
-        .returning(StripeWebhookEvent.id)
-    ).scalar_one_or_none()
+    claimed = claim_event(connection, event["id"], event["type"])
     if claimed is None:
         return "duplicate"
     obj = event["data"]["object"]
@@ -49,11 +50,7 @@ def apply_stripe_event(connection: Connection, event: dict[str, Any]) -> str:
         subscription_id, outcome = _apply_invoice(connection, kind, obj, created)
     else:
         outcome = "ignored"
-    connection.execute(
-        sa.update(StripeWebhookEvent)
-        .where(StripeWebhookEvent.id == claimed)
-        .values(outcome=outcome, subscription_id=subscription_id)
-    )
+    record_outcome(connection, claimed, outcome, subscription_id)
     return outcome
 
 
@@ -64,18 +61,13 @@ def _created(event: dict[str, Any]) -> datetime | None:
     return None
 
 
-def _stale(found: Any, created: datetime | None) -> bool:
+def _stale(found: WebhookSubject, created: datetime | None) -> bool:
     """Whether a newer event was already applied to this subscription."""
     last = found.stripe_event_created
     return created is not None and last is not None and created < last
 
 
-def _ordering(created: datetime | None) -> dict[str, Any]:
-    """The values that record this event as the newest applied, if it carries its time."""
-    return {"stripe_event_created": created} if created is not None else {}
-
-
-def _find(connection: Connection, stripe_id: object, metadata: object) -> Any:
+def _find(connection: Connection, stripe_id: object, metadata: object) -> WebhookSubject | None:
     """The one subscription a Stripe object is about, or None: matched by its Stripe id, or by
     the meterline_subscription_id we put in its metadata (before the two are linked, and on the
     invoices Meterline creates, which belong to no Stripe subscription).
@@ -83,43 +75,22 @@ def _find(connection: Connection, stripe_id: object, metadata: object) -> Any:
     Never a guess: an object with neither, no match, two candidates, or an object of one Stripe
     subscription naming our row already linked to another is no match at all, so an event can
     never change a subscription it is not about."""
-    conditions = []
-    if isinstance(stripe_id, str) and stripe_id:
-        conditions.append(Subscription.stripe_subscription_id == stripe_id)
-    ours = metadata.get("meterline_subscription_id") if isinstance(metadata, dict) else None
-    if isinstance(ours, str):
+    theirs = stripe_id if isinstance(stripe_id, str) and stripe_id else None
+    ours_text = metadata.get("meterline_subscription_id") if isinstance(metadata, dict) else None
+    ours: uuid.UUID | None = None
+    if isinstance(ours_text, str):
         with contextlib.suppress(ValueError):
-            conditions.append(Subscription.id == uuid.UUID(ours))
-    if not conditions:
-        return None
-    found = connection.execute(
-        sa.select(
-            Subscription.id,
-            Subscription.status,
-            Subscription.billing_interval,
-            Subscription.current_period_start,
-            Subscription.current_period_end,
-            Subscription.billing_cycle_anchor,
-            Subscription.stripe_event_created,
-            Subscription.stripe_subscription_id,
-        )
-        .where(sa.or_(*conditions))
-        .limit(2)
-    ).all()
+            ours = uuid.UUID(ours_text)
+    found = subscriptions_matching(connection, stripe_subscription_id=theirs, subscription_id=ours)
     if len(found) != 1:
         return None
     [row] = found
-    if (
-        isinstance(stripe_id, str)
-        and stripe_id
-        and row.stripe_subscription_id is not None
-        and row.stripe_subscription_id != stripe_id
-    ):
+    if theirs and row.stripe_subscription_id is not None and row.stripe_subscription_id != theirs:
         return None
     return row
 
 
-def _continues_our_grid(found: Any, start: datetime, end: datetime) -> bool:
+def _continues_our_grid(found: WebhookSubject, start: datetime, end: datetime) -> bool:
     """Whether Stripe's period is the anchored period that follows our current one. Moving onto
     anything else would make the next run invoice an overlapping period (or skip one)."""
     anchor = found.billing_cycle_anchor or found.current_period_start
@@ -136,15 +107,8 @@ def _apply_subscription(
     if _stale(found, created):
         return found.id, "stale"
     theirs = subscription_from_stripe(obj)
-    values: dict[str, Any] = {
-        "status": "canceled" if kind == "customer.subscription.deleted" else theirs.status,
-        "stripe_subscription_id": theirs.id,
-        "cancel_at_period_end": bool(obj.get("cancel_at_period_end")),
-        "updated_at": sa.func.now(),
-    } | _ordering(created)
-    if theirs.customer_id:
-        values["stripe_customer_id"] = theirs.customer_id
     outcome = "subscription_updated"
+    period: tuple[datetime, datetime] | None = None
     ours = (found.current_period_start, found.current_period_end)
     if (
         theirs.period_start
@@ -152,18 +116,23 @@ def _apply_subscription(
         and (theirs.period_start, theirs.period_end) != ours
     ):
         if _continues_our_grid(found, theirs.period_start, theirs.period_end):
-            values["current_period_start"] = theirs.period_start
-            values["current_period_end"] = theirs.period_end
+            period = (theirs.period_start, theirs.period_end)
         else:
             finding = period_finding(found.id, ours, (theirs.period_start, theirs.period_end))
             record_mismatch(connection, None, finding)
             outcome = "period_differs"
     # Not billing_cycle_anchor: our anchor defines our periods; a different one at Stripe shows
     # as period_differs, for a person to settle.
-    for field in ("canceled_at", "trial_end"):
-        if obj.get(field):
-            values[field] = sa.func.to_timestamp(obj[field])
-    connection.execute(sa.update(Subscription).where(Subscription.id == found.id).values(values))
+    change = SubscriptionChange(
+        status="canceled" if kind == "customer.subscription.deleted" else theirs.status,
+        stripe_subscription_id=theirs.id,
+        cancel_at_period_end=bool(obj.get("cancel_at_period_end")),
+        stripe_customer_id=theirs.customer_id,
+        current_period=period,
+        canceled_at=obj.get("canceled_at"),
+        trial_end=obj.get("trial_end"),
+    )
+    apply_subscription_change(connection, found.id, change, event_created=created)
     return found.id, outcome
 
 
@@ -195,9 +164,5 @@ def _apply_invoice(
         new_status = "past_due"
     else:
         return found.id, "no_change"
-    connection.execute(
-        sa.update(Subscription)
-        .where(Subscription.id == found.id)
-        .values(status=new_status, updated_at=sa.func.now(), **_ordering(created))
-    )
+    set_subscription_status(connection, found.id, new_status, event_created=created)
     return found.id, f"status_{new_status}"
