@@ -293,16 +293,24 @@ def invoice_rows(invoices: Sequence[Invoice], *, new: frozenset[uuid.UUID]) -> I
     """`new` names the invoices the caller found no stored row for."""
     fresh: list[str] = []
     updated: list[str] = []
+    # Subscriptions alike share their periods' pricing objects (services.billing.invoices caches
+    # them): each one's snapshot text and segment positions are built once per call, by identity
+    # (every pricing stays referenced by its invoice until the call returns).
+    snapshots: dict[int, tuple[str, dict[datetime, int]]] = {}
     for invoice in invoices:
         pricing = invoice.pricing
-        segments = {s.start: n for n, s in enumerate(pricing.segments)} if pricing else {}
+        found = snapshots.get(id(pricing))
+        if found is None:
+            positions = {s.start: n for n, s in enumerate(pricing.segments)} if pricing else {}
+            found = (_copy_json(pricing.to_json()) if pricing else _NULL, positions)
+            snapshots[id(pricing)] = found
+        snapshot, segments = found
         # Ids, instants, currency codes and statuses hold nothing COPY would read as an escape.
         (fresh if invoice.id in new else updated).append(
             f"{invoice.id}\t{invoice.organization_id}\t{invoice.subscription_id}\t"
             f"{iso(invoice.period_start)}\t{iso(invoice.period_end)}\t"
             f"{invoice.currency}\t{invoice.status}\t{invoice.flat_amount}\t{invoice.total}\t"
-            f"{_copy_time(invoice.finalized_at)}\t"
-            f"{_copy_json(pricing.to_json()) if pricing else _NULL}\t"
+            f"{_copy_time(invoice.finalized_at)}\t{snapshot}\t"
             f"{_copy_json([_line_document(line, segments) for line in invoice.lines])}\n"
         )
     return InvoiceRows("".join(fresh), "".join(updated))

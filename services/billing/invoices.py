@@ -256,6 +256,11 @@ def usage_lines(pricing: InvoicePricing, totals: Totals) -> list[InvoiceLine]:
     for segment in pricing.segments:
         for metric, price in segment.sorted_metered:
             quantity = totals.get((segment.start, segment.end, metric), ZERO)
+            if quantity is ZERO:
+                # No usage at all costs nothing (the most common line of all): one line per
+                # segment and metric serves every invoice.
+                lines.append(_unused_line(segment, metric))
+                continue
             priced = _priced(metric, quantity, price, pricing.trial)
             lines.append(
                 InvoiceLine(
@@ -270,6 +275,20 @@ def usage_lines(pricing: InvoicePricing, totals: Totals) -> list[InvoiceLine]:
                 )
             )
     return lines
+
+
+@functools.lru_cache(maxsize=20_000)
+def _unused_line(segment: SegmentTerms, metric: str) -> InvoiceLine:
+    return InvoiceLine(
+        "usage",
+        metric,
+        ZERO,
+        ZERO,
+        0,
+        segment_start=segment.start,
+        segment_end=segment.end,
+        plan_id=segment.plan_id,
+    )
 
 
 @dataclass

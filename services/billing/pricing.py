@@ -66,19 +66,19 @@ def billable_quantity(quantity: Quantity, price: MeteredPrice) -> Quantity:
 
 
 def exact_amount(billable: Quantity, price: MeteredPrice) -> Decimal:
-    """The unrounded amount in minor units for a billable quantity; 0 costs 0 in every model."""
-    with localcontext(SUM_CONTEXT):
-        return _exact_amount(billable, price)
+    """The unrounded amount in minor units for a billable quantity; 0 costs 0 in every model.
 
-
-def _exact_amount(billable: Quantity, price: MeteredPrice) -> Decimal:
+    Every operation names SUM_CONTEXT itself rather than entering it as the local context: the
+    same arithmetic, without a context switch per line (it cost a quarter of pricing)."""
     if billable <= 0:
         return ZERO
     if price.model == "per_unit":
-        return billable * price.unit_amount
+        return SUM_CONTEXT.multiply(billable, price.unit_amount)
     if price.model == "package":
-        packages = (billable / Decimal(price.package_size)).to_integral_value(ROUND_CEILING)
-        return packages * price.package_amount
+        packages = SUM_CONTEXT.divide(billable, Decimal(price.package_size)).to_integral_value(
+            ROUND_CEILING, context=SUM_CONTEXT
+        )
+        return SUM_CONTEXT.multiply(packages, price.package_amount)
     if price.model == "graduated":
         return _graduated(billable, price.tiers)
     return _volume(billable, price.tiers)
@@ -90,7 +90,8 @@ def _graduated(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
     for tier in tiers:
         upper = billable if tier.up_to is None else min(billable, tier.up_to)
         if upper > lower:
-            total += (upper - lower) * tier.unit_amount + tier.flat_amount
+            tier_amount = SUM_CONTEXT.multiply(SUM_CONTEXT.subtract(upper, lower), tier.unit_amount)
+            total = SUM_CONTEXT.add(total, SUM_CONTEXT.add(tier_amount, tier.flat_amount))
         if tier.up_to is None or billable <= tier.up_to:
             break
         lower = tier.up_to
@@ -100,7 +101,9 @@ def _graduated(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
 def _volume(billable: Quantity, tiers: Sequence[Tier]) -> Decimal:
     for tier in tiers:
         if tier.up_to is None or billable <= tier.up_to:
-            return billable * tier.unit_amount + tier.flat_amount
+            return SUM_CONTEXT.add(
+                SUM_CONTEXT.multiply(billable, tier.unit_amount), tier.flat_amount
+            )
     raise ValueError("tiers must end with an open tier (up_to null)")
 
 

@@ -12,7 +12,7 @@ The steps of a run, in this order (each opens its own transactions; nothing belo
   (3) total every segment's usage in one REPEATABLE READ transaction, so the windows and the
       parts of the cuts come from one snapshot;
   (4) price (pure: services.billing.invoices);
-  (5) write chunk by chunk (a writer thread, in order, while the next chunk is priced):
+  (5) write chunk by chunk (two writer threads, while the next chunk is priced):
       invoices, periods, cancellations, meter report intents and billing states of whole
       subscriptions land together or not at all;
   (6) Stripe (stripe_steps): send the meter reports, collect the final invoices, reconcile.
@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import NamedTuple
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
@@ -50,7 +51,12 @@ from services.billing.reconcile import mismatch_document
 from services.billing.report_repository import Mismatch
 from services.billing.reporting import MeterReport
 from services.billing.repository import SubscriptionToBill
-from services.billing.terms import InvoicePricing, PlanHistory, metric_names
+from services.billing.terms import (
+    InvoicePricing,
+    PlanHistory,
+    metric_names,
+    sorted_metric_names,
+)
 from services.billing.usage_totals import SegmentQuery, segment_totals
 from shared.errors import InvalidInput
 from shared.logs import log_event
@@ -75,6 +81,8 @@ Progress = Callable[[int, int], None]
 # Subscriptions written per transaction: large enough that a 10,000-subscription run is a few
 # dozen round trips, small enough that a retry of one chunk, one by one, stays quick.
 CHUNK = 1000
+#: Chunks written at once, each on a connection of its own.
+WRITERS = 2
 
 
 @dataclass
@@ -291,11 +299,13 @@ class _Run:
         progress: Progress | None,
         list_invoices: bool,
     ) -> None:
-        """(4) Price each chunk of subscriptions and prepare its rows, then (5) write it. One
-        writer thread writes the chunks in order while this one prices the next: the writer
-        only waits on PostgreSQL, which runs beside Python. At most two chunks are in flight,
-        and the first failure stops the run before it is reported."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="billing-writer") as writer:
+        """(4) Price each chunk of subscriptions and prepare its rows, then (5) write it. Two
+        writer threads write chunks, each in a transaction of its own, while this one prices
+        the next: a writer only waits on PostgreSQL, whose per-row work (the invoices' keys,
+        indexes and JSON) takes longer than the pricing, so two backends write side by side.
+        Chunks hold disjoint subscriptions; at most WRITERS + 1 are in flight, and the first
+        failure (in chunk order) stops the run before it is reported."""
+        with ThreadPoolExecutor(max_workers=WRITERS, thread_name_prefix="billing-writer") as writer:
             in_flight: list[Future[None]] = []
             for done in range(0, len(work), CHUNK):
                 chunk = work[done : done + CHUNK]
@@ -314,7 +324,7 @@ class _Run:
                         self.result.billed.extend(invoices_of_run(item.desired, item.existing))
                 if not self.dry_run:
                     prepared = _chunk_write(chunk, as_of=self.as_of, salt=self.salt)
-                    while len(in_flight) >= 2:
+                    while len(in_flight) > WRITERS:
                         in_flight.pop(0).result()
                     in_flight.append(writer.submit(self._write_chunk, prepared, totals))
                 if progress is not None:
@@ -459,8 +469,7 @@ def _pricings(item: _Work, as_of: datetime) -> list[InvoicePricing]:
     ]
 
 
-@dataclass(frozen=True)
-class _QueryKey:
+class _QueryKey(NamedTuple):
     subscription_id: uuid.UUID
     start: datetime
     end: datetime
@@ -469,27 +478,38 @@ class _QueryKey:
 def _queries(work: list[_Work], as_of: datetime) -> list[tuple[_QueryKey, SegmentQuery]]:
     """One query per distinct segment of each subscription, with every metric a plan of that
     segment prices (a draft and a final invoice may share a segment)."""
-    wanted: dict[_QueryKey, tuple[set[str], set[str], uuid.UUID]] = {}
+    # Per segment the metered prices of each pricing that reads it: nearly always one, whose
+    # metric names are sorted once per distinct price (sorted_metric_names is cached).
+    wanted: dict[_QueryKey, tuple[uuid.UUID, list[str]]] = {}
     for item in work:
         for pricing in _pricings(item, as_of):
             for segment in pricing.segments:
-                names, largest = metric_names(segment.metered_json)
                 key = _QueryKey(item.row.id, segment.start, segment.end)
-                metrics, maxima, _ = wanted.setdefault(
-                    key, (set(), set(), item.row.organization_id)
-                )
-                metrics.update(names)
-                maxima.update(largest)
-    return [
-        (
-            key,
-            SegmentQuery(
-                organization_id, key.start, key.end, tuple(sorted(metrics)), tuple(sorted(maxima))
-            ),
+                found = wanted.get(key)
+                if found is None:
+                    wanted[key] = (item.row.organization_id, [segment.metered_json])
+                elif segment.metered_json not in found[1]:
+                    found[1].append(segment.metered_json)
+    queries = []
+    for key, (organization_id, prices) in wanted.items():
+        metrics, maxima = (
+            sorted_metric_names(prices[0]) if len(prices) == 1 else _union_names(prices)
         )
-        for key, (metrics, maxima, organization_id) in wanted.items()
-        if metrics
-    ]
+        if metrics:
+            queries.append(
+                (key, SegmentQuery(organization_id, key.start, key.end, metrics, maxima))
+            )
+    return queries
+
+
+def _union_names(prices: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    metrics: set[str] = set()
+    maxima: set[str] = set()
+    for metered_json in prices:
+        names, largest = metric_names(metered_json)
+        metrics.update(names)
+        maxima.update(largest)
+    return tuple(sorted(metrics)), tuple(sorted(maxima))
 
 
 def _totals(

@@ -45,6 +45,11 @@ class PlanHistory:
     name: str
     versions: tuple[PlanVersionTerms, ...]  # oldest first, never empty
 
+    def __hash__(self) -> int:
+        # Every pricing of a run hashes its plans (the pricings are cached): the id alone is
+        # cheap, and equal histories share it.
+        return hash(self.plan_id)
+
     def as_of(self, moment: datetime, *, ended: bool) -> PlanVersionTerms:
         """The version in effect at `moment`; `ended`: the moment is the end of what is priced,
         which an edit made at that very instant does not reach."""
@@ -78,6 +83,13 @@ def metric_names(metered_json: str) -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(metered), frozenset(m for m, p in metered.items() if p.aggregation == "max")
 
 
+@functools.lru_cache(maxsize=4096)
+def sorted_metric_names(metered_json: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """`metric_names`, each sorted: what a usage query of these prices asks for."""
+    names, largest = metric_names(metered_json)
+    return tuple(sorted(names)), tuple(sorted(largest))
+
+
 @dataclass(frozen=True)
 class SegmentTerms:
     """One segment of a period and the plan terms it is priced on."""
@@ -90,6 +102,10 @@ class SegmentTerms:
     flat_amount: int  # the plan's flat fee for a whole period of the interval
     metered_json: str
     version_id: uuid.UUID | None = None
+
+    def __hash__(self) -> int:
+        # Cheap (equal terms share their start and prices): segments key the cached lines.
+        return hash((self.start, self.metered_json))
 
     @property
     def price(self) -> PlanPrice:
