@@ -9,6 +9,7 @@ billing at its instant. None of them reaches into a period that has ended."""
 from __future__ import annotations
 
 import calendar
+import functools
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -94,6 +95,8 @@ def period_containing(
     return start, end
 
 
+# Pure, and a billing run asks it the same few anchors and ends for every subscription.
+@functools.lru_cache(maxsize=4096)
 def next_period(
     anchor: datetime, end: datetime, interval: BillingInterval | str
 ) -> tuple[datetime, datetime]:

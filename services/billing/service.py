@@ -80,7 +80,7 @@ RULES_VERSION = "2"
 Progress = Callable[[int, int], None]
 # Subscriptions written per transaction: large enough that a 10,000-subscription run is a few
 # dozen round trips, small enough that a retry of one chunk, one by one, stays quick.
-CHUNK = 1000
+CHUNK = 500
 #: Chunks written at once, each on a connection of its own.
 WRITERS = 2
 
