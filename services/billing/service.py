@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -99,6 +100,8 @@ class RunResult:
     collected: list[Invoice] = field(default_factory=list)
     subscriptions: int = 0
     skipped: int = 0
+    #: Seconds spent in each step of the run (read, segments, cuts, totals, price_and_write).
+    step_seconds: dict[str, float] = field(default_factory=dict)
 
     def document(self) -> dict[str, object]:
         """`billing run --json`, the shape of DESIGN.md section 5."""
@@ -154,12 +157,18 @@ def run_billing(
         horizon=lateness_horizon,
     )
     result = run.result
+    clock = _StepClock(result.step_seconds)
     rows, work, skipped = run.read(organization_id, gateway)
+    clock.done("read")
     try:
         queries = _queries(work, as_of)
+        clock.done("segments")
         missing = run.register_cuts(queries)
+        clock.done("cuts")
         totals = run.totals(queries, missing)
+        clock.done("totals")
         run.price_and_write(work, totals, progress=progress, list_invoices=list_invoices)
+        clock.done("price_and_write")
         if list_invoices:
             run.list_skipped(skipped)
         # (6) Stripe.
@@ -192,8 +201,22 @@ def run_billing(
         collected=len(result.collected),
         mismatches=len(result.mismatches),
         dry_run=dry_run,
+        step_seconds={step: round(seconds, 3) for step, seconds in result.step_seconds.items()},
     )
     return result
+
+
+class _StepClock:
+    """Wall time of each step, for the run's log line and the benchmark."""
+
+    def __init__(self, seconds: dict[str, float]) -> None:
+        self._seconds = seconds
+        self._last = time.perf_counter()
+
+    def done(self, step: str) -> None:
+        now = time.perf_counter()
+        self._seconds[step] = now - self._last
+        self._last = now
 
 
 @dataclass

@@ -333,7 +333,7 @@ def main() -> None:
         first_seconds = time.perf_counter() - started
         print(
             f"first run: {first_seconds:.2f}s, {len(first.invoices):,} invoices written "
-            f"({rows / first_seconds:,.0f} usage rows/s)"
+            f"({rows / first_seconds:,.0f} usage rows/s); its steps: {_steps(first)}"
         )
         started = time.perf_counter()
         second = service.run_billing(
@@ -341,7 +341,7 @@ def main() -> None:
         )
         second_seconds = time.perf_counter() - started
         print(
-            f"second run (nothing new): {second_seconds:.2f}s, "
+            f"second run (nothing new): {second_seconds:.2f}s ({_steps(second)}), "
             f"{len(second.invoices)} invoices written, {second.skipped:,} subscriptions skipped"
         )
 
@@ -437,6 +437,10 @@ def _trigger_cost(engine: sa.Engine, url: str) -> str:
         f" over {len(organizations)} organizations, best of 2 each; cost"
         f" {(1 - on / off) * 100:.0f}%; load average {_load_average()})"
     )
+
+
+def _steps(result: Any) -> str:
+    return ", ".join(f"{step} {seconds:.2f}s" for step, seconds in result.step_seconds.items())
 
 
 def _load_average() -> str:
