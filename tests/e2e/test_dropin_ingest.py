@@ -228,3 +228,28 @@ def test_openmeter_route_refuses_other_media_types_as_a_problem(
     refused = httpx.post(f"{stack.url}/openmeter/api/v1/events", json={})
     assert refused.status_code == 401
     assert refused.headers["content-type"] == "application/problem+json"
+
+
+def test_lago_timestamp_of_a_huge_exponent_is_refused_at_once(
+    stack: IngestServer, engine: Engine, platform_key: str
+) -> None:
+    import httpx
+
+    customer = make_customer(engine)
+    # Turning 1e999999 into an int takes tens of seconds of the worker's only thread.
+    body = (
+        '{"event": {"transaction_id": "tx-far", "code": "api_calls", "timestamp": 1e999999,'
+        f' "external_subscription_id": "{customer.subscription_external_id}"}}}}'
+    )
+    started = time.monotonic()
+    response = httpx.post(
+        f"{stack.url}/lago/api/v1/events",
+        content=body,
+        headers={"Authorization": f"Bearer {platform_key}", "Content-Type": "application/json"},
+        timeout=5,
+    )
+    assert time.monotonic() - started < 5
+    assert response.status_code == 422
+    assert response.json()["error_details"] == {
+        "0": "timestamp: Unix seconds (a number, or its text)"
+    }

@@ -116,11 +116,18 @@ def _event(item: Any, value_paths: ValuePaths) -> dict[str, Any] | str:
     return event
 
 
+#: Unix seconds a datetime can hold (years 1 to 9999), checked before `int()`: turning a number
+#: such as 1e999999 into an int spends minutes of the event loop's CPU before it overflows.
+MAX_SECONDS = Decimal(253_402_300_800)
+
+
 def _from_seconds(value: Any) -> str | None:
     if isinstance(value, bool) or not isinstance(value, int | Decimal | str):
         return None
     try:
         seconds = Decimal(value)
+        if not (seconds.is_finite() and -MAX_SECONDS < seconds < MAX_SECONDS):
+            return None
         instant = datetime.fromtimestamp(int(seconds), UTC).replace(
             microsecond=int((seconds % 1) * 1_000_000)
         )
