@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 
 from shared.access import require_manager, require_organization
 from shared.errors import Conflict, Forbidden, InvalidInput, NotFound
-from shared.events import MAX_CUSTOMER
+from shared.events import MAX_CUSTOMER, UUID_RE
 from shared.models import ApiKey, Organization, OrganizationMember, Project, Role, User
 
 SLUG_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,98}[a-z0-9])?$")
@@ -77,6 +77,10 @@ def create_organization(
         taken = sa.select(Organization.id).where(Organization.external_id == external_id)
         if session.scalar(taken) is not None:
             raise Conflict(f"an organization with external id {external_id!r} already exists")
+        if UUID_RE.match(external_id) and session.get(Organization, uuid.UUID(external_id)):
+            # A customer name is looked up as an external id first: this one would take every
+            # event a platform key sends to that organization by its id.
+            raise Conflict(f"external id {external_id!r} is another organization's id")
     organization = Organization(name=name.strip(), slug=slug, external_id=external_id)
     session.add(organization)
     session.flush()

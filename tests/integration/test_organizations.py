@@ -184,3 +184,13 @@ def test_slugs_and_emails_are_unique(db: Session) -> None:
     create_project(db, organization.id, actor_id=None, name="W", slug="web")
     with pytest.raises(Conflict):
         create_project(db, organization.id, actor_id=None, name="W", slug="web")
+
+
+def test_external_id_may_not_be_another_organizations_id(db: Session) -> None:
+    owner = factories.make_user(db)
+    other = factories.make_organization(db)
+    for spelling in (str(other.id), str(other.id).upper()):
+        with pytest.raises(Conflict, match="another organization's id"):
+            create_organization(
+                db, name="Shadow", slug="shadow", owner_id=owner.id, external_id=spelling
+            )
