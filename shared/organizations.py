@@ -112,18 +112,6 @@ def check_external_id(external_id: str) -> None:
         raise InvalidInput("external id must be printable, without surrounding spaces")
 
 
-def find_customer(session: Session, customer: str) -> Organization | None:
-    """The organization a platform key names as `customer`: the one with that external id,
-    else the one with that id. The external id goes first: another system's ids may be UUIDs."""
-    found = session.scalar(sa.select(Organization).where(Organization.external_id == customer))
-    if found is not None:
-        return found
-    try:
-        return session.get(Organization, uuid.UUID(customer))
-    except ValueError:
-        return None
-
-
 def list_organizations(session: Session) -> list[Organization]:
     return list(session.scalars(sa.select(Organization).order_by(Organization.slug)))
 

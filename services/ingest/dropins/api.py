@@ -17,6 +17,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from services.ingest.customers import Directory
 from services.ingest.dropins import lago, openmeter
 from services.ingest.dropins.payloads import event_encoder, renamed
 from services.ingest.dropins.values import ValuePaths
@@ -161,7 +162,7 @@ async def _ingest(
     service: IngestService,
     key: VerifiedKey,
     events: list[dict[str, Any]],
-    directory: Any,
+    directory: Directory,
     names: dict[str, str],
 ) -> None:
     try:
