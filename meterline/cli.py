@@ -20,6 +20,7 @@ from meterline.commands import (
     ingest,
     invoices,
     keys,
+    meters,
     operators,
     orgs,
     plans,
@@ -61,6 +62,7 @@ app.add_typer(db.app, name="db")
 app.add_typer(orgs.app, name="orgs")
 app.add_typer(keys.app, name="keys")
 app.add_typer(plans.app, name="plans")
+app.add_typer(meters.app, name="meters")
 app.add_typer(ingest.app, name="ingest")
 app.add_typer(aggregate.app, name="aggregate")
 app.add_typer(replay.app, name="replay")

@@ -18,7 +18,7 @@ from shared.models import ApiKey
 from shared.models.usage import UsageDaily
 
 GroupBy = Literal["project", "api_key", "metric"]
-Granularity = Literal["hour", "day"]
+Granularity = Literal["hour", "day", "month"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +43,8 @@ class UsageRow:
     api_key_id: uuid.UUID | None
     quantity: Decimal
     event_count: int
+    # A metered metric grouped by dimensions: the group's value of each (None: not carried).
+    dimensions: dict[str, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)

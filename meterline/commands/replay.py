@@ -135,6 +135,8 @@ def _print_report(report: Any, as_json: bool) -> None:
                 "events_counted": report.events_counted,
                 "events_recorded": report.events_recorded,
                 "windows_changed": report.windows_changed,
+                "meter_windows_changed": report.meter_windows_changed,
+                "meter_values_changed": report.meter_values_changed,
                 "changes": [change_document(c) for c in report.changes],
                 "skipped": [
                     {
@@ -156,6 +158,12 @@ def _print_report(report: Any, as_json: bool) -> None:
         f"replayed [{report.start.isoformat()}, {report.end.isoformat()}) ({mode}): "
         f"{report.records_read} records read, {report.events_counted} distinct events in range, "
         f"{report.windows_changed} windows changed"
+        + (
+            f", {report.meter_windows_changed} meter windows and "
+            f"{report.meter_values_changed} distinct values changed"
+            if report.meter_windows_changed or report.meter_values_changed
+            else ""
+        )
         + (f", {len(report.skipped)} events skipped (above)" if report.skipped else "")
     )
     if report.changes:

@@ -7,8 +7,9 @@ Safe while the live aggregator runs, in two phases:
   phase 2  one transaction: take the replay lock exclusive (live batches wait), read E1 -> E2 (the
            end offsets now), look the range's event ids up in the ledger, record the events the
            ledger lacks (first accepted wins: an id the ledger holds with other content is not
-           counted), and set every window of the range, and the part of every usage cut inside
-           those windows (shared.usage_cuts), to the recomputed totals; commit.
+           counted), and set every window of the range, its meter windows and distinct values
+           (shared.meter_usage), and the part of every usage cut inside those windows
+           (shared.usage_cuts), to the recomputed totals; commit.
 Whatever the live aggregator committed is in the ledger and replaced here; whatever it has not yet
 applied (before E2) is recorded here and becomes a duplicate there; after E2 it adds as usual.
 """
@@ -47,11 +48,20 @@ from services.aggregator.ledger_partitions import (
     ledger_floor,
     months_for,
 )
+from services.aggregator.meter_windows import meter_usage
 from services.aggregator.refusals import write_isolating
 from services.aggregator.topic_reader import RecordReader
 from shared.errors import ConfigurationError, InvalidInput, NotFound
 from shared.events import SUM_CONTEXT, stored_text_problem, window_start
 from shared.logs import log_event
+from shared.meter_usage import (
+    delete_meter_values,
+    delete_meter_windows,
+    insert_meter_values,
+    meter_usage_between,
+    set_meter_windows,
+)
+from shared.meters import meters_by_metric
 from shared.settings import Settings
 from shared.topics import retention_message
 from shared.usage import delete_usage, set_usage
@@ -109,6 +119,9 @@ class ReplayReport:
     events_recorded: int = 0
     changes: list[MetricChange] = field(default_factory=list)
     skipped: list[SkippedEvent] = field(default_factory=list)
+    # Meter windows and distinct values (shared.meter_usage) written or deleted.
+    meter_windows_changed: int = 0
+    meter_values_changed: int = 0
 
     @property
     def windows_changed(self) -> int:
@@ -234,8 +247,7 @@ def replay(
         recorded = write_isolating(
             to_record, lambda part: _record_in_savepoint(connection, part, settings.window_seconds)
         )
-        refused = {event.key for event, _ in recorded.refused}
-        counted = [event for event in counted if event.key not in refused]
+        counted = _without(counted, {event.key for event, _ in recorded.refused})
         report.skipped = _skipped(versions.unstorable, request, start, end) + [
             _skipped_event(event, reason) for event, reason in recorded.refused
         ]
@@ -251,6 +263,10 @@ def replay(
         after = sum_windows(counted)
         report.changes = metric_changes(before, after)
         changed = {k: v for k, v in after.items() if before.get(k) != v}
+        # Written before a dry run's rollback too: the rollback undoes them with the rest.
+        report.meter_windows_changed, report.meter_values_changed = _rebuild_meters(
+            connection, counted, request, start, end, settings.window_seconds
+        )
         if request.dry_run:
             transaction.rollback()
         else:
@@ -311,6 +327,40 @@ def _skipped_event(event: CountableEvent, reason: str) -> SkippedEvent:
         event_id=event.event.id,
         reason=reason,
     )
+
+
+def _without(events: list[CountableEvent], refused: set[EventKey]) -> list[CountableEvent]:
+    return [event for event in events if event.key not in refused]
+
+
+def _rebuild_meters(
+    connection: Connection,
+    counted: list[CountableEvent],
+    request: ReplayRequest,
+    start: datetime,
+    end: datetime,
+    window_seconds: int,
+) -> tuple[int, int]:
+    """Make the range's meter windows and distinct values those of the counted events (by the
+    meters as they are now), writing only what differs: a replay that finds everything right
+    writes nothing. Returns how many windows and distinct values it changed."""
+    before = meter_usage_between(
+        connection,
+        start=start,
+        end=end,
+        window_seconds=window_seconds,
+        organization_id=request.organization_id,
+        metric=request.metric,
+        lock=True,
+    )
+    after = meter_usage(counted, meters_by_metric(connection))
+    stale = [k for k in before.windows if k not in after.windows]
+    changed = [(k, v) for k, v in after.windows.items() if before.windows.get(k) != v]
+    delete_meter_windows(connection, stale, window_seconds)
+    set_meter_windows(connection, changed, window_seconds)
+    delete_meter_values(connection, list(before.values - after.values), window_seconds)
+    insert_meter_values(connection, list(after.values - before.values), window_seconds)
+    return len(stale) + len(changed), len(before.values ^ after.values)
 
 
 def _rebuild_cuts(

@@ -3,8 +3,10 @@
 The order of a batch (the guarantee rests on it; services/aggregator/app.py runs the steps):
   (1) decode + validate every record; the unreadable become dead letters, nothing is sent yet.
   (2) one PostgreSQL transaction: the replay lock shared and the organizations' locks in sorted
-      order, the ledger lookup, the insert of new ledger rows, the window upserts and the parts
-      of the registered usage cuts inside those windows (shared.usage_cuts); commit.
+      order, the ledger lookup, the insert of new ledger rows, the window upserts, the meter
+      windows and distinct values of metered metrics (shared.meter_usage, with the meters read
+      in the same transaction) and the parts of the registered usage cuts inside those windows
+      (shared.usage_cuts); commit.
   (3) send the dead letters (unreadable, unknown references, conflicting duplicates) and wait for
       the broker's ack.
   (4) only then return, so that Faust acks the messages and may commit their offsets.
@@ -39,8 +41,11 @@ from services.aggregator.batch import (
     usage_deltas,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor, months_for
+from services.aggregator.meter_windows import meter_usage
 from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolating
 from shared.logs import log_event
+from shared.meter_usage import record_meter_usage
+from shared.meters import meters_by_metric
 from shared.settings import Settings
 from shared.usage import record_usage
 from shared.usage_cuts import add_cut_totals, cut_deltas, cuts_within_windows
@@ -142,6 +147,12 @@ class BatchApplier:
                 )
             windows = sum_windows(selection.new)
             record_usage(connection, usage_deltas(windows, self._settings.window_seconds))
+            # Metered metrics also keep their windows per dimension values: same events, same
+            # transaction, so the ledger that counts an event once counts it once here too.
+            meters = meters_by_metric(connection) if selection.new else {}
+            record_meter_usage(
+                connection, meter_usage(selection.new, meters), self._settings.window_seconds
+            )
             # The cuts inside this batch's windows (usually none) get the events at or after
             # them, in the same transaction as the windows, so a cut's part never lags its window.
             add_to_cuts(connection, selection.new, windows, self._settings.window_seconds)

@@ -205,19 +205,29 @@ async def get_usage(request: Request) -> Response:
     params = request.query_params
     key = _verified_key(request)
     try:
-        unknown = set(params) - USAGE_PARAMETERS
+        filters = {
+            name[len("filter[") : -1]: params[name]
+            for name in params
+            if name.startswith("filter[") and name.endswith("]")
+        }
+        unknown = set(params) - USAGE_PARAMETERS - {f"filter[{name}]" for name in filters}
         if unknown:
             raise InvalidInput(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
-        repeated = sorted(name for name in set(params) if len(params.getlist(name)) > 1)
+        # group_by may be given more than once, or as a comma-separated list.
+        repeated = sorted(
+            name for name in set(params) if name != "group_by" and len(params.getlist(name)) > 1
+        )
         if repeated:
             raise InvalidInput(f"given more than once: {', '.join(repeated)}")
+        group_by = [g for value in params.getlist("group_by") for g in value.split(",")]
         # An empty value is a value (and an invalid one), never the same as leaving it out.
         usage = await service.usage(
             key,
             start=_instant(params.get("from"), "from"),
             end=_instant(params.get("to"), "to"),
             metric=params.get("metric"),
-            group_by=params.get("group_by"),
+            group_by=group_by,
+            filters=filters,
             granularity=params.get("granularity", "hour"),
             customer=params.get("customer"),
         )

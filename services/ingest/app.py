@@ -22,6 +22,7 @@ from services.ingest.api import authenticate_first, error_response, routes
 from services.ingest.dropins.values import no_value_paths
 from services.ingest.keycache import FreshCache, KeyCache, KeyUsageTally, ProjectCache
 from services.ingest.keylookup import KeyLookups
+from services.ingest.metercache import MeterCache
 from services.ingest.publisher import EventPublisher, KafkaPublisher
 from services.ingest.queries import IngestQueries
 from services.ingest.ratelimit import RateLimiter
@@ -82,6 +83,7 @@ def create_app(
             ),
             tally=tally,
             publisher=chosen,
+            meters=MeterCache(queries.meters, ttl=settings.key_cache_ttl_seconds),
             usage=queries.usage,
             member_role=queries.member_role,
             customers=FreshCache(queries.customers, ttl=settings.key_cache_ttl_seconds),

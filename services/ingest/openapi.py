@@ -205,6 +205,12 @@ def _components() -> Schema:
                     "format": "uuid",
                     "description": "only when grouped by api_key",
                 },
+                "dimensions": {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "null"]},
+                    "description": "only when a metered metric is grouped by dimensions: the "
+                    "group's value of each (null: the events carried none)",
+                },
             },
         },
         "Usage": {
@@ -214,7 +220,7 @@ def _components() -> Schema:
             "properties": {
                 "from": {"type": "string", "format": "date-time"},
                 "to": {"type": "string", "format": "date-time"},
-                "granularity": {"enum": ["hour", "day"]},
+                "granularity": {"enum": ["hour", "day", "month"]},
                 "data": {
                     "type": "array",
                     "items": _ref("UsageRow"),
@@ -311,7 +317,7 @@ def _usage_operation() -> Schema:
     days = MAX_USAGE_RANGE.days
     instant = {"type": "string", "format": "date-time", "pattern": TIMESTAMP_PATTERN}
     return {
-        "summary": "Usage the key may see, from usage_records",
+        "summary": "Usage the key may see, from usage_records and the meters' windows",
         "description": "A platform key reads the usage of the organization `customer` names; "
         "an organization key reads its organization's usage; a project-scoped key "
         "only its project's; a user-scoped key what its member's role may see at the time of the "
@@ -325,15 +331,35 @@ def _usage_operation() -> Schema:
             _query("metric", {"type": "string", "pattern": METRIC_PATTERN}, "Only this metric."),
             _query("from", instant, "Range start (inclusive), RFC 3339."),
             _query("to", instant, "Range end (exclusive), RFC 3339."),
-            _query(
-                "group_by",
-                {"type": "string", "enum": ["project", "api_key", "metric"]},
-                "Split rows by project or key too (rows are always split by metric).",
-            ),
+            {
+                "name": "group_by",
+                "in": "query",
+                "required": False,
+                "style": "form",
+                "explode": True,
+                "schema": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                "description": "Split rows by project, api_key, and, for a metered `metric`, by "
+                "any of its meter's dimensions (rows are always split by metric). May be given "
+                "several times, or as a comma-separated list; each name at most once. Without a "
+                "meter, at most one of project and api_key.",
+            },
+            {
+                "name": "filter",
+                "in": "query",
+                "required": False,
+                "style": "deepObject",
+                "explode": True,
+                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+                "description": "`filter[<dimension>]=value`: only the usage of events whose "
+                "dimension has that value; needs a metered `metric` with that dimension.",
+            },
             _query(
                 "granularity",
-                {"type": "string", "enum": ["hour", "day"], "default": "hour"},
-                "Bucket size.",
+                {"type": "string", "enum": ["hour", "day", "month"], "default": "hour"},
+                "Bucket size (UTC hours, days or calendar months). A metered metric's quantity "
+                "is its meter's aggregation over each bucket, exact: a unique_count is the "
+                "number of distinct values in the bucket; latest is the value of the bucket's "
+                "event with the latest timestamp, ties to the greatest event id.",
             ),
             _query(
                 "customer",

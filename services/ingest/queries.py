@@ -7,7 +7,7 @@ longer than the driver's connect timeout.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -21,8 +21,10 @@ from shared.access import member_role
 from shared.apikeys import VerifiedKey, find_unrevoked_keys, record_key_usage
 from shared.errors import DatabaseUnavailable
 from shared.events import UUID_RE
+from shared.meters import MeterDefinition, meters_by_metric
 from shared.models import ApiKey, ApiKeyDeletion, Organization, Project, Role, Subscription
-from shared.usage import Granularity, GroupBy, UsageRow, UsageScope, query_usage
+from shared.usage import Granularity, UsageRow, UsageScope
+from shared.usage_reads import read_usage
 
 T = TypeVar("T")
 # A dead or restarting database, or a pool with no connection free in time (TimeoutError).
@@ -133,22 +135,27 @@ class IngestQueries:
         start: datetime,
         end: datetime,
         metric: str | None,
-        group_by: GroupBy | None,
+        group_by: Sequence[str],
+        filters: Mapping[str, str],
         granularity: Granularity,
     ) -> list[UsageRow]:
         return await self._read(
-            lambda session: query_usage(
+            lambda session: read_usage(
                 session,
                 scope.organization_id,
                 start=start,
                 end=end,
                 metric=metric,
                 group_by=group_by,
+                filters=filters,
                 granularity=granularity,
                 project_id=scope.project_id,
                 keys_of_user=scope.keys_of_user,
             )
         )
+
+    async def meters(self) -> dict[str, MeterDefinition]:
+        return await self._read(meters_by_metric)
 
     async def member_role(self, organization_id: uuid.UUID, user_id: uuid.UUID) -> Role | None:
         return await self._read(lambda session: member_role(session, organization_id, user_id))

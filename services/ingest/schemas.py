@@ -69,6 +69,8 @@ class UsageRowOut(msgspec.Struct, omit_defaults=True):
     event_count: int
     project_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
     api_key_id: uuid.UUID | msgspec.UnsetType | None = msgspec.UNSET
+    # A metered metric grouped by dimensions: each dimension's value (null: not carried).
+    dimensions: dict[str, str | None] | msgspec.UnsetType = msgspec.UNSET
 
 
 class UsageOut(msgspec.Struct, rename={"start": "from", "end": "to"}):

@@ -25,6 +25,7 @@ import msgspec
 from services.ingest import metrics
 from services.ingest.customers import Directory, resolve_organizations, usage_organization
 from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache, ProjectInfo
+from services.ingest.metercache import MeterCache
 from services.ingest.publisher import EventPublisher
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.schemas import (
@@ -40,6 +41,7 @@ from shared.errors import Forbidden, InvalidInput, RateLimited, Unauthenticated
 from shared.events import (
     ENVELOPE_VERSION,
     MAX_EVENTS_PER_REQUEST,
+    MAX_PROPERTY_KEY,
     METRIC_RE,
     Envelope,
     UsageEvent,
@@ -51,9 +53,10 @@ from shared.events import (
     validate_event,
 )
 from shared.logs import log_event
+from shared.meters import MeterDefinition, check_meter_properties
 from shared.models import USAGE_READER_ROLES, Role
 from shared.settings import Settings
-from shared.usage import Granularity, GroupBy, UsageRow, UsageScope
+from shared.usage import Granularity, UsageRow, UsageScope
 
 logger = logging.getLogger("meterline.ingest")
 
@@ -283,6 +286,17 @@ def check_projects(
         raise Forbidden("the key may not write to some of these projects", details=problems)
 
 
+def check_meters(events: Sequence[UsageEvent], meters: Mapping[str, MeterDefinition]) -> None:
+    """InvalidInput (422) naming each event of a metered metric that lacks a property its meter
+    groups by or counts; the batch is all or nothing, as for any other invalid event."""
+    problems = check_meter_properties(((e.metric, e.properties) for e in events), meters)
+    if problems:
+        raise InvalidInput(
+            f"{len(problems)} of {len(events)} events are invalid; nothing was accepted",
+            details=problems,
+        )
+
+
 def build_envelopes(
     key: VerifiedKey,
     events: list[UsageEvent],
@@ -335,7 +349,8 @@ class UsageReader(Protocol):
         start: datetime,
         end: datetime,
         metric: str | None,
-        group_by: GroupBy | None,
+        group_by: Sequence[str],
+        filters: Mapping[str, str],
         granularity: Granularity,
     ) -> list[UsageRow]: ...
 
@@ -386,6 +401,7 @@ class IngestService:
         tally: KeyUsageTally,
         publisher: EventPublisher,
         usage: UsageReader,
+        meters: MeterCache | None = None,
         member_role: MemberRole,
         customers: Directory,
         subscriptions: Directory,
@@ -403,6 +419,7 @@ class IngestService:
         self.tally = tally
         self.publisher = publisher
         self.usage_reader = usage
+        self.meters = meters
         self.member_role = member_role
         self.customers = customers
         self.subscriptions = subscriptions
@@ -447,6 +464,8 @@ class IngestService:
         )
         events = parsed.events
         try:
+            if self.meters is not None:
+                check_meters(events, await self.meters.get())
             organizations = await resolve_organizations(
                 key, parsed.customers, directory or self.customers, always_named=always_named
             )
@@ -502,17 +521,30 @@ class IngestService:
         start: datetime | None,
         end: datetime | None,
         metric: str | None,
-        group_by: str | None,
+        group_by: Sequence[str] = (),
         granularity: str,
         customer: str | None = None,
+        filters: Mapping[str, str] | None = None,
     ) -> UsageOut:
-        """The usage the key may see (usage_scope) in [start, end) (default: the last 24 hours);
-        a platform key reads the organization `customer` names."""
+        """The usage the key may see (usage_scope) in [start, end) (default: the last 24 hours),
+        grouped by any of project, api_key, metric and a metered metric's dimensions, filtered
+        by dimension values (shared.usage_reads); a platform key reads the organization
+        `customer` names."""
         problems = []
-        if group_by not in (None, "project", "api_key", "metric"):
-            problems.append("group_by: one of project, api_key, metric")
-        if granularity not in ("hour", "day"):
-            problems.append("granularity: one of hour, day")
+        for name in group_by:
+            if not name or len(name) > MAX_PROPERTY_KEY:
+                problems.append(
+                    "group_by: project, api_key, metric or a dimension of the metric's meter"
+                )
+        if len(set(group_by)) != len(group_by):
+            problems.append("group_by: names a group more than once")
+        for name, value in (filters or {}).items():
+            if not name or len(name) > MAX_PROPERTY_KEY or unstorable_text(name + value):
+                problems.append(f"filter[{name}]: a dimension name and a property value")
+        if any(unstorable_text(name) for name in group_by):
+            problems.append("group_by: a name holds text that is no property name")
+        if granularity not in ("hour", "day", "month"):
+            problems.append("granularity: one of hour, day, month")
         if metric is not None and not METRIC_RE.match(metric):
             problems.append("metric: must match ^[a-z][a-z0-9_.-]{0,63}$")
         end = end or self.clock()
@@ -533,7 +565,8 @@ class IngestService:
             start=start,
             end=end,
             metric=metric,
-            group_by=group_by,  # type: ignore[arg-type]
+            group_by=group_by,
+            filters=filters or {},
             granularity=granularity,  # type: ignore[arg-type]
         )
         return UsageOut(
@@ -546,8 +579,9 @@ class IngestService:
                     metric=row.metric,
                     quantity=decimal_text(row.quantity),
                     event_count=row.event_count,
-                    project_id=row.project_id if group_by == "project" else msgspec.UNSET,
-                    api_key_id=row.api_key_id if group_by == "api_key" else msgspec.UNSET,
+                    project_id=row.project_id if "project" in group_by else msgspec.UNSET,
+                    api_key_id=row.api_key_id if "api_key" in group_by else msgspec.UNSET,
+                    dimensions=msgspec.UNSET if row.dimensions is None else row.dimensions,
                 )
                 for row in rows
             ],

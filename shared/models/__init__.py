@@ -12,6 +12,7 @@ from shared.models.billing import (
 from shared.models.identity import Account, Session, User, VerificationToken
 from shared.models.keys import ApiKey, ApiKeyDeletion
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
+from shared.models.meters import METER_WINDOW_KEY, Meter, MeterValue, MeterWindow
 from shared.models.operators import (
     AuditEntry,
     Operator,
@@ -49,6 +50,7 @@ __all__ = [
     "LEDGER_TABLE",
     "LIVE_STATUS_VALUES",
     "MANAGER_ROLES",
+    "METER_WINDOW_KEY",
     "USAGE_READER_ROLES",
     "USAGE_RECORD_KEY",
     "Account",
@@ -60,6 +62,9 @@ __all__ = [
     "BillingRun",
     "Invoice",
     "InvoiceLine",
+    "Meter",
+    "MeterValue",
+    "MeterWindow",
     "Operator",
     "OperatorRole",
     "OperatorSession",

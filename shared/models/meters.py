@@ -1,0 +1,107 @@
+"""Meters and the usage they keep per dimension values.
+
+A meter gives a metric an aggregation and the event properties it groups by (`meters`). The
+aggregator keeps, beside usage_records, one `meter_windows` row per window and dimension values
+(every aggregation's running value at once) and, for a unique_count meter, the distinct values
+seen in each window (`meter_values`): a count over any range is then COUNT(DISTINCT value) over
+the range's windows, exact, never a sum of per-window counts.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, DateTime, ForeignKey, Index, Integer, Numeric, String, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.models.base import Base, IdMixin, TimestampMixin
+
+METER_WINDOW_KEY = (
+    "organization_id",
+    "project_id",
+    "api_key_id",
+    "metric",
+    "dimensions",
+    "window_start",
+    "window_seconds",
+)
+
+
+class Meter(IdMixin, TimestampMixin, Base):
+    """One metric's aggregation and dimensions, applied by `meterline meters apply`."""
+
+    __tablename__ = "meters"
+
+    metric: Mapped[str] = mapped_column(String(64), unique=True)
+    aggregation: Mapped[str] = mapped_column(String(16))
+    dimensions: Mapped[list[str]] = mapped_column(JSONB, server_default=text("'[]'::jsonb"))
+    # The property a unique_count counts the distinct values of.
+    property: Mapped[str | None] = mapped_column(String(64))
+    # The property holding the event's value, for event shapes that carry it there (CloudEvents,
+    # Lago); stored and listed, read by those ingest paths.
+    value_property: Mapped[str | None] = mapped_column(String(64))
+
+
+class MeterWindow(IdMixin, TimestampMixin, Base):
+    """A window of a metered metric for one set of dimension values: every aggregation at once
+    (sum, count, max, min and the latest event's value with its time and id)."""
+
+    __tablename__ = "meter_windows"
+    __table_args__ = (
+        Index(
+            "uq_meter_windows_window",
+            *METER_WINDOW_KEY,
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+        Index("ix_meter_windows_org_metric_window", "organization_id", "metric", "window_start"),
+    )
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    project_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("projects.id"))
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+    metric: Mapped[str] = mapped_column(String(64))
+    # The meter's dimension properties and the event's values of them; a missing one is absent.
+    dimensions: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    quantity: Mapped[Decimal] = mapped_column(Numeric)
+    event_count: Mapped[int] = mapped_column(BigInteger)
+    max_quantity: Mapped[Decimal] = mapped_column(Numeric)
+    min_quantity: Mapped[Decimal] = mapped_column(Numeric)
+    latest_quantity: Mapped[Decimal] = mapped_column(Numeric)
+    latest_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    latest_event_id: Mapped[str] = mapped_column(String(128))
+
+
+class MeterValue(IdMixin, Base):
+    """A distinct value of a unique_count meter's property seen in one window."""
+
+    __tablename__ = "meter_values"
+    __table_args__ = (
+        Index(
+            "uq_meter_values_value",
+            *METER_WINDOW_KEY,
+            "value",
+            unique=True,
+            postgresql_nulls_not_distinct=True,
+        ),
+        Index("ix_meter_values_org_metric_window", "organization_id", "metric", "window_start"),
+    )
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE")
+    )
+    project_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("projects.id"))
+    api_key_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("api_keys.id"))
+    metric: Mapped[str] = mapped_column(String(64))
+    dimensions: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    window_seconds: Mapped[int] = mapped_column(Integer)
+    value: Mapped[str] = mapped_column(String(256))
