@@ -194,7 +194,7 @@ def query_usage(
     start: datetime,
     end: datetime,
     metric: str | None = None,
-    group_by: GroupBy | None = None,
+    group_by: GroupBy | Sequence[GroupBy] | None = None,
     granularity: Granularity = "hour",
     project_id: uuid.UUID | None = None,
     keys_of_user: uuid.UUID | None = None,
@@ -203,12 +203,13 @@ def query_usage(
     and only the usage of `keys_of_user`'s keys when those are given (a UsageScope).
 
     Rows are ordered by start then metric and always split by metric; `group_by` adds the
-    project or the key (grouping by metric alone is the default). Daily totals by metric read
-    the whole UTC days inside the range from the daily rollup (usage_daily, exact: kept by
+    project or the key, or both (grouping by metric alone is the default). Daily totals by metric
+    read the whole UTC days inside the range from the daily rollup (usage_daily, exact: kept by
     triggers) and only the partial days at its ends from usage_records. The rollup holds no
     project or key, so a scoped read (project_id, keys_of_user) always reads usage_records."""
     scoped = project_id is not None or keys_of_user is not None
-    if granularity == "day" and group_by in (None, "metric") and not scoped:
+    groups = {group_by} if isinstance(group_by, str) else set(group_by or ())
+    if granularity == "day" and not groups & {"project", "api_key"} and not scoped:
         return _daily_by_metric(connection, organization_id, start, end, metric)
     return _from_records(
         connection,
@@ -268,15 +269,16 @@ def _from_records(
     start: datetime,
     end: datetime,
     metric: str | None,
-    group_by: GroupBy | None,
+    group_by: GroupBy | Sequence[GroupBy] | None,
     granularity: Granularity,
     *,
     project_id: uuid.UUID | None = None,
     keys_of_user: uuid.UUID | None = None,
 ) -> list[UsageRow]:
     bucket = sa.func.date_trunc(granularity, sa.column("window_start"), "UTC").label("start")
-    project = sa.column("project_id") if group_by == "project" else sa.null()
-    api_key = sa.column("api_key_id") if group_by == "api_key" else sa.null()
+    groups = {group_by} if isinstance(group_by, str) else set(group_by or ())
+    project = sa.column("project_id") if "project" in groups else sa.null()
+    api_key = sa.column("api_key_id") if "api_key" in groups else sa.null()
     records = sa.table(
         "usage_records",
         sa.column("organization_id"),
@@ -305,9 +307,9 @@ def _from_records(
         .group_by(sa.text("1"), records.c.metric)
         .order_by(sa.text("1"), records.c.metric)
     )
-    if group_by == "project":
+    if "project" in groups:
         query = query.group_by(records.c.project_id).order_by(records.c.project_id)
-    elif group_by == "api_key":
+    if "api_key" in groups:
         query = query.group_by(records.c.api_key_id).order_by(records.c.api_key_id)
     if metric is not None:
         query = query.where(records.c.metric == metric)

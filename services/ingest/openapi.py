@@ -337,11 +337,20 @@ def _usage_operation() -> Schema:
                 "required": False,
                 "style": "form",
                 "explode": True,
-                "schema": {"type": "array", "items": {"type": "string", "minLength": 1}},
-                "description": "Split rows by project, api_key, and, for a metered `metric`, by "
-                "any of its meter's dimensions (rows are always split by metric). May be given "
-                "several times, or as a comma-separated list; each name at most once. Without a "
-                "meter, at most one of project and api_key.",
+                "schema": {
+                    "type": "array",
+                    "uniqueItems": True,
+                    "items": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": MAX_PROPERTY_KEY,
+                        "pattern": r"^[^,\u0000]+$",
+                    },
+                },
+                "description": "Split rows by project, api_key, and by dimensions: a metered "
+                "metric's rows by its meter's dimension values (rows are always split by "
+                "metric; a dimension a metric does not keep shows null). May be given several "
+                "times, or as a comma-separated list; each name at most once.",
             },
             {
                 "name": "filter",
@@ -349,9 +358,18 @@ def _usage_operation() -> Schema:
                 "required": False,
                 "style": "deepObject",
                 "explode": True,
-                "schema": {"type": "object", "additionalProperties": {"type": "string"}},
+                "schema": {
+                    "type": "object",
+                    "propertyNames": {
+                        "minLength": 1,
+                        "maxLength": MAX_PROPERTY_KEY,
+                        "pattern": r"^[^\u0000]+$",
+                    },
+                    "additionalProperties": {"type": "string", "pattern": r"^[^\u0000]*$"},
+                },
                 "description": "`filter[<dimension>]=value`: only the usage of events whose "
-                "dimension has that value; needs a metered `metric` with that dimension.",
+                "dimension has that value (only metered metrics keep dimension values: a "
+                "filter matches no event of a metric whose meter lacks that dimension).",
             },
             _query(
                 "granularity",

@@ -3,6 +3,10 @@
 (a) The aggregator alone: a topic pre-filled with envelopes of 100 events (ingest's batch shape)
     and of 1 event, then `meterline aggregate run`: events/s from the first counted event to the
     last (start-up and the group join are not counted).
+(a'') Meters, one instance: the same pre-filled topic size in envelopes of 100, every event of a
+    metered metric: half `tokens` (sum, three dimensions: model x type x region, 24 value sets)
+    and half `active_users` (unique_count of user_id among 5,000 users, by region); events/s
+    printed beside (a)'s plain figure of the same run (goal: dimensional / plain >= 0.70).
 (a') The storm, one instance: STORM_EVENTS fresh events in envelopes of 100, then each of their
     ids again with another quantity (STORM_EVENTS conflicting duplicates, every one dead-lettered).
     Both phases are timed alike, from the first record produced to the last one processed, and
@@ -31,11 +35,14 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 
 import sqlalchemy as sa
 
+from shared.db import unit_of_work
 from shared.events import Envelope, UsageEvent, encode_envelope
+from shared.meters import MeterDefinition, apply_meters
 from tests import components
 from tests.aggregator_support import AggregatorProcess, Producer, create_topics, wait_for
 from tests.bench.bench_ingest import (
@@ -79,8 +86,10 @@ def prefill(
     *,
     run: str | None = None,
     quantity: int = 1,
+    dimensional: bool = False,
 ) -> None:
-    """`events` events in envelopes of `per`; the same `run` gives the same ids again."""
+    """`events` events in envelopes of `per`; the same `run` gives the same ids again;
+    `dimensional`: the events of METERS (see (a''))."""
     now = datetime.now(UTC)
     producer = Producer(bootstrap)
     run = run or secrets.token_hex(3)
@@ -88,6 +97,8 @@ def prefill(
         org = orgs[n % len(orgs)]
         batch = [
             UsageEvent(id=f"{run}-{n}-{i}", metric="api_calls", quantity=quantity, timestamp=now)  # type: ignore[arg-type]
+            if not dimensional
+            else metered_event(f"{run}-{n}-{i}", n * per + i, now)
             for i in range(per)
         ]
         value = encode_envelope(
@@ -96,6 +107,36 @@ def prefill(
         producer.send(topic, org, value)
     producer.flush()
     producer.close()
+
+
+METERS = [
+    MeterDefinition("tokens", "sum", ("model", "type", "region")),
+    MeterDefinition("active_users", "unique_count", ("region",), property="user_id"),
+]
+MODELS = ("small", "medium", "large", "xl")
+REGIONS = ("eu", "us", "ap")
+
+
+def metered_event(event_id: str, n: int, now: datetime) -> UsageEvent:
+    if n % 2:
+        return UsageEvent(
+            id=event_id,
+            metric="active_users",
+            quantity=Decimal(1),
+            timestamp=now,
+            properties={"region": REGIONS[n % 3], "user_id": f"user-{n * 7919 % 5000}"},
+        )
+    return UsageEvent(
+        id=event_id,
+        metric="tokens",
+        quantity=Decimal(n % 1000 + 1),
+        timestamp=now,
+        properties={
+            "model": MODELS[n // 2 % 4],
+            "type": ("input", "output")[n // 8 % 2],
+            "region": REGIONS[n // 16 % 3],
+        },
+    )
 
 
 def topics_created(bootstrap: str, names: list[str]) -> bool:
@@ -146,15 +187,15 @@ def measure_drain(
     return rate
 
 
-def bench_alone(admin_url: str, env: dict[str, str], tmp: Path) -> float:
-    """The figures of (a); returns the events/s of envelopes of 100 with one instance."""
+def bench_alone(
+    admin_url: str, env: dict[str, str], tmp: Path, *, only_plain: bool = False
+) -> float:
+    """The figures of (a); returns the events/s of envelopes of 100 with one instance
+    (`only_plain`: that figure alone)."""
     print("(a) aggregator alone, topic pre-filled (4 partitions)", flush=True)
     normal = 0.0
-    for per, total, instances in (
-        (100, PREFILL_EVENTS, 1),
-        (100, PREFILL_EVENTS, 2),
-        (1, SINGLE_EVENTS, 1),
-    ):
+    runs = [(100, PREFILL_EVENTS, 1), (100, PREFILL_EVENTS, 2), (1, SINGLE_EVENTS, 1)]
+    for per, total, instances in runs[:1] if only_plain else runs:
         with bench_database(admin_url) as url:
             seed_keys(url, ORGANIZATIONS)
             engine = sa.create_engine(url)
@@ -203,6 +244,56 @@ def bench_alone(admin_url: str, env: dict[str, str], tmp: Path) -> float:
                     aggregator.stop()
                 engine.dispose()
     return normal
+
+
+def bench_meters(admin_url: str, env: dict[str, str], tmp: Path, normal: float) -> None:
+    """(a''): the events/s of metered events, beside (a)'s plain figure."""
+    print(
+        f"(a'') meters: {PREFILL_EVENTS:,} events, half tokens (sum by model, type, region), "
+        "half active_users (unique_count of user_id by region), envelopes of 100, 1 instance",
+        flush=True,
+    )
+    with bench_database(admin_url) as url:
+        seed_keys(url, ORGANIZATIONS)
+        engine = sa.create_engine(url)
+        with unit_of_work(engine) as session:
+            apply_meters(session, METERS)
+        prefix = f"bench{secrets.token_hex(3)}"
+        run_env = {**env, "DATABASE_URL": url, "METERLINE_TOPIC_PREFIX": prefix}
+        topic = f"{prefix}.usage.events"
+        bootstrap = env["KAFKA_BOOTSTRAP_SERVERS"]
+        wait_for(
+            lambda: topics_created(bootstrap, [topic, topic + ".dlq"]),
+            timeout=120,
+            interval=1,
+            what="the broker",
+        )
+        aggregator = AggregatorProcess(run_env, tmp / "meters.log").start()
+        try:
+            wait_for(
+                lambda: bool((aggregator.health() or {}).get("assigned_partitions")),
+                timeout=120,
+                what="the aggregator to own partitions",
+            )
+            prefill(
+                bootstrap, topic, organization_ids(engine), PREFILL_EVENTS, 100, dimensional=True
+            )
+            rate = measure_drain(engine, [aggregator], PREFILL_EVENTS, "metered, envelopes of 100")
+            with engine.connect() as connection:
+                windows, values = connection.execute(
+                    sa.text(
+                        "SELECT (SELECT count(*) FROM meter_windows),"
+                        " (SELECT count(*) FROM meter_values)"
+                    )
+                ).one()
+            print(f"    {windows:,} meter windows, {values:,} distinct values written")
+            if normal:
+                print(
+                    f"  dimensional / plain (a) envelopes of 100, 1 instance: {rate / normal:.2f}"
+                )
+        finally:
+            aggregator.stop()
+            engine.dispose()
 
 
 def bench_storm(admin_url: str, env: dict[str, str], tmp: Path, normal: float) -> None:
@@ -430,11 +521,13 @@ def main() -> None:
     env.setdefault("METERLINE_API_KEY_PEPPER", "bench-pepper-" + "x" * 32)
     env["METERLINE_LOG_LEVEL"] = "WARNING"
     admin_url = env["DATABASE_URL"]
-    parts = os.environ.get("BENCH_AGG_PARTS", "abc")
+    parts = os.environ.get("BENCH_AGG_PARTS", "abc")  # "m": (a) plain and (a'') meters only
     with tempfile.TemporaryDirectory() as tmp:
         normal = 0.0
+        if "a" in parts or "m" in parts:
+            normal = bench_alone(admin_url, env, Path(tmp), only_plain="a" not in parts)
+            bench_meters(admin_url, env, Path(tmp), normal)
         if "a" in parts:
-            normal = bench_alone(admin_url, env, Path(tmp))
             bench_storm(admin_url, env, Path(tmp), normal)
         if "b" in parts:
             for instances in (1, 2):

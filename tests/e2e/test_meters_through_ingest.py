@@ -436,3 +436,13 @@ def test_replay_restores_corrupted_dimension_rows_and_a_second_replay_changes_no
     again = json.loads(second.stdout)
     assert (again["meter_windows_changed"], again["meter_values_changed"]) == (0, 0)
     assert meter_rows(scene.engine, org) == before
+
+
+def test_a_dimension_the_meter_does_not_keep_groups_as_null_and_filters_to_nothing(
+    scene: Scene,
+) -> None:
+    metric = scene.metrics["count"]  # its meter keeps region only
+    expected = scene.oracle.usage(metric, start=scene.start, end=scene.end, granularity="month")
+    grouped = fetch_usage(scene, metric, "month", ("model",))
+    assert grouped == {(start, None): total for (start,), total in expected.items()}
+    assert fetch_usage(scene, metric, "month", (), model="large") == {}

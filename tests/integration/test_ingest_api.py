@@ -592,7 +592,11 @@ def test_usage_with_bad_parameters_is_422(client: httpx.Client, tenant: Tenant) 
     for params in (
         {"from": "yesterday"},
         {"granularity": "week"},
-        {"group_by": "org"},
+        # Any other group_by name is a dimension (DESIGN.md 4); an empty one, or one named
+        # twice, is refused, as is a filter without a dimension name.
+        {"group_by": "region,"},
+        [("group_by", "region"), ("group_by", "region")],
+        {"filter[]": "eu"},
         # An empty value is a bad value, not an absent one.
         {"metric": ""},
         {"group_by": ""},

@@ -262,11 +262,17 @@ class AsyncMeterlineClient:
         start: datetime | None = None,
         end: datetime | None = None,
         metric: str | None = None,
-        group_by: str | None = None,
+        group_by: str | Sequence[str] | None = None,
         granularity: str = "hour",
+        filters: Mapping[str, str] | None = None,
     ) -> UsageReport:
         params = usage_params(
-            start=start, end=end, metric=metric, group_by=group_by, granularity=granularity
+            start=start,
+            end=end,
+            metric=metric,
+            group_by=group_by,
+            granularity=granularity,
+            filters=filters,
         )
         response = await self._http.get("/v1/usage", params=params)
         if response.status_code != 200:

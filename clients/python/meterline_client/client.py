@@ -299,12 +299,18 @@ class MeterlineClient:
         start: datetime | None = None,
         end: datetime | None = None,
         metric: str | None = None,
-        group_by: str | None = None,
+        group_by: str | Sequence[str] | None = None,
         granularity: str = "hour",
+        filters: Mapping[str, str] | None = None,
     ) -> UsageReport:
         """GET /v1/usage: the usage the key may see in [start, end)."""
         params = usage_params(
-            start=start, end=end, metric=metric, group_by=group_by, granularity=granularity
+            start=start,
+            end=end,
+            metric=metric,
+            group_by=group_by,
+            granularity=granularity,
+            filters=filters,
         )
         response = self._http.get("/v1/usage", params=params)
         if response.status_code != 200:

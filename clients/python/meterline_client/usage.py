@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -18,6 +19,8 @@ class UsageRow:
     event_count: int
     project_id: str | None = None
     api_key_id: str | None = None
+    # A metered metric grouped by dimensions: each dimension's value (None: not carried).
+    dimensions: dict[str, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,8 +36,9 @@ def usage_params(
     start: datetime | None,
     end: datetime | None,
     metric: str | None,
-    group_by: str | None,
+    group_by: str | Sequence[str] | None,
     granularity: str,
+    filters: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     params = {"granularity": granularity}
     if start is not None:
@@ -44,7 +48,9 @@ def usage_params(
     if metric is not None:
         params["metric"] = metric
     if group_by is not None:
-        params["group_by"] = group_by
+        params["group_by"] = group_by if isinstance(group_by, str) else ",".join(group_by)
+    for name, value in (filters or {}).items():
+        params[f"filter[{name}]"] = value
     return params
 
 
@@ -66,6 +72,7 @@ def parse_usage(content: bytes) -> UsageReport:
                 event_count=int(row["event_count"]),
                 project_id=row.get("project_id"),
                 api_key_id=row.get("api_key_id"),
+                dimensions=row.get("dimensions"),
             )
             for row in body["data"]
         ],
