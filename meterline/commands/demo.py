@@ -1,7 +1,8 @@
 """`meterline demo`: the whole pipeline once on the local components, narrating each step.
 
-migrate -> seed -> demo keys -> start ingest and aggregator -> post traffic (with a retried batch
-and an invalid one) -> wait until usage_records hold exactly the accepted events -> bill -> stop.
+migrate -> seed (and meters) -> demo keys -> start ingest and aggregator -> post traffic (with a
+retried batch and an invalid one) -> wait until usage_records hold exactly the accepted events ->
+post dimensional events of metered metrics and print their usage per dimension -> bill -> stop.
 
 Every run tags its event ids with a run id of its own and reads the usage of its hours before it
 posts, so a repeat run reports (and checks) what it added, never what earlier runs left there.
@@ -109,6 +110,7 @@ def _prepare(now: datetime) -> list[DemoKey]:
     from shared import migrate
     from shared.apikeys import create_api_key
     from shared.db import unit_of_work
+    from shared.meters import apply_meters
     from shared.organizations import find_organization, list_projects
     from shared.seed import seed
 
@@ -130,6 +132,9 @@ def _prepare(now: datetime) -> list[DemoKey]:
         f"plans {', '.join(result.plans)}; organizations {', '.join(result.organizations)}"
         + (" (already there from an earlier run)" if result.already_seeded else "")
     )
+    with unit_of_work(engine) as session:
+        applied = apply_meters(session, DEMO_METERS)
+    typer.echo("meters " + ", ".join(f"{metric} ({result})" for metric, result in applied))
 
     _say("3. Create demo API keys (only their prefixes are stored in clear)")
     keys: list[DemoKey] = []
@@ -264,6 +269,107 @@ def _post_traffic(base_url: str, keys: list[DemoKey], now: datetime, run: str) -
     )
     typer.echo(f"  an unknown key got {response.status_code}")
     return expected
+
+
+def _demo_meters() -> list[Any]:
+    from shared.meters import MeterDefinition
+
+    return [
+        MeterDefinition("llm_tokens", "sum", ("model", "type")),
+        MeterDefinition("active_users", "unique_count", (), property="user_id"),
+    ]
+
+
+DEMO_METERS = _demo_meters()
+
+
+def _metered_traffic(base_url: str, key: DemoKey, now: datetime, run: str, timeout: float) -> None:
+    """Dimensional events of the demo's meters, then their usage per dimension as the API
+    reports it once every one is counted."""
+    import httpx
+
+    from meterline_client import MeterlineClient
+
+    _say("6b. Meters: post LLM tokens by model and type, and active users")
+    events: list[dict[str, Any]] = []
+    for n in range(240):
+        timestamp = (now - timedelta(minutes=(n * 11) % 180)).isoformat().replace("+00:00", "Z")
+        events.append(
+            {
+                "id": f"demo-{run}-tokens-{n}",
+                "metric": "llm_tokens",
+                "quantity": str(100 + n % 7 * 50),
+                "timestamp": timestamp,
+                "properties": {
+                    "model": ("small", "large")[n % 2],
+                    "type": ("input", "output")[n // 2 % 2],
+                },
+            }
+        )
+        events.append(
+            {
+                "id": f"demo-{run}-users-{n}",
+                "metric": "active_users",
+                "timestamp": timestamp,
+                "properties": {"user_id": f"user-{n % 17}"},
+            }
+        )
+    start, end = now - timedelta(hours=4), now + timedelta(hours=1)
+    with MeterlineClient(base_url, key.plaintext) as client:
+
+        def counted() -> int:
+            return sum(
+                row.event_count
+                for metric in ("llm_tokens", "active_users")
+                for row in client.usage(
+                    metric=metric, granularity="month", start=start, end=end
+                ).rows
+            )
+
+        before = counted()
+        accepted = client.send(events)
+        typer.echo(f"  {key.organization}: posted {len(events)} events, accepted {accepted}")
+        lacking = httpx.post(
+            f"{base_url}/v1/events",
+            json={**events[0], "id": f"demo-{run}-no-type", "properties": {"model": "small"}},
+            headers={"Authorization": f"Bearer {key.plaintext}"},
+            timeout=10,
+        )
+        typer.echo(
+            f"  an llm_tokens event without its type got {lacking.status_code}: "
+            f"{lacking.json().get('error', {}).get('details')}"
+        )
+        deadline = time.monotonic() + timeout
+        while counted() < before + len(events):
+            if time.monotonic() > deadline:
+                from shared.errors import MeterlineError
+
+                raise MeterlineError(
+                    f"the metered events were not all counted within {timeout:.0f} s"
+                )
+            time.sleep(0.5)
+        tokens = client.usage(
+            metric="llm_tokens",
+            group_by=["model", "type"],
+            granularity="month",
+            start=start,
+            end=end,
+        ).rows
+        users = client.usage(metric="active_users", granularity="month", start=start, end=end).rows
+        hourly = client.usage(metric="active_users", granularity="hour", start=start, end=end).rows
+    typer.echo("\n  llm_tokens over the last hours, per model and type (sum):")
+    print_table(
+        ["model", "type", "tokens", "events"],
+        [
+            ((r.dimensions or {}).get("model"), (r.dimensions or {}).get("type"),
+             _plain(r.quantity), r.event_count)
+            for r in tokens
+        ],
+    )  # fmt: skip
+    typer.echo(
+        f"  active_users (unique_count of user_id): {sum(r.quantity for r in users)} distinct "
+        f"over the range, while the hourly counts add up to {sum(r.quantity for r in hourly)}"
+    )
 
 
 def _plain(quantity: Decimal) -> str:
@@ -412,6 +518,7 @@ def demo(
                 run,
                 timeout,
             )
+            _metered_traffic(base_url, keys[0], now, run, timeout)
             _bill()
             if console:
                 _serve_console(env, log_dir, ingest_url=base_url)
