@@ -33,6 +33,26 @@ class Tier:
     flat_amount: MinorUnits = 0
 
 
+Match = tuple[tuple[str, str], ...]
+"""A filter's dimension values, sorted by name: an event matches when it carries every one."""
+
+
+@dataclass(frozen=True)
+class PricedFilter:
+    """The dimension filter a price of a metered metric applies to: `match` (None: the default,
+    for the values no filter names) among `filters`, every filter of that metric's price in
+    order (an event's values go to the first filter they match)."""
+
+    metric: str
+    match: Match | None
+    filters: tuple[Match, ...]
+
+    def takes(self, values: dict[str, str | None] | dict[str, str]) -> bool:
+        """Whether dimension values are priced by this filter."""
+        first = next((f for f in self.filters if all(values.get(k) == v for k, v in f)), None)
+        return first == self.match
+
+
 @dataclass(frozen=True)
 class MeteredPrice:
     model: PriceModel
@@ -43,6 +63,16 @@ class MeteredPrice:
     tiers: tuple[Tier, ...] = ()
     aggregation: Aggregation = "sum"
     stripe_meter: str | None = None
+    # Set on a price per dimension filter (its line's metric is then filter_label(...)).
+    priced_filter: PricedFilter | None = None
+
+
+def filter_label(metric: str, match: Match | None) -> str:
+    """The line name of one priced filter: `tokens[model=large,type=input]`, and
+    `tokens[other]` for the default (filter names and values hold no `,=[]`, so it is unique)."""
+    if match is None:
+        return f"{metric}[other]"
+    return metric + "[" + ",".join(f"{k}={v}" for k, v in match) + "]"
 
 
 @dataclass(frozen=True)

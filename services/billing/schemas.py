@@ -6,10 +6,20 @@ from __future__ import annotations
 import functools
 import json
 import re
+from dataclasses import replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, cast
 
-from services.billing.pricing import Aggregation, MeteredPrice, PlanPrice, PriceModel, Tier
+from services.billing.pricing import (
+    Aggregation,
+    Match,
+    MeteredPrice,
+    PlanPrice,
+    PricedFilter,
+    PriceModel,
+    Tier,
+    filter_label,
+)
 from shared.errors import InvalidInput
 
 MODELS = ("per_unit", "package", "graduated", "volume")
@@ -198,10 +208,75 @@ def _validate_features(features: Any, path: str, problems: _Problems) -> dict[st
         return {}
     prices = {}
     for name, raw in metered.items():
+        if isinstance(raw, dict) and "filters" in raw:
+            prices.update(_filtered(name, raw, f"{path}.metered.{name}", problems))
+            continue
         price = _metered(name, raw, f"{path}.metered.{name}", problems)
         if price is not None:
             prices[name] = price
     return prices
+
+
+_LABEL_TEXT = re.compile(r"^[^,=\[\]\x00]{1,256}$")
+
+
+def _filtered(
+    name: str, raw: dict[str, Any], path: str, problems: _Problems
+) -> dict[str, MeteredPrice]:
+    """A metered price per dimension filter: `filters` is a list of prices, each with `match`
+    (dimension -> value), and the price itself is the default for values no filter matches.
+    Each becomes a price of its own, named by filter_label. The quantity is the metric's meter's
+    aggregation, so neither `aggregation` nor `stripe_meter` (a per-metric report) applies."""
+    for key in ("aggregation", "stripe_meter"):
+        if key in raw:
+            problems.add(f"{path}.{key}", "does not apply to a price with filters")
+    default = _metered(name, {k: v for k, v in raw.items() if k != "filters"}, path, problems)
+    filters = raw["filters"]
+    if not isinstance(filters, list) or not filters:
+        problems.add(f"{path}.filters", "must be a non-empty list of prices, each with match")
+        return {}
+    matches: list[Match] = []
+    prices: list[tuple[Match, MeteredPrice]] = []
+    for index, item in enumerate(filters):
+        here = f"{path}.filters[{index}]"
+        if not isinstance(item, dict):
+            problems.add(here, "must be an object with match and a price")
+            continue
+        for key in ("aggregation", "stripe_meter", "filters"):
+            if key in item:
+                problems.add(f"{here}.{key}", "does not apply to a filter")
+        match = _match(item.get("match"), f"{here}.match", problems)
+        if match is not None and match in matches:
+            problems.add(f"{here}.match", f"is also filters[{matches.index(match)}]'s")
+        price = _metered(name, {k: v for k, v in item.items() if k != "match"}, here, problems)
+        if match is not None:
+            matches.append(match)
+            if price is not None:
+                prices.append((match, price))
+    if default is None or len(prices) != len(filters):
+        return {}
+    every = tuple(matches)
+    found = {
+        filter_label(name, match): replace(price, priced_filter=PricedFilter(name, match, every))
+        for match, price in prices
+    }
+    found[filter_label(name, None)] = replace(
+        default, priced_filter=PricedFilter(name, None, every)
+    )
+    return found
+
+
+def _match(value: Any, path: str, problems: _Problems) -> Match | None:
+    if not isinstance(value, dict) or not value:
+        problems.add(path, "must be an object of dimension -> value, with at least one")
+        return None
+    if not all(
+        isinstance(k, str) and isinstance(v, str) and _LABEL_TEXT.match(k) and _LABEL_TEXT.match(v)
+        for k, v in value.items()
+    ):
+        problems.add(path, "dimension names and values are strings without , = [ or ]")
+        return None
+    return tuple(sorted(value.items()))
 
 
 def validate_features(features: Any, path: str = "features") -> dict[str, MeteredPrice]:

@@ -37,6 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from services.billing import invoice_repository, repository, stripe_steps
+from services.billing.filter_totals import filtered_totals
 from services.billing.gateway import BillingGateway
 from services.billing.invoices import (
     Invoice,
@@ -48,6 +49,7 @@ from services.billing.invoices import (
     plan_invoices,
 )
 from services.billing.periods import Period, Phase, ToBill, billing_periods
+from services.billing.pricing import PricedFilter, filter_label
 from services.billing.reconcile import mismatch_document
 from services.billing.report_repository import Mismatch
 from services.billing.reporting import MeterReport
@@ -55,8 +57,7 @@ from services.billing.repository import SubscriptionToBill
 from services.billing.terms import (
     InvoicePricing,
     PlanHistory,
-    metric_names,
-    sorted_metric_names,
+    query_names,
 )
 from services.billing.usage_totals import SegmentQuery, segment_totals
 from shared.errors import InvalidInput
@@ -502,7 +503,7 @@ def _queries(work: list[_Work], as_of: datetime) -> list[tuple[_QueryKey, Segmen
     """One query per distinct segment of each subscription, with every metric a plan of that
     segment prices (a draft and a final invoice may share a segment)."""
     # Per segment the metered prices of each pricing that reads it: nearly always one, whose
-    # metric names are sorted once per distinct price (sorted_metric_names is cached).
+    # names are sorted once per distinct price (query_names is cached).
     wanted: dict[_QueryKey, tuple[uuid.UUID, list[str]]] = {}
     for item in work:
         for pricing in _pricings(item, as_of):
@@ -515,24 +516,29 @@ def _queries(work: list[_Work], as_of: datetime) -> list[tuple[_QueryKey, Segmen
                     found[1].append(segment.metered_json)
     queries = []
     for key, (organization_id, prices) in wanted.items():
-        metrics, maxima = (
-            sorted_metric_names(prices[0]) if len(prices) == 1 else _union_names(prices)
+        metrics, maxima, filters = (
+            query_names(prices[0]) if len(prices) == 1 else _union_names(prices)
         )
-        if metrics:
+        if metrics or filters:
             queries.append(
-                (key, SegmentQuery(organization_id, key.start, key.end, metrics, maxima))
+                (key, SegmentQuery(organization_id, key.start, key.end, metrics, maxima, filters))
             )
     return queries
 
 
-def _union_names(prices: Sequence[str]) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _union_names(
+    prices: Sequence[str],
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[PricedFilter, ...]]:
     metrics: set[str] = set()
     maxima: set[str] = set()
+    filters: set[PricedFilter] = set()
     for metered_json in prices:
-        names, largest = metric_names(metered_json)
+        names, largest, priced = query_names(metered_json)
         metrics.update(names)
         maxima.update(largest)
-    return tuple(sorted(metrics)), tuple(sorted(maxima))
+        filters.update(priced)
+    ordered = sorted(filters, key=lambda f: filter_label(f.metric, f.match))
+    return tuple(sorted(metrics)), tuple(sorted(maxima)), tuple(ordered)
 
 
 def _totals(
@@ -546,6 +552,14 @@ def _totals(
         own = totals.setdefault(key.subscription_id, {})
         for metric, quantity in quantities.items():
             own[(key.start, key.end, metric)] = quantity
+    # Prices per dimension filter read the meters' windows (few plans have them).
+    for key, query in queries:
+        if query.filters:
+            own = totals.setdefault(key.subscription_id, {})
+            for label, quantity in filtered_totals(
+                connection, query.organization_id, query.start, query.end, query.filters
+            ).items():
+                own[(key.start, key.end, label)] = quantity
     return dict(totals)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from services.billing.pricing import MeteredPrice, PlanPrice
+from services.billing.pricing import MeteredPrice, PlanPrice, PricedFilter, filter_label
 from services.billing.schemas import plan_price
 
 
@@ -84,10 +84,28 @@ def metric_names(metered_json: str) -> tuple[frozenset[str], frozenset[str]]:
 
 
 @functools.lru_cache(maxsize=4096)
-def sorted_metric_names(metered_json: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """`metric_names`, each sorted: what a usage query of these prices asks for."""
+def priced_filters(metered_json: str) -> tuple[PricedFilter, ...]:
+    """The prices per dimension filter among a set of metered prices (their quantities come
+    from the meters' windows, services/billing/filter_totals.py, not from usage_records)."""
+    metered = metered_price(metered_json, 0).metered
+    return tuple(p.priced_filter for _, p in sorted(metered.items()) if p.priced_filter)
+
+
+@functools.lru_cache(maxsize=4096)
+def query_names(
+    metered_json: str,
+) -> tuple[tuple[str, ...], tuple[str, ...], tuple[PricedFilter, ...]]:
+    """What a usage query of these prices asks for, each sorted: the metrics read from
+    usage_records (a price per filter is read from its meter's windows instead), those of them
+    totalled by max, and the prices per filter."""
     names, largest = metric_names(metered_json)
-    return tuple(sorted(names)), tuple(sorted(largest))
+    filters = priced_filters(metered_json)
+    labels = {filter_label(f.metric, f.match) for f in filters}
+    return (
+        tuple(sorted(names - labels)),
+        tuple(sorted(largest)),
+        tuple(sorted(filters, key=lambda f: filter_label(f.metric, f.match))),
+    )
 
 
 @dataclass(frozen=True)

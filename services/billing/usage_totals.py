@@ -23,6 +23,7 @@ from decimal import Decimal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
+from services.billing.pricing import PricedFilter
 from shared.db import array_literal
 from shared.events import SUM_CONTEXT, window_start
 from shared.usage_cuts import Cut, CutPart
@@ -38,6 +39,8 @@ class SegmentQuery:
     end: datetime
     metrics: tuple[str, ...]
     max_metrics: tuple[str, ...]
+    # Prices per dimension filter (services/billing/filter_totals.py totals them).
+    filters: tuple[PricedFilter, ...] = ()
 
     @property
     def cuts(self) -> tuple[Cut, Cut]:

@@ -17,7 +17,7 @@ from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
+from shared.db import unit_of_work
+from shared.models import BillingInterval, Plan
+from shared.subscriptions import create_subscription
 from tests.aggregator_support import AggregatorProcess, create_topics, wait_for
 from tests.ingest_support import Tenant, bearer, make_tenant, rfc3339, run_ingest
 
@@ -446,3 +449,160 @@ def test_a_dimension_the_meter_does_not_keep_groups_as_null_and_filters_to_nothi
     grouped = fetch_usage(scene, metric, "month", ("model",))
     assert grouped == {(start, None): total for (start,), total in expected.items()}
     assert fetch_usage(scene, metric, "month", (), model="large") == {}
+
+
+# --- Prices per dimension filter -----------------------------------------------------------------
+
+
+def half_up(value: Decimal) -> int:
+    return int(value.quantize(Decimal(1), rounding=ROUND_HALF_UP))
+
+
+def oracle_amount(quantity: Decimal, price: dict[str, Any]) -> int:
+    """One line's amount from the README's pricing rules, worked out without Meterline."""
+    billable = max(Decimal(0), quantity - Decimal(str(price.get("included", 0))))
+    if billable == 0:
+        return 0
+    model = price["model"]
+    if model == "per_unit":
+        return half_up(billable * Decimal(price["unit_amount"]))
+    if model == "package":
+        size = Decimal(price["package_size"])
+        packages = billable // size + (1 if billable % size else 0)  # whole packages, rounded up
+        return half_up(packages * price["package_amount"])
+    tiers = price["tiers"]
+    if model == "volume":
+        for tier in tiers:
+            if tier["up_to"] is None or billable <= tier["up_to"]:
+                return half_up(billable * Decimal(tier["unit_amount"]) + tier.get("flat_amount", 0))
+    amount, below = Decimal(0), Decimal(0)
+    for tier in tiers:
+        top = Decimal(tier["up_to"]) if tier["up_to"] is not None else billable
+        if billable > below:
+            amount += (min(billable, top) - below) * Decimal(tier["unit_amount"])
+            amount += tier.get("flat_amount", 0)
+        below = top
+    return half_up(amount)
+
+
+def filtered_plan(metrics: dict[str, str]) -> dict[str, Any]:
+    by_region = {
+        "model": "per_unit",
+        "unit_amount": "3",
+        "filters": [
+            {"match": {"region": "eu"}, "model": "per_unit", "unit_amount": "7", "included": 2},
+            {"match": {"region": "us"}, "model": "package", "package_size": 3,
+             "package_amount": 40},
+        ],
+    }  # fmt: skip
+    metered: dict[str, Any] = {metrics[a]: by_region for a in ("count", "max", "min", "latest")}
+    metered[metrics["unique_count"]] = {
+        "model": "volume",
+        "tiers": [{"up_to": 10, "unit_amount": "90"}, {"up_to": None, "unit_amount": "60"}],
+        "filters": [{"match": {"region": "ap"}, "model": "per_unit", "unit_amount": "125"}],
+    }
+    metered[metrics["sum"]] = {
+        "model": "per_unit",
+        "unit_amount": "0.75",
+        "included": "10",
+        "filters": [
+            {
+                "match": {"model": "large", "type": "input"},
+                "model": "graduated",
+                "included": 50,
+                "tiers": [
+                    {"up_to": 200, "unit_amount": "2.5"},
+                    {"up_to": None, "unit_amount": "1.25", "flat_amount": 300},
+                ],
+            },
+            {"match": {"model": "large"}, "model": "per_unit", "unit_amount": "1.5"},
+            {"match": {"type": "output", "region": "eu"}, "model": "volume",
+             "tiers": [{"up_to": 100, "unit_amount": "0.9"},
+                       {"up_to": None, "unit_amount": "0.4", "flat_amount": 55}]},
+        ],
+    }  # fmt: skip
+    return {"metered": metered}
+
+
+def label(metric: str, match: dict[str, str] | None) -> str:
+    if match is None:
+        return f"{metric}[other]"
+    return metric + "[" + ",".join(f"{k}={v}" for k, v in sorted(match.items())) + "]"
+
+
+def oracle_lines(
+    scene: Scene, plan: dict[str, Any], start: datetime, end: datetime
+) -> dict[str, tuple[Decimal, int]]:
+    """Each priced filter's quantity and amount from the raw events of [start, end): an event
+    goes to the first filter its properties match, else to the default."""
+    lines = {}
+    for metric, price in plan["metered"].items():
+        filters = price["filters"]
+        chosen: dict[str, list[Posted]] = {label(metric, f["match"]): [] for f in filters}
+        chosen[label(metric, None)] = []
+        for e in scene.oracle.counted.values():
+            if e.metric != metric or not start <= e.timestamp < end:
+                continue
+            first = next(
+                (
+                    f
+                    for f in filters
+                    if all(e.properties.get(k) == v for k, v in f["match"].items())
+                ),
+                None,
+            )
+            chosen[label(metric, first["match"] if first else None)].append(e)
+        for name, events in chosen.items():
+            if not events:
+                lines[name] = (Decimal(0), 0)
+                continue
+            quantity = Oracle._aggregate(scene.oracle.meters[metric], events)
+            match = next((f for f in filters if label(metric, f["match"]) == name), price)
+            lines[name] = (quantity, oracle_amount(quantity, match))
+    return lines
+
+
+def test_a_plan_priced_per_dimension_filter_is_billed_to_the_cent_against_the_raw_events(
+    scene: Scene,
+) -> None:
+    plan = filtered_plan(scene.metrics)
+    key = f"filtered-{secrets.token_hex(3)}"
+    path = scene.tmp / "plans.json"
+    path.write_text(json.dumps({"plans": [{"key": key, "price_monthly": 1900, "features": plan}]}))
+    applied = run_cli(scene.env, "plans", "apply", str(path), "--json")
+    assert applied.returncode == 0, applied.stderr
+    with unit_of_work(scene.engine) as session:
+        plan_id = session.scalars(sa.select(Plan.id).where(Plan.key == key)).one()
+        subscription = create_subscription(
+            session,
+            organization_id=scene.tenant.organization_id,
+            plan_id=plan_id,
+            interval=BillingInterval.MONTH,
+            now=scene.start,
+        )
+        period_end = subscription.current_period_end
+    done = run_cli(
+        scene.env, "billing", "run", "--organization", str(scene.tenant.organization_id),
+        "--no-stripe", "--json",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    invoices = json.loads(done.stdout)["invoices"]
+    # The month anchored 30 days ago, and the one after it if that closed already.
+    assert {i["period_start"] for i in invoices} <= {
+        scene.start.isoformat(),
+        period_end.isoformat(),
+    }
+    reached = set()
+    for invoice in invoices:
+        start = datetime.fromisoformat(invoice["period_start"])
+        end = datetime.fromisoformat(invoice["period_end"])
+        got = {
+            line["metric"]: (Decimal(line["quantity"]), line["amount"])
+            for line in invoice["lines"]
+            if line["kind"] == "usage"
+        }
+        expected = oracle_lines(scene, plan, start, end)
+        assert got == expected, invoice["period_start"]
+        assert invoice["total"] == 1900 + sum(amount for _, amount in expected.values())
+        reached |= {name for name, (quantity, _) in expected.items() if quantity}
+    assert len(reached) == 18  # every filter and default of the plan priced some usage
