@@ -71,8 +71,8 @@ _KEY_ARRAYS = """
 """
 _KEY_COLUMNS = "organization_id, project_id, api_key_id, metric, dimensions, window_start"
 _CONFLICT = (
-    "ON CONFLICT (organization_id, project_id, api_key_id, metric, dimensions, window_start,"
-    " window_seconds)"
+    "ON CONFLICT (organization_id, metric, window_start, window_seconds, project_id, api_key_id,"
+    " dimensions)"
 )
 _WINDOW_ROWS = f"""
     INSERT INTO meter_windows AS u
@@ -137,8 +137,8 @@ _DELETE_WINDOWS = sa.text(
 )
 _INSERT_VALUES = sa.text(
     f"""
-    INSERT INTO meter_values (id, {_KEY_COLUMNS}, window_seconds, value)
-    SELECT gen_random_uuid(), d.organization_id, d.project_id, d.api_key_id, d.metric,
+    INSERT INTO meter_values ({_KEY_COLUMNS}, window_seconds, value)
+    SELECT d.organization_id, d.project_id, d.api_key_id, d.metric,
            CAST(d.dimensions AS jsonb), d.window_start, CAST(:window_seconds AS integer), d.value
       FROM unnest(CAST(:organization_id AS uuid[]), CAST(:project_id AS uuid[]),
                   CAST(:api_key_id AS uuid[]), CAST(:metric AS text[]),

@@ -21,14 +21,15 @@ down_revision: str | None = "0020_platform_keys"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
+# Led by what reads and replay range over, so that one unique index serves them and the upserts.
 _KEY = [
     "organization_id",
-    "project_id",
-    "api_key_id",
     "metric",
-    "dimensions",
     "window_start",
     "window_seconds",
+    "project_id",
+    "api_key_id",
+    "dimensions",
 ]
 
 
@@ -102,17 +103,10 @@ def upgrade() -> None:
         unique=True,
         postgresql_nulls_not_distinct=True,
     )
-    op.create_index(
-        "ix_meter_windows_org_metric_window",
-        "meter_windows",
-        ["organization_id", "metric", "window_start"],
-    )
     op.create_table(
         "meter_values",
         *_window_columns("meter_values"),
         sa.Column("value", sa.String(length=256), nullable=False),
-        sa.Column("id", sa.Uuid(), nullable=False),
-        sa.PrimaryKeyConstraint("id", name=op.f("pk_meter_values")),
     )
     op.create_index(
         "uq_meter_values_value",
@@ -120,11 +114,6 @@ def upgrade() -> None:
         [*_KEY, "value"],
         unique=True,
         postgresql_nulls_not_distinct=True,
-    )
-    op.create_index(
-        "ix_meter_values_org_metric_window",
-        "meter_values",
-        ["organization_id", "metric", "window_start"],
     )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from services.aggregator.batch import CountableEvent
+from shared.events import SUM_CONTEXT, UsageEvent
 from shared.meter_usage import MeterTotal, MeterUsage, MeterValueKey, MeterWindowKey
 from shared.meters import MeterDefinition, dimensions_key
 
@@ -22,28 +23,45 @@ def meter_usage(
 ) -> MeterUsage:
     """The meter windows and distinct values of the events of metered metrics (the others are
     usage_records' alone)."""
-    windows: dict[MeterWindowKey, MeterTotal] = {}
     values: set[MeterValueKey] = set()
     if not meters:
-        return MeterUsage(windows, values)
+        return MeterUsage({}, values)
+    grouped: dict[MeterWindowKey, list[UsageEvent]] = {}
+    # A batch repeats few sets of dimension values: each is spelled (canonical JSON) once.
+    spelled: dict[tuple[str, tuple[str | None, ...]], str] = {}
     for e in events:
         usage = e.event
         meter = meters.get(usage.metric)
         if meter is None:
             continue
-        key = (
-            e.organization_id,
-            usage.project_id,
-            e.api_key_id,
-            usage.metric,
-            dimensions_key(meter.dimension_values(usage.properties)),
-            e.window_start,
-        )
-        total = MeterTotal.of(usage.quantity, usage.timestamp, usage.id)
-        prior = windows.get(key)
-        windows[key] = total if prior is None else prior.merge(total)
+        properties = usage.properties
+        seen = tuple(properties.get(name) for name in meter.dimensions)
+        text = spelled.get((usage.metric, seen))
+        if text is None:
+            text = dimensions_key(meter.dimension_values(properties))
+            spelled[(usage.metric, seen)] = text
+        key = (e.organization_id, usage.project_id, e.api_key_id, usage.metric, text,
+               e.window_start)  # fmt: skip
+        grouped.setdefault(key, []).append(usage)
         if meter.property is not None:
-            value = usage.properties.get(meter.property)
+            value = properties.get(meter.property)
             if value is not None:
                 values.add((*key, value))
-    return MeterUsage(windows, values)
+    return MeterUsage({key: _total(group) for key, group in grouped.items()}, values)
+
+
+def _total(events: list[UsageEvent]) -> MeterTotal:
+    quantities = [e.quantity for e in events]
+    total = quantities[0]
+    for quantity in quantities[1:]:
+        total = SUM_CONTEXT.add(total, quantity)
+    latest = max(events, key=lambda e: (e.timestamp, e.id))
+    return MeterTotal(
+        quantity=total,
+        event_count=len(events),
+        max_quantity=max(quantities),
+        min_quantity=min(quantities),
+        latest_quantity=latest.quantity,
+        latest_at=latest.timestamp,
+        latest_event_id=latest.id,
+    )

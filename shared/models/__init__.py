@@ -12,7 +12,7 @@ from shared.models.billing import (
 from shared.models.identity import Account, Session, User, VerificationToken
 from shared.models.keys import ApiKey, ApiKeyDeletion
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
-from shared.models.meters import METER_WINDOW_KEY, Meter, MeterValue, MeterWindow
+from shared.models.meters import METER_WINDOW_KEY, Meter, MeterWindow, meter_values
 from shared.models.operators import (
     AuditEntry,
     Operator,
@@ -63,7 +63,6 @@ __all__ = [
     "Invoice",
     "InvoiceLine",
     "Meter",
-    "MeterValue",
     "MeterWindow",
     "Operator",
     "OperatorRole",
@@ -91,4 +90,5 @@ __all__ = [
     "UsageVersion",
     "User",
     "VerificationToken",
+    "meter_values",
 ]

@@ -418,9 +418,9 @@ def test_replay_restores_corrupted_dimension_rows_and_a_second_replay_changes_no
         )
         connection.execute(
             sa.text(
-                "INSERT INTO meter_values (id, organization_id, metric, dimensions,"
+                "INSERT INTO meter_values (organization_id, metric, dimensions,"
                 " window_start, window_seconds, value)"
-                " SELECT gen_random_uuid(), organization_id, metric, dimensions, window_start,"
+                " SELECT organization_id, metric, dimensions, window_start,"
                 " window_seconds, 'intruder' FROM meter_values WHERE organization_id = :org"
                 " LIMIT 1"
             ),
