@@ -19,7 +19,6 @@ from starlette.responses import Response
 from starlette.types import ASGIApp
 
 from services.ingest.api import authenticate_first, error_response, routes
-from services.ingest.dropins.values import no_value_paths
 from services.ingest.keycache import FreshCache, KeyCache, KeyUsageTally, ProjectCache
 from services.ingest.keylookup import KeyLookups
 from services.ingest.metercache import MeterCache
@@ -74,6 +73,7 @@ def create_app(
                 settings.ingest_auth_failures_per_second, settings.ingest_auth_failure_burst
             ),
         )
+        meters = MeterCache(queries.meters, ttl=settings.key_cache_ttl_seconds)
         service = IngestService(
             settings,
             keys=keys,
@@ -83,7 +83,7 @@ def create_app(
             ),
             tally=tally,
             publisher=chosen,
-            meters=MeterCache(queries.meters, ttl=settings.key_cache_ttl_seconds),
+            meters=meters,
             usage=queries.usage,
             member_role=queries.member_role,
             customers=FreshCache(queries.customers, ttl=settings.key_cache_ttl_seconds),
@@ -95,8 +95,9 @@ def create_app(
         background.append(asyncio.create_task(keys.run_polls()))
         app.state.service = service
         app.state.queries = queries
-        # Until meters name value paths, the drop-ins' defaults hold (dropins/values.py).
-        app.state.value_paths = no_value_paths
+        # A meter's value_property is its metric's value path in the drop-ins' payloads; a metric
+        # without one keeps the drop-in's default (dropins/values.py).
+        app.state.value_paths = meters.value_path
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise rescan every module object and stall requests.
         gc.freeze()

@@ -42,3 +42,9 @@ class MeterCache:
             log_event(logger, "meters_read_failed", logging.WARNING, error=exc.message)
         self._read_at = now
         return self._meters
+
+    def value_path(self, metric: str) -> str | None:
+        """The value path of `metric`'s meter, as last read (the drop-ins' ValuePaths): read
+        get() first for a fresh answer."""
+        meter = self._meters.get(metric)
+        return meter.value_property if meter is not None else None

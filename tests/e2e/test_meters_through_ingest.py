@@ -134,6 +134,7 @@ def meter_file(suffix: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
         "latest": f"storage_{suffix}",
         "unique_count": f"active_users_{suffix}",
     }
+    gpu = f"gpu_seconds_{suffix}"  # posted through the OpenMeter route: its value path is read
     meters = {
         metrics["sum"]: {"aggregation": "sum", "dimensions": ["model", "type", "region"]},
         metrics["count"]: {"aggregation": "count", "dimensions": ["region"]},
@@ -145,6 +146,7 @@ def meter_file(suffix: str) -> tuple[dict[str, str], dict[str, dict[str, Any]]]:
             "property": "user_id",
             "dimensions": ["region"],
         },
+        gpu: {"aggregation": "sum", "dimensions": ["region"], "value_property": "$.seconds"},
     }
     return metrics, meters
 
@@ -606,3 +608,30 @@ def test_a_plan_priced_per_dimension_filter_is_billed_to_the_cent_against_the_ra
         assert invoice["total"] == 1900 + sum(amount for _, amount in expected.values())
         reached |= {name for name, (quantity, _) in expected.items() if quantity}
     assert len(reached) == 18  # every filter and default of the plan priced some usage
+
+
+def test_a_meters_value_property_is_the_value_path_of_the_openmeter_route(scene: Scene) -> None:
+    (metric,) = [m for m in scene.oracle.meters if m.startswith("gpu_seconds_")]
+    at = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    events = [
+        {"specversion": "1.0", "id": f"gpu-{i}", "source": "test", "type": metric,
+         "subject": str(scene.tenant.organization_id), "time": rfc3339(at),
+         "data": {"seconds": seconds, "region": region}}
+        for i, (seconds, region) in enumerate([("2.5", "eu"), (4, "eu"), ("0.25", "us")])
+    ]  # fmt: skip
+    response = httpx.post(
+        scene.url + "/openmeter/api/v1/events",
+        content=json.dumps(events),
+        headers={**bearer(scene.tenant.key), "Content-Type": "application/cloudevents-batch+json"},
+        timeout=30,
+    )
+    assert response.status_code == 204, response.text
+    wait_for(
+        lambda: sum(n for _, n in fetch_usage(scene, metric, "month").values()) == 3,
+        timeout=60,
+        what="the OpenMeter events counted",
+    )
+    assert fetch_usage(scene, metric, "month", ("region",)) == {
+        (truncate(at, "month"), "eu"): (Decimal("6.5"), 2),
+        (truncate(at, "month"), "us"): (Decimal("0.25"), 1),
+    }

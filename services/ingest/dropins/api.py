@@ -109,6 +109,12 @@ def error_renderer(path: str) -> Callable[[MeterlineError], ErrorParts] | None:
     return None
 
 
+async def _fresh_meters(service: IngestService) -> None:
+    """Re-read the meters if they are older than their TTL, so value paths are current."""
+    if service.meters is not None:
+        await service.meters.get()
+
+
 def _respond(parts: ErrorParts) -> Response:
     status, headers, body, media_type = parts
     return Response(body, status, headers, media_type)
@@ -123,6 +129,7 @@ async def post_openmeter_events(request: Request) -> Response:
                 f"send CloudEvents as {openmeter.SINGLE} or {openmeter.BATCH}"
             )
         items = openmeter.cloudevents(await read_body(request, MAX_BODY_BYTES), media_type)
+        await _fresh_meters(service)
         events = openmeter.translate(items, value_paths)
         await _ingest(service, key, events, service.customers, openmeter.FIELD_NAMES)
     except ClientDisconnect:
@@ -147,6 +154,7 @@ async def _post_lago(request: Request, *, batch: bool) -> Response:
         if _media_type(request) != JSON:
             raise UnsupportedMediaType("send Lago events as application/json")
         items = lago.lago_events(await read_body(request, MAX_BODY_BYTES), batch=batch)
+        await _fresh_meters(service)
         events = lago.translate(items, value_paths)
         await _ingest(service, key, events, service.subscriptions, lago.FIELD_NAMES)
     except ClientDisconnect:

@@ -1,10 +1,9 @@
 """Where an event's quantity is inside a drop-in payload: the value path of its metric.
 
 OpenMeter meters name a JSON path into the CloudEvent's `data` (`valueProperty`), Lago billable
-metrics a property (`field_name`). Meterline has no meter definitions yet, so every metric has no
-path of its own and the defaults hold: OpenMeter's `data.value`, Lago's count of 1 per event.
-`ValuePaths` is the one seam: when meters define a `value_property`, ingest wires a lookup of it
-here and both translations follow it.
+metrics a property (`field_name`). A Meterline meter's `value_property` is that path for its
+metric (services/ingest/metercache.py wires the lookup); a metric without one keeps the defaults:
+OpenMeter's `data.value`, Lago's count of 1 per event.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ MISSING = object()
 
 
 def no_value_paths(metric: str) -> str | None:
-    """The lookup until meters name value paths: no metric has one."""
+    """A lookup in which no metric has a value path (the defaults hold)."""
     return None
 
 
