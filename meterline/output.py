@@ -39,10 +39,12 @@ def print_json(document: Any) -> None:
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(*headers, show_edge=False, pad_edge=False)
     for row in rows:
-        table.add_row(*["" if value is None else str(value) for value in row])
+        # Text, not a markup string: a cell such as `tokens[model=large]` prints as it is.
+        table.add_row(*[Text("" if value is None else str(value)) for value in row])
     # Never cut ids: a terminal too narrow wraps the table, a pipe gets full-width lines.
     console = Console(soft_wrap=True)
     if not console.is_terminal:

@@ -71,6 +71,23 @@ SAMPLE_PLANS: list[dict[str, Any]] = [
                         {"up_to": None, "unit_amount": "600"},
                     ],
                 },
+                # Priced per dimension filter: needs the meters the demo applies (llm_tokens by
+                # model and type, active_users as a unique_count of user_id).
+                "llm_tokens": {
+                    "included": 1000,
+                    "model": "per_unit",
+                    "unit_amount": "0.002",
+                    "filters": [
+                        {
+                            "match": {"model": "large", "type": "input"},
+                            "model": "per_unit",
+                            "unit_amount": "0.01",
+                            "included": 5000,
+                        },
+                        {"match": {"model": "large"}, "model": "per_unit", "unit_amount": "0.03"},
+                    ],
+                },
+                "active_users": {"included": 5, "model": "per_unit", "unit_amount": "50"},
             },
         },
     },

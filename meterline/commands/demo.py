@@ -520,6 +520,7 @@ def demo(
             )
             _metered_traffic(base_url, keys[0], now, run, timeout)
             _bill()
+            _print_metered_lines(keys[0])
             if console:
                 _serve_console(env, log_dir, ingest_url=base_url)
         _say("Done")
@@ -564,6 +565,26 @@ def _bill() -> None:
             "tests run the same reconciliation against a stateful Stripe fake, where they "
             "agree. Resolve them in the console (Mismatches)."
         )
+
+
+def _print_metered_lines(key: DemoKey) -> None:
+    """The metered lines of the organization's open invoice: one per priced filter."""
+    from meterline.commands import context
+    from services.billing import invoice_repository
+
+    with context.engine().connect() as connection:
+        invoices = invoice_repository.list_invoices(
+            connection, organization_id=key.organization_id, subscription_id=None,
+            status="draft", limit=1,
+        )  # fmt: skip
+    lines = [
+        (line.metric, _plain(line.quantity), _plain(line.billable_quantity), line.amount)
+        for invoice in invoices
+        for line in invoice.lines
+        if line.kind == "usage" and (line.metric or "").startswith(("llm_tokens", "active_users"))
+    ]
+    typer.echo(f"\n  {key.organization}'s open invoice, lines per priced filter (minor units):")
+    print_table(["line", "quantity", "billable", "amount"], lines)
 
 
 def _serve_console(env: dict[str, str], log_dir: Path, *, ingest_url: str) -> None:

@@ -137,3 +137,22 @@ def filtered_totals(
         groups = dimension_groups(connection, organization_id, meter, start, end)
         found.update(filter_quantities(groups, meter, its))
     return found
+
+
+def metered_totals(
+    connection: Connection,
+    organization_id: uuid.UUID,
+    start: datetime,
+    end: datetime,
+    meters: Sequence[MeterDefinition],
+) -> dict[str, Decimal]:
+    """The quantities of unfiltered prices of metrics whose meter does not sum (count, max, min,
+    latest, unique_count): the meter's aggregation over the segment, not usage_records' sum."""
+    found: dict[str, Decimal] = {}
+    for meter in meters:
+        whole = PricedFilter(meter.metric, None, ())
+        groups = dimension_groups(connection, organization_id, meter, start, end)
+        quantity = filter_quantities(groups, meter, [whole]).get(filter_label(meter.metric, None))
+        if quantity is not None:
+            found[meter.metric] = quantity
+    return found

@@ -37,7 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from services.billing import invoice_repository, repository, stripe_steps
-from services.billing.filter_totals import filtered_totals
+from services.billing.filter_totals import filtered_totals, metered_totals
 from services.billing.gateway import BillingGateway
 from services.billing.invoices import (
     Invoice,
@@ -62,6 +62,7 @@ from services.billing.terms import (
 from services.billing.usage_totals import SegmentQuery, segment_totals
 from shared.errors import InvalidInput
 from shared.logs import log_event
+from shared.meters import meters_by_metric
 from shared.subscriptions import BILLED_STATUSES, RENEWING_STATUSES
 from shared.usage_cuts import (
     Cut,
@@ -552,14 +553,26 @@ def _totals(
         own = totals.setdefault(key.subscription_id, {})
         for metric, quantity in quantities.items():
             own[(key.start, key.end, metric)] = quantity
-    # Prices per dimension filter read the meters' windows (few plans have them).
+    # Prices per dimension filter, and prices of metrics whose meter does not sum, read the
+    # meters' windows (few plans have them).
+    meters = meters_by_metric(connection)
     for key, query in queries:
+        own = totals.setdefault(key.subscription_id, {})
         if query.filters:
-            own = totals.setdefault(key.subscription_id, {})
             for label, quantity in filtered_totals(
                 connection, query.organization_id, query.start, query.end, query.filters
             ).items():
                 own[(key.start, key.end, label)] = quantity
+        unsummed = [
+            meters[m] for m in query.metrics if m in meters and meters[m].aggregation != "sum"
+        ]
+        if unsummed:
+            for meter in unsummed:
+                own.pop((key.start, key.end, meter.metric), None)
+            for metric_name, quantity in metered_totals(
+                connection, query.organization_id, query.start, query.end, unsummed
+            ).items():
+                own[(key.start, key.end, metric_name)] = quantity
     return dict(totals)
 
 

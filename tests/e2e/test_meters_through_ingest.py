@@ -497,7 +497,9 @@ def filtered_plan(metrics: dict[str, str]) -> dict[str, Any]:
              "package_amount": 40},
         ],
     }  # fmt: skip
-    metered: dict[str, Any] = {metrics[a]: by_region for a in ("count", "max", "min", "latest")}
+    metered: dict[str, Any] = {metrics[a]: by_region for a in ("count", "max", "latest")}
+    # No filters: priced by its meter's aggregation (min), not usage_records' sum.
+    metered[metrics["min"]] = {"model": "per_unit", "unit_amount": "11"}
     metered[metrics["unique_count"]] = {
         "model": "volume",
         "tiers": [{"up_to": 10, "unit_amount": "90"}, {"up_to": None, "unit_amount": "60"}],
@@ -539,6 +541,17 @@ def oracle_lines(
     goes to the first filter its properties match, else to the default."""
     lines = {}
     for metric, price in plan["metered"].items():
+        if "filters" not in price:
+            events = [
+                e
+                for e in scene.oracle.counted.values()
+                if e.metric == metric and start <= e.timestamp < end
+            ]
+            quantity = (
+                Oracle._aggregate(scene.oracle.meters[metric], events) if events else Decimal(0)
+            )
+            lines[metric] = (quantity, oracle_amount(quantity, price))
+            continue
         filters = price["filters"]
         chosen: dict[str, list[Posted]] = {label(metric, f["match"]): [] for f in filters}
         chosen[label(metric, None)] = []
@@ -607,7 +620,7 @@ def test_a_plan_priced_per_dimension_filter_is_billed_to_the_cent_against_the_ra
         assert got == expected, invoice["period_start"]
         assert invoice["total"] == 1900 + sum(amount for _, amount in expected.values())
         reached |= {name for name, (quantity, _) in expected.items() if quantity}
-    assert len(reached) == 18  # every filter and default of the plan priced some usage
+    assert len(reached) == 16  # every line of the plan (filters, defaults) priced some usage
 
 
 def test_a_meters_value_property_is_the_value_path_of_the_openmeter_route(scene: Scene) -> None:
