@@ -88,8 +88,8 @@ def show(
     with cli_errors(as_json):
         from meterline.commands import context
         from services.billing import invoice_repository
-        from services.billing.documents import invoice_summary
-        from services.billing.invoice_html import Party, money, render_invoice_html
+        from services.billing.documents import customer_party, invoice_summary, seller_party
+        from services.billing.invoice_html import money, render_invoice_html
         from shared.access import require_organization
         from shared.db import unit_of_work
         from shared.errors import InvalidInput, NotFound
@@ -100,26 +100,9 @@ def show(
         if invoice is None:
             raise NotFound(f"invoice {invoice_id} not found")
         if html is not None:
-            settings = context.settings()
             with unit_of_work(engine) as session:
-                organization = require_organization(session, invoice.organization_id)
-                customer = Party(
-                    organization.name,
-                    tuple(
-                        line
-                        for line in (
-                            f"Organization {organization.slug} ({organization.id})",
-                            f"Stripe customer {organization.stripe_customer_id}"
-                            if organization.stripe_customer_id
-                            else "",
-                        )
-                        if line
-                    ),
-                )
-            seller = Party(
-                settings.seller_name,
-                tuple(part.strip() for part in settings.seller_address.split(";") if part.strip()),
-            )
+                customer = customer_party(require_organization(session, invoice.organization_id))
+            seller = seller_party(context.settings())
             try:
                 html.write_text(render_invoice_html(invoice, seller, customer), encoding="utf-8")
             except OSError as exc:

@@ -62,14 +62,10 @@ def _start(value: str | None, horizon: timedelta) -> datetime:
 def _document(
     session: Session, subscription: Subscription, *, phases: bool = False
 ) -> dict[str, object]:
-    from services.billing.documents import subscription_document
-    from shared.access import require_organization
-    from shared.subscription_repository import phases_of, plans_by_id
+    from services.billing.documents import subscription_documents
 
-    found = phases_of(session, subscription.id) if phases else None
-    plans = plans_by_id(session, {subscription.plan_id} | {p.plan_id for p in found or []})
-    organization = require_organization(session, subscription.organization_id)
-    return subscription_document(subscription, organization, plans, found)
+    [document] = subscription_documents(session, [subscription], phases=phases)
+    return document
 
 
 def _print(document: dict[str, object]) -> None:
@@ -166,6 +162,7 @@ def list_(
     """List subscriptions, newest first."""
     with cli_errors(as_json):
         from meterline.commands import context
+        from services.billing.documents import subscription_documents
         from shared.db import unit_of_work
         from shared.errors import InvalidInput
         from shared.models import SubscriptionStatus
@@ -178,10 +175,9 @@ def list_(
             raise InvalidInput(f"--status: unknown status {status!r}") from None
         with unit_of_work(context.engine()) as session:
             org_id = find_organization(session, organization).id if organization else None
-            documents = [
-                _document(session, s)
-                for s in list_subscriptions(session, organization_id=org_id, status=wanted)
-            ]
+            documents = subscription_documents(
+                session, list_subscriptions(session, organization_id=org_id, status=wanted)
+            )
         if as_json:
             print_json({"subscriptions": documents})
             return

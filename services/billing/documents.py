@@ -1,13 +1,20 @@
-"""Wire shapes of the operator commands (`meterline subscriptions ...`, `meterline invoices ...`):
-what `--json` prints, built from the models and the billing core's values."""
+"""Wire shapes of the operator commands (`meterline subscriptions ...`, `meterline invoices ...`)
+and of the console's subscription and invoice routes: what `--json` prints, built from the models
+and the billing core's values, and the parties an invoice page names."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
+from sqlalchemy.orm import Session
+
+from services.billing.invoice_html import Party
 from services.billing.invoices import Invoice, invoice_document
+from shared.access import require_organization
 from shared.models import Organization, Plan, Subscription, SubscriptionPhase
+from shared.settings import Settings
+from shared.subscription_repository import phases_of, plans_by_id
 
 
 def subscription_document(
@@ -42,6 +49,43 @@ def subscription_document(
             for phase in phases
         ]
     return document
+
+
+def subscription_documents(
+    session: Session, subscriptions: Sequence[Subscription], *, phases: bool = False
+) -> list[dict[str, object]]:
+    """The documents of these subscriptions (with their plan phases if asked), their plans read
+    in one query."""
+    found = {s.id: phases_of(session, s.id) for s in subscriptions} if phases else {}
+    plan_ids = {s.plan_id for s in subscriptions} | {
+        phase.plan_id for listed in found.values() for phase in listed
+    }
+    plans = plans_by_id(session, plan_ids) if plan_ids else {}
+    organizations = {
+        organization_id: require_organization(session, organization_id)
+        for organization_id in {s.organization_id for s in subscriptions}
+    }
+    return [
+        subscription_document(
+            s, organizations[s.organization_id], plans, found.get(s.id) if phases else None
+        )
+        for s in subscriptions
+    ]
+
+
+def seller_party(settings: Settings) -> Party:
+    """Who invoices: METERLINE_SELLER_NAME, and METERLINE_SELLER_ADDRESS split at semicolons."""
+    return Party(
+        settings.seller_name,
+        tuple(part.strip() for part in settings.seller_address.split(";") if part.strip()),
+    )
+
+
+def customer_party(organization: Organization) -> Party:
+    lines = [f"Organization {organization.slug} ({organization.id})"]
+    if organization.stripe_customer_id:
+        lines.append(f"Stripe customer {organization.stripe_customer_id}")
+    return Party(organization.name, tuple(lines))
 
 
 def invoice_summary(invoice: Invoice) -> dict[str, object]:

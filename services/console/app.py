@@ -1,7 +1,7 @@
 """Wiring of the console: settings, the database engine, the route modules (each adds its API
 operations and its pages), the OpenAPI document, static files and the pipeline sampler.
 
-A new part of the console (subscriptions, invoices, meters) is one more module in ROUTE_MODULES
+A new part of the console (meters, say) is one more module in ROUTE_MODULES
 with `operations` and `pages`, and its templates.
 """
 
@@ -27,11 +27,13 @@ from services.console.routes import (
     audit,
     billing,
     dead_letters,
+    invoices,
     organizations,
     pipeline,
     plans,
     replay_runs,
     session,
+    subscriptions,
     usage,
 )
 from services.console.routing import (
@@ -55,6 +57,8 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
     session,
     organizations,
     plans,
+    subscriptions,
+    invoices,
     usage,
     billing,
     dead_letters,

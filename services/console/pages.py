@@ -13,6 +13,7 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 
+from services.billing.invoice_html import money
 from services.console.auth import Principal
 from services.console.routing import NOTICE_COOKIE, Render
 
@@ -61,6 +62,8 @@ def _number(value: object) -> str:
 def _money(minor: object, currency: str = "") -> str:
     if not isinstance(minor, int):
         return "—"
+    if currency:
+        return money(minor, currency)
     sign = "-" if minor < 0 else ""
     whole, cents = divmod(abs(minor), 100)
     return f"{sign}{whole:,}.{cents:02d} {currency.upper()}".strip()
@@ -94,4 +97,6 @@ class PageRenderer:
             **result.context,
         }
         text = self.env.get_template(result.template).render(context)
-        return HTMLResponse(text, result.status, headers=SECURITY_HEADERS)
+        return HTMLResponse(
+            text, result.status, headers={**SECURITY_HEADERS, **(result.headers or {})}
+        )

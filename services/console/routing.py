@@ -149,6 +149,7 @@ class Render:
     template: str
     context: dict[str, Any]
     status: int = 200
+    headers: Mapping[str, str] | None = None  # over the pages' security headers
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +16,8 @@ from sqlalchemy.engine import Engine
 from starlette.testclient import TestClient
 
 from services.aggregator.replay_runs import list_replay_runs
+from services.billing import invoice_repository
+from services.billing.invoices import Invoice, InvoiceLine
 from services.console.app import create_app, operations
 from services.console.routing import API_PREFIX
 from shared.db import unit_of_work
@@ -27,6 +30,8 @@ from shared.models import (
     Plan,
     ReconciliationMismatch,
     ReplayRun,
+    Subscription,
+    SubscriptionPhase,
 )
 from shared.operators import revoke_operator
 from shared.settings import Settings
@@ -101,14 +106,44 @@ def tenant(engine: Engine) -> dict[str, object]:
         )
         session.add(mismatch)
         session.flush()
+        invoice = _invoice(subscription)
+        invoice_repository.save_invoices(
+            session.connection(),
+            invoice_repository.invoice_rows([invoice], new=frozenset({invoice.id})),
+        )
         return {
             "organization_id": organization.id,
             "slug": organization.slug,
+            "name": organization.name,
             "project_id": project.id,
             "key_id": key.key.id,
             "prefix": key.key.prefix,
             "mismatch_id": mismatch.id,
+            "subscription_id": subscription.id,
+            "plan_key": plan.key,
+            "invoice_id": invoice.id,
         }
+
+
+def _invoice(subscription: Subscription) -> Invoice:
+    """A final invoice of the subscription's period: a flat fee and one usage line."""
+    return Invoice(
+        id=uuid.uuid4(),
+        organization_id=subscription.organization_id,
+        subscription_id=subscription.id,
+        period_start=subscription.current_period_start,
+        period_end=subscription.current_period_end,
+        currency="usd",
+        status="final",
+        flat_amount=4900,
+        total=4900 + 1250,
+        finalized_at=subscription.current_period_end,
+        pricing=None,
+        lines=(
+            InvoiceLine("flat", None, Decimal(0), Decimal(0), 4900, description="Plan fee"),
+            InvoiceLine("usage", "api_calls", Decimal("1250.5"), Decimal("1250"), 1250),
+        ),
+    )
 
 
 def _path(path: str, tenant: dict[str, object] | None = None) -> str:
@@ -116,6 +151,8 @@ def _path(path: str, tenant: dict[str, object] | None = None) -> str:
         "organization": str(tenant["slug"]) if tenant else "x",
         "key": str(tenant["prefix"]) if tenant else "x",
         "mismatch": str(tenant["mismatch_id"]) if tenant else str(uuid.uuid4()),
+        "subscription": str(tenant["subscription_id"]) if tenant else str(uuid.uuid4()),
+        "invoice": str(tenant["invoice_id"]) if tenant else str(uuid.uuid4()),
         "letter": "0:0",
     }
     for name, value in values.items():
@@ -192,7 +229,16 @@ def test_a_scheme_other_than_bearer_is_401(client: TestClient, admin: OperatorTo
 def test_a_viewer_cannot_change_anything(
     client: TestClient, engine: Engine, viewer: OperatorToken, tenant: dict[str, object], op
 ) -> None:
-    body = {"plans": [{"key": f"v-{uuid.uuid4().hex[:6]}"}], "note": "n"} if op.body else None
+    body = (
+        {
+            "plans": [{"key": f"v-{uuid.uuid4().hex[:6]}"}],
+            "note": "n",
+            "organization": tenant["slug"],
+            "plan": tenant["plan_key"],
+        }
+        if op.body
+        else None
+    )
     response = client.request(
         op.method, _path(op.path, tenant), json=body, headers=bearer(viewer.token)
     )
@@ -201,6 +247,7 @@ def test_a_viewer_cannot_change_anything(
     with unit_of_work(engine) as session:
         assert session.get(ApiKey, tenant["key_id"]).revoked_at is None
         assert session.get(ReconciliationMismatch, tenant["mismatch_id"]).resolved is False
+        assert session.get(Subscription, tenant["subscription_id"]).status == "active"
         entries = session.scalars(
             sa.select(AuditEntry).where(AuditEntry.operator_id == viewer.id)
         ).all()
@@ -514,6 +561,286 @@ def test_a_rerun_finding_the_same_difference_keeps_a_persons_resolution(
         assert session.get(ReconciliationMismatch, tenant["mismatch_id"]).resolved is True
 
 
+# --- subscriptions --------------------------------------------------------------------------
+
+
+def _subscriber(engine: Engine) -> tuple[str, str, str]:
+    """A committed organization without a subscription, and two active plans of one currency:
+    (organization slug, plan key, other plan key)."""
+    with unit_of_work(engine) as session:
+        organization = factories.make_organization(session)
+        first = factories.make_plan(session, price_monthly=2900)
+        second = factories.make_plan(session, price_monthly=9900)
+        return organization.slug, first.key, second.key
+
+
+def _subscribe(client: TestClient, token: str, **body: object) -> Any:
+    return client.post(f"{API_PREFIX}/subscriptions", json=body, headers=bearer(token))
+
+
+def test_creating_a_subscription_subscribes_from_now_and_audits_who(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    slug, plan, _ = _subscriber(engine)
+    before = datetime.now(UTC).replace(microsecond=0)
+    response = _subscribe(client, admin.token, organization=slug, plan=plan, interval="year",
+                          trial_days=14)  # fmt: skip
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert (body["organization"], body["plan"], body["status"], body["billing_interval"]) == (
+        slug, plan, "trialing", "year",
+    )  # fmt: skip
+    anchor = datetime.fromisoformat(body["billing_cycle_anchor"])
+    assert before <= anchor <= datetime.now(UTC) and anchor.microsecond == 0
+    assert datetime.fromisoformat(body["trial_end"]) == anchor + timedelta(days=14)
+    assert [p["plan"] for p in body["phases"]] == [plan]
+    [entry] = _audit(engine, "subscription.create", body["id"])
+    assert (entry.actor, entry.details["plan"], entry.details["trial_days"]) == (
+        admin.name, plan, 14,
+    )  # fmt: skip
+
+
+def test_a_second_live_subscription_of_an_organization_is_409(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    response = _subscribe(client, admin.token, organization=tenant["slug"],
+                          plan=tenant["plan_key"])  # fmt: skip
+    assert response.status_code == 409
+    assert "already has a live subscription" in response.json()["error"]["message"]
+    with unit_of_work(engine) as session:
+        assert session.scalars(
+            sa.select(Subscription).where(Subscription.organization_id == tenant["organization_id"])
+        ).all() == [session.get(Subscription, tenant["subscription_id"])]
+
+
+@pytest.mark.parametrize(
+    ("body", "problems"),
+    [
+        ({}, ["organization", "plan"]),
+        ({"organization": "", "plan": 5}, ["organization", "plan"]),
+        ({"organization": "o", "plan": "p", "interval": "week"}, ["interval"]),
+        ({"organization": "o", "plan": "p", "trial_days": -1}, ["trial_days"]),
+        ({"organization": "o", "plan": "p", "trial_days": "3"}, ["trial_days"]),
+        ({"organization": "o", "plan": "p", "trial_days": True}, ["trial_days"]),
+        ({"organization": "o", "plan": "p", "trial_days": 731}, ["trial_days"]),
+        ({"organization": "o\x00", "plan": "p"}, ["organization"]),
+    ],
+)
+def test_a_subscription_body_with_bad_fields_is_422_naming_each(
+    client: TestClient, admin: OperatorToken, body: dict[str, object], problems: list[str]
+) -> None:
+    response = client.post(f"{API_PREFIX}/subscriptions", json=body, headers=bearer(admin.token))
+    assert response.status_code == 422
+    details = response.json()["error"]["details"]
+    assert [d.split(":")[0] for d in details] == problems
+
+
+def test_subscribing_an_unknown_organization_or_to_an_unknown_plan_is_404(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    slug, plan, _ = _subscriber(engine)
+    for body in ({"organization": "no-such-org", "plan": plan},
+                 {"organization": slug, "plan": "no-such-plan"}):  # fmt: skip
+        response = _subscribe(client, admin.token, **body)
+        assert response.status_code == 404, body
+    assert (
+        client.get(
+            f"{API_PREFIX}/subscriptions",
+            params={"organization": slug},
+            headers=bearer(admin.token),
+        ).json()["items"]
+        == []
+    )
+
+
+def test_subscriptions_are_listed_by_organization_and_status(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    def listed(**params: str) -> list[str]:
+        response = client.get(f"{API_PREFIX}/subscriptions", params=params,
+                              headers=bearer(admin.token))  # fmt: skip
+        assert response.status_code == 200, response.text
+        return [s["id"] for s in response.json()["items"]]
+
+    ours = str(tenant["subscription_id"])
+    assert listed(organization=str(tenant["slug"])) == [ours]
+    assert listed(organization=str(tenant["organization_id"]), status="active") == [ours]
+    assert listed(organization=str(tenant["slug"]), status="canceled") == []
+    assert ours in listed(limit="200")
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [({"status": "sleeping"}, 422), ({"limit": "201"}, 422), ({"organization": "no-such"}, 404)],
+)
+def test_bad_subscription_filters_are_refused(
+    client: TestClient, admin: OperatorToken, params: dict[str, str], status: int
+) -> None:
+    response = client.get(f"{API_PREFIX}/subscriptions", params=params,
+                          headers=bearer(admin.token))  # fmt: skip
+    assert response.status_code == status
+
+
+def test_a_subscription_shows_its_phases_and_invoices(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    body = client.get(
+        _path("/subscriptions/{subscription}", tenant), headers=bearer(admin.token)
+    ).json()
+    assert (body["id"], body["organization"], body["plan"]) == (
+        str(tenant["subscription_id"]), tenant["slug"], tenant["plan_key"],
+    )  # fmt: skip
+    assert body["phases"] == []  # one plan throughout, no change yet
+    assert [(i["id"], i["total"]) for i in body["invoices"]] == [(str(tenant["invoice_id"]), 6150)]
+
+
+def test_changing_the_plan_adds_a_phase_from_now_and_audits_it(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    slug, plan, other = _subscriber(engine)
+    created = _subscribe(client, admin.token, organization=slug, plan=plan).json()
+    path = f"{API_PREFIX}/subscriptions/{created['id']}/change-plan"
+    changed = client.post(path, json={"plan": other}, headers=bearer(admin.token))
+    assert changed.status_code == 200, changed.text
+    assert changed.json()["plan"] == other
+    assert [p["plan"] for p in changed.json()["phases"]][-1] == other
+    again = client.post(path, json={"plan": other}, headers=bearer(admin.token))
+    assert again.status_code == 200
+    with unit_of_work(engine) as session:
+        phases = session.scalars(
+            sa.select(SubscriptionPhase).where(SubscriptionPhase.subscription_id == created["id"])
+        ).all()
+    assert len(phases) in (1, 2)  # a change in the anchor's own second replaces its phase
+    [entry] = _audit(
+        engine, "subscription.change_plan", created["id"]
+    )  # the repeat changed nothing
+    assert entry.details["plan"] == other
+
+
+@pytest.mark.parametrize("body", [{}, {"plan": ""}, {"plan": ["x"]}])
+def test_a_plan_change_without_a_plan_is_422(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object], body: dict[str, object]
+) -> None:
+    response = client.post(_path("/subscriptions/{subscription}/change-plan", tenant), json=body,
+                           headers=bearer(admin.token))  # fmt: skip
+    assert response.status_code == 422
+    assert response.json()["error"]["details"] == ["plan: is required, a string"]
+
+
+def test_canceling_now_ends_billing_now_and_a_second_cancel_is_409(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    slug, plan, _ = _subscriber(engine)
+    created = _subscribe(client, admin.token, organization=slug, plan=plan).json()
+    path = f"{API_PREFIX}/subscriptions/{created['id']}/cancel"
+    canceled = client.post(path, json={}, headers=bearer(admin.token))
+    assert canceled.status_code == 200, canceled.text
+    assert canceled.json()["status"] == "canceled"
+    assert canceled.json()["canceled_at"] is not None
+    again = client.post(path, json={}, headers=bearer(admin.token))
+    assert again.status_code == 409
+    [entry] = _audit(engine, "subscription.cancel", created["id"])
+    assert entry.details["at_period_end"] is False
+
+
+def test_canceling_at_the_period_end_keeps_it_live_until_then(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    slug, plan, _ = _subscriber(engine)
+    created = _subscribe(client, admin.token, organization=slug, plan=plan).json()
+    response = client.post(f"{API_PREFIX}/subscriptions/{created['id']}/cancel",
+                           json={"at_period_end": True}, headers=bearer(admin.token))  # fmt: skip
+    body = response.json()
+    assert (body["status"], body["cancel_at_period_end"], body["canceled_at"]) == (
+        "active", True, None,
+    )  # fmt: skip
+    refused = client.post(f"{API_PREFIX}/subscriptions/{created['id']}/cancel",
+                          json={"at_period_end": "yes"}, headers=bearer(admin.token))  # fmt: skip
+    assert refused.status_code == 422
+
+
+@pytest.mark.parametrize("reference", [str(uuid.uuid4()), "not-an-id"])
+def test_an_unknown_subscription_is_404_to_every_route(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object], reference: str
+) -> None:
+    base = f"{API_PREFIX}/subscriptions/{reference}"
+    answers = [
+        client.get(base, headers=bearer(admin.token)),
+        client.post(f"{base}/change-plan", json={"plan": tenant["plan_key"]},
+                    headers=bearer(admin.token)),
+        client.post(f"{base}/cancel", json={}, headers=bearer(admin.token)),
+    ]  # fmt: skip
+    assert [a.status_code for a in answers] == [404] * 3
+
+
+# --- invoices -------------------------------------------------------------------------------
+
+
+def test_invoices_are_listed_by_organization_subscription_and_status(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    def listed(**params: str) -> list[str]:
+        response = client.get(f"{API_PREFIX}/invoices", params=params,
+                              headers=bearer(admin.token))  # fmt: skip
+        assert response.status_code == 200, response.text
+        return [i["id"] for i in response.json()["items"]]
+
+    ours = str(tenant["invoice_id"])
+    assert listed(organization=str(tenant["slug"])) == [ours]
+    assert listed(subscription=str(tenant["subscription_id"]), status="final") == [ours]
+    assert listed(organization=str(tenant["slug"]), status="draft") == []
+
+
+@pytest.mark.parametrize(
+    ("params", "status"),
+    [({"status": "paid"}, 422), ({"subscription": "nope"}, 422), ({"limit": "0"}, 422),
+     ({"organization": "no-such"}, 404)],
+)  # fmt: skip
+def test_bad_invoice_filters_are_refused(
+    client: TestClient, admin: OperatorToken, params: dict[str, str], status: int
+) -> None:
+    response = client.get(f"{API_PREFIX}/invoices", params=params, headers=bearer(admin.token))
+    assert response.status_code == status
+
+
+def test_an_invoice_shows_its_lines_and_total(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    body = client.get(_path("/invoices/{invoice}", tenant), headers=bearer(admin.token)).json()
+    assert (body["organization"], body["status"], body["flat_amount"], body["total"]) == (
+        tenant["slug"], "final", 4900, 6150,
+    )  # fmt: skip
+    assert body["flat_lines"] == [{"description": "Plan fee", "amount": 4900}]
+    assert [
+        (line["metric"], line["quantity"], line["billable_quantity"], line["amount"])
+        for line in body["lines"]
+    ] == [("api_calls", "1250.5", "1250", 1250)]
+
+
+def test_an_invoice_renders_as_its_customer_reads_it(
+    client: TestClient, app_settings: Settings, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    body = client.get(_path("/invoices/{invoice}/html", tenant), headers=bearer(admin.token)).json()
+    page = body["html"]
+    assert body["id"] == str(tenant["invoice_id"])
+    assert '<td class="num" id="total">61.50 USD</td>' in page
+    assert '<td class="num" id="flat">49.00 USD</td>' in page
+    assert f"<div>{tenant['name']}</div>" in page
+    assert f"<div>{app_settings.seller_name}</div>" in page
+    assert "1,250.5 (1,250 billable)" in page
+
+
+@pytest.mark.parametrize("reference", [str(uuid.uuid4()), "not-an-id"])
+def test_an_unknown_invoice_is_404(
+    client: TestClient, admin: OperatorToken, reference: str
+) -> None:
+    for suffix in ("", "/html"):
+        response = client.get(f"{API_PREFIX}/invoices/{reference}{suffix}",
+                              headers=bearer(admin.token))  # fmt: skip
+        assert response.status_code == 404, suffix
+        assert response.json()["error"]["code"] == "not_found"
+
+
 # --- dead letters ---------------------------------------------------------------------------
 
 
@@ -780,3 +1107,80 @@ def test_pages_carry_a_content_security_policy(browser: tuple[TestClient, str]) 
     assert response.status_code == 200
     assert "default-src 'self'" in response.headers["content-security-policy"]
     assert response.headers["x-frame-options"] == "DENY"
+
+
+def test_session_changes_to_subscriptions_need_the_csrf_token(
+    browser: tuple[TestClient, str], engine: Engine, tenant: dict[str, object]
+) -> None:
+    c, csrf = browser
+    subscription = tenant["subscription_id"]
+    refused = [
+        c.post(f"/subscriptions/{subscription}/cancel", data={"when": "now"}),
+        c.post(f"/subscriptions/{subscription}/change-plan", data={"plan": "x", "csrf_token": "y"}),
+        c.post("/subscriptions", data={"organization": str(tenant["slug"]), "plan": "x"}),
+        c.post(_path("/subscriptions/{subscription}/cancel", tenant), json={}),
+    ]
+    assert [r.status_code for r in refused] == [403] * 4
+    assert refused[-1].json()["error"]["code"] == "csrf_refused"
+    with unit_of_work(engine) as session:
+        assert session.get(Subscription, subscription).status == "active"
+    made = c.post(f"/subscriptions/{subscription}/cancel", data={"when": "now", "csrf_token": csrf},
+                  headers={"origin": URL})  # fmt: skip
+    assert made.status_code == 303
+    assert made.headers["location"] == f"/subscriptions/{subscription}"
+    with unit_of_work(engine) as session:
+        assert session.get(Subscription, subscription).status == "canceled"
+    assert len(_audit(engine, "subscription.cancel", subscription)) == 1
+
+
+def test_a_session_subscribes_through_the_form(
+    browser: tuple[TestClient, str], engine: Engine
+) -> None:
+    c, csrf = browser
+    slug, plan, _ = _subscriber(engine)
+    made = c.post("/subscriptions", data={"organization": slug, "plan": plan, "interval": "month",
+                                          "trial_days": "", "csrf_token": csrf})  # fmt: skip
+    assert made.status_code == 303, made.text
+    page = c.get(made.headers["location"])
+    assert "Subscribed: the subscription starts now." in page.text
+    assert f'<code id="plan">{plan}</code>' in page.text
+    refused = c.post("/subscriptions", data={"organization": slug, "plan": plan,
+                                             "trial_days": "many", "csrf_token": csrf})  # fmt: skip
+    assert refused.status_code == 422
+    assert "trial_days" in refused.text
+
+
+def test_the_customer_page_is_the_invoice_rendering_with_only_its_own_style(
+    browser: tuple[TestClient, str], admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    c, _ = browser
+    page = c.get(f"/invoices/{tenant['invoice_id']}/document")
+    api = c.get(_path("/invoices/{invoice}/html", tenant)).json()["html"]
+    assert page.status_code == 200
+    assert page.text.strip() == api.strip()
+    policy = page.headers["content-security-policy"]
+    assert policy.startswith("default-src 'none'; style-src 'sha256-")
+    assert "script-src" not in policy and "unsafe-inline" not in policy
+    detail = c.get(f"/invoices/{tenant['invoice_id']}")
+    assert f'href="/invoices/{tenant["invoice_id"]}/document"' in detail.text
+    assert "61.50 USD" in detail.text
+
+
+def test_a_viewer_sees_subscriptions_and_invoices_without_a_change_form(
+    app_settings: Settings, viewer: OperatorToken, tenant: dict[str, object]
+) -> None:
+    app = create_app(app_settings, sample=False, configure_logs=False)
+    with TestClient(app, base_url=URL, follow_redirects=False) as c:
+        login(c, viewer.token)
+        for path in (
+            f"/subscriptions?organization={tenant['slug']}",
+            f"/subscriptions/{tenant['subscription_id']}",
+            f"/invoices?organization={tenant['slug']}",
+            f"/invoices/{tenant['invoice_id']}",
+        ):
+            page = c.get(path)
+            assert page.status_code == 200, path
+            main = page.text.split("<main>", 1)[1]
+            assert 'method="post"' not in main, path  # no change form (filters are GET)
+        listed = c.get(f"/subscriptions?organization={tenant['slug']}").text
+        assert f'data-subscription="{tenant["subscription_id"]}"' in listed
