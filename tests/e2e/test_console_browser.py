@@ -1,13 +1,17 @@
 """The console in a real browser (Debian's Chromium, driven by Playwright) against the real
 services: an admin logs in, finds an organization, revokes a key and sees ingest refuse it, applies
-a plan, re-publishes a dead letter and sees the aggregator count it, marks a mismatch resolved; a
-viewer finds no button for any of that and the API answers 403. Saves the screenshots the README
-shows (docs/screenshots/)."""
+a plan, subscribes an organization, sees `meterline billing run` invoice its usage and reads the
+invoice as its customer would, cancels the subscription, re-publishes a dead letter and sees the
+aggregator count it, marks a mismatch resolved; a viewer finds no button for any of that and the
+API answers 403. Saves the screenshots the README shows (docs/screenshots/)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,7 +25,13 @@ import pytest
 from sqlalchemy.engine import Engine
 
 from shared.db import unit_of_work
-from shared.models import ApiKey, OperatorRole, Organization, ReconciliationMismatch
+from shared.models import (
+    ApiKey,
+    OperatorRole,
+    Organization,
+    ReconciliationMismatch,
+    Subscription,
+)
 from shared.settings import Settings
 from shared.topics import ensure_topics
 from shared.usage import UsageDelta, record_usage
@@ -38,6 +48,7 @@ from tests.console_support import OperatorToken, bearer, make_operator, run_cons
 from tests.ingest_support import make_tenant, run_ingest
 
 ROOT = Path(__file__).resolve().parents[2]
+METERLINE = str(Path(sys.executable).parent / "meterline")
 SHOTS = ROOT / "docs" / "screenshots"
 CHROMIUM = shutil.which("chromium")
 
@@ -51,6 +62,7 @@ class Stack:
     settings: Settings
     admin: OperatorToken
     viewer: OperatorToken
+    env: dict[str, str]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +90,7 @@ def stack(
                     ours,
                     make_operator(engine, OperatorRole.ADMIN),
                     make_operator(engine, OperatorRole.VIEWER),
+                    env,
                 )
     finally:
         aggregator.stop()
@@ -185,6 +198,70 @@ def test_an_admin_applies_a_plan_and_sees_errors_that_name_the_field(
     page.context.close()
 
 
+def test_an_admin_subscribes_an_organization_reads_its_invoice_and_cancels(
+    browser: Any, stack: Stack, engine: Engine
+) -> None:
+    tenant = make_tenant(engine)
+    plan_key = f"ui-{secrets.token_hex(3)}"
+    with unit_of_work(engine) as session:
+        slug = session.get(Organization, tenant.organization_id).slug
+        factories.make_plan(
+            session, key=plan_key, price_monthly=2900,
+            features={"metered": {"api_calls": {"model": "per_unit", "unit_amount": "5"}}},
+        )  # fmt: skip
+
+    page = _page(browser, stack, stack.admin)
+    page.click("nav >> text=Subscriptions")
+    page.fill("#new-organization", slug)
+    page.select_option("#new-plan", plan_key)
+    page.get_by_role("button", name="Subscribe").click()
+    assert "Subscribed: the subscription starts now." in page.locator(".notice").inner_text()
+    assert page.locator("#status").inner_text() == "active"
+    assert page.locator("#plan").inner_text() == plan_key
+    subscription_url = page.url
+
+    # Seven events after the subscription's start, counted by the aggregator, billed by the
+    # real billing run: 7 x 5 cents of usage and the month's flat fee on a draft invoice.
+    for _ in range(7):
+        assert _post(stack, tenant.key) == 202
+    wait_for(lambda: totals(engine, tenant.organization_id) == (Decimal(7), 7), timeout=60,
+             what="the aggregator to count the events")  # fmt: skip
+    billed = subprocess.run(
+        [METERLINE, "billing", "run", "--organization", str(tenant.organization_id),
+         "--no-stripe", "--json"],
+        env=stack.env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert billed.returncode == 0, billed.stderr
+    [invoice] = json.loads(billed.stdout)["invoices"]
+    assert [(line["metric"], line["quantity"], line["amount"]) for line in invoice["lines"]] == [
+        ("api_calls", "7", 35)
+    ]
+    page.goto("/subscriptions?organization=" + slug)
+    _shot(page, "subscriptions")
+    page.goto(subscription_url)
+    page.click(f"tr[data-invoice='{invoice['id']}'] a:text-is('View')")
+    assert page.locator("tr[data-metric='api_calls'] .quantity").inner_text() == "7"
+    total = f"{invoice['total'] // 100}.{invoice['total'] % 100:02d} USD"
+    assert page.locator("#total").inner_text() == total
+    _shot(page, "invoice")
+    page.get_by_role("link", name="As the customer reads it").click()
+    assert page.locator("#total").inner_text() == total
+    assert page.locator("#customer").inner_text().startswith("Bill to")
+    assert page.locator("table").evaluate("t => getComputedStyle(t).borderCollapse") == "collapse"
+    _shot(page, "invoice-customer")
+
+    page.goto(subscription_url)
+    page.get_by_role("button", name="Cancel now").click()
+    assert "Canceled now." in page.locator(".notice").inner_text()
+    assert page.locator("#status").inner_text() == "canceled"
+    assert page.get_by_role("button", name="Cancel now").count() == 0
+    _shot(page, "subscription")
+    page.goto("/audit")
+    for action in ("subscription.create", "subscription.cancel"):
+        assert page.locator(f"code:text-is('{action}')").count() >= 1, action
+    page.context.close()
+
+
 def test_an_admin_republishes_a_dead_letter_and_the_aggregator_counts_it(
     browser: Any, stack: Stack, engine: Engine
 ) -> None:
@@ -274,6 +351,15 @@ def test_a_viewer_has_no_change_buttons_and_the_api_refuses_it(
     ):
         page.goto(path)
         assert page.locator("main button, main textarea").count() == 0, path
+    with unit_of_work(engine) as session:
+        organization = session.get(Organization, tenant.organization_id)
+        subscription = factories.make_subscription(
+            session, organization, factories.make_plan(session)
+        )
+        subscription_id = subscription.id
+    for path in ("/subscriptions", f"/subscriptions/{subscription_id}", "/invoices"):
+        page.goto(path)  # filters are GET forms; there is no form that changes anything
+        assert page.locator("main form[method=post], main textarea").count() == 0, path
     api = f"{stack.console}/admin/v1"
     headers = bearer(stack.viewer.token)
     refused = [
@@ -282,7 +368,14 @@ def test_a_viewer_has_no_change_buttons_and_the_api_refuses_it(
         httpx.post(f"{api}/dead-letters/0:0/republish", headers=headers),
         httpx.post(f"{api}/dead-letters/republish-retryable", headers=headers),
         httpx.post(f"{api}/mismatches/{uuid.uuid4()}/resolve", json={"note": "x"}, headers=headers),
-    ]
-    assert [r.status_code for r in refused] == [403] * 5
+        httpx.post(f"{api}/subscriptions", json={"organization": str(tenant.organization_id),
+                                                 "plan": "x"}, headers=headers),
+        httpx.post(f"{api}/subscriptions/{subscription_id}/change-plan", json={"plan": "x"},
+                   headers=headers),
+        httpx.post(f"{api}/subscriptions/{subscription_id}/cancel", json={}, headers=headers),
+    ]  # fmt: skip
+    assert [r.status_code for r in refused] == [403] * 8
+    with unit_of_work(engine) as session:
+        assert session.get(Subscription, subscription_id).status == "active"
     assert _post(stack, tenant.key) == 202  # the key is untouched
     page.context.close()
