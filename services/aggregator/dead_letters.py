@@ -9,6 +9,7 @@ same letter again, which is safe: the ledger counts an event id once.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import uuid
 from collections import Counter
@@ -175,31 +176,79 @@ def list_dead_letters(settings: Settings, *, limit: int = 100) -> DeadLetterList
     """The newest `limit` letters of each partition, merged newest first and cut to `limit`,
     with every partition's retained and pending counts."""
     with broker_errors(settings.kafka_bootstrap_servers):
-        return _list(settings, limit)
+        consumer = _consumer(settings, dlq_group(settings))
+        try:
+            return _list(consumer, settings, limit, {})
+        finally:
+            consumer.close()
 
 
-def _list(settings: Settings, limit: int) -> DeadLetterListing:
+class DeadLetterReader:
+    """list_dead_letters for a caller that lists again and again (the console's pages): one
+    consumer kept open instead of a new Kafka client per listing (its connection, metadata and
+    version probes cost tens of milliseconds of Python each time), used by one caller at a time
+    and rebuilt after a broker error. A letter at an offset never changes, so the letters read
+    once are kept (the newest MAX_KEPT of each partition) and only new ones are fetched."""
+
+    MAX_KEPT = 1000
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._lock = threading.Lock()
+        self._consumer: Any = None
+        self._kept: dict[tuple[int, int], DeadLetterView] = {}
+
+    def listing(self, *, limit: int = 100) -> DeadLetterListing:
+        with self._lock, broker_errors(self._settings.kafka_bootstrap_servers):
+            if self._consumer is None:
+                self._consumer = _consumer(self._settings, dlq_group(self._settings))
+            try:
+                return _list(self._consumer, self._settings, min(limit, self.MAX_KEPT), self._kept)
+            except BaseException:
+                self._close()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        self._kept.clear()
+        if consumer is not None:
+            consumer.close()
+
+
+def _list(
+    consumer: Any, settings: Settings, limit: int, kept: dict[tuple[int, int], DeadLetterView]
+) -> DeadLetterListing:
+    """The listing, reading only the letters `kept` does not hold yet (and keeping them)."""
     from kafka import TopicPartition
 
-    consumer = _consumer(settings, dlq_group(settings))
-    try:
-        partitions = sorted(consumer.partitions_for_topic(settings.dlq_topic) or ())
-        tps = [TopicPartition(settings.dlq_topic, p) for p in partitions]
-        if not tps:
-            return DeadLetterListing([], [])
-        ends = consumer.end_offsets(tps)
-        starts = consumer.beginning_offsets(tps)
-        summary = [
-            PartitionLetters(tp.partition, starts[tp], ends[tp], consumer.committed(tp))
-            for tp in tps
-        ]
-        letters = [
-            _view(tp.partition, m.offset, _decode(m.value))
-            for tp in tps
-            for m in _read(consumer, tp, max(starts[tp], ends[tp] - limit), ends[tp])
-        ]
-    finally:
-        consumer.close()
+    partitions = sorted(consumer.partitions_for_topic(settings.dlq_topic) or ())
+    tps = [TopicPartition(settings.dlq_topic, p) for p in partitions]
+    if not tps:
+        kept.clear()
+        return DeadLetterListing([], [])
+    ends = consumer.end_offsets(tps)
+    starts = consumer.beginning_offsets(tps)
+    summary = [
+        PartitionLetters(tp.partition, starts[tp], ends[tp], consumer.committed(tp)) for tp in tps
+    ]
+    letters: list[DeadLetterView] = []
+    for tp in tps:
+        low, end = max(starts[tp], ends[tp] - limit), ends[tp]
+        missing = [o for o in range(low, end) if (tp.partition, o) not in kept]
+        if missing:
+            for m in _read(consumer, tp, missing[0], end):
+                kept[(tp.partition, m.offset)] = _view(tp.partition, m.offset, _decode(m.value))
+        letters += [kept[(tp.partition, o)] for o in range(low, end) if (tp.partition, o) in kept]
+    # Only what a later listing can ask for stays: the newest MAX_KEPT letters of each partition.
+    bounds = {tp.partition: (starts[tp], ends[tp]) for tp in tps}
+    for partition, offset in list(kept):
+        start, end = bounds.get(partition, (0, 0))
+        if not max(start, end - DeadLetterReader.MAX_KEPT) <= offset < end:
+            del kept[(partition, offset)]
     letters.sort(key=lambda v: (v.failed_at is not None, v.failed_at, v.offset), reverse=True)
     letters = letters[:limit]
     return DeadLetterListing(letters, summary, dict(Counter(v.code for v in letters)))

@@ -115,6 +115,7 @@ def create_app(
         finally:
             if sampler is not None:
                 sampler.stop()
+            console.live.close()
             engine.dispose()
             log_event(logger, "console_stopped")
 

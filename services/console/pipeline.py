@@ -26,7 +26,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
 from services.aggregator.consumer_lag import PartitionLag, partition_lag
-from services.aggregator.dead_letters import PartitionLetters, list_dead_letters
+from services.aggregator.dead_letters import PartitionLetters
+from services.console.live import PROBE_TIMEOUT_SECONDS, LiveReaders
 from shared.db import unit_of_work
 from shared.errors import MeterlineError
 from shared.logs import log_event
@@ -35,7 +36,6 @@ from shared.settings import Settings
 
 logger = logging.getLogger("meterline.console")
 
-PROBE_TIMEOUT_SECONDS = 2.0
 #: Samples older than this are deleted by the sampler.
 KEEP_SAMPLES = timedelta(days=7)
 _COUNTER = re.compile(r"^meterline_aggregator_events_total\s+([0-9.e+]+)\s*$", re.MULTILINE)
@@ -123,7 +123,7 @@ def _aggregator(client: httpx.Client, url: str) -> AggregatorHealth:
 
 
 def _kafka(
-    settings: Settings,
+    settings: Settings, live: LiveReaders
 ) -> tuple[list[PartitionLag], str | None, list[PartitionLetters], str | None]:
     from services.aggregator.app import app_id  # imports faust: only when asked
 
@@ -136,25 +136,26 @@ def _kafka(
     letters: list[PartitionLetters] = []
     letter_error = None
     try:
-        letters = list_dead_letters(settings, limit=1).partitions
+        letters = live.dead_letters.listing(limit=1).partitions
     except MeterlineError as exc:
         letter_error = exc.message
     return partitions, lag_error, letters, letter_error
 
 
-def _services(settings: Settings) -> tuple[list[ServiceHealth], list[AggregatorHealth]]:
-    with httpx.Client(timeout=PROBE_TIMEOUT_SECONDS) as client:
-        ingest = [_probe(client, url) for url in settings.ingest_urls]
-        aggregators = [_aggregator(client, url) for url in settings.aggregator_urls]
+def _services(
+    settings: Settings, client: httpx.Client
+) -> tuple[list[ServiceHealth], list[AggregatorHealth]]:
+    ingest = [_probe(client, url) for url in settings.ingest_urls]
+    aggregators = [_aggregator(client, url) for url in settings.aggregator_urls]
     return ingest, aggregators
 
 
-def check_pipeline(settings: Settings, *, now: datetime) -> PipelineHealth:
+def check_pipeline(settings: Settings, live: LiveReaders, *, now: datetime) -> PipelineHealth:
     """Everything read now: the services and Kafka (what the sampler stores)."""
     from services.aggregator.app import app_id
 
-    ingest, aggregators = _services(settings)
-    partitions, lag_error, letters, letter_error = _kafka(settings)
+    ingest, aggregators = _services(settings, live.http)
+    partitions, lag_error, letters, letter_error = _kafka(settings, live)
     return PipelineHealth(
         now, ingest, aggregators, app_id(settings), partitions, lag_error,
         None if letter_error else sum(p.retained for p in letters),
@@ -164,7 +165,12 @@ def check_pipeline(settings: Settings, *, now: datetime) -> PipelineHealth:
 
 
 def pipeline_health(
-    settings: Settings, session: Session, *, now: datetime, max_age: timedelta
+    settings: Settings,
+    session: Session,
+    live: LiveReaders,
+    *,
+    now: datetime,
+    max_age: timedelta,
 ) -> PipelineHealth:
     """The services read now; Kafka's offsets from the latest sample younger than `max_age`,
     else read now."""
@@ -177,8 +183,8 @@ def pipeline_health(
         .limit(1)
     )
     if sample is None:
-        return check_pipeline(settings, now=now)
-    ingest, aggregators = _services(settings)
+        return check_pipeline(settings, live, now=now)
+    ingest, aggregators = _services(settings, live.http)
     partitions = [
         PartitionLag(int(p["partition"] or 0), p.get("committed"), int(p.get("end") or 0))
         for p in sample.partitions
@@ -284,9 +290,11 @@ class Sampler:
             self._process.join(timeout=5)
 
 
-def sample_once(settings: Settings, engine: Engine, now: datetime) -> PipelineHealth:
+def sample_once(
+    settings: Settings, engine: Engine, live: LiveReaders, now: datetime
+) -> PipelineHealth:
     """Read the pipeline now and store the reading."""
-    health = check_pipeline(settings, now=now)
+    health = check_pipeline(settings, live, now=now)
     with unit_of_work(engine) as session:
         record_sample(session, health)
     return health
@@ -305,13 +313,15 @@ def _sample_forever(settings: Settings, interval: float, stop: Any, parent: int)
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("kafka").setLevel(max(logging.WARNING, logging.getLogger().level))
     engine = create_sync_engine(settings, pool_size=1, max_overflow=0)
+    live = LiveReaders(settings)
     try:
         while os.getppid() == parent:
             try:
-                sample_once(settings, engine, datetime.now(UTC))
+                sample_once(settings, engine, live, datetime.now(UTC))
             except Exception as exc:  # the sampler must outlive a database or broker outage
                 log_event(logger, "pipeline_sample_failed", logging.WARNING, error=str(exc)[:200])
             if stop.poll(interval):  # the console closed its end (or wrote): stop
                 break
     finally:
+        live.close()
         engine.dispose()

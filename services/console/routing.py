@@ -27,6 +27,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from services.console.auth import SAFE_METHODS, Principal, authenticate, require_change
+from services.console.live import LiveReaders
 from shared.db import unit_of_work
 from shared.errors import InvalidInput, MeterlineError, PayloadTooLarge, Unauthenticated
 from shared.events import parse_timestamp
@@ -117,6 +118,7 @@ class Call:
     now: datetime
     args: dict[str, object]
     path: dict[str, str]
+    live: LiveReaders  # the console's long-lived HTTP client and dead-letter reader
     body: Any = None
     form: Mapping[str, str] = field(default_factory=dict)
 
@@ -169,13 +171,15 @@ class Page:
 
 
 class Console:
-    """What every request needs: settings, the engine, the pepper and the page renderer."""
+    """What every request needs: settings, the engine, the pepper, the page renderer and the
+    long-lived readers of the pipeline."""
 
     def __init__(self, settings: Settings, engine: Engine, render: Any) -> None:
         self.settings = settings
         self.engine = engine
         self.pepper = settings.pepper_bytes()
         self.render_page = render
+        self.live = LiveReaders(settings)
 
 
 def _json_default(value: object) -> object:
@@ -272,8 +276,9 @@ def _run(
                 form_token=(form or {}).get("csrf_token"),
             )
         call = Call(
-            request, session, principal, console.settings, now, args, path, body, form or {}
-        )
+            request, session, principal, console.settings, now, args, path, console.live, body,
+            form or {},
+        )  # fmt: skip
         return principal, handler(call)
 
 

@@ -4,7 +4,6 @@ re-publishing every retryable one (what `meterline replay dlq` does)."""
 from __future__ import annotations
 
 from services.aggregator.dead_letters import (
-    list_dead_letters,
     parse_reference,
     republish_dead_letter,
 )
@@ -25,7 +24,7 @@ LETTER = Param("letter", "<partition>:<offset> in the DLQ topic.", location="pat
 
 
 def dead_letters(call: Call) -> Document:
-    listing = list_dead_letters(call.settings, limit=call.arg("limit"))
+    listing = call.live.dead_letters.listing(limit=call.arg("limit"))
     return {
         "topic": call.settings.dlq_topic,
         "retained": listing.retained,

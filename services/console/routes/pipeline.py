@@ -67,7 +67,7 @@ def health_document(health: PipelineHealth, points: list) -> Document:
 
 def pipeline(call: Call) -> Document:
     fresh = timedelta(seconds=call.settings.console_sample_seconds * 3)
-    health = pipeline_health(call.settings, call.session, now=call.now, max_age=fresh)
+    health = pipeline_health(call.settings, call.session, call.live, now=call.now, max_age=fresh)
     since = call.now - timedelta(hours=call.arg("hours"))
     return health_document(health, throughput(recent_samples(call.session, since=since)))
 
