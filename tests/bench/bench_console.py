@@ -1,11 +1,12 @@
 """Console page latency with 1,000 organizations and 10M usage rows.
 
 Loads, into a database of its own: organizations with an owner, two projects and three keys each,
-a subscription each, mismatches, billing runs, replay runs and audit entries; then usage_records
-for 5 metrics over the last hours (10M rows by default) with COPY, the indexes and foreign keys
-dropped for the load and recreated after, and the daily rollup built once. Then it starts the real
-console (`meterline console`), logs in as an admin like a browser, and times each main page
-sequentially: p50 and p99 per page. Goal: p99 under 200 ms for every page.
+a subscription each with six monthly invoices, mismatches, billing runs, replay runs and audit
+entries; then usage_records for 5 metrics over the last hours (10M rows by default) with COPY, the
+indexes and foreign keys dropped for the load and recreated after, and the daily rollup built once.
+Then it creates the pipeline's topics, starts the real console (`meterline console`), logs in as an
+admin like a browser, and times each main page sequentially: p50 and p99 per page. Goal: p99 under
+200 ms for every page.
 
 BENCH_CONSOLE_ORGANIZATIONS (default 1000), BENCH_CONSOLE_ROWS (default 10000000) and
 BENCH_CONSOLE_REQUESTS (per page, default 200) change the size. BENCH_CONSOLE_DATABASE names a
@@ -31,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from shared import migrate
 from shared.settings import load_settings
+from shared.topics import ensure_topics
 from tests.bench.bench_billing import _create_database, _drop_database, _drop_usage_indexes
 from tests.console_support import make_operator
 from tests.kafka_support import free_port
@@ -94,6 +96,7 @@ def _control_plane(engine: sa.Engine, organizations: int, now: datetime) -> None
             ),
             {"start": now - timedelta(days=10), "end": now + timedelta(days=20)},
         )
+        _invoices(connection)
         run(
             sa.text(
                 "INSERT INTO billing_runs (id, as_of, dry_run, status, finished_at, subscriptions,"
@@ -128,6 +131,36 @@ def _control_plane(engine: sa.Engine, organizations: int, now: datetime) -> None
             )
         )
     del run
+
+
+def _invoices(connection: sa.Connection) -> None:
+    """Six monthly invoices of every subscription (the newest a draft), a flat fee and a line per
+    metric each, as billing stores them; once per database (a kept one may predate them)."""
+    if connection.execute(sa.text("SELECT EXISTS (SELECT FROM invoices)")).scalar():
+        return
+    lines = ", ".join(
+        f"jsonb_build_object('kind', 'usage', 'metric', '{metric}',"
+        f" 'quantity', (n * 1000 + {m})::text, 'billable_quantity', (n * 1000 + {m})::text,"
+        f" 'amount', n * 100 + {m},"
+        " 'segment_start', to_char(s.current_period_start - make_interval(days => 30 * n),"
+        ' \'YYYY-MM-DD"T"HH24:MI:SS"Z"\'))'
+        for m, metric in enumerate(METRICS)
+    )
+    connection.execute(
+        sa.text(
+            "INSERT INTO invoices (id, organization_id, subscription_id, period_start, period_end,"
+            " currency, status, flat_amount, total, finalized_at, lines)"
+            " SELECT gen_random_uuid(), s.organization_id, s.id,"
+            "        s.current_period_start - make_interval(days => 30 * n),"
+            "        s.current_period_end - make_interval(days => 30 * n), 'usd',"
+            "        CASE WHEN n = 0 THEN 'draft' ELSE 'final' END, 4900, 4900 + 500 * n + 10,"
+            "        CASE WHEN n > 0 THEN s.current_period_end - make_interval(days => 30 * n) END,"
+            "        jsonb_build_array(jsonb_build_object('kind', 'flat', 'quantity', '0',"
+            "          'billable_quantity', '0', 'amount', 4900, 'description', 'Plan fee'),"
+            f"          {lines})::json"
+            " FROM subscriptions s CROSS JOIN generate_series(0, 5) AS n"
+        )
+    )
 
 
 def _copy_usage(url: str, organizations: list[str], rows: int, now: datetime) -> int:
@@ -198,9 +231,19 @@ def _load(url: str, organizations: int, rows: int, now: datetime) -> None:
 
 
 def _pages(engine: sa.Engine) -> dict[str, list[str]]:
-    with engine.connect() as connection:
+    with engine.begin() as connection:
+        _invoices(connection)
         ids = [
             str(i) for i in connection.execute(sa.text("SELECT id FROM organizations")).scalars()
+        ]
+        subscriptions = [
+            str(i) for i in connection.execute(sa.text("SELECT id FROM subscriptions")).scalars()
+        ]
+        invoices = [
+            str(i)
+            for i in connection.execute(
+                sa.text("SELECT id FROM invoices ORDER BY random() LIMIT 50")
+            ).scalars()
         ]
     rng = random.Random(7)
     pick = lambda: rng.choice(ids)  # noqa: E731
@@ -225,12 +268,21 @@ def _pages(engine: sa.Engine) -> dict[str, list[str]]:
             f"/usage?from={(datetime.now(UTC) - timedelta(days=30)).date()}"
         ],
         "plans": ["/plans"],
+        "subscriptions": ["/subscriptions", "/subscriptions?status=active"],
+        "subscriptions of an organization": [
+            f"/subscriptions?organization={pick()}" for _ in range(20)
+        ],
+        "subscription detail": [f"/subscriptions/{rng.choice(subscriptions)}" for _ in range(50)],
+        "invoices": ["/invoices", "/invoices?status=final"],
+        "invoices of an organization": [f"/invoices?organization={pick()}" for _ in range(20)],
+        "invoice detail": [f"/invoices/{i}" for i in invoices],
+        "invoice as its customer reads it": [f"/invoices/{i}/document" for i in invoices],
         "billing runs": ["/billing-runs", "/billing-runs?page=5"],
         "mismatches": ["/mismatches", "/mismatches?state=all&page=3"],
         "replay runs": ["/replay-runs"],
         "audit log": ["/audit", "/audit?page=20"],
         "dead letters (Kafka)": ["/dead-letters"],
-        "pipeline (Kafka, health probes)": ["/pipeline"],
+        "pipeline (health probes, sample)": ["/pipeline"],
     }  # fmt: skip
 
 
@@ -258,11 +310,15 @@ def main() -> None:
 
         operator = make_operator(engine, OperatorRole.ADMIN)
         port = free_port()
+        prefix = f"benchconsole{os.getpid()}"
+        # The pipeline's topics, as a console watching a pipeline finds them: the sampler reads
+        # their offsets, and the dead-letter page lists the DLQ.
+        ensure_topics(load_settings(topic_prefix=prefix))
         env = {
             **os.environ,
             "DATABASE_URL": url,
             "METERLINE_API_KEY_PEPPER": factories.PEPPER.decode(),
-            "METERLINE_TOPIC_PREFIX": f"benchconsole{os.getpid()}",
+            "METERLINE_TOPIC_PREFIX": prefix,
             "METERLINE_CONSOLE_INGEST_URLS": "http://127.0.0.1:9",
             "METERLINE_CONSOLE_AGGREGATOR_URLS": "http://127.0.0.1:9",
             "METERLINE_LOG_LEVEL": "WARNING",
