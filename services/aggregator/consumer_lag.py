@@ -7,6 +7,7 @@ work the worker is not doing).
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -101,30 +102,56 @@ class PartitionLag:
         return max(self.end - (self.committed or 0), 0)
 
 
-def partition_lag(settings: Settings, group_id: str, topic: str) -> list[PartitionLag]:
+class PartitionLagReader:
     """Every partition of `topic` with the group's committed offset and the end offset (the
-    console's per-partition view; group_backlog above answers "how much, how old"). Raises
-    BrokerUnavailable."""
-    from kafka import TopicPartition
-    from kafka.errors import KafkaError
+    console's per-partition view; group_backlog above answers "how much, how old"), read again
+    and again through one consumer kept open (a new Kafka client per reading costs tens of
+    milliseconds of Python), used by one caller at a time and rebuilt after a broker error.
+    read() raises BrokerUnavailable."""
 
-    try:
-        # Assigned, never subscribed: the group's id only to read its committed offsets.
-        consumer: Any = create_consumer(
-            settings,
-            client_id="meterline-console-lag-reader",
-            group_id=group_id,
-            request_timeout_ms=REQUEST_TIMEOUT_MS,
-        )
-        try:
-            tps = [
-                TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-            ]
-            ends = consumer.end_offsets(tps) if tps else {}
-            return [PartitionLag(tp.partition, consumer.committed(tp), ends[tp]) for tp in tps]
-        finally:
+    def __init__(self, settings: Settings, group_id: str, topic: str) -> None:
+        self._settings = settings
+        self._group_id = group_id
+        self._topic = topic
+        self._lock = threading.Lock()
+        self._consumer: Any = None
+
+    def read(self) -> list[PartitionLag]:
+        from kafka import TopicPartition
+        from kafka.errors import KafkaError
+
+        with self._lock:
+            try:
+                if self._consumer is None:
+                    # Assigned, never subscribed: the group's id only to read its committed
+                    # offsets (fetched from the group's coordinator on every call).
+                    self._consumer = create_consumer(
+                        self._settings,
+                        client_id="meterline-console-lag-reader",
+                        group_id=self._group_id,
+                        request_timeout_ms=REQUEST_TIMEOUT_MS,
+                    )
+                consumer = self._consumer
+                tps = [
+                    TopicPartition(self._topic, p)
+                    for p in sorted(consumer.partitions_for_topic(self._topic) or ())
+                ]
+                ends = consumer.end_offsets(tps) if tps else {}
+                return [PartitionLag(tp.partition, consumer.committed(tp), ends[tp]) for tp in tps]
+            except KafkaError as exc:
+                self._close()
+                raise BrokerUnavailable(
+                    f"cannot read the offsets of {self._group_id} on {self._topic}: {exc}"
+                ) from None
+            except BaseException:
+                self._close()
+                raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
             consumer.close()
-    except KafkaError as exc:
-        raise BrokerUnavailable(
-            f"cannot read the offsets of {group_id} on {topic}: {exc}"
-        ) from None

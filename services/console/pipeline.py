@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from services.aggregator.consumer_lag import PartitionLag, partition_lag
+from services.aggregator.consumer_lag import PartitionLag
 from services.aggregator.dead_letters import PartitionLetters
 from services.console.live import PROBE_TIMEOUT_SECONDS, LiveReaders
 from shared.db import unit_of_work
@@ -123,14 +123,12 @@ def _aggregator(client: httpx.Client, url: str) -> AggregatorHealth:
 
 
 def _kafka(
-    settings: Settings, live: LiveReaders
+    live: LiveReaders,
 ) -> tuple[list[PartitionLag], str | None, list[PartitionLetters], str | None]:
-    from services.aggregator.app import app_id  # imports faust: only when asked
-
     partitions: list[PartitionLag] = []
     lag_error = None
     try:
-        partitions = partition_lag(settings, app_id(settings), settings.events_topic)
+        partitions = live.lag.read()
     except MeterlineError as exc:
         lag_error = exc.message
     letters: list[PartitionLetters] = []
@@ -152,12 +150,10 @@ def _services(
 
 def check_pipeline(settings: Settings, live: LiveReaders, *, now: datetime) -> PipelineHealth:
     """Everything read now: the services and Kafka (what the sampler stores)."""
-    from services.aggregator.app import app_id
-
     ingest, aggregators = _services(settings, live.http)
-    partitions, lag_error, letters, letter_error = _kafka(settings, live)
+    partitions, lag_error, letters, letter_error = _kafka(live)
     return PipelineHealth(
-        now, ingest, aggregators, app_id(settings), partitions, lag_error,
+        now, ingest, aggregators, live.consumer_group, partitions, lag_error,
         None if letter_error else sum(p.retained for p in letters),
         None if letter_error else sum(p.pending for p in letters),
         letter_error, now,
@@ -174,8 +170,6 @@ def pipeline_health(
 ) -> PipelineHealth:
     """The services read now; Kafka's offsets from the latest sample younger than `max_age`,
     else read now."""
-    from services.aggregator.app import app_id
-
     sample = session.scalar(
         sa.select(PipelineSample)
         .where(PipelineSample.sampled_at >= now - max_age, PipelineSample.lag.is_not(None))
@@ -190,7 +184,7 @@ def pipeline_health(
         for p in sample.partitions
     ]
     return PipelineHealth(
-        now, ingest, aggregators, app_id(settings), partitions, None, sample.dlq_messages,
+        now, ingest, aggregators, live.consumer_group, partitions, None, sample.dlq_messages,
         sample.dlq_pending, None if sample.dlq_messages is not None else "not read",
         sample.sampled_at,
     )  # fmt: skip
