@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -28,6 +29,25 @@ def require_organization(session: Session, organization_id: uuid.UUID) -> Organi
     if organization is None:
         raise NotFound(f"organization {organization_id} not found")
     return organization
+
+
+def organizations_by_id(
+    session: Session, organization_ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, Organization]:
+    """The organizations of these ids, in one query; NotFound if one is missing."""
+    wanted = set(organization_ids)
+    found = (
+        {
+            o.id: o
+            for o in session.scalars(sa.select(Organization).where(Organization.id.in_(wanted)))
+        }
+        if wanted
+        else {}
+    )
+    missing = wanted - set(found)
+    if missing:
+        raise NotFound(f"organization {min(missing)} not found")
+    return found
 
 
 def require_manager(

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from services.billing.invoice_html import Party
 from services.billing.invoices import Invoice, invoice_document
-from shared.access import require_organization
+from shared.access import organizations_by_id
 from shared.models import Organization, Plan, Subscription, SubscriptionPhase
 from shared.settings import Settings
 from shared.subscription_repository import phases_of, plans_by_id
@@ -54,17 +54,14 @@ def subscription_document(
 def subscription_documents(
     session: Session, subscriptions: Sequence[Subscription], *, phases: bool = False
 ) -> list[dict[str, object]]:
-    """The documents of these subscriptions (with their plan phases if asked), their plans read
-    in one query."""
+    """The documents of these subscriptions (with their plan phases if asked), their plans and
+    organizations read in one query each."""
     found = {s.id: phases_of(session, s.id) for s in subscriptions} if phases else {}
     plan_ids = {s.plan_id for s in subscriptions} | {
         phase.plan_id for listed in found.values() for phase in listed
     }
     plans = plans_by_id(session, plan_ids) if plan_ids else {}
-    organizations = {
-        organization_id: require_organization(session, organization_id)
-        for organization_id in {s.organization_id for s in subscriptions}
-    }
+    organizations = organizations_by_id(session, (s.organization_id for s in subscriptions))
     return [
         subscription_document(
             s, organizations[s.organization_id], plans, found.get(s.id) if phases else None

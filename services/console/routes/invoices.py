@@ -7,6 +7,7 @@ import base64
 import hashlib
 import re
 import uuid
+from collections.abc import Mapping
 
 from services.billing import invoice_repository
 from services.billing.documents import customer_party, invoice_summary, seller_party
@@ -14,8 +15,9 @@ from services.billing.invoice_html import render_invoice_html
 from services.billing.invoices import Invoice
 from services.console.routing import Call, Operation, Page, Param, Render
 from services.console.schemas import Document, obj
-from shared.access import require_organization
+from shared.access import organizations_by_id, require_organization
 from shared.errors import InvalidInput, NotFound
+from shared.models import Organization
 from shared.organizations import find_organization
 
 ORGANIZATION = Param("organization", "Only this organization (id or slug).")
@@ -66,12 +68,13 @@ _STYLE = re.compile(r"<style>(.*?)</style>", re.DOTALL)
 NONE = "'none'"
 
 
-def _document(call: Call, invoice: Invoice, slugs: dict[uuid.UUID, str]) -> Document:
-    if invoice.organization_id not in slugs:
-        slugs[invoice.organization_id] = require_organization(
-            call.session, invoice.organization_id
-        ).slug
-    return invoice_summary(invoice) | {"organization": slugs[invoice.organization_id]}
+def _document(invoice: Invoice, organizations: Mapping[uuid.UUID, Organization]) -> Document:
+    return invoice_summary(invoice) | {"organization": organizations[invoice.organization_id].slug}
+
+
+def _documents(call: Call, invoices: list[Invoice]) -> list[Document]:
+    organizations = organizations_by_id(call.session, (i.organization_id for i in invoices))
+    return [_document(invoice, organizations) for invoice in invoices]
 
 
 def invoice_documents(
@@ -89,8 +92,7 @@ def invoice_documents(
         status=status,
         limit=limit,
     )
-    slugs: dict[uuid.UUID, str] = {}
-    return [_document(call, invoice, slugs) for invoice in found]
+    return _documents(call, found)
 
 
 def _find(call: Call) -> Invoice:
@@ -132,7 +134,8 @@ def invoices(call: Call) -> Document:
 
 
 def invoice(call: Call) -> Document:
-    return _document(call, _find(call), {})
+    [document] = _documents(call, [_find(call)])
+    return document
 
 
 def customer_html(call: Call, invoice: Invoice) -> str:
@@ -190,11 +193,7 @@ def _list_page(call: Call) -> Render:
 
 
 def _detail_page(call: Call) -> Render:
-    found = _find(call)
-    return Render(
-        "invoice.html",
-        {"invoice": _document(call, found, {})},
-    )
+    return Render("invoice.html", {"invoice": invoice(call)})
 
 
 def _customer_page(call: Call) -> Render:
