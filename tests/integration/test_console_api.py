@@ -350,6 +350,34 @@ def test_revoking_a_key_revokes_it_and_audits_who(
     assert entry.details["prefix"] == tenant["prefix"]
 
 
+def test_revoking_a_platform_key_audits_no_organization(
+    client: TestClient, engine: Engine, admin: OperatorToken
+) -> None:
+    with unit_of_work(engine) as session:
+        created = factories.make_platform_key(session)
+    response = client.post(
+        f"{API_PREFIX}/api-keys/{created.key.id}/revoke", headers=bearer(admin.token)
+    )
+    assert response.status_code == 200
+    [entry] = _audit(engine, "api_key.revoke", created.key.id)
+    assert entry.details["organization_id"] is None
+    assert entry.details["platform"] is True
+
+
+def test_revoking_a_platform_key_from_a_page_returns_to_the_organizations(
+    browser: tuple[TestClient, str], engine: Engine
+) -> None:
+    c, csrf = browser
+    with unit_of_work(engine) as session:
+        created = factories.make_platform_key(session)
+    page = c.post(f"/api-keys/{created.key.id}/revoke", data={"csrf_token": csrf},
+                  headers={"origin": URL})  # fmt: skip
+    assert page.status_code == 303
+    assert page.headers["location"].split("?")[0] == "/organizations"
+    with unit_of_work(engine) as session:
+        assert session.get(ApiKey, created.key.id).revoked_at is not None
+
+
 def test_revoking_an_unknown_key_is_404(client: TestClient, admin: OperatorToken) -> None:
     response = client.post(f"{API_PREFIX}/api-keys/nokey123/revoke", headers=bearer(admin.token))
     assert response.status_code == 404

@@ -64,7 +64,9 @@ def revoke_key(call: Call) -> ApiKey:
         target_id=key.id,
         details={
             "prefix": key.prefix,
-            "organization_id": str(key.organization_id),
+            # A platform key belongs to no organization.
+            "organization_id": str(key.organization_id) if key.organization_id else None,
+            "platform": key.platform,
             "already_revoked": already,
         },
     )
@@ -137,7 +139,8 @@ def _detail_page(call: Call) -> Render:
 
 def _revoke_page(call: Call) -> Redirect:
     key = revoke_key(call)
-    return Redirect(f"/organizations/{key.organization_id}", f"Revoked key {key.prefix}.")
+    back = f"/organizations/{key.organization_id}" if key.organization_id else "/organizations"
+    return Redirect(back, f"Revoked key {key.prefix}.")
 
 
 PAGE = Param("page", "Page number.", "integer", minimum=1, maximum=10**6, default=1)
