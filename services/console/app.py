@@ -1,7 +1,7 @@
 """Wiring of the console: settings, the database engine, the route modules (each adds its API
 operations and its pages), the OpenAPI document, static files and the pipeline sampler.
 
-A new part of the console (meters, say) is one more module in ROUTE_MODULES
+A new part of the console is one more module in ROUTE_MODULES
 with `operations` and `pages`, and its templates.
 """
 
@@ -28,6 +28,7 @@ from services.console.routes import (
     billing,
     dead_letters,
     invoices,
+    meters,
     organizations,
     pipeline,
     plans,
@@ -57,6 +58,7 @@ ROUTE_MODULES: tuple[ModuleType, ...] = (
     session,
     organizations,
     plans,
+    meters,
     subscriptions,
     invoices,
     usage,

@@ -26,6 +26,7 @@ def _operation(op: Operation) -> dict[str, Any]:
             "required": p.required or p.location == "path",
             "description": p.description,
             "schema": p.schema(),
+            **({"style": "deepObject", "explode": True} if p.type == "object" else {}),
         }
         for p in op.params
     ]

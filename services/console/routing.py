@@ -22,6 +22,7 @@ from urllib.parse import parse_qsl, quote
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 from starlette.routing import Route
@@ -37,7 +38,8 @@ from shared.settings import Settings
 API_PREFIX = "/admin/v1"
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 MAX_BODY_BYTES = 1024 * 1024
-ParamType = Literal["string", "integer", "boolean", "date-time"]
+ParamType = Literal["string", "integer", "boolean", "date-time", "object"]
+_KEYED = re.compile(r"^([a-z_]+)\[([^\]]*)\]$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,9 @@ class Param:
     def schema(self) -> dict[str, Any]:
         if self.type == "date-time":
             found: dict[str, Any] = {"type": "string", "format": "date-time"}
+        elif self.type == "object":
+            # `name[<key>]=value`, as OpenAPI's deepObject style spells it.
+            found = {"type": "object", "additionalProperties": {"type": "string"}}
         else:
             found = {"type": self.type}
         if self.enum:
@@ -217,13 +222,21 @@ def _parse_args(
 ) -> tuple[dict[str, object], dict[str, str]]:
     query = request.query_params
     declared = {p.name for p in params if p.location == "query"}
+    keyed = {p.name for p in params if p.type == "object"}
     if strict:
-        unknown = sorted(set(query) - declared)
+        unknown = sorted(
+            name
+            for name in set(query) - declared
+            if not ((found := _KEYED.match(name)) and found.group(1) in keyed)
+        )
         if unknown:
             raise InvalidInput(f"unknown query parameter(s): {', '.join(unknown)}")
     args: dict[str, object] = {}
     for param in params:
         if param.location != "query":
+            continue
+        if param.type == "object":
+            args[param.name] = _keyed_values(query, param, strict=strict)
             continue
         values = query.getlist(param.name)
         if len(values) > 1:
@@ -239,6 +252,30 @@ def _parse_args(
         if "\x00" in value or len(value) > 200:
             raise InvalidInput("path: at most 200 characters, and no NUL character")
     return args, path
+
+
+def _keyed_values(query: QueryParams, param: Param, *, strict: bool) -> dict[str, str]:
+    """The `name[key]=value` pairs of a deepObject parameter, each key once (a page's form
+    leaves out an empty value)."""
+    if param.name in query and (strict or query[param.name]):
+        raise InvalidInput(f"{param.name}: give it as {param.name}[<name>]=value")
+    found: dict[str, str] = {}
+    for name in sorted(set(query)):
+        matched = _KEYED.match(name)
+        if not matched or matched.group(1) != param.name:
+            continue
+        values = query.getlist(name)
+        if len(values) > 1:
+            raise InvalidInput(f"{name}: given more than once")
+        key, value = matched.group(2), values[0]
+        if not strict and value == "":
+            continue
+        if not key or "\x00" in key + value or len(key) > 200 or len(value) > 500:
+            raise InvalidInput(
+                f"{name}: a name of 1 to 200 characters and a value of at most 500, without NUL"
+            )
+        found[key] = value
+    return found
 
 
 async def _read_body(request: Request) -> bytes:

@@ -205,6 +205,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "metric": {"type": "string"},
             "project_id": _nullable("string", "uuid"),
             "api_key_id": _nullable("string", "uuid"),
+            "dimensions": {
+                "type": ["object", "null"],
+                "additionalProperties": {"type": ["string", "null"]},
+                "description": "grouped by a dimension: the group's value (null: not carried)",
+            },
             "quantity": _DECIMAL,
             "event_count": {"type": "integer"},
         }

@@ -22,10 +22,14 @@ from services.console.app import create_app, operations
 from services.console.routing import API_PREFIX
 from shared.db import unit_of_work
 from shared.events import decode_envelope
+from shared.meter_usage import MeterTotal, MeterUsage, record_meter_usage
+from shared.meters import MeterDefinition, apply_meters, dimensions_key
 from shared.models import (
     ApiKey,
     AuditEntry,
     BillingRun,
+    Meter,
+    MeterWindow,
     OperatorRole,
     Plan,
     ReconciliationMismatch,
@@ -500,6 +504,168 @@ def test_bad_usage_ranges_are_422(
         headers=bearer(admin.token),
     )  # fmt: skip
     assert response.status_code == 422
+
+
+# --- meters, and usage by dimension --------------------------------------------------------
+
+
+@pytest.fixture
+def metered(engine: Engine, tenant: dict[str, object]) -> Iterator[dict[str, Any]]:
+    """A meter of its own metric (max, by region and tier) and its hourly windows for the
+    tenant two days ago: 10:00 eu 5 and us 7, 11:00 eu 3. No usage_records at all."""
+    tag = uuid.uuid4().hex[:8]
+    metric, region, tier = f"m{tag}.seats", f"region_{tag}", f"tier_{tag}"
+    day = (datetime.now(UTC) - timedelta(days=2)).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    )
+    ten, eleven = day + timedelta(hours=10), day + timedelta(hours=11)
+    org, project, key = tenant["organization_id"], tenant["project_id"], tenant["key_id"]
+
+    def window(at: datetime, where: str, quantity: int) -> Any:
+        values = dimensions_key({region: where, tier: "pro"})
+        return (org, project, key, metric, values, at), MeterTotal.of(Decimal(quantity), at, tag)
+
+    windows = dict([window(ten, "eu", 5), window(ten, "us", 7), window(eleven, "eu", 3)])
+    with unit_of_work(engine) as session:
+        apply_meters(session, [MeterDefinition(metric, "max", (region, tier))])
+        record_meter_usage(session.connection(), MeterUsage(windows, set()), 3600)
+    yield {
+        "metric": metric, "region": region, "tier": tier, "day": day, "ten": ten,
+        "eleven": eleven,
+    }  # fmt: skip
+    with unit_of_work(engine) as session:
+        session.execute(sa.delete(MeterWindow).where(MeterWindow.metric == metric))
+        session.execute(sa.delete(Meter).where(Meter.metric == metric))
+
+
+def test_meters_are_listed_for_a_viewer_and_refused_without_a_token(
+    client: TestClient, viewer: OperatorToken, metered: dict[str, Any]
+) -> None:
+    assert client.get(f"{API_PREFIX}/meters").status_code == 401
+    response = client.get(f"{API_PREFIX}/meters", headers=bearer(viewer.token))
+    assert response.status_code == 200, response.text
+    ours = [m for m in response.json()["items"] if m["metric"] == metered["metric"]]
+    assert ours == [
+        {
+            "metric": metered["metric"],
+            "aggregation": "max",
+            "dimensions": [metered["region"], metered["tier"]],
+            "property": None,
+            "value_property": None,
+        }
+    ]
+
+
+def _dimension_usage(
+    client: TestClient,
+    token: str,
+    tenant: dict[str, object],
+    metered: dict[str, Any],
+    **params: str,
+) -> Any:
+    day = metered["day"]
+    response = client.get(
+        _path("/organizations/{organization}/usage", tenant),
+        params={
+            "metric": metered["metric"], "from": day.isoformat(),
+            "to": (day + timedelta(days=1)).isoformat(), **params,
+        },  # fmt: skip
+        headers=bearer(token),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_organization_usage_by_dimension_is_read_through_the_meter(
+    client: TestClient, viewer: OperatorToken, tenant: dict[str, object], metered: dict[str, Any]
+) -> None:
+    region, tier = metered["region"], metered["tier"]
+    ten, eleven = metered["ten"].isoformat(), metered["eleven"].isoformat()
+
+    def rows(document: Any) -> list[tuple[str, str | None, str]]:
+        return [
+            (r["start"], (r["dimensions"] or {}).get(region), r["quantity"])
+            for r in document["data"]
+        ]
+
+    hourly = _dimension_usage(client, viewer.token, tenant, metered, dimension=region)
+    assert hourly["dimension"] == region
+    assert rows(hourly) == [(ten, "eu", "5"), (ten, "us", "7"), (eleven, "eu", "3")]
+    # A day's max is the greatest of its hours, not their sum.
+    daily = _dimension_usage(
+        client, viewer.token, tenant, metered, dimension=region, granularity="day"
+    )
+    day = metered["day"].isoformat()
+    assert rows(daily) == [(day, "eu", "5"), (day, "us", "7")]
+    # Without a dimension, each hour is the max over both regions.
+    overall = _dimension_usage(client, viewer.token, tenant, metered)
+    assert [(r["start"], r["quantity"]) for r in overall["data"]] == [(ten, "7"), (eleven, "3")]
+    only_eu = _dimension_usage(client, viewer.token, tenant, metered, **{f"filter[{region}]": "eu"})
+    assert only_eu["filters"] == {region: "eu"}
+    assert [(r["start"], r["quantity"]) for r in only_eu["data"]] == [(ten, "5"), (eleven, "3")]
+    by_tier = _dimension_usage(
+        client, viewer.token, tenant, metered, dimension=tier, **{f"filter[{region}]": "us"}
+    )
+    assert [(r["dimensions"], r["quantity"]) for r in by_tier["data"]] == [({tier: "pro"}, "7")]
+
+
+def test_a_dimension_or_filter_no_meter_keeps_is_422_naming_it(
+    client: TestClient, admin: OperatorToken, tenant: dict[str, object], metered: dict[str, Any]
+) -> None:
+    path = _path("/organizations/{organization}/usage", tenant)
+    colour = f"colour_{uuid.uuid4().hex[:8]}"
+    cases = [
+        ({"dimension": colour}, f"dimension: '{colour}' is no dimension of any meter"),
+        (
+            {"metric": metered["metric"], f"filter[{colour}]": "red"},
+            f"filter[{colour}]: '{colour}' is no dimension of the meter of "
+            f"'{metered['metric']}' (known: {metered['region']}, {metered['tier']})",
+        ),
+        # A dimension of one meter is none of another metric's.
+        (
+            {"metric": "api_calls", "dimension": metered["region"]},
+            f"dimension: '{metered['region']}' is no dimension of the meter of 'api_calls'",
+        ),
+        ({f"filter[{metered['region']}]x": "1"}, "unknown query parameter(s): filter["),
+        ({"filter": "eu"}, "filter: give it as filter[<name>]=value"),
+    ]
+    for params, problem in cases:
+        response = client.get(path, params=params, headers=bearer(admin.token))
+        assert response.status_code == 422, (params, response.text)
+        assert problem in response.json()["error"]["message"], response.text
+    assert client.get(path, params={"dimension": metered["region"]}).status_code == 401
+    missing = client.get(
+        f"{API_PREFIX}/organizations/no-such-org/usage",
+        params={"dimension": metered["region"]},
+        headers=bearer(admin.token),
+    )
+    assert missing.status_code == 404
+    assert "organization 'no-such-org' not found" in missing.json()["error"]["message"]
+
+
+def test_the_meters_page_and_the_usage_page_by_dimension(
+    browser: tuple[TestClient, str], tenant: dict[str, object], metered: dict[str, Any]
+) -> None:
+    c, _ = browser
+    page = c.get("/meters")
+    assert page.status_code == 200
+    assert f"<code>{metered['metric']}</code></td><td>max</td>" in page.text
+    assert f"{metered['region']}, {metered['tier']}" in page.text
+    assert 'href="/meters" aria-current="page"' in page.text
+    day = metered["day"].date()
+    usage = c.get(
+        f"/organizations/{tenant['slug']}/usage",
+        params={
+            "from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat(),
+            "granularity": "day", "dimension": metered["region"],
+        },  # fmt: skip
+    )
+    assert usage.status_code == 200, usage.text
+    assert f"{metered['metric']} · {metered['region']}: us" in usage.text
+    assert f'name="filter[{metered["region"]}]"' in usage.text
+    refused = c.get(f"/organizations/{tenant['slug']}/usage", params={"dimension": "nope"})
+    assert refused.status_code == 422
+    assert "&#39;nope&#39; is no dimension of any meter" in refused.text
 
 
 # --- billing runs, mismatches, replay runs --------------------------------------------------

@@ -1,6 +1,8 @@
 """Usage: totals by organization and metric over days (from the daily rollup), and one
-organization's usage over time by metric, project or key (hours and splits by project or key from
-usage_records; days by metric from the rollup, see shared.usage.query_usage), with charts."""
+organization's usage over time by metric, project, key or a meter's dimension, filtered by
+dimension values, with charts. One organization's usage is read as GET /v1/usage reads it
+(shared.usage_reads.read_usage: plain metrics from usage_records and the daily rollup, metered
+ones from their meter windows)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,10 @@ from services.console.routing import PAGING, Call, Operation, Page, Param, Rende
 from services.console.schemas import Document, obj
 from shared.errors import InvalidInput
 from shared.models import ApiKey, Project
+from shared.meters import list_meters
 from shared.organizations import find_organization
-from shared.usage import Granularity, query_usage, usage_overview
+from shared.usage import Granularity, usage_overview
+from shared.usage_reads import PLAIN_GROUPS, read_usage
 
 DEFAULT_DAYS = 7
 MAX_DAYS = {"hour": 31, "day": 366}
@@ -32,6 +36,16 @@ GROUP_BY = Param(
     "group_by",
     "Split by project or API key as well as metric.",
     enum=("metric", "project", "api_key"),
+)
+DIMENSION = Param(
+    "dimension",
+    "Split by this dimension of a meter as well (events of other metrics show none).",
+)
+FILTER = Param(
+    "filter",
+    "`filter[<dimension>]=value`: only the usage of metered events that carried this value "
+    "(as GET /v1/usage filters).",
+    "object",
 )
 GRANULARITY = Param("granularity", "Bucket size.", enum=("hour", "day"), default="hour")
 ORGANIZATION = Param("organization", "Organization id or slug.", location="path", required=True)
@@ -102,18 +116,56 @@ def overview(call: Call) -> Document:
     }
 
 
+def known_dimensions(call: Call, metric: str | None) -> list[str]:
+    """The dimensions the meters keep (only `metric`'s meter's, when given)."""
+    return sorted(
+        {
+            name
+            for meter in list_meters(call.session)
+            if metric is None or meter.metric == metric
+            for name in meter.dimensions
+            if name not in PLAIN_GROUPS
+        }
+    )
+
+
+def _check_dimensions(
+    call: Call, metric: str | None, dimension: str | None, filters: dict[str, str]
+) -> None:
+    """InvalidInput naming each asked dimension that no meter (of `metric`) keeps."""
+    asked = ([("dimension", dimension)] if dimension else []) + [
+        (f"filter[{name}]", name) for name in filters
+    ]
+    if not asked:
+        return
+    known = known_dimensions(call, metric)
+    scope = f"the meter of {metric!r}" if metric else "any meter"
+    problems = [
+        f"{field}: {name!r} is no dimension of {scope} (known: {', '.join(known) or 'none'})"
+        for field, name in asked
+        if name not in known
+    ]
+    if problems:
+        raise InvalidInput("invalid usage query: " + "; ".join(problems), details=problems)
+
+
 def organization_usage(call: Call) -> Document:
     found = find_organization(call.session, call.path["organization"])
     granularity: Granularity = call.arg("granularity") or "hour"
     start, end = time_range(call, granularity)
     group_by = call.arg("group_by")
-    rows = query_usage(
+    dimension: str | None = call.arg("dimension") or None
+    filters: dict[str, str] = call.arg("filter") or {}
+    _check_dimensions(call, _metric(call), dimension, filters)
+    groups = [group_by] if group_by in ("project", "api_key") else []
+    rows = read_usage(
         call.session,
         found.id,
         start=start,
         end=end,
         metric=_metric(call),
-        group_by=None if group_by in (None, "metric") else group_by,
+        group_by=groups + ([dimension] if dimension else []),
+        filters=filters,
         granularity=granularity,
     )
     return {
@@ -123,12 +175,15 @@ def organization_usage(call: Call) -> Document:
         "to": end,
         "granularity": granularity,
         "group_by": group_by or "metric",
+        "dimension": dimension,
+        "filters": filters,
         "data": [
             {
                 "start": r.start,
                 "metric": r.metric,
                 "project_id": r.project_id,
                 "api_key_id": r.api_key_id,
+                "dimensions": r.dimensions,
                 "quantity": r.quantity,
                 "event_count": r.event_count,
             }
@@ -193,11 +248,15 @@ operations = [
                 "to": {"type": "string", "format": "date-time"},
                 "granularity": {"type": "string"},
                 "group_by": {"type": "string"},
+                "dimension": {"type": ["string", "null"]},
+                "filters": {"type": "object", "additionalProperties": {"type": "string"}},
                 "data": {"type": "array", "items": {"$ref": "#/components/schemas/UsageRow"}},
             }
         ),
-        params=(ORGANIZATION, FROM, TO, METRIC, GROUP_BY, GRANULARITY),
-        description="At most 31 days at hour granularity, 366 at day.",
+        params=(ORGANIZATION, FROM, TO, METRIC, GROUP_BY, DIMENSION, FILTER, GRANULARITY),
+        description="At most 31 days at hour granularity, 366 at day. Read as GET /v1/usage "
+        "reads it: a metered metric by its meter's aggregation. 422 names a dimension or "
+        "filter no meter (of the metric) keeps.",
     ),
 ]
 
@@ -240,11 +299,16 @@ def _organization_page(call: Call) -> Render:
     labels = _labels(call, document["organization_id"], group_by)
     lines: dict[str, dict[datetime, Decimal]] = defaultdict(dict)
     totals: dict[tuple[str, str], list[Decimal | int]] = {}
+    dimension = document["dimension"]
     for row in document["data"]:
         part = row["project_id"] if group_by == "project" else row["api_key_id"]
-        name = row["metric"]
+        parts = [row["metric"]]
         if group_by in ("project", "api_key"):
-            name = f"{row['metric']} · {labels.get(part, 'none') if part else 'none'}"
+            parts.append(labels.get(part, "none") if part else "none")
+        if dimension:
+            value = (row["dimensions"] or {}).get(dimension)
+            parts.append(f"{dimension}: {'none' if value is None else value}")
+        name = " · ".join(parts)
         lines[name][row["start"]] = lines[name].get(row["start"], Decimal(0)) + row["quantity"]
         total = totals.setdefault((row["metric"], name), [Decimal(0), 0])
         total[0] += row["quantity"]
@@ -261,6 +325,7 @@ def _organization_page(call: Call) -> Render:
             "chart": chart,
             "totals": rows,
             "metric": _metric(call) or "",
+            "dimensions": known_dimensions(call, None),
             "from_value": document["from"].strftime("%Y-%m-%d"),
             # The field is a date and `to` is exclusive: show the midnight at or after it, so
             # sending the form again keeps today in range.
@@ -275,6 +340,6 @@ pages = [
         "GET",
         "/organizations/{organization}/usage",
         _organization_page,
-        params=(FROM, TO, METRIC, GROUP_BY, GRANULARITY),
+        params=(FROM, TO, METRIC, GROUP_BY, DIMENSION, FILTER, GRANULARITY),
     ),
 ]
