@@ -621,10 +621,11 @@ def test_a_dimension_or_filter_no_meter_keeps_is_422_naming_it(
             f"filter[{colour}]: '{colour}' is no dimension of the meter of "
             f"'{metered['metric']}' (known: {metered['region']}, {metered['tier']})",
         ),
-        # A dimension of one meter is none of another metric's.
+        # A metric without a meter has no dimensions, whatever other meters keep.
         (
-            {"metric": "api_calls", "dimension": metered["region"]},
-            f"dimension: '{metered['region']}' is no dimension of the meter of 'api_calls'",
+            {"metric": f"plain{colour[7:]}", "dimension": metered["region"]},
+            f"dimension: '{metered['region']}' is no dimension of 'plain{colour[7:]}', which "
+            "has no meter (known: none)",
         ),
         ({f"filter[{metered['region']}]x": "1"}, "unknown query parameter(s): filter["),
         ({"filter": "eu"}, "filter: give it as filter[<name>]=value"),

@@ -19,7 +19,7 @@ from services.console.routing import PAGING, Call, Operation, Page, Param, Rende
 from services.console.schemas import Document, obj
 from shared.errors import InvalidInput
 from shared.models import ApiKey, Project
-from shared.meters import list_meters
+from shared.meters import MeterDefinition, list_meters
 from shared.organizations import find_organization
 from shared.usage import Granularity, usage_overview
 from shared.usage_reads import PLAIN_GROUPS, read_usage
@@ -116,17 +116,9 @@ def overview(call: Call) -> Document:
     }
 
 
-def known_dimensions(call: Call, metric: str | None) -> list[str]:
-    """The dimensions the meters keep (only `metric`'s meter's, when given)."""
-    return sorted(
-        {
-            name
-            for meter in list_meters(call.session)
-            if metric is None or meter.metric == metric
-            for name in meter.dimensions
-            if name not in PLAIN_GROUPS
-        }
-    )
+def known_dimensions(meters: list[MeterDefinition]) -> list[str]:
+    """The dimensions these meters keep, but project, api_key and metric (groups of their own)."""
+    return sorted({name for m in meters for name in m.dimensions if name not in PLAIN_GROUPS})
 
 
 def _check_dimensions(
@@ -138,8 +130,12 @@ def _check_dimensions(
     ]
     if not asked:
         return
-    known = known_dimensions(call, metric)
-    scope = f"the meter of {metric!r}" if metric else "any meter"
+    meters = [m for m in list_meters(call.session) if metric is None or m.metric == metric]
+    known = known_dimensions(meters)
+    if metric is None:
+        scope = "any meter"
+    else:
+        scope = f"the meter of {metric!r}" if meters else f"{metric!r}, which has no meter"
     problems = [
         f"{field}: {name!r} is no dimension of {scope} (known: {', '.join(known) or 'none'})"
         for field, name in asked
@@ -325,7 +321,7 @@ def _organization_page(call: Call) -> Render:
             "chart": chart,
             "totals": rows,
             "metric": _metric(call) or "",
-            "dimensions": known_dimensions(call, None),
+            "dimensions": known_dimensions(list_meters(call.session)),
             "from_value": document["from"].strftime("%Y-%m-%d"),
             # The field is a date and `to` is exclusive: show the midnight at or after it, so
             # sending the form again keeps today in range.
