@@ -515,9 +515,7 @@ def metered(engine: Engine, tenant: dict[str, object]) -> Iterator[dict[str, Any
     tenant two days ago: 10:00 eu 5 and us 7, 11:00 eu 3. No usage_records at all."""
     tag = uuid.uuid4().hex[:8]
     metric, region, tier = f"m{tag}.seats", f"region_{tag}", f"tier_{tag}"
-    day = (datetime.now(UTC) - timedelta(days=2)).replace(
-        hour=0, minute=0, second=0, microsecond=0
-    )
+    day = (datetime.now(UTC) - timedelta(days=2)).replace(hour=0, minute=0, second=0, microsecond=0)
     ten, eleven = day + timedelta(hours=10), day + timedelta(hours=11)
     org, project, key = tenant["organization_id"], tenant["project_id"], tenant["key_id"]
 
@@ -567,9 +565,11 @@ def _dimension_usage(
     response = client.get(
         _path("/organizations/{organization}/usage", tenant),
         params={
-            "metric": metered["metric"], "from": day.isoformat(),
-            "to": (day + timedelta(days=1)).isoformat(), **params,
-        },  # fmt: skip
+            "metric": metered["metric"],
+            "from": day.isoformat(),
+            "to": (day + timedelta(days=1)).isoformat(),
+            **params,
+        },
         headers=bearer(token),
     )
     assert response.status_code == 200, response.text
@@ -660,9 +660,11 @@ def test_the_meters_page_and_the_usage_page_by_dimension(
     usage = c.get(
         f"/organizations/{tenant['slug']}/usage",
         params={
-            "from": day.isoformat(), "to": (day + timedelta(days=1)).isoformat(),
-            "granularity": "day", "dimension": metered["region"],
-        },  # fmt: skip
+            "from": day.isoformat(),
+            "to": (day + timedelta(days=1)).isoformat(),
+            "granularity": "day",
+            "dimension": metered["region"],
+        },
     )
     assert usage.status_code == 200, usage.text
     assert f"{metered['metric']} · {metered['region']}: us" in usage.text

@@ -18,8 +18,8 @@ from services.console.charts import Series, line_chart
 from services.console.routing import PAGING, Call, Operation, Page, Param, Render
 from services.console.schemas import Document, obj
 from shared.errors import InvalidInput
-from shared.models import ApiKey, Project
 from shared.meters import MeterDefinition, list_meters
+from shared.models import ApiKey, Project
 from shared.organizations import find_organization
 from shared.usage import Granularity, usage_overview
 from shared.usage_reads import PLAIN_GROUPS, read_usage
