@@ -16,7 +16,7 @@ from typing import Any
 
 import msgspec
 
-from services.ingest.dropins.payloads import text_properties
+from services.ingest.dropins.payloads import text_properties, translate_all
 from services.ingest.dropins.values import MISSING, ValuePaths, display, value_at
 from shared.errors import InvalidInput
 from shared.events import MAX_EVENTS_PER_REQUEST
@@ -65,19 +65,7 @@ def lago_events(body: bytes, *, batch: bool) -> list[Any]:
 def translate(items: list[Any], value_paths: ValuePaths) -> list[dict[str, Any]]:
     """Meterline events, one per Lago event in order, or InvalidInput naming each Lago event
     that is not one (the rules of the events themselves are checked on the /v1/events path)."""
-    events, problems = [], []
-    for index, item in enumerate(items):
-        result = _event(item, value_paths)
-        if isinstance(result, str):
-            problems.append({"index": index, "reason": result})
-        else:
-            events.append(result)
-    if problems:
-        raise InvalidInput(
-            f"{len(problems)} of {len(items)} events are invalid; nothing was accepted",
-            details=problems,
-        )
-    return events
+    return translate_all(items, lambda item: _event(item, value_paths), "events")
 
 
 def _event(item: Any, value_paths: ValuePaths) -> dict[str, Any] | str:

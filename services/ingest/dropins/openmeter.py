@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 
-from services.ingest.dropins.payloads import text_properties
+from services.ingest.dropins.payloads import text_properties, translate_all
 from services.ingest.dropins.values import MISSING, ValuePaths, display, path_parts, value_at
 from shared.errors import InvalidInput
 from shared.events import MAX_EVENTS_PER_REQUEST
@@ -55,19 +55,7 @@ def cloudevents(body: bytes, media_type: str) -> list[Any]:
 def translate(items: list[Any], value_paths: ValuePaths) -> list[dict[str, Any]]:
     """Meterline events, one per CloudEvent in order, or InvalidInput naming each CloudEvent
     that is not one (the rules of the events themselves are checked on the /v1/events path)."""
-    events, problems = [], []
-    for index, item in enumerate(items):
-        result = _event(item, value_paths)
-        if isinstance(result, str):
-            problems.append({"index": index, "reason": result})
-        else:
-            events.append(result)
-    if problems:
-        raise InvalidInput(
-            f"{len(problems)} of {len(items)} CloudEvents are invalid; nothing was accepted",
-            details=problems,
-        )
-    return events
+    return translate_all(items, lambda item: _event(item, value_paths), "CloudEvents")
 
 
 def _event(item: Any, value_paths: ValuePaths) -> dict[str, Any] | str:

@@ -3,13 +3,13 @@ naming fields in error reasons as the client's wire shape calls them."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from typing import Any
 
 import msgspec
 
-from shared.errors import MeterlineError
+from shared.errors import InvalidInput, MeterlineError
 
 #: Meterline events as the translations hand them to the /v1/events path: numbers stay exact.
 event_encoder = msgspec.json.Encoder(decimal_format="number")
@@ -27,6 +27,26 @@ def property_text(value: Any) -> str | None:
     if isinstance(value, Decimal | int):
         return str(value)
     return event_encoder.encode(value).decode()
+
+
+def translate_all(
+    items: list[Any], one: Callable[[Any], dict[str, Any] | str], noun: str
+) -> list[dict[str, Any]]:
+    """Meterline events, one per item in order (`one` gives an event, or the reason it is none),
+    or InvalidInput naming each item that is not one: all or nothing, as /v1/events is."""
+    events, problems = [], []
+    for index, item in enumerate(items):
+        result = one(item)
+        if isinstance(result, str):
+            problems.append({"index": index, "reason": result})
+        else:
+            events.append(result)
+    if problems:
+        raise InvalidInput(
+            f"{len(problems)} of {len(items)} {noun} are invalid; nothing was accepted",
+            details=problems,
+        )
+    return events
 
 
 def text_properties(values: Mapping[str, Any], *, leave_out: str | None = None) -> dict[str, str]:
