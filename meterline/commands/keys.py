@@ -61,14 +61,16 @@ def create(
     from shared.db import unit_of_work
     from shared.errors import InvalidInput
 
+    if not platform and organization is None:  # a usage error (status 2), as a missing option is
+        from meterline.cli import UsageError
+
+        raise UsageError("Missing option '--org' (or --platform for a platform key).")
     with cli_errors(as_json):
         settings = context.settings()
         pepper = settings.pepper_bytes()
         expiry = _when(expires_at)
         if platform and (organization or project or user):
             raise InvalidInput("--platform: a platform key has no --org, --project or --user")
-        if not platform and organization is None:
-            raise InvalidInput("name the key's organization (--org) or create a --platform key")
         with unit_of_work(context.engine()) as session:
             created: CreatedKey
             if platform:
