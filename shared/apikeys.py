@@ -9,6 +9,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.orm import Session
@@ -61,20 +62,17 @@ def create_api_key(
             raise InvalidInput(f"project {project_id} is archived")
     if user_id is not None and member_role(session, organization_id, user_id) is None:
         raise InvalidInput(f"user {user_id} is not a member of organization {organization_id}")
-    new = generate_key(environment)
-    key = ApiKey(
+    return _store_key(
+        session,
+        environment,
+        pepper,
         organization_id=organization_id,
         project_id=project_id,
         user_id=user_id,
         created_by_user_id=actor_id,
         name=name.strip(),
-        prefix=new.prefix,
-        key_hash=hash_key(new.plaintext, pepper),
         expires_at=expires_at,
     )
-    session.add(key)
-    session.flush()
-    return CreatedKey(key=key, plaintext=new.plaintext)
 
 
 def create_platform_key(
@@ -89,15 +87,21 @@ def create_platform_key(
     key (prefix and keyed hash), the plaintext returned once."""
     if not name.strip():
         raise InvalidInput("key name must not be empty")
-    new = generate_key(environment)
-    key = ApiKey(
+    return _store_key(
+        session,
+        environment,
+        pepper,
         organization_id=None,
         platform=True,
         name=name.strip(),
-        prefix=new.prefix,
-        key_hash=hash_key(new.plaintext, pepper),
         expires_at=expires_at,
     )
+
+
+def _store_key(session: Session, environment: str, pepper: bytes, **fields: Any) -> CreatedKey:
+    """Mint a key, store its prefix and keyed hash with `fields`, and return the plaintext once."""
+    new = generate_key(environment)
+    key = ApiKey(prefix=new.prefix, key_hash=hash_key(new.plaintext, pepper), **fields)
     session.add(key)
     session.flush()
     return CreatedKey(key=key, plaintext=new.plaintext)
