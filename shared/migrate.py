@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
+from alembic.util.exc import CommandError
+
+from shared.errors import Conflict
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -25,19 +30,31 @@ def alembic_config(
     return config
 
 
+@contextmanager
+def _named_errors() -> Iterator[None]:
+    """Alembic's refusals (an unknown revision, say: the database was migrated by a newer
+    Meterline, or REVISION is mistyped) as one Conflict naming the problem, not a traceback."""
+    try:
+        yield
+    except CommandError as exc:
+        raise Conflict(f"migration refused: {exc}") from None
+
+
 def upgrade(
     database_url: str,
     revision: str = "head",
     *,
     lock_timeout_seconds: int = DEFAULT_LOCK_TIMEOUT_SECONDS,
 ) -> None:
-    command.upgrade(
-        alembic_config(database_url, lock_timeout_seconds=lock_timeout_seconds), revision
-    )
+    with _named_errors():
+        command.upgrade(
+            alembic_config(database_url, lock_timeout_seconds=lock_timeout_seconds), revision
+        )
 
 
 def downgrade(database_url: str, revision: str) -> None:
-    command.downgrade(alembic_config(database_url), revision)
+    with _named_errors():
+        command.downgrade(alembic_config(database_url), revision)
 
 
 def check(database_url: str) -> None:

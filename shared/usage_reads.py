@@ -2,24 +2,53 @@
 meter windows (each aggregated as its meter says, grouped and filtered by dimensions).
 
 A dimension a metric's meter does not keep (or any dimension of a metric without a meter) is
-unknown for its events: grouping by it shows null, and a filter on it matches nothing.
+unknown for its events: grouping by it shows null, and a filter on it matches nothing. A
+dimension no meter (of the asked metric) keeps at all is refused as invalid input, naming it: it
+is a typo, not a question with an empty answer.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import cast
 
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from shared.errors import InvalidInput
 from shared.meter_usage import query_meter_usage
-from shared.meters import meters_by_metric
+from shared.meters import MeterDefinition, meters_by_metric
 from shared.usage import Granularity, GroupBy, UsageRow, query_usage
 
 PLAIN_GROUPS = ("project", "api_key", "metric")
+
+
+def known_dimensions(meters: Iterable[MeterDefinition]) -> list[str]:
+    """The dimensions these meters keep, but project, api_key and metric (groups of their own)."""
+    return sorted({name for m in meters for name in m.dimensions if name not in PLAIN_GROUPS})
+
+
+def check_dimensions(
+    meters: Iterable[MeterDefinition], metric: str | None, asked: Sequence[tuple[str, str]]
+) -> None:
+    """InvalidInput naming each asked (field, dimension) that no meter (of `metric`) keeps."""
+    if not asked:
+        return
+    chosen = [m for m in meters if metric is None or m.metric == metric]
+    known = known_dimensions(chosen)
+    if metric is None:
+        scope = "any meter"
+    else:
+        scope = f"the meter of {metric!r}" if chosen else f"{metric!r}, which has no meter"
+    problems = [
+        f"{field}: {name!r} is no dimension of {scope} (known: {', '.join(known) or 'none'})"
+        for field, name in asked
+        if name not in known
+    ]
+    if problems:
+        raise InvalidInput("invalid usage query: " + "; ".join(problems), details=problems)
 
 
 def read_usage(
@@ -39,6 +68,11 @@ def read_usage(
     meter, grouped by `group_by` (project, api_key, metric and dimensions)."""
     meters = meters_by_metric(connection)
     dimensions = [g for g in group_by if g not in PLAIN_GROUPS]
+    check_dimensions(
+        meters.values(),
+        metric,
+        [("group_by", name) for name in dimensions] + [(f"filter[{n}]", n) for n in filters],
+    )
     unknown = dict.fromkeys(dimensions) if dimensions else None
     chosen = [m for m in meters.values() if metric is None or m.metric == metric]
     rows: list[UsageRow] = []

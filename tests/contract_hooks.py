@@ -9,6 +9,11 @@ moved into the window, keeping how they were written (zone, fraction digits, let
 And one fact no schema can know: which projects exist. Most well-formed project ids, in every
 case, become the key's own project (METERLINE_CONTRACT_PROJECT_ID), so that a request reaches
 every rule instead of stopping at 403; the rest stay foreign and get their 403.
+
+Nor which dimensions the meters keep: a usage query naming a dimension no meter keeps is refused
+with 422 (the document says so in words). Schema-valid usage queries name the contract meter's
+dimensions instead (METERLINE_CONTRACT_METER: its metric and dimensions), each at most once,
+and ask for its metric when they ask for a metric at all.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ NEWEST = timedelta(seconds=WINDOW["max_future_seconds"]) - timedelta(seconds=90)
 LONGEST = timedelta(days=RANGE["max_days"]) - timedelta(hours=1)
 OWN_PROJECT = os.environ.get("METERLINE_CONTRACT_PROJECT_ID")
 UUID = re.compile(EVENT["project_id"]["pattern"])
+METER = json.loads(os.environ.get("METERLINE_CONTRACT_METER", "null"))
+GROUPS_OF_THEIR_OWN = ("project", "api_key", "metric")
 
 
 def _pick(text: str, low: timedelta, high: timedelta) -> timedelta:
@@ -107,6 +114,34 @@ def _range_in_limits(query: dict[str, Any]) -> dict[str, Any]:
     return query
 
 
+def _known_dimensions(query: dict[str, Any]) -> dict[str, Any]:
+    if METER is None:
+        return query
+    free = list(METER["dimensions"])
+    asked = False
+    groups = query.get("group_by")
+    if isinstance(groups, str | list):
+        kept = []
+        for name in [groups] if isinstance(groups, str) else groups:
+            if name in GROUPS_OF_THEIR_OWN:
+                kept.append(name)
+            elif free:
+                kept.append(free.pop(0))
+                asked = True
+        query["group_by"] = kept
+    filters = query.get("filter")
+    if isinstance(filters, dict):
+        mapped = {}
+        for value in filters.values():
+            if free:
+                mapped[free.pop(0)] = value
+                asked = True
+        query["filter"] = mapped
+    if asked and "metric" in query:
+        query["metric"] = METER["metric"]
+    return query
+
+
 @schemathesis.hook
 def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> schemathesis.Case:
     meta = case.meta
@@ -117,5 +152,5 @@ def map_case(context: schemathesis.HookContext, case: schemathesis.Case) -> sche
     if case.operation.path == "/v1/events":
         case.body = _events_in_window(case.body)
     elif case.operation.path == "/v1/usage" and isinstance(case.query, dict):
-        case.query = _range_in_limits(case.query)
+        case.query = _known_dimensions(_range_in_limits(case.query))
     return case

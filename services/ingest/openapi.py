@@ -349,7 +349,8 @@ def _usage_operation() -> Schema:
                 },
                 "description": "Split rows by project, api_key, and by dimensions: a metered "
                 "metric's rows by its meter's dimension values (rows are always split by "
-                "metric; a dimension a metric does not keep shows null). May be given several "
+                "metric; a dimension a metric does not keep shows null, and one that no meter of "
+                "the asked metrics keeps is refused with 422 naming it). May be given several "
                 "times, or as a comma-separated list; each name at most once.",
             },
             {
@@ -369,7 +370,8 @@ def _usage_operation() -> Schema:
                 },
                 "description": "`filter[<dimension>]=value`: only the usage of events whose "
                 "dimension has that value (only metered metrics keep dimension values: a "
-                "filter matches no event of a metric whose meter lacks that dimension).",
+                "filter matches no event of a metric whose meter lacks that dimension; a dimension "
+                "no meter of the asked metrics keeps is refused with 422 naming it).",
             },
             _query(
                 "granularity",

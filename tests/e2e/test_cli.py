@@ -120,6 +120,9 @@ def test_created_key_is_shown_once_and_revocable(
         (("orgs", "members", "remove", "acme", "owner@acme.example"), ("one owner",)),
         (("orgs", "projects", "create", "acme", "web"), ("taken",)),
         (("db", "downgrade"), ("revision",)),
+        # Alembic's own refusals are one line naming the revision, never a traceback.
+        (("db", "upgrade", "0999_nosuch"), ("migration refused", "0999_nosuch")),
+        (("db", "downgrade", "0999_nosuch"), ("migration refused", "0999_nosuch")),
         (("nonsense",), ("no such command",)),
     ],
 )

@@ -13,6 +13,8 @@ import httpx
 from sqlalchemy.engine import Engine
 
 from services.ingest.openapi import DOCUMENT_FILE
+from shared.db import unit_of_work
+from shared.meters import MeterDefinition, apply_meters
 from tests.ingest_support import make_tenant, run_ingest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,6 +27,10 @@ def test_schemathesis_finds_no_failure_against_the_running_service(
     engine: Engine, service_env: dict[str, str], tmp_path: Path
 ) -> None:
     tenant = make_tenant(engine)
+    # Usage queries by dimension reach their rules only when some meter keeps the dimension.
+    meter = MeterDefinition("contract_tokens", "sum", ("model", "region", "tier"))
+    with unit_of_work(engine) as session:
+        apply_meters(session, [meter])
     with run_ingest(
         service_env,
         tmp_path / "ingest.log",
@@ -55,6 +61,9 @@ def test_schemathesis_finds_no_failure_against_the_running_service(
                 **os.environ,
                 "SCHEMATHESIS_HOOKS": "tests.contract_hooks",
                 "METERLINE_CONTRACT_PROJECT_ID": str(tenant.project_id),
+                "METERLINE_CONTRACT_METER": json.dumps(
+                    {"metric": meter.metric, "dimensions": list(meter.dimensions)}
+                ),
                 "PYTHONPATH": str(ROOT),
             },
             cwd=tmp_path,

@@ -612,6 +612,26 @@ def test_usage_with_bad_parameters_is_422(client: httpx.Client, tenant: Tenant) 
         assert response.status_code == 422, params
 
 
+def test_usage_by_a_dimension_no_meter_keeps_is_422_naming_it(
+    client: httpx.Client, tenant: Tenant
+) -> None:
+    # A typo in a dimension is refused by name, not answered with null groups or no rows.
+    unknown = f"dim_{uuid.uuid4().hex[:8]}"
+    for params, field in (
+        ({"group_by": unknown}, "group_by"),
+        ({f"filter[{unknown}]": "eu"}, f"filter[{unknown}]"),
+        ({"group_by": unknown, "metric": "api_calls"}, "group_by"),
+    ):
+        response = client.get("/v1/usage", params=params, headers=bearer(tenant.key))
+        assert response.status_code == 422, params
+        details = response.json()["error"]["details"]
+        named = f"{field}: {unknown!r} is no dimension of"
+        assert any(d.startswith(named) for d in details), details
+    # The groups of their own are no dimensions and stay accepted.
+    response = client.get("/v1/usage", params={"group_by": "project"}, headers=bearer(tenant.key))
+    assert response.status_code == 200
+
+
 def test_health_readiness_metrics_and_openapi_answer(client: httpx.Client) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json() == {"database": "ok", "broker": "ok"}

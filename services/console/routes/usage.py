@@ -18,11 +18,11 @@ from services.console.charts import Series, line_chart
 from services.console.routing import PAGING, Call, Operation, Page, Param, Render
 from services.console.schemas import Document, obj
 from shared.errors import InvalidInput
-from shared.meters import MeterDefinition, list_meters
+from shared.meters import list_meters
 from shared.models import ApiKey, Project
 from shared.organizations import find_organization
 from shared.usage import Granularity, usage_overview
-from shared.usage_reads import PLAIN_GROUPS, read_usage
+from shared.usage_reads import check_dimensions, known_dimensions, read_usage
 
 DEFAULT_DAYS = 7
 MAX_DAYS = {"hour": 31, "day": 366}
@@ -116,33 +116,16 @@ def overview(call: Call) -> Document:
     }
 
 
-def known_dimensions(meters: list[MeterDefinition]) -> list[str]:
-    """The dimensions these meters keep, but project, api_key and metric (groups of their own)."""
-    return sorted({name for m in meters for name in m.dimensions if name not in PLAIN_GROUPS})
-
-
 def _check_dimensions(
     call: Call, metric: str | None, dimension: str | None, filters: dict[str, str]
 ) -> None:
-    """InvalidInput naming each asked dimension that no meter (of `metric`) keeps."""
+    """InvalidInput naming each asked dimension that no meter (of `metric`) keeps, by the
+    console's own field names."""
     asked = ([("dimension", dimension)] if dimension else []) + [
         (f"filter[{name}]", name) for name in filters
     ]
-    if not asked:
-        return
-    meters = [m for m in list_meters(call.session) if metric is None or m.metric == metric]
-    known = known_dimensions(meters)
-    if metric is None:
-        scope = "any meter"
-    else:
-        scope = f"the meter of {metric!r}" if meters else f"{metric!r}, which has no meter"
-    problems = [
-        f"{field}: {name!r} is no dimension of {scope} (known: {', '.join(known) or 'none'})"
-        for field, name in asked
-        if name not in known
-    ]
-    if problems:
-        raise InvalidInput("invalid usage query: " + "; ".join(problems), details=problems)
+    if asked:
+        check_dimensions(list_meters(call.session), metric, asked)
 
 
 def organization_usage(call: Call) -> Document:
