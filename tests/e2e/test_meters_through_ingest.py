@@ -443,14 +443,39 @@ def test_replay_restores_corrupted_dimension_rows_and_a_second_replay_changes_no
     assert meter_rows(scene.engine, org) == before
 
 
-def test_a_dimension_the_meter_does_not_keep_groups_as_null_and_filters_to_nothing(
+def test_a_dimension_another_meter_keeps_groups_as_null_and_filters_to_nothing(
     scene: Scene,
 ) -> None:
-    metric = scene.metrics["count"]  # its meter keeps region only
+    metric = scene.metrics["count"]  # its meter keeps region only; the sum meter keeps model
     expected = scene.oracle.usage(metric, start=scene.start, end=scene.end, granularity="month")
-    grouped = fetch_usage(scene, metric, "month", ("model",))
+    base = {"from": rfc3339(scene.start), "to": rfc3339(scene.end), "granularity": "month"}
+
+    def rows(params: dict[str, str]) -> list[dict[str, Any]]:
+        response = httpx.get(
+            scene.url + "/v1/usage", params={**base, **params},
+            headers=bearer(scene.tenant.key), timeout=30,
+        )  # fmt: skip
+        assert response.status_code == 200, response.text
+        return [row for row in response.json()["data"] if row["metric"] == metric]
+
+    # Over every metric, a dimension some meter keeps is null for the metrics that lack it...
+    grouped = {
+        (datetime.fromisoformat(r["start"]), r["dimensions"]["model"]): (
+            Decimal(r["quantity"]), r["event_count"],
+        )
+        for r in rows({"group_by": "model"})
+    }  # fmt: skip
     assert grouped == {(start, None): total for (start,), total in expected.items()}
-    assert fetch_usage(scene, metric, "month", (), model="large") == {}
+    # ...and a filter on it matches none of their events.
+    assert rows({"filter[model]": "large"}) == []
+    # Asked of this metric alone, the dimension is no dimension of its meter: refused by name.
+    for params in ({"group_by": "model"}, {"filter[model]": "large"}):
+        response = httpx.get(
+            scene.url + "/v1/usage", params={**base, **params, "metric": metric},
+            headers=bearer(scene.tenant.key), timeout=30,
+        )  # fmt: skip
+        assert response.status_code == 422, response.text
+        assert f"'model' is no dimension of the meter of {metric!r}" in response.text
 
 
 # --- Prices per dimension filter -----------------------------------------------------------------
