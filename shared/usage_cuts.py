@@ -16,6 +16,9 @@ Who keeps a cut's totals:
 Usage without ledger content (rows recorded before the ledger kept it, or written to
 usage_records directly) is not in any cut total, so it is billed by its window's start, as before.
 
+Meter-priced lines cannot subtract a part (max, latest and distinct counts do not subtract): the
+same writers keep the pieces of a cut's meter windows (shared.meter_pieces) beside its totals.
+
 A cut at a UTC midnight lies on a window boundary for every window size (they divide a day):
 such cuts split nothing and are never registered.
 """
@@ -34,6 +37,7 @@ from sqlalchemy.engine import Connection
 
 from shared.db import array_literal
 from shared.events import SUM_CONTEXT
+from shared.meter_pieces import recompute_meter_pieces
 from shared.usage_locks import lock_shared_for_batch
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
@@ -278,7 +282,8 @@ def registered_cut_parts(
 
 
 def register_cuts(connection: Connection, cuts: Iterable[Cut]) -> list[Cut]:
-    """Register the cuts not registered yet, with their totals from the ledger; returns them.
+    """Register the cuts not registered yet, with their totals and the pieces of their meter
+    windows (shared.meter_pieces) from the ledger; returns them.
 
     Under the organizations' usage locks (as a live batch holds them): a batch either committed
     before, and its events are in the ledger read here, or runs after, and sees the cut."""
@@ -304,6 +309,7 @@ def register_cuts(connection: Connection, cuts: Iterable[Cut]) -> list[Cut]:
             for part in parts.get(cut, ())
         ],
     )
+    recompute_meter_pieces(connection, new)
     return new
 
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from services.aggregator.batch import CountableEvent
 from shared.events import SUM_CONTEXT, UsageEvent
+from shared.meter_pieces import PieceEvent
 from shared.meter_usage import MeterTotal, MeterUsage, MeterValueKey, MeterWindowKey
 from shared.meters import MeterDefinition, dimensions_key
 
@@ -65,3 +66,32 @@ def _total(events: list[UsageEvent]) -> MeterTotal:
         latest_at=latest.timestamp,
         latest_event_id=latest.id,
     )
+
+
+def meter_facts(
+    usage: UsageEvent, meters: Mapping[str, MeterDefinition]
+) -> tuple[str | None, str | None]:
+    """What the ledger keeps of an event for its meter's pieces: its dimension values (canonical
+    JSON) and its unique_count property value; (None, None) for an event of no meter."""
+    meter = meters.get(usage.metric)
+    if meter is None:
+        return None, None
+    value = usage.properties.get(meter.property) if meter.property is not None else None
+    return dimensions_key(meter.dimension_values(usage.properties)), value
+
+
+def piece_events(
+    events: Iterable[CountableEvent], meters: Mapping[str, MeterDefinition]
+) -> list[PieceEvent]:
+    """What the events of metered metrics contribute to meter pieces (shared.meter_pieces)."""
+    found = []
+    for e in events:
+        dimensions, value = meter_facts(e.event, meters)
+        if dimensions is not None:
+            usage = e.event
+            piece = PieceEvent(
+                e.organization_id, usage.metric, dimensions, e.window_start, usage.timestamp,
+                usage.id, usage.quantity, value,
+            )  # fmt: skip
+            found.append(piece)
+    return found

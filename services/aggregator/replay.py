@@ -9,7 +9,8 @@ Safe while the live aggregator runs, in two phases:
            ledger lacks (first accepted wins: an id the ledger holds with other content is not
            counted), and set every window of the range, its meter windows and distinct values
            (shared.meter_usage), and the part of every usage cut inside those windows
-           (shared.usage_cuts), to the recomputed totals; commit.
+           (shared.usage_cuts) and their meter pieces (shared.meter_pieces), to the recomputed
+           totals; commit.
 Whatever the live aggregator committed is in the ledger and replaced here; whatever it has not yet
 applied (before E2) is recorded here and becomes a duplicate there; after E2 it adds as usual.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -48,12 +49,13 @@ from services.aggregator.ledger_partitions import (
     ledger_floor,
     months_for,
 )
-from services.aggregator.meter_windows import meter_usage
+from services.aggregator.meter_windows import meter_usage, piece_events
 from services.aggregator.refusals import write_isolating
 from services.aggregator.topic_reader import RecordReader
 from shared.errors import ConfigurationError, InvalidInput, NotFound
 from shared.events import SUM_CONTEXT, stored_text_problem, window_start
 from shared.logs import log_event
+from shared.meter_pieces import pieces_of, replace_meter_pieces
 from shared.meter_usage import (
     delete_meter_values,
     delete_meter_windows,
@@ -61,7 +63,7 @@ from shared.meter_usage import (
     meter_usage_between,
     set_meter_windows,
 )
-from shared.meters import meters_by_metric
+from shared.meters import MeterDefinition, meters_by_metric
 from shared.settings import Settings
 from shared.topics import retention_message
 from shared.usage import delete_usage, set_usage
@@ -244,13 +246,15 @@ def replay(
         counted, to_record = _accepted_in_range(connection, versions, request, start, end)
         # The ledger rows first, so that an event the database refuses is left out of the
         # windows too (each part in a savepoint: a refusal undoes only its part).
+        meters = meters_by_metric(connection)
         recorded = write_isolating(
-            to_record, lambda part: _record_in_savepoint(connection, part, settings.window_seconds)
+            to_record,
+            lambda part: _record_in_savepoint(connection, part, settings.window_seconds, meters),
         )
-        counted = _without(counted, {event.key for event, _ in recorded.refused})
         report.skipped = _skipped(versions.unstorable, request, start, end) + [
             _skipped_event(event, reason) for event, reason in recorded.refused
         ]
+        counted = _without(counted, {event.key for event, _ in recorded.refused})
         report.events_counted = len(counted)
         before = repository.window_totals(
             connection,
@@ -265,18 +269,14 @@ def replay(
         changed = {k: v for k, v in after.items() if before.get(k) != v}
         # Written before a dry run's rollback too: the rollback undoes them with the rest.
         report.meter_windows_changed, report.meter_values_changed = _rebuild_meters(
-            connection, counted, request, start, end, settings.window_seconds
+            connection, counted, request, start, end, settings.window_seconds, meters
         )
         if request.dry_run:
             transaction.rollback()
         else:
             report.events_recorded = sum(recorded.written)
-            delete_usage(
-                connection,
-                usage_windows((k for k in before if k not in after), settings.window_seconds),
-            )
-            set_usage(connection, usage_deltas(changed, settings.window_seconds))
-            _rebuild_cuts(connection, counted, request, start, end, settings.window_seconds)
+            _set_windows(connection, before, after, changed, settings.window_seconds)
+            _rebuild_cuts(connection, counted, request, start, end, settings.window_seconds, meters)
             _record_run(connection, report, now)
             transaction.commit()
     if request.dry_run:
@@ -298,10 +298,13 @@ def replay(
 
 
 def _record_in_savepoint(
-    connection: Connection, events: Sequence[CountableEvent], window_seconds: int
+    connection: Connection,
+    events: Sequence[CountableEvent],
+    window_seconds: int,
+    meters: Mapping[str, MeterDefinition],
 ) -> int:
     with connection.begin_nested():
-        return repository.record_events(connection, events, window_seconds)
+        return repository.record_events(connection, events, window_seconds, meters)
 
 
 def _skipped(
@@ -333,6 +336,18 @@ def _without(events: list[CountableEvent], refused: set[EventKey]) -> list[Count
     return [event for event in events if event.key not in refused]
 
 
+def _set_windows(
+    connection: Connection,
+    before: Mapping[WindowKey, WindowTotal],
+    after: Mapping[WindowKey, WindowTotal],
+    changed: Mapping[WindowKey, WindowTotal],
+    window_seconds: int,
+) -> None:
+    """Delete the range's windows that no counted event holds, and set those that changed."""
+    delete_usage(connection, usage_windows((k for k in before if k not in after), window_seconds))
+    set_usage(connection, usage_deltas(changed, window_seconds))
+
+
 def _rebuild_meters(
     connection: Connection,
     counted: list[CountableEvent],
@@ -340,6 +355,7 @@ def _rebuild_meters(
     start: datetime,
     end: datetime,
     window_seconds: int,
+    meters: Mapping[str, MeterDefinition],
 ) -> tuple[int, int]:
     """Make the range's meter windows and distinct values those of the counted events (by the
     meters as they are now), writing only what differs: a replay that finds everything right
@@ -353,7 +369,7 @@ def _rebuild_meters(
         metric=request.metric,
         lock=True,
     )
-    after = meter_usage(counted, meters_by_metric(connection))
+    after = meter_usage(counted, meters)
     stale = [k for k in before.windows if k not in after.windows]
     changed = [(k, v) for k, v in after.windows.items() if before.windows.get(k) != v]
     delete_meter_windows(connection, stale, window_seconds)
@@ -370,15 +386,23 @@ def _rebuild_cuts(
     start: datetime,
     end: datetime,
     window_seconds: int,
+    meters: Mapping[str, MeterDefinition],
 ) -> None:
-    """Set the parts of the usage cuts inside the rebuilt windows from the same events, so a
-    cut's part stays the part of its window (the range is whole windows: a cut's window is in it
-    or not)."""
+    """Set the parts of the usage cuts inside the rebuilt windows, and the meter pieces of those
+    windows, from the same events, so a cut's part stays the part of its window and its pieces
+    add up to its meter windows (the range is whole windows: a cut's window is in it or not)."""
     cuts = cuts_between(connection, start, end, request.organization_id)
     replace_cut_totals(
         connection,
         cuts,
         cut_deltas(cut_events(counted), cuts, window_seconds),
+        window_seconds=window_seconds,
+        metric=request.metric,
+    )
+    replace_meter_pieces(
+        connection,
+        cuts,
+        pieces_of(piece_events(counted, meters), cuts, window_seconds),
         window_seconds=window_seconds,
         metric=request.metric,
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -25,6 +25,8 @@ from services.aggregator.batch import (
     WindowKey,
     WindowTotal,
 )
+from services.aggregator.meter_windows import meter_facts
+from shared.meters import MeterDefinition
 
 # The usage locks live with every other writer's; the batch and replay take them through here.
 from shared.usage_locks import lock_exclusive, lock_shared_for_batch  # noqa: F401
@@ -106,23 +108,29 @@ def existing_references(connection: Connection, events: Sequence[CountableEvent]
 
 _RECORD_EVENTS = sa.text(
     "INSERT INTO usage_event_ledger (organization_id, event_id, event_time, fingerprint,"
-    "                                metric, quantity, window_seconds)"
-    " SELECT o, i, t, f, m, q, CAST(:window_seconds AS integer)"
+    "                                metric, quantity, window_seconds, dimensions, meter_value)"
+    " SELECT o, i, t, f, m, q, CAST(:window_seconds AS integer), CAST(d AS jsonb), v"
     "   FROM unnest(CAST(:orgs AS uuid[]), CAST(:ids AS text[]), CAST(:times AS timestamptz[]),"
     "               CAST(:fingerprints AS bytea[]), CAST(:metrics AS text[]),"
-    "               CAST(:quantities AS numeric[])) AS e(o, i, t, f, m, q)"
+    "               CAST(:quantities AS numeric[]), CAST(:dimensions AS text[]),"
+    "               CAST(:values AS text[])) AS e(o, i, t, f, m, q, d, v)"
     " ON CONFLICT DO NOTHING"
 )
 
 
 def record_events(
-    connection: Connection, events: Sequence[CountableEvent], window_seconds: int
+    connection: Connection,
+    events: Sequence[CountableEvent],
+    window_seconds: int,
+    meters: Mapping[str, MeterDefinition],
 ) -> int:
     """Insert the events into the ledger, with what each added to which window size (a usage
-    cut's part is computed from them); returns how many were new to it (the others are left as
-    they are: first accepted wins)."""
+    cut's part is computed from them) and, for metered metrics, what a meter piece needs
+    (shared.meter_pieces); returns how many were new to it (the others are left as they are:
+    first accepted wins)."""
     if not events:
         return 0
+    facts = [meter_facts(e.event, meters) for e in events]
     result = connection.execute(
         _RECORD_EVENTS,
         {
@@ -133,6 +141,8 @@ def record_events(
             "metrics": [e.event.metric for e in events],
             "quantities": [e.event.quantity for e in events],
             "window_seconds": window_seconds,
+            "dimensions": [dimensions for dimensions, _ in facts],
+            "values": [value for _, value in facts],
         },
     )
     return int(result.rowcount)

@@ -6,7 +6,7 @@ The order of a batch (the guarantee rests on it; services/aggregator/app.py runs
       order, the ledger lookup, the insert of new ledger rows, the window upserts, the meter
       windows and distinct values of metered metrics (shared.meter_usage, with the meters read
       in the same transaction) and the parts of the registered usage cuts inside those windows
-      (shared.usage_cuts); commit.
+      (shared.usage_cuts) with their meter pieces (shared.meter_pieces); commit.
   (3) send the dead letters (unreadable, unknown references, conflicting duplicates) and wait for
       the broker's ack.
   (4) only then return, so that Faust acks the messages and may commit their offsets.
@@ -41,11 +41,12 @@ from services.aggregator.batch import (
     usage_deltas,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor, months_for
-from services.aggregator.meter_windows import meter_usage
+from services.aggregator.meter_windows import meter_usage, piece_events
 from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolating
 from shared.logs import log_event
+from shared.meter_pieces import add_meter_pieces, pieces_of
 from shared.meter_usage import record_meter_usage
-from shared.meters import meters_by_metric
+from shared.meters import MeterDefinition, meters_by_metric
 from shared.settings import Settings
 from shared.usage import record_usage
 from shared.usage_cuts import add_cut_totals, cut_deltas, cuts_within_windows
@@ -66,11 +67,14 @@ def add_to_cuts(
     events: Sequence[CountableEvent],
     windows: Mapping[WindowKey, WindowTotal],
     window_seconds: int,
+    meters: Mapping[str, MeterDefinition],
 ) -> None:
-    """Add the events at or after a registered usage cut to that cut's totals."""
+    """Add the events at or after a registered usage cut to that cut's totals, and each event of
+    a metered metric in a window with cuts to the meter piece holding its timestamp."""
     cuts = cuts_within_windows(connection, ((k[0], k[4]) for k in windows), window_seconds)
     if cuts:
         add_cut_totals(connection, cut_deltas(cut_events(events), cuts, window_seconds))
+        add_meter_pieces(connection, pieces_of(piece_events(events, meters), cuts, window_seconds))
 
 
 class BatchApplier:
@@ -136,8 +140,11 @@ class BatchApplier:
                     countable.append(event)
             recorded = repository.counted_versions(connection, (e.key for e in countable))
             selection = select_new_events(countable, recorded)
+            # The meters are read in this transaction: the ledger rows keep what meter pieces
+            # need of each metered event, by the same meters the meter windows use below.
+            meters = meters_by_metric(connection) if selection.new else {}
             result.counted = repository.record_events(
-                connection, selection.new, self._settings.window_seconds
+                connection, selection.new, self._settings.window_seconds, meters
             )
             if result.counted != len(selection.new):
                 # Only a writer that skipped the organization lock could get here: roll back
@@ -149,13 +156,13 @@ class BatchApplier:
             record_usage(connection, usage_deltas(windows, self._settings.window_seconds))
             # Metered metrics also keep their windows per dimension values: same events, same
             # transaction, so the ledger that counts an event once counts it once here too.
-            meters = meters_by_metric(connection) if selection.new else {}
             record_meter_usage(
                 connection, meter_usage(selection.new, meters), self._settings.window_seconds
             )
             # The cuts inside this batch's windows (usually none) get the events at or after
-            # them, in the same transaction as the windows, so a cut's part never lags its window.
-            add_to_cuts(connection, selection.new, windows, self._settings.window_seconds)
+            # them, and their meter pieces the metered events, in the same transaction as the
+            # windows, so a cut's part or piece never lags its window.
+            add_to_cuts(connection, selection.new, windows, self._settings.window_seconds, meters)
         result.duplicates = selection.duplicates
         result.conflicts = len(selection.conflicts)
         result.dead_letters += [conflict_letter(e) for e in selection.conflicts]

@@ -37,7 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Connection, Engine
 
 from services.billing import invoice_repository, repository, stripe_steps
-from services.billing.filter_totals import filtered_totals, metered_totals
+from services.billing.filter_totals import KnownPieces, filtered_totals, metered_totals
 from services.billing.gateway import BillingGateway
 from services.billing.invoices import (
     Invoice,
@@ -62,6 +62,7 @@ from services.billing.terms import (
 from services.billing.usage_totals import SegmentQuery, segment_totals
 from shared.errors import InvalidInput
 from shared.logs import log_event
+from shared.meter_pieces import ledger_pieces
 from shared.meters import meters_by_metric
 from shared.subscriptions import BILLED_STATUSES, RENEWING_STATUSES
 from shared.usage_cuts import (
@@ -311,10 +312,16 @@ class _Run:
             ) as connection,
             connection.begin(),
         ):
-            _, parts = registered_cut_parts(connection, cuts)
+            registered, parts = registered_cut_parts(connection, cuts)
+            known = KnownPieces(registered=frozenset(registered))
             if self.dry_run and missing:
                 parts = {**ledger_cut_parts(connection, missing), **parts}
-            return _totals(connection, queries, parts)
+                known = KnownPieces(
+                    registered=frozenset(registered),
+                    unregistered=frozenset(missing),
+                    from_ledger=ledger_pieces(connection, missing),
+                )
+            return _totals(connection, queries, parts, known)
 
     def price_and_write(
         self,
@@ -546,6 +553,7 @@ def _totals(
     connection: Connection,
     queries: Sequence[tuple[_QueryKey, SegmentQuery]],
     parts: dict[Cut, tuple[CutPart, ...]],
+    known: KnownPieces,
 ) -> dict[uuid.UUID, Totals]:
     found = segment_totals(connection, [query for _, query in queries], parts)
     totals: dict[uuid.UUID, dict[tuple[datetime, datetime, str], Decimal]] = {}
@@ -560,7 +568,7 @@ def _totals(
         own = totals.setdefault(key.subscription_id, {})
         if query.filters:
             for label, quantity in filtered_totals(
-                connection, query.organization_id, query.start, query.end, query.filters
+                connection, query.organization_id, query.start, query.end, query.filters, known
             ).items():
                 own[(key.start, key.end, label)] = quantity
         unsummed = [
@@ -570,7 +578,7 @@ def _totals(
             for meter in unsummed:
                 own.pop((key.start, key.end, meter.metric), None)
             for metric_name, quantity in metered_totals(
-                connection, query.organization_id, query.start, query.end, unsummed
+                connection, query.organization_id, query.start, query.end, unsummed, known
             ).items():
                 own[(key.start, key.end, metric_name)] = quantity
     return dict(totals)

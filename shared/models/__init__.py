@@ -12,7 +12,15 @@ from shared.models.billing import (
 from shared.models.identity import Account, Session, User, VerificationToken
 from shared.models.keys import ApiKey, ApiKeyDeletion
 from shared.models.ledger import LEDGER_TABLE, ReplayRun, UsageEventLedger
-from shared.models.meters import METER_WINDOW_KEY, Meter, MeterWindow, meter_values
+from shared.models.meters import (
+    METER_PIECE_KEY,
+    METER_WINDOW_KEY,
+    Meter,
+    MeterWindow,
+    meter_piece_values,
+    meter_pieces,
+    meter_values,
+)
 from shared.models.operators import (
     AuditEntry,
     Operator,
@@ -50,6 +58,7 @@ __all__ = [
     "LEDGER_TABLE",
     "LIVE_STATUS_VALUES",
     "MANAGER_ROLES",
+    "METER_PIECE_KEY",
     "METER_WINDOW_KEY",
     "USAGE_READER_ROLES",
     "USAGE_RECORD_KEY",
@@ -90,5 +99,7 @@ __all__ = [
     "UsageVersion",
     "User",
     "VerificationToken",
+    "meter_piece_values",
+    "meter_pieces",
     "meter_values",
 ]

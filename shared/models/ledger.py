@@ -60,6 +60,11 @@ class UsageEventLedger(Base):
     metric: Mapped[str | None] = mapped_column(String(64))
     quantity: Mapped[Decimal | None] = mapped_column(Numeric)
     window_seconds: Mapped[int | None] = mapped_column(Integer)
+    # For events of metered metrics, what a meter piece needs (shared.meter_pieces): the event's
+    # values of its meter's dimensions and of its unique_count property. NULL for other metrics
+    # and on rows recorded before they were stored (their windows are billed by their start).
+    dimensions: Mapped[dict[str, str] | None] = mapped_column(JSONB)
+    meter_value: Mapped[str | None] = mapped_column(String(256))
 
 
 class ReplayRun(IdMixin, TimestampMixin, Base):

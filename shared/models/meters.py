@@ -22,6 +22,7 @@ from sqlalchemy import (
     Index,
     Integer,
     Numeric,
+    PrimaryKeyConstraint,
     String,
     Table,
     Uuid,
@@ -119,4 +120,58 @@ meter_values = Table(
         unique=True,
         postgresql_nulls_not_distinct=True,
     ),
+)
+
+
+# A meter window that holds a registered usage cut, kept also as pieces split at its cuts: one row
+# per piece (from the window start or a cut to the next cut or the window end) and dimension
+# values, summed over projects and keys, with every aggregation at once, as meter_windows has
+# them (shared.meter_pieces). Billing takes a cut window's pieces on each side of the cut.
+METER_PIECE_KEY = (
+    "organization_id",
+    "metric",
+    "window_start",
+    "window_seconds",
+    "dimensions",
+    "piece_start",
+)
+
+
+def _piece_key_columns() -> list[Column[Any]]:
+    return [
+        Column(
+            "organization_id",
+            Uuid,
+            ForeignKey("organizations.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        Column("metric", String(64), nullable=False),
+        Column("window_start", DateTime(timezone=True), nullable=False),
+        Column("window_seconds", Integer, nullable=False),
+        Column("dimensions", JSONB, nullable=False),
+        Column("piece_start", DateTime(timezone=True), nullable=False),
+    ]
+
+
+meter_pieces = Table(
+    "meter_pieces",
+    Base.metadata,
+    *_piece_key_columns(),
+    Column("quantity", Numeric, nullable=False),
+    Column("event_count", BigInteger, nullable=False),
+    Column("max_quantity", Numeric, nullable=False),
+    Column("min_quantity", Numeric, nullable=False),
+    Column("latest_quantity", Numeric, nullable=False),
+    Column("latest_at", DateTime(timezone=True), nullable=False),
+    Column("latest_event_id", String(128), nullable=False),
+    PrimaryKeyConstraint(*METER_PIECE_KEY, name="pk_meter_pieces"),
+)
+
+# The distinct values of a unique_count meter's property seen in each piece.
+meter_piece_values = Table(
+    "meter_piece_values",
+    Base.metadata,
+    *_piece_key_columns(),
+    Column("value", String(256), nullable=False),
+    PrimaryKeyConstraint(*METER_PIECE_KEY, "value", name="pk_meter_piece_values"),
 )
