@@ -376,6 +376,14 @@ def _rebuild_meters(
     set_meter_windows(connection, changed, window_seconds)
     delete_meter_values(connection, list(before.values - after.values), window_seconds)
     insert_meter_values(connection, list(after.values - before.values), window_seconds)
+    # Meter rows bump no usage version by themselves (usage_records' triggers do): a replay that
+    # repairs only them must still make billing re-price the organizations' open periods.
+    touch_usage_versions(
+        connection,
+        {key[0] for key in stale}
+        | {key[0] for key, _ in changed}
+        | {value[0] for value in before.values ^ after.values},
+    )
     return len(stale) + len(changed), len(before.values ^ after.values)
 
 

@@ -390,6 +390,16 @@ def meter_rows(engine: Engine, organization_id: object) -> tuple[set[Any], set[A
     return windows, values
 
 
+def usage_version(engine: Engine, org: object) -> int | None:
+    """The organization's usage version (what billing reads to skip unchanged usage)."""
+    with engine.connect() as connection:
+        found = connection.execute(
+            sa.text("SELECT version FROM usage_versions WHERE organization_id = :org"),
+            {"org": org},
+        ).scalar()
+    return None if found is None else int(found)
+
+
 def test_replay_restores_corrupted_dimension_rows_and_a_second_replay_changes_nothing(
     scene: Scene,
 ) -> None:
@@ -429,6 +439,7 @@ def test_replay_restores_corrupted_dimension_rows_and_a_second_replay_changes_no
             {"org": org},
         )
     assert meter_rows(scene.engine, org) != before
+    version = usage_version(scene.engine, org)
     window = ("--from", rfc3339(scene.start), "--to", rfc3339(scene.end))
     first = run_cli(scene.env, "replay", *window, "--organization", str(org), "--json")
     assert first.returncode == 0, first.stderr
@@ -436,6 +447,8 @@ def test_replay_restores_corrupted_dimension_rows_and_a_second_replay_changes_no
     assert report["meter_windows_changed"] == 50
     assert report["meter_values_changed"] == 16
     assert meter_rows(scene.engine, org) == before
+    # Repairing meter rows alone is a change of usage: billing re-prices the open periods.
+    assert usage_version(scene.engine, org) != version
     second = run_cli(scene.env, "replay", *window, "--organization", str(org), "--json")
     assert second.returncode == 0, second.stderr
     again = json.loads(second.stdout)
