@@ -80,37 +80,65 @@ def range_parts(start: date, end: date, today: date) -> RangeParts:
     return RangeParts(tuple(months), tuple(days))
 
 
-# The pairs are summed from whole months and signed runs of days (daily_rows and the days' signs
-# count the rollup rows inside the range, so a pair with none is not listed); the page of pairs is
-# cut, and its slugs joined, in the same statement. The totals per day read usage_daily's days of
-# the range through ix_usage_daily_day_totals. {month_metric} and {day_metric} are empty or a
-# fixed condition (see shared.usage.daily_usage on why not "(:metric IS NULL OR ...)").
-_OVERVIEW = """
+# Both statements cut the page of pairs, and join its slugs, in the same statement. {metric} and
+# {d_metric} are empty or a fixed condition (see shared.usage.daily_usage on why not
+# "(:metric IS NULL OR ...)").
+_PAGE = """
+    page AS (
+        SELECT organization_id, metric, q, n FROM pairs
+         ORDER BY q DESC, organization_id, metric LIMIT :limit OFFSET :offset
+    )
+    SELECT 'pair' AS kind, p.organization_id, o.slug, p.metric, CAST(NULL AS date) AS day, p.q, p.n
+      FROM page AS p LEFT JOIN organizations AS o ON o.id = p.organization_id
+    UNION ALL
+    SELECT 'total', NULL, NULL, NULL, NULL, NULL, count(*) FROM pairs
+    UNION ALL
+"""
+
+# A range without a whole month (7 days, say): one pass over the rollup's days of the range (an
+# index-only scan of ix_usage_daily_day_totals) feeds both groupings.
+_FROM_DAYS = (
+    """
+    WITH sums AS MATERIALIZED (
+        SELECT organization_id, metric, day, GROUPING(organization_id) AS per_day,
+               sum(quantity) AS q, sum(event_count) AS n
+          FROM usage_daily
+         WHERE day >= :start AND day < :end {metric}
+         GROUP BY GROUPING SETS ((organization_id, metric), (day, metric))
+    ), pairs AS (
+        SELECT organization_id, metric, q, n FROM sums WHERE per_day = 0
+    ),"""  # noqa: S608 - built from the constant fragments here
+    + _PAGE
+    + """
+    SELECT 'day', NULL, NULL, metric, day, q, n FROM sums WHERE per_day = 1
+    """
+)
+
+# A range with months: the pairs are summed from the months and the signed runs of days
+# (daily_rows and the days' signs count the rollup rows inside the range, so a pair with none is
+# not listed); the totals per day still read every day of the range from usage_daily.
+_FROM_MONTHS = (
+    """
     WITH parts AS (
         SELECT organization_id, metric, quantity AS q, event_count AS n, daily_rows AS r
           FROM usage_monthly
-         WHERE month = ANY(CAST(:months AS date[])) {month_metric}
+         WHERE month = ANY(CAST(:months AS date[])) {metric}
         UNION ALL
         SELECT d.organization_id, d.metric, s.sign * d.quantity, s.sign * d.event_count, s.sign
           FROM unnest(CAST(:day_starts AS date[]), CAST(:day_ends AS date[]),
                       CAST(:signs AS integer[])) AS s(day_start, day_end, sign)
-          JOIN usage_daily AS d ON d.day >= s.day_start AND d.day < s.day_end {day_metric}
+          JOIN usage_daily AS d ON d.day >= s.day_start AND d.day < s.day_end {d_metric}
     ), pairs AS MATERIALIZED (
         SELECT organization_id, metric, sum(q) AS q, sum(n) AS n FROM parts
          GROUP BY organization_id, metric HAVING sum(r) > 0
-    ), page AS (
-        SELECT organization_id, metric, q, n FROM pairs
-         ORDER BY q DESC, organization_id, metric LIMIT :limit OFFSET :offset
-    )
-    SELECT 'pair' AS kind, p.organization_id, o.slug, p.metric, NULL AS day, p.q, p.n
-      FROM page AS p LEFT JOIN organizations AS o ON o.id = p.organization_id
-    UNION ALL
+    ),"""  # noqa: S608 - built from the constant fragments here
+    + _PAGE
+    + """
     SELECT 'day', NULL, NULL, d.metric, d.day, sum(d.quantity), sum(d.event_count)
-      FROM usage_daily AS d WHERE d.day >= :start AND d.day < :end {day_metric}
+      FROM usage_daily AS d WHERE d.day >= :start AND d.day < :end {d_metric}
      GROUP BY d.day, d.metric
-    UNION ALL
-    SELECT 'total', NULL, NULL, NULL, NULL, NULL, count(*) FROM pairs
     """
+)
 
 
 def usage_overview(
@@ -127,9 +155,9 @@ def usage_overview(
     rollups, in one statement; `now` only chooses which rollup rows are fewer to read."""
     parts = range_parts(start, end, now.date())
     statement = sa.text(
-        _OVERVIEW.format(
-            month_metric="AND metric = :metric" if metric is not None else "",
-            day_metric="AND d.metric = :metric" if metric is not None else "",
+        (_FROM_MONTHS if parts.months else _FROM_DAYS).format(
+            metric="AND metric = :metric" if metric is not None else "",
+            d_metric="AND d.metric = :metric" if metric is not None else "",
         )
     )
     result = connection.execute(

@@ -56,12 +56,13 @@ def organizations(db: Session) -> list[uuid.UUID]:
     return ids
 
 
-def _expected(db: Session, start: date, end: date) -> tuple[dict, dict]:
+def _expected(db: Session, start: date, end: date, metric: str | None) -> tuple[dict, dict]:
     """Per (organization, metric) and per (day, metric): sums straight from usage_records."""
-    bounds = {"start": start, "end": end}
+    bounds = {"start": start, "end": end, "metric": metric}
     where = (
         " FROM usage_records WHERE window_start >= CAST(:start AS timestamp) AT TIME ZONE 'UTC'"
         " AND window_start < CAST(:end AS timestamp) AT TIME ZONE 'UTC'"
+        " AND (CAST(:metric AS text) IS NULL OR metric = :metric)"
     )
     pairs = db.execute(
         sa.text(f"SELECT organization_id, metric, sum(quantity), sum(event_count){where}"
@@ -77,9 +78,11 @@ def _expected(db: Session, start: date, end: date) -> tuple[dict, dict]:
     )
 
 
-def _assert_overview_is_exact(db: Session, start: date, end: date, now: datetime) -> None:
-    found = usage_overview(db, start=start, end=end, now=now, limit=1000)
-    pairs, days = _expected(db, start, end)
+def _assert_overview_is_exact(
+    db: Session, start: date, end: date, now: datetime, metric: str | None = None
+) -> None:
+    found = usage_overview(db, start=start, end=end, now=now, metric=metric, limit=1000)
+    pairs, days = _expected(db, start, end, metric)
 
     assert {(r.organization_id, r.metric): (r.quantity, r.event_count) for r in found.items} == (
         pairs
@@ -111,6 +114,13 @@ def test_overview_equals_usage_records_over_the_same_days(
     db: Session, organizations: list[uuid.UUID], start: date, end: date, now: datetime
 ) -> None:
     _assert_overview_is_exact(db, start, end, now)
+
+
+@pytest.mark.parametrize(("start", "end", "now"), [RANGES[0], RANGES[5]])
+def test_overview_of_one_metric_equals_its_usage_records(
+    db: Session, organizations: list[uuid.UUID], start: date, end: date, now: datetime
+) -> None:
+    _assert_overview_is_exact(db, start, end, now, metric="seats")
 
 
 def test_the_ranges_read_months_less_days(organizations: list[uuid.UUID]) -> None:
