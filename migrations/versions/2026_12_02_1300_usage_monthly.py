@@ -1,7 +1,7 @@
 """usage_monthly: an exact monthly rollup of usage_daily, kept by statement triggers
 
-Revision ID: 0022_usage_monthly
-Revises: 0021_meters
+Revision ID: 0023_usage_monthly
+Revises: 0022_meter_pieces
 Create Date: 2026-12-02 13:00:00+00:00
 
 The console's usage overview sums a range of days over every organization. Read from usage_daily
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0022_usage_monthly"
-down_revision: str | None = "0021_meters"
+revision: str = "0023_usage_monthly"
+down_revision: str | None = "0022_meter_pieces"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

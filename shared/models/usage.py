@@ -96,7 +96,7 @@ class UsageDaily(TimestampMixin, Base):
 class UsageMonthly(TimestampMixin, Base):
     """One UTC month (of rollup days) of an organization's usage of a metric, all window sizes.
 
-    Written only by the triggers on usage_daily (migration 0022), which recompute every month a
+    Written only by the triggers on usage_daily (migration 0023), which recompute every month a
     statement touched: never write it from code. `daily_rows` counts the usage_daily rows it
     sums, so that a range read as whole months minus some days knows whether it held any usage.
     """
