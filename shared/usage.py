@@ -351,88 +351,11 @@ def usage_totals(
 
 
 @dataclass(frozen=True, slots=True)
-class OrganizationUsage:
-    organization_id: uuid.UUID
-    organization_slug: str | None
-    metric: str
-    quantity: Decimal
-    event_count: int
-
-
-@dataclass(frozen=True, slots=True)
 class DailyUsage:
     day: date
     metric: str
     quantity: Decimal
     event_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class UsageOverview:
-    """Every organization's usage over a range of UTC days: one page of (organization, metric)
-    totals, largest first, how many such pairs there are, and the totals per day and metric."""
-
-    items: list[OrganizationUsage]
-    total: int
-    daily: list[DailyUsage]
-
-
-# One pass over the rollup's rows of the range (an index-only scan of ix_usage_daily_day_totals)
-# feeds both groupings; the page of pairs is cut, and its slugs joined, in the same statement.
-# {metric} is empty or a fixed condition (see daily_usage on why not "(:metric IS NULL OR ...)").
-_OVERVIEW = """
-    WITH sums AS MATERIALIZED (
-        SELECT organization_id, metric, day, GROUPING(organization_id) AS per_day,
-               sum(quantity) AS q, sum(event_count) AS n
-          FROM usage_daily
-         WHERE day >= :start AND day < :end {metric}
-         GROUP BY GROUPING SETS ((organization_id, metric), (day, metric))
-    ), page AS (
-        SELECT organization_id, metric, q, n FROM sums WHERE per_day = 0
-         ORDER BY q DESC, organization_id, metric LIMIT :limit OFFSET :offset
-    )
-    SELECT 'pair' AS kind, p.organization_id, o.slug, p.metric, NULL AS day, p.q, p.n
-      FROM page AS p LEFT JOIN organizations AS o ON o.id = p.organization_id
-    UNION ALL
-    SELECT 'day', NULL, NULL, metric, day, q, n FROM sums WHERE per_day = 1
-    UNION ALL
-    SELECT 'total', NULL, NULL, NULL, NULL, NULL, count(*) FROM sums WHERE per_day = 0
-    """
-_ONE_METRIC = "AND metric = :metric"
-
-
-def usage_overview(
-    connection: Connection | Session,
-    *,
-    start: date,
-    end: date,
-    metric: str | None = None,
-    limit: int = 50,
-    offset: int = 0,
-) -> UsageOverview:
-    """Usage of every organization over the UTC days [start, end), from the daily rollup
-    (usage_daily), in one statement."""
-    statement = sa.text(_OVERVIEW.format(metric=_ONE_METRIC if metric is not None else ""))
-    result = connection.execute(
-        statement,
-        {"start": start, "end": end, "limit": limit, "offset": offset}
-        | ({"metric": metric} if metric is not None else {}),
-    ).all()
-    # A UNION keeps no order: the page's own (largest first; uuids compare as PostgreSQL's do).
-    pairs = sorted(
-        (r for r in result if r.kind == "pair"),
-        key=lambda r: (-Decimal(r.q), r.organization_id, r.metric),
-    )
-    days = sorted((r for r in result if r.kind == "day"), key=lambda r: (r.day, r.metric))
-    total = next((int(r.n) for r in result if r.kind == "total"), 0)
-    return UsageOverview(
-        [
-            OrganizationUsage(r.organization_id, r.slug, r.metric, Decimal(r.q), int(r.n))
-            for r in pairs
-        ],
-        total,
-        [DailyUsage(r.day, r.metric, Decimal(r.q), int(r.n)) for r in days],
-    )
 
 
 def daily_usage(

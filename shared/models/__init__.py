@@ -50,6 +50,7 @@ from shared.models.usage import (
     UsageCut,
     UsageCutTotal,
     UsageDaily,
+    UsageMonthly,
     UsageRecord,
     UsageVersion,
 )
@@ -95,6 +96,7 @@ __all__ = [
     "UsageCutTotal",
     "UsageDaily",
     "UsageEventLedger",
+    "UsageMonthly",
     "UsageRecord",
     "UsageVersion",
     "User",

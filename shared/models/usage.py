@@ -1,5 +1,6 @@
 """Usage records: one row per (organization, project, key, metric, window), the billing truth;
-and usage_daily, their exact daily rollup (kept by triggers on usage_records, read by billing)."""
+usage_daily, their exact daily rollup (kept by triggers on usage_records, read by billing); and
+usage_monthly, usage_daily's exact monthly rollup (kept by triggers on usage_daily)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,41 @@ class UsageDaily(TimestampMixin, Base):
     quantity: Mapped[Decimal] = mapped_column(Numeric)
     max_window_quantity: Mapped[Decimal] = mapped_column(Numeric)
     event_count: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageMonthly(TimestampMixin, Base):
+    """One UTC month (of rollup days) of an organization's usage of a metric, all window sizes.
+
+    Written only by the triggers on usage_daily (migration 0023), which recompute every month a
+    statement touched: never write it from code. `daily_rows` counts the usage_daily rows it
+    sums, so that a range read as whole months minus some days knows whether it held any usage.
+    """
+
+    __tablename__ = "usage_monthly"
+    # The console's usage overview sums whole months across every organization: from the index
+    # alone.
+    __table_args__ = (
+        Index(
+            "ix_usage_monthly_month_totals",
+            "month",
+            postgresql_include=[
+                "organization_id",
+                "metric",
+                "quantity",
+                "event_count",
+                "daily_rows",
+            ],
+        ),
+    )
+
+    organization_id: Mapped[uuid.UUID] = mapped_column(
+        ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True
+    )
+    metric: Mapped[str] = mapped_column(String(64), primary_key=True)
+    month: Mapped[date] = mapped_column(Date, primary_key=True)
+    quantity: Mapped[Decimal] = mapped_column(Numeric)
+    event_count: Mapped[int] = mapped_column(BigInteger)
+    daily_rows: Mapped[int] = mapped_column(Integer)
 
 
 class UsageCut(Base):

@@ -3,7 +3,8 @@
 Loads, into a database of its own: organizations with an owner, two projects and three keys each,
 a subscription each with six monthly invoices, mismatches, billing runs, replay runs and audit
 entries; then usage_records for 5 metrics over the last hours (10M rows by default) with COPY, the
-indexes and foreign keys dropped for the load and recreated after, and the daily rollup built once.
+indexes and foreign keys dropped for the load and recreated after, and the daily rollup built once
+(its triggers build the monthly one from it).
 Then it creates the pipeline's topics, starts the real console (`meterline console`), logs in as an
 admin like a browser, and times each main page sequentially: p50 and p99 per page. Goal: p99 under
 200 ms for every page.

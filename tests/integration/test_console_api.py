@@ -486,6 +486,55 @@ def test_usage_by_organization_and_over_time(
     assert [(r["quantity"], r["event_count"]) for r in ours] == [("7.5", 6)]
 
 
+def test_the_overview_widens_a_range_to_whole_days_and_sums_exactly_what_usage_records_hold(
+    client: TestClient, engine: Engine, admin: OperatorToken, tenant: dict[str, object]
+) -> None:
+    """From 5:00 on 3 January to 7:00 on 1 March 2005 is the days [3 January, 2 March): read as
+    January less its first two days, February and a day of March."""
+    hours = [
+        datetime(2005, 1, 2, 23, tzinfo=UTC),  # the day before: out
+        datetime(2005, 1, 3, 1, tzinfo=UTC),  # before `from`, on its day: in
+        datetime(2005, 1, 31, 23, tzinfo=UTC),
+        datetime(2005, 2, 14, 12, tzinfo=UTC),
+        datetime(2005, 3, 1, 22, tzinfo=UTC),  # after `to`, on its day: in
+        datetime(2005, 3, 2, 0, tzinfo=UTC),  # the day after: out
+    ]
+    organization_id = tenant["organization_id"]
+    with unit_of_work(engine) as session:
+        record_usage(
+            session,
+            [
+                UsageDelta(organization_id, None, None, "api_calls", hour, 3600,
+                           Decimal(f"1.{n}25"), n + 1)
+                for n, hour in enumerate(hours)
+            ],
+        )  # fmt: skip
+        expected = session.execute(
+            sa.text(
+                "SELECT sum(quantity), sum(event_count) FROM usage_records"
+                " WHERE organization_id = :org AND window_start >= '2005-01-03T00:00:00Z'"
+                " AND window_start < '2005-03-02T00:00:00Z'"
+            ),
+            {"org": organization_id},
+        ).one()
+
+    overview = client.get(
+        f"{API_PREFIX}/usage",
+        params={"from": "2005-01-03T05:00:00Z", "to": "2005-03-01T07:00:00Z", "limit": "200"},
+        headers=bearer(admin.token),
+    ).json()
+
+    assert (overview["from"], overview["to"]) == (
+        "2005-01-03T00:00:00+00:00",
+        "2005-03-02T00:00:00+00:00",
+    )
+    ours = [r for r in overview["items"] if r["organization_id"] == str(organization_id)]
+    assert [(r["quantity"], r["event_count"]) for r in ours] == [
+        (str(expected[0]), int(expected[1]))
+    ]
+    assert (Decimal(ours[0]["quantity"]), ours[0]["event_count"]) == (Decimal("5.1"), 14)
+
+
 @pytest.mark.parametrize(
     "params",
     [

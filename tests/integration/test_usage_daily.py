@@ -1,5 +1,6 @@
-"""usage_daily stays the exact daily rollup of usage_records whoever writes them, and billing's
-period totals read from it equal the totals read straight from usage_records."""
+"""usage_daily stays the exact daily rollup of usage_records whoever writes them, usage_monthly the
+exact monthly rollup of both, and billing's period totals read from them equal the totals read
+straight from usage_records."""
 
 from __future__ import annotations
 
@@ -187,8 +188,38 @@ def _rollup_from_records(
     return {tuple(row[:4]): tuple(row[4:]) for row in rows}
 
 
+def _monthly(connection: Connection, world: World) -> dict[tuple[object, ...], tuple[object, ...]]:
+    rows = connection.execute(
+        sa.text(
+            "SELECT organization_id, metric, month, quantity, event_count, daily_rows"
+            " FROM usage_monthly WHERE organization_id = ANY(:orgs)"
+        ),
+        {"orgs": world.organizations},
+    )
+    return {tuple(row[:3]): tuple(row[3:]) for row in rows}
+
+
+def _monthly_from_records(
+    connection: Connection, world: World
+) -> dict[tuple[object, ...], tuple[object, ...]]:
+    """Per organization, metric and UTC month of window starts: the sums, and how many
+    (window size, day) pairs hold usage."""
+    rows = connection.execute(
+        sa.text(
+            "SELECT organization_id, metric,"
+            " date_trunc('month', window_start AT TIME ZONE 'UTC')::date AS month,"
+            " sum(quantity), sum(event_count),"
+            " count(DISTINCT (window_seconds, (window_start AT TIME ZONE 'UTC')::date))"
+            " FROM usage_records WHERE organization_id = ANY(:orgs) GROUP BY 1, 2, 3"
+        ),
+        {"orgs": world.organizations},
+    )
+    return {tuple(row[:3]): tuple(row[3:]) for row in rows}
+
+
 def _assert_exact(connection: Connection, world: World) -> None:
     assert _rollup(connection, world) == _rollup_from_records(connection, world)
+    assert _monthly(connection, world) == _monthly_from_records(connection, world)
     queries = _queries(world)
     assert segment_totals(connection, queries, {}) == _reference_totals(connection, queries)
 
@@ -261,6 +292,60 @@ def test_manual_update_moving_and_changing_windows_keeps_rollup_exact(
         ),
         {"org": organization_id, "day": START + timedelta(days=4)},
     )
+
+    _assert_exact(connection, world)
+
+
+def test_moving_windows_into_another_month_and_back_keeps_both_months_exact(
+    db: Session, world: World
+) -> None:
+    connection = db.connection()
+    organization_id = world.organizations[0]
+    moved = (
+        "UPDATE usage_records SET window_start = window_start + CAST(:shift AS interval)"
+        " WHERE organization_id = :org AND metric = 'storage_gb' AND window_start >= :from"
+        " AND window_start < :from + interval '2 days'"
+    )
+
+    connection.execute(sa.text(moved), {"shift": "30 days", "org": organization_id, "from": START})
+    months = {key[2] for key in _monthly(connection, world) if key[0] == organization_id}
+    assert months == {START.date(), (START + timedelta(days=30)).date()}
+    _assert_exact(connection, world)
+
+    connection.execute(
+        sa.text(moved),
+        {"shift": "-30 days", "org": organization_id, "from": START + timedelta(days=30)},
+    )
+    _assert_exact(connection, world)
+
+
+def test_deleting_a_months_usage_removes_its_monthly_row(db: Session, world: World) -> None:
+    connection = db.connection()
+    organization_id = world.organizations[1]
+
+    connection.execute(
+        sa.text("DELETE FROM usage_records WHERE organization_id = :org AND metric = 'seats'"),
+        {"org": organization_id},
+    )
+
+    assert (organization_id, "seats", START.date()) not in _monthly(connection, world)
+    assert (organization_id, "api_calls", START.date()) in _monthly(connection, world)
+    _assert_exact(connection, world)
+
+
+def test_rebuilding_the_rollups_after_a_load_without_triggers_makes_them_exact(
+    db: Session, world: World
+) -> None:
+    connection = db.connection()
+    connection.execute(sa.text("ALTER TABLE usage_records DISABLE TRIGGER USER"))
+    connection.execute(
+        sa.text("UPDATE usage_records SET quantity = quantity + 1 WHERE organization_id = :org"),
+        {"org": world.organizations[2]},
+    )
+    connection.execute(sa.text("ALTER TABLE usage_records ENABLE TRIGGER USER"))
+    assert _monthly(connection, world) != _monthly_from_records(connection, world)
+
+    connection.execute(sa.text("SELECT usage_daily_rebuild()"))
 
     _assert_exact(connection, world)
 

@@ -16,12 +16,13 @@ from shared.usage import (
     query_usage,
     record_usage,
     set_usage,
-    usage_overview,
     usage_totals,
 )
+from shared.usage_overview import usage_overview
 from tests import factories
 
 T0 = datetime(2026, 11, 24, 0, tzinfo=UTC)
+NOW = datetime(2026, 12, 2, 12, tzinfo=UTC)
 
 
 def test_upsert_adds_to_existing_windows_including_null_project_and_key(db: Session) -> None:
@@ -228,7 +229,7 @@ def test_overview_pages_organizations_largest_first_with_the_count_and_the_days(
     )  # fmt: skip
     start, end = day0.date(), (day0 + timedelta(days=2)).date()
 
-    found = usage_overview(db, start=start, end=end, limit=2)
+    found = usage_overview(db, start=start, end=end, now=NOW, limit=2)
     assert found.total == 3
     assert [(r.organization_slug, r.metric, r.quantity, r.event_count) for r in found.items] == [
         (large.slug, "api_calls", Decimal(5), 2),
@@ -239,8 +240,8 @@ def test_overview_pages_organizations_largest_first_with_the_count_and_the_days(
         (day0.date(), "storage_gb", Decimal("0.5"), 1),
         ((day0 + timedelta(days=1)).date(), "api_calls", Decimal(5), 2),
     ]
-    past_the_end = usage_overview(db, start=start, end=end, limit=2, offset=4)
+    past_the_end = usage_overview(db, start=start, end=end, now=NOW, limit=2, offset=4)
     assert (past_the_end.items, past_the_end.total) == ([], 3)
-    storage = usage_overview(db, start=start, end=end, metric="storage_gb")
+    storage = usage_overview(db, start=start, end=end, now=NOW, metric="storage_gb")
     assert [(r.organization_id, r.quantity) for r in storage.items] == [(large.id, Decimal("0.5"))]
     assert storage.total == 1

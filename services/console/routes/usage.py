@@ -1,5 +1,5 @@
-"""Usage: totals by organization and metric over days (from the daily rollup), and one
-organization's usage over time by metric, project, key or a meter's dimension, filtered by
+"""Usage: totals by organization and metric over days (from the monthly and daily rollups), and
+one organization's usage over time by metric, project, key or a meter's dimension, filtered by
 dimension values, with charts. One organization's usage is read as GET /v1/usage reads it
 (shared.usage_reads.read_usage: plain metrics from usage_records and the daily rollup, metered
 ones from their meter windows)."""
@@ -21,7 +21,8 @@ from shared.errors import InvalidInput
 from shared.meters import list_meters
 from shared.models import ApiKey, Project
 from shared.organizations import find_organization
-from shared.usage import Granularity, usage_overview
+from shared.usage import Granularity
+from shared.usage_overview import usage_overview
 from shared.usage_reads import check_dimensions, known_dimensions, read_usage
 
 DEFAULT_DAYS = 7
@@ -84,6 +85,7 @@ def overview(call: Call) -> Document:
         call.session,
         start=first,
         end=stop,
+        now=call.now,
         metric=_metric(call),
         limit=call.arg("limit"),
         offset=call.arg("offset"),
@@ -209,8 +211,8 @@ operations = [
             }
         ),
         params=(FROM, TO, METRIC, *PAGING),
-        description="Whole UTC days (the range is widened to them), from the daily rollup; "
-        "at most 366 days.",
+        description="Whole UTC days (the range is widened to them), from the monthly and daily "
+        "rollups; at most 366 days.",
     ),
     Operation(
         "GET",
