@@ -20,6 +20,10 @@ remembered (under the same rules as a verified one) and refused without a query 
 holds. A key not cached at all is read through KeyLookups (batched, at most two connections),
 and only after the client's address takes a token from the failed-authentication bucket
 (given back if the key proves valid): a client over it gets 429 without any database work.
+The polls also keep a PrefixFilter of the stored keys' public prefixes (all of them at the first
+poll, then those of keys created since), so a key whose prefix no stored key has is read as a
+stranger: last, and within the strangers' budget (keylookup.py). A key created a moment ago is
+a stranger until the next poll (ttl/2), so during a flood it may get 429 for that long.
 """
 
 from __future__ import annotations
@@ -30,11 +34,11 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar
 
-from services.ingest.keylookup import KeyLookups
+from services.ingest.keylookup import KeyLookups, Standing
 from services.ingest.ratelimit import RateLimiter, client_bucket
 from shared.apikeys import VerifiedKey
 from shared.errors import RateLimited
@@ -44,6 +48,7 @@ from shared.logs import log_event
 logger = logging.getLogger("meterline.ingest")
 
 MAX_ENTRIES = 100_000
+FAILED_FROM_ADDRESS = "too many failed authentications from this address"
 MAX_AGE = 60.0
 CHANGE_MARGIN = timedelta(seconds=30)
 
@@ -59,11 +64,35 @@ class ProjectInfo:
 
 @dataclass(frozen=True, slots=True)
 class KeyChanges:
-    """Keyed hashes of the keys changed or deleted since a point in time, and the database's
-    time now."""
+    """Keyed hashes of the keys changed or deleted since a point in time, the public prefixes of
+    the keys created since then (of every key when there was no point in time), and the
+    database's time now."""
 
     key_hashes: list[bytes]
     as_of: datetime
+    prefixes: list[str] = field(default_factory=list)
+
+
+class PrefixFilter:
+    """Which public prefixes stored keys may have: one bit per hash of a prefix, in a fixed 1 MiB
+    whatever the number of keys. A prefix that was added is always found; one that was not is
+    found with a chance of (prefixes added) / BITS, and then only read sooner than a stranger.
+    Bits are never cleared: a revoked or deleted key's prefix costs a little of that chance."""
+
+    BITS = 1 << 23
+
+    def __init__(self, prefixes: Iterable[str] = ()) -> None:
+        self._bits = bytearray(self.BITS // 8)
+        self.add(prefixes)
+
+    def add(self, prefixes: Iterable[str]) -> None:
+        for prefix in prefixes:
+            slot = hash(prefix) & (self.BITS - 1)
+            self._bits[slot >> 3] |= 1 << (slot & 7)
+
+    def __contains__(self, prefix: str) -> bool:
+        slot = hash(prefix) & (self.BITS - 1)
+        return bool(self._bits[slot >> 3] & (1 << (slot & 7)))
 
 
 @dataclass(slots=True)
@@ -123,6 +152,7 @@ class KeyCache:
         self._unknown: RecentlyUsed[bytes, _Entry] = RecentlyUsed(max_entries)
         self._last_poll_started = float("-inf")  # of the last poll that completed
         self._mark: datetime | None = None
+        self._prefixes: PrefixFilter | None = None  # until the first poll
 
     async def get(
         self, plaintext: str, now: datetime, client: str | None = None
@@ -131,32 +161,59 @@ class KeyCache:
 
         RateLimited if the key is not known and `client` is over its failed-authentication
         bucket (or too many first reads are already waiting)."""
-        if parse_prefix(plaintext) is None:
+        prefix = parse_prefix(plaintext)
+        if prefix is None:
             return None
         digest = hash_key(plaintext, self._pepper)
         entry = self._verified.get(digest)
         if entry is not None:
-            key = entry.key if self._current(entry) else await self._read(digest, known=True)
+            key = entry.key if self._current(entry) else await self._read(digest, Standing.VERIFIED)
         else:
             unknown = self._unknown.get(digest)
             if unknown is not None and self._current(unknown):
                 return None
-            key = await self._read_unknown(digest, client)
+            key = await self._read_unknown(digest, client, self._standing(prefix))
         if key is None or (key.expires_at is not None and key.expires_at <= now):
             return None
         return key
 
-    async def _read_unknown(self, digest: bytes, client: str | None) -> VerifiedKey | None:
+    def refusal(
+        self, plaintext: str, client: str | None
+    ) -> Literal["unknown"] | RateLimited | None:
+        """What `get` would refuse without waiting on anything, taking nothing: "unknown" for a
+        malformed or remembered unknown key, RateLimited for a key that would be refused before
+        its read; None when `get` has to answer (a verified key, or a read to make)."""
+        prefix = parse_prefix(plaintext)
+        if prefix is None:
+            return "unknown"
+        digest = hash_key(plaintext, self._pepper)
+        if self._verified.get(digest) is not None:
+            return None
+        unknown = self._unknown.get(digest)
+        if unknown is not None and self._current(unknown):
+            return "unknown"
+        if self._failures is not None and client:
+            wait = self._failures.waiting(client_bucket(client))
+            if wait > 0:
+                return RateLimited(FAILED_FROM_ADDRESS, retry_after=wait)
+        return self._lookups.refusal(self._standing(prefix))
+
+    def _standing(self, prefix: str) -> Standing:
+        if self._prefixes is None or prefix in self._prefixes:
+            return Standing.PLAUSIBLE
+        return Standing.STRANGER
+
+    async def _read_unknown(
+        self, digest: bytes, client: str | None, standing: Standing
+    ) -> VerifiedKey | None:
         # The token is taken before the read, so a flood from one address is refused without
         # touching the database; a key that proves valid gives it back.
         bucket = client_bucket(client) if self._failures is not None and client else None
         if self._failures is not None and bucket is not None:
             wait = self._failures.acquire(bucket)
             if wait > 0:
-                raise RateLimited(
-                    "too many failed authentications from this address", retry_after=wait
-                )
-        key = await self._read(digest, known=False)
+                raise RateLimited(FAILED_FROM_ADDRESS, retry_after=wait)
+        key = await self._read(digest, standing)
         if key is not None and self._failures is not None and bucket is not None:
             self._failures.refund(bucket)
         return key
@@ -171,9 +228,9 @@ class KeyCache:
             known_at = max(known_at, self._last_poll_started)
         return clock - known_at < self._ttl
 
-    async def _read(self, digest: bytes, *, known: bool) -> VerifiedKey | None:
+    async def _read(self, digest: bytes, standing: Standing) -> VerifiedKey | None:
         read_at = self._clock()
-        key = await self._lookups.lookup(digest, known=known)
+        key = await self._lookups.lookup(digest, standing)
         entry = _Entry(key, read_at, self._clock())
         if key is None:
             self._verified.pop(digest)
@@ -194,6 +251,10 @@ class KeyCache:
             if self._verified.pop(key_hash) is not None:
                 dropped += 1
             self._unknown.pop(key_hash)
+        if since is None or self._prefixes is None:
+            self._prefixes = PrefixFilter(changes.prefixes)  # every stored key's
+        else:
+            self._prefixes.add(changes.prefixes)
         self._mark = changes.as_of
         self._last_poll_started = started
         return dropped

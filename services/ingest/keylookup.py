@@ -1,20 +1,30 @@
-"""Reading keys that are not cached: the misses of concurrent requests share one query.
+"""Reading keys that are not cached: the misses of concurrent requests share one query, and
+strangers' keys never hold up a key that was verified.
 
 Every miss waits for a query that reads up to BATCH keyed hashes at once, and at most CONCURRENT
 such queries run at a time. So however many made-up keys arrive, key reads hold at most
 CONCURRENT of the pool's connections (the change polls, usage flushes and usage reads keep the
-rest), and a flood costs one indexed query per BATCH keys instead of one per key. Re-reads of
-keys that were valid go before first reads of keys nobody has seen; first reads wait in a
-bounded queue, beyond which they are refused at once (RateLimited) rather than queued forever.
+rest), and a flood costs one indexed query per BATCH keys instead of one per key.
+
+Each miss has a standing (Standing): re-reads of keys that were verified go first, then keys
+whose public prefix some stored key has (or any key while the prefixes are not loaded yet), then
+strangers, keys whose prefix no stored key has (made-up keys, or one created less than a poll
+ago). Strangers' reads run one query at a time, so a slot is always left for the others, and
+at most STRANGER_READS_PER_SECOND of their keys are read per second: a stranger beyond that,
+or beyond MAX_WAITING_STRANGERS in line, is refused at once (RateLimited) without any database
+work. Keys that are not strangers wait in a line of MAX_WAITING (re-reads: unbounded, there are
+only as many as cached keys) and are never refused for strangers' sake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
 
+from services.ingest.ratelimit import RateLimiter
 from shared.apikeys import VerifiedKey
 from shared.errors import RateLimited
 from shared.logs import log_event
@@ -24,8 +34,20 @@ logger = logging.getLogger("meterline.ingest")
 BATCH = 256
 CONCURRENT = 2
 MAX_WAITING = 4096
+MAX_WAITING_STRANGERS = 512
+# A stranger's read costs the worker about 0.1 ms of CPU more than a refusal (queue, query,
+# wake-up): 1,000 a second keep a flood of made-up keys to about a tenth of a core per worker.
+STRANGER_READS_PER_SECOND = 1000
 
 ReadKeys = Callable[[list[bytes]], Awaitable[dict[bytes, VerifiedKey]]]
+
+
+class Standing(enum.Enum):
+    """How likely an uncached key is to be real, which decides whose read goes first."""
+
+    VERIFIED = "verified"  # cached as valid before: a re-read
+    PLAUSIBLE = "plausible"  # a stored key has its prefix (or prefixes are not loaded yet)
+    STRANGER = "stranger"  # no stored key has its prefix
 
 
 class KeyLookups:
@@ -36,45 +58,87 @@ class KeyLookups:
         batch: int = BATCH,
         concurrent: int = CONCURRENT,
         max_waiting: int = MAX_WAITING,
+        max_waiting_strangers: int = MAX_WAITING_STRANGERS,
+        strangers: RateLimiter[None] | None = None,
     ) -> None:
         self._read = read
         self._batch = batch
         self._concurrent = concurrent
         self._max_waiting = max_waiting
+        self._max_waiting_strangers = max_waiting_strangers
+        self._stranger_reads = strangers or RateLimiter(
+            STRANGER_READS_PER_SECOND, STRANGER_READS_PER_SECOND
+        )
         self._pending: dict[bytes, asyncio.Future[VerifiedKey | None]] = {}
-        self._known: deque[bytes] = deque()  # re-reads of keys that were valid: first
-        self._unknown: deque[bytes] = deque()
+        self._lines: dict[Standing, deque[bytes]] = {standing: deque() for standing in Standing}
         self._running = 0
+        self._running_strangers = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def lookup(self, digest: bytes, *, known: bool) -> VerifiedKey | None:
-        """The unrevoked key with this keyed hash, or None; DatabaseUnavailable if unreadable."""
+    async def lookup(
+        self, digest: bytes, standing: Standing = Standing.PLAUSIBLE
+    ) -> VerifiedKey | None:
+        """The unrevoked key with this keyed hash, or None; DatabaseUnavailable if unreadable,
+        RateLimited if its line is full (never for a VERIFIED re-read)."""
         future = self._pending.get(digest)
         if future is None:
-            if not known and len(self._unknown) >= self._max_waiting:
-                raise RateLimited("too many keys are waiting to be checked", retry_after=1.0)
+            self._admit(standing)
             future = asyncio.get_running_loop().create_future()
             self._pending[digest] = future
-            (self._known if known else self._unknown).append(digest)
+            self._lines[standing].append(digest)
             self._start_reads()
         # Shielded: a request that gives up does not cancel the answer the others wait for.
         return await asyncio.shield(future)
 
+    def refusal(self, standing: Standing) -> RateLimited | None:
+        """What `lookup` of a key not yet waiting would refuse at once, without taking
+        anything (the front door answers from it before a request is handed on)."""
+        return self._refusal(standing, self._stranger_reads.waiting)
+
+    def _admit(self, standing: Standing) -> None:
+        refused = self._refusal(standing, self._stranger_reads.acquire)
+        if refused is not None:
+            raise refused
+
+    def _refusal(self, standing: Standing, budget: Callable[[None], float]) -> RateLimited | None:
+        if standing is Standing.VERIFIED:
+            return None
+        if standing is Standing.PLAUSIBLE:
+            if len(self._lines[standing]) >= self._max_waiting:
+                return RateLimited("too many keys are waiting to be checked", retry_after=1.0)
+            return None
+        if len(self._lines[standing]) >= self._max_waiting_strangers:
+            return RateLimited("too many unknown keys are waiting to be checked", retry_after=1.0)
+        wait = budget(None)
+        if wait > 0:
+            return RateLimited("too many unknown keys are being checked", retry_after=wait)
+        return None
+
     def _start_reads(self) -> None:
-        while (
-            not self._closed and self._running < self._concurrent and (self._known or self._unknown)
-        ):
+        verified, plausible = self._lines[Standing.VERIFIED], self._lines[Standing.PLAUSIBLE]
+        strangers = self._lines[Standing.STRANGER]
+        while not self._closed and self._running < self._concurrent:
             digests: list[bytes] = []
-            for queue in (self._known, self._unknown):
-                while queue and len(digests) < self._batch:
-                    digests.append(queue.popleft())
+            if verified or plausible:
+                for line in (verified, plausible):
+                    while line and len(digests) < self._batch:
+                        digests.append(line.popleft())
+                stranger = False
+            elif strangers and self._running_strangers == 0:
+                # One strangers' query at a time: the other slot stays free for real keys.
+                while strangers and len(digests) < self._batch:
+                    digests.append(strangers.popleft())
+                stranger = True
+            else:
+                return
             self._running += 1
-            task = asyncio.create_task(self._read_batch(digests))
+            self._running_strangers += stranger
+            task = asyncio.create_task(self._read_batch(digests, stranger))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _read_batch(self, digests: list[bytes]) -> None:
+    async def _read_batch(self, digests: list[bytes], stranger: bool) -> None:
         try:
             found = await self._read(digests)
         except asyncio.CancelledError:
@@ -92,6 +156,7 @@ class KeyLookups:
                 self._pending.pop(digest).set_result(found.get(digest))
         finally:
             self._running -= 1
+            self._running_strangers -= stranger
             self._start_reads()
 
     async def aclose(self) -> None:

@@ -59,6 +59,8 @@ class IngestQueries:
 
         A key never changed since its creation (updated_at = created_at) is left out: nothing
         cached about it can be stale, and a freshly seeded key set is not re-read for nothing.
+        The prefixes are those of the keys created or changed since `since` (a new key's
+        updated_at is its created_at), or of every unrevoked key when there is no `since`.
         """
 
         def fetch(session: Session) -> KeyChanges:
@@ -72,8 +74,11 @@ class IngestQueries:
                 )
             )
             deleted = sa.select(ApiKeyDeletion.key_hash).where(ApiKeyDeletion.deleted_at >= lower)
-            hashes = session.scalars(sa.union_all(changed, deleted))
-            return KeyChanges([bytes(h) for h in hashes], as_of)
+            hashes = [bytes(h) for h in session.scalars(sa.union_all(changed, deleted))]
+            prefixes = sa.select(ApiKey.prefix).where(
+                ApiKey.revoked_at.is_(None) if since is None else ApiKey.updated_at >= lower
+            )
+            return KeyChanges(hashes, as_of, list(session.scalars(prefixes)))
 
         return await self._read(fetch)
 

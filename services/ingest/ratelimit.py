@@ -53,6 +53,14 @@ class RateLimiter(Generic[K]):
         bucket[0] = tokens
         return (cost - tokens) / self._rate
 
+    def waiting(self, key: K, cost: float = 1.0) -> float:
+        """What `acquire` would answer now, without taking anything."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = min(self._burst, bucket[0] + (self._clock() - bucket[1]) * self._rate)
+        return 0.0 if tokens >= cost else (cost - tokens) / self._rate
+
     def refund(self, key: K, cost: float = 1.0) -> None:
         """Give back tokens taken for something that turned out not to count against `key`."""
         bucket = self._buckets.get(key)

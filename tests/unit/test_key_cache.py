@@ -14,7 +14,7 @@ from services.ingest.keylookup import KeyLookups
 from services.ingest.ratelimit import RateLimiter
 from shared.apikeys import VerifiedKey
 from shared.errors import RateLimited
-from shared.keys import generate_key, hash_key
+from shared.keys import generate_key, hash_key, parse_prefix
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 PEPPER = b"p" * 16
@@ -324,5 +324,120 @@ def test_failed_authentications_of_one_ipv6_host_share_its_64() -> None:
         with pytest.raises(RateLimited):
             await keys.get(strangers[2], NOW, "2001:db8:1:2:aaaa:bbbb:cccc:dddd")
         assert await keys.get(strangers[2], NOW, "2001:db8:1:3::1") is None  # another /64
+
+    asyncio.run(scenario())
+
+
+def prefix_of(plaintext: str) -> str:
+    prefix = parse_prefix(plaintext)
+    assert prefix is not None
+    return prefix
+
+
+def test_strangers_reads_are_budgeted_and_real_keys_never_refused_for_them() -> None:
+    clock = FakeClock()
+    real, key = generate_key().plaintext, verified()
+    database = Database({real: key})
+
+    async def changes(since: datetime | None) -> KeyChanges:
+        return KeyChanges([], NOW, [prefix_of(real)])
+
+    async def scenario() -> None:
+        lookups = KeyLookups(database.read, strangers=RateLimiter(rate=1, burst=20, clock=clock))
+        keys = KeyCache(lookups, pepper=PEPPER, ttl=2.0, changes=changes, clock=clock)
+        await keys.poll()
+        results = await asyncio.gather(
+            *(keys.get(k, NOW) for k in made_up_keys(100)), return_exceptions=True
+        )
+        assert results.count(None) == 20  # the budget's worth are read
+        assert all(isinstance(r, RateLimited) for r in results if r is not None)
+        reads = database.hashes_read
+        # The budget is spent, yet a real key, never read before, is read and accepted.
+        assert await keys.get(real, NOW) == key
+        assert database.hashes_read == reads + 1
+
+    asyncio.run(scenario())
+
+
+def test_a_key_created_after_the_last_poll_is_read_as_a_stranger_then_as_plausible() -> None:
+    clock = FakeClock()
+    created: list[str] = []
+    database = Database()
+
+    async def changes(since: datetime | None) -> KeyChanges:
+        return KeyChanges([], NOW, list(created))
+
+    async def scenario() -> None:
+        lookups = KeyLookups(database.read, strangers=RateLimiter(rate=1, burst=1, clock=clock))
+        keys = KeyCache(lookups, pepper=PEPPER, ttl=2.0, changes=changes, clock=clock)
+        await keys.poll()
+        assert await keys.get(made_up_keys(1)[0], NOW) is None  # the strangers' budget, spent
+        fresh, key = generate_key().plaintext, verified()
+        database.keys[hash_key(fresh, PEPPER)] = key
+        # Before a poll has seen it, the new key waits for the strangers' budget...
+        with pytest.raises(RateLimited):
+            await keys.get(fresh, NOW)
+        # ...and once a poll brings its prefix, it is read at once.
+        created.append(prefix_of(fresh))
+        await keys.poll()
+        assert await keys.get(fresh, NOW) == key
+
+    asyncio.run(scenario())
+
+
+def test_verified_re_reads_never_wait_behind_strangers_queries() -> None:
+    clock = FakeClock()
+    real, key = generate_key().plaintext, verified()
+    stranger_read_started = asyncio.Event()
+    release = asyncio.Event()
+    known = {hash_key(real, PEPPER)}
+
+    async def read(hashes: list[bytes]) -> dict[bytes, VerifiedKey]:
+        if known.isdisjoint(hashes):
+            stranger_read_started.set()
+            await release.wait()  # a strangers' query that hangs
+            return {}
+        return {hash_key(real, PEPPER): key}
+
+    async def changes(since: datetime | None) -> KeyChanges:
+        return KeyChanges([], NOW, [prefix_of(real)])
+
+    async def scenario() -> None:
+        lookups = KeyLookups(read, concurrent=2)
+        keys = KeyCache(lookups, pepper=PEPPER, ttl=2.0, changes=changes, clock=clock)
+        await keys.poll()
+        strangers = [asyncio.create_task(keys.get(k, NOW)) for k in made_up_keys(600)]
+        await stranger_read_started.wait()
+        assert await asyncio.wait_for(keys.get(real, NOW), 1) == key
+        clock.now = 100.0  # past MAX_AGE: the next request re-reads it, beside the strangers
+        assert await asyncio.wait_for(keys.get(real, NOW), 1) == key
+        release.set()
+        await asyncio.gather(*strangers, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
+def test_refusal_answers_like_get_without_waiting_or_taking_a_token() -> None:
+    clock = FakeClock()
+    real, key = generate_key().plaintext, verified()
+    database = Database({real: key})
+    failures: RateLimiter[str] = RateLimiter(rate=1, burst=2, clock=clock)
+
+    async def scenario() -> None:
+        keys = cache(database, clock, failures=failures)
+        assert keys.refusal("ml_live_not_a_key", "10.0.0.1") == "unknown"
+        first, second, third = made_up_keys(3)
+        assert keys.refusal(first, "10.0.0.1") is None  # it needs a read
+        assert await keys.get(first, NOW, "10.0.0.1") is None
+        assert keys.refusal(first, "10.0.0.1") == "unknown"  # remembered
+        assert keys.refusal(second, "10.0.0.1") is None  # asking took no token
+        assert await keys.get(second, NOW, "10.0.0.1") is None
+        refused = keys.refusal(third, "10.0.0.1")
+        assert isinstance(refused, RateLimited) and refused.retry_after > 0
+        with pytest.raises(RateLimited):
+            await keys.get(third, NOW, "10.0.0.1")
+        # A verified key is get's to answer, whatever its address's bucket says.
+        assert await keys.get(real, NOW, "10.0.0.2") == key
+        assert keys.refusal(real, "10.0.0.1") is None
 
     asyncio.run(scenario())
