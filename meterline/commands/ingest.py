@@ -72,7 +72,7 @@ def serve(
                 port=port,
                 workers=workers,
                 loop="uvloop",
-                http="httptools",
+                http="services.ingest.frontdoor:FrontDoor",
                 access_log=False,
                 log_config=None,
                 timeout_graceful_shutdown=10,

@@ -14,7 +14,7 @@ from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Receive, Scope, Send
 
 from services.ingest import metrics
 from services.ingest.dropins import api as dropins
@@ -96,33 +96,56 @@ AUTHENTICATED = frozenset(
 _KEY = "meterline.key"
 
 
-def authenticate_first(app: Starlette) -> ASGIApp:
+def authenticate_first(app: Starlette) -> AuthenticateFirst:
+    return AuthenticateFirst(app)
+
+
+class AuthenticateFirst:
     """The ASGI app uvicorn runs: requests to AUTHENTICATED routes are authenticated here,
     before routing, middleware or a Request object, so that a made-up key (the bulk of a flood)
     is refused in a few microseconds with a pre-rendered body. The verified key travels on in
-    the scope for the endpoint."""
+    the scope for the endpoint. `refusal` answers the front door (frontdoor.py), which refuses
+    what needs no waiting before a request even reaches this app."""
 
-    async def asgi(scope: Scope, receive: Receive, send: Send) -> None:
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or (scope["method"], scope["path"]) not in AUTHENTICATED:
-            await app(scope, receive, send)
+            await self.app(scope, receive, send)
             return
-        service: IngestService = app.state.service
+        service: IngestService = self.app.state.service
         try:
             scope[_KEY] = await service.authenticate(_authorization(scope), _client(scope))
         except MeterlineError as exc:
-            if scope["path"] == "/v1/events":
-                metrics.REQUESTS.labels(str(exc.status)).inc()
-            await _send_error(exc, send, scope["path"])
+            status, headers, body = refusal_parts(exc, scope["path"])
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
         except Exception as exc:
             log_event(
                 logger, "request_failed", logging.ERROR, path=scope["path"], error=repr(exc)[:300]
             )
-            await _send_error(MeterlineError("internal error"), send, scope["path"])
+            status, headers, body = refusal_parts(MeterlineError("internal error"), scope["path"])
+            await send({"type": "http.response.start", "status": status, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
-        await app(scope, receive, send)
+        await self.app(scope, receive, send)
 
-    return asgi
+    def refusal(
+        self, method: str, path: str, authorization: str | None, client: str | None
+    ) -> Refusal | None:
+        """The answer __call__ would give this request without waiting on anything, or None."""
+        if (method, path) not in AUTHENTICATED:
+            return None
+        service: IngestService | None = getattr(self.app.state, "service", None)
+        if service is None:  # not started yet
+            return None
+        refused = service.refusal(authorization, client)
+        return None if refused is None else refusal_parts(refused, path)
+
+
+Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
 
 
 def _authorization(scope: Scope) -> str | None:
@@ -139,19 +162,29 @@ def _client(scope: Scope) -> str | None:
     return str(client[0]) if client else None
 
 
-async def _send_error(exc: MeterlineError, send: Send, path: str) -> None:
+def refusal_parts(exc: MeterlineError, path: str) -> Refusal:
+    """Status, raw headers and body of a refusal on `path` (counted on /v1/events)."""
+    if path == "/v1/events":
+        _REQUESTS_BY_STATUS[exc.status].inc()
     renderer = dropins.error_renderer(path)
     if renderer is not None:
         # A drop-in client reads refusals in its own API's document.
         status, headers, body, media_type = renderer(exc)
         raw = [(b"content-type", media_type.encode()), (b"content-length", str(len(body)).encode())]
         raw += [(name.lower().encode(), value.encode()) for name, value in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw})
-        await send({"type": "http.response.body", "body": body})
-        return
+        return status, raw, body
     status, headers, body = _error_parts(exc)
-    await send({"type": "http.response.start", "status": status, "headers": _raw(headers, body)})
-    await send({"type": "http.response.body", "body": body})
+    return status, _raw(headers, body), body
+
+
+class _CountersByStatus(dict[int, Any]):
+    # The counter of each status, looked up once: a flood's refusals are counted, not labelled.
+    def __missing__(self, status: int) -> Any:
+        counter = self[status] = metrics.REQUESTS.labels(str(status))
+        return counter
+
+
+_REQUESTS_BY_STATUS = _CountersByStatus()
 
 
 def _raw(headers: dict[str, str], body: bytes) -> list[tuple[bytes, bytes]]:

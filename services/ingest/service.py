@@ -37,7 +37,7 @@ from services.ingest.schemas import (
     generic_decoder,
 )
 from shared.apikeys import VerifiedKey
-from shared.errors import Forbidden, InvalidInput, RateLimited, Unauthenticated
+from shared.errors import Forbidden, InvalidInput, MeterlineError, RateLimited, Unauthenticated
 from shared.events import (
     ENVELOPE_VERSION,
     MAX_EVENTS_PER_REQUEST,
@@ -440,6 +440,16 @@ class IngestService:
         if wait > 0:
             raise RateLimited("over this key's rate limit", retry_after=wait)
         return key
+
+    def refusal(self, authorization: str | None, client: str | None) -> MeterlineError | None:
+        """The refusal `authenticate` would give without waiting on anything (a missing,
+        malformed or remembered unknown key; an address or strangers' budget over its limit),
+        taking nothing; None when `authenticate` has to answer."""
+        plaintext = parse_bearer(authorization)
+        refused = self.keys.refusal(plaintext, client) if plaintext else "unknown"
+        if refused == "unknown":
+            return Unauthenticated(UNAUTHENTICATED_MESSAGE)
+        return refused
 
     async def ingest(
         self,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import BinaryIO
 
 import httpx
 import pytest
@@ -17,6 +20,7 @@ from sqlalchemy.engine import Engine
 from shared.apikeys import revoke_api_key
 from shared.db import unit_of_work
 from shared.events import MAX_BODY_BYTES
+from shared.keys import generate_key
 from shared.models import ApiKey, Organization, Project, Role, User
 from shared.organizations import change_role, delete_organization
 from shared.settings import Settings
@@ -171,6 +175,55 @@ def test_missing_or_unknown_key_is_401(client: httpx.Client, headers: dict[str, 
     response = client.post("/v1/events", json=event(), headers=headers)
     assert response.status_code == 401
     assert response.json()["error"]["code"] == "unauthenticated"
+
+
+def _post(
+    key: str | None, body: bytes = b'{"id":"x","metric":"api_calls"}', version: str = "1.1"
+) -> bytes:
+    head = [f"POST /v1/events HTTP/{version}", "Host: ingest", "Content-Type: application/json"]
+    head += [f"Authorization: Bearer {key}"] if key else []
+    head += [f"Content-Length: {len(body)}"]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _answer(reader: BinaryIO) -> tuple[int, dict[str, str], bytes]:
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) != b"\r\n":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers, reader.read(int(headers["content-length"]))
+
+
+def test_refusals_answered_before_the_app_read_as_the_apps_and_keep_their_order(
+    server: IngestServer, tenant: Tenant
+) -> None:
+    made_up = generate_key().plaintext
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        reader = connection.makefile("rb")
+        connection.sendall(_post(made_up))  # read from the database: the app answers
+        by_app = _answer(reader)
+        # Now remembered, so refused by the front door; pipelined around a valid request.
+        valid = json.dumps(event()).encode()
+        connection.sendall(_post(made_up) + _post(tenant.key, valid) + _post(made_up))
+        answers = [_answer(reader) for _ in range(3)]
+    assert by_app[0] == 401
+    assert [status for status, _, _ in answers] == [401, 202, 401]
+    for _, headers, body in (answers[0], answers[2]):
+        assert body == by_app[2]
+        assert headers.keys() == by_app[1].keys()  # the date may differ; nothing else does
+        assert {k: v for k, v in headers.items() if k != "date"} == {
+            k: v for k, v in by_app[1].items() if k != "date"
+        }
+        assert headers["www-authenticate"] == "Bearer"
+    # HTTP/1.0 without keep-alive: answered, then the connection is closed.
+    with socket.create_connection((host, int(port)), timeout=10) as connection:
+        connection.sendall(_post(None, version="1.0"))
+        reader = connection.makefile("rb")
+        status, headers, _ = _answer(reader)
+        assert (status, headers["connection"]) == (401, "close")
+        assert reader.read() == b""
 
 
 def test_expired_key_is_401_with_the_same_message(
