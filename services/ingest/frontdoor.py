@@ -34,6 +34,7 @@ class FrontDoor(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self._door, self._proxies = _front_of(config.loaded_app)
         self._refused: bytes | None = None
+        self._close_after = False
 
     def on_headers_complete(self) -> None:
         refused = self._refusal()
@@ -53,7 +54,7 @@ class FrontDoor(HttpToolsProtocol):
         # Answered once the whole request is read, so the next one on the connection parses.
         response, self._refused = self._refused, None
         self.transport.write(response)
-        if not self._keep_alive():
+        if self._close_after:
             self.transport.close()
         self.on_response_complete()
 
@@ -84,7 +85,10 @@ class FrontDoor(HttpToolsProtocol):
         head = [STATUS_LINE[status]]
         for name, value in (*self.server_state.default_headers, *headers):
             head += (name, b": ", value, b"\r\n")
-        if not self._keep_alive():
+        self._close_after = not (
+            self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        )
+        if self._close_after:
             head.append(b"connection: close\r\n")
         head += (b"\r\n", body)
         return b"".join(head)
@@ -100,9 +104,6 @@ class FrontDoor(HttpToolsProtocol):
                 )
                 host = trusted or host
         return host
-
-    def _keep_alive(self) -> bool:
-        return self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
 
 
 def _front_of(app: Any) -> tuple[AuthenticateFirst | None, Any]:
