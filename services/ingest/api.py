@@ -118,17 +118,15 @@ class AuthenticateFirst:
         try:
             scope[_KEY] = await service.authenticate(_authorization(scope), _client(scope))
         except MeterlineError as exc:
-            status, headers, body = refusal_parts(exc, scope["path"])
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await _send_refusal(send, refusal_parts(exc, scope["path"]))
             return
         except Exception as exc:
             log_event(
                 logger, "request_failed", logging.ERROR, path=scope["path"], error=repr(exc)[:300]
             )
-            status, headers, body = refusal_parts(MeterlineError("internal error"), scope["path"])
-            await send({"type": "http.response.start", "status": status, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await _send_refusal(
+                send, refusal_parts(MeterlineError("internal error"), scope["path"])
+            )
             return
         await self.app(scope, receive, send)
 
@@ -160,6 +158,12 @@ def _client(scope: Scope) -> str | None:
     # trusts (FORWARDED_ALLOW_IPS): the unit failed authentications are limited by.
     client = scope.get("client")
     return str(client[0]) if client else None
+
+
+async def _send_refusal(send: Send, refusal: Refusal) -> None:
+    status, headers, body = refusal
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def refusal_parts(exc: MeterlineError, path: str) -> Refusal:
