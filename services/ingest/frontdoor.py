@@ -7,12 +7,21 @@ A flood of made-up keys is mostly such requests, and on the ASGI path each cost 
 60 microseconds of CPU (a task, the cycle's objects, two writes for head and body). Everything
 else (a verified key, a key to read, a pipelined request, an encoded path, Expect: 100-continue)
 takes the ASGI path, where api.AuthenticateFirst decides again, the same way.
+
+Refusals never go before real work: once a connection has been refused, its next requests wait
+in the worker's StrangersLine, which reads at most PER_TURN of them each turn of the event loop
+(their bytes wait beside the connection, up to WAITING_BYTES; beyond that reading pauses).
+Without it a loop answering hundreds of flooding connections at once ran every step of a real
+request (its task, the broker's acknowledgement, its answer) a whole sweep of refusals later:
+the client's p50 went from 6 ms to seconds. A connection that was never refused (a real client)
+is read at once, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections import deque
+from typing import Any, ClassVar
 
 import httptools
 from uvicorn.config import Config
@@ -21,6 +30,8 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from services.ingest.api import AuthenticateFirst
+
+WAITING_BYTES = 64 * 1024
 
 
 class FrontDoor(HttpToolsProtocol):
@@ -35,6 +46,31 @@ class FrontDoor(HttpToolsProtocol):
         self._door, self._proxies = _front_of(config.loaded_app)
         self._refused: bytes | None = None
         self._close_after = False
+        self._was_refused = False
+        self._waiting: list[bytes] | None = None
+        self._line = StrangersLine.of(self.loop)
+
+    def data_received(self, data: bytes) -> None:
+        if self._waiting is not None:
+            self._waiting.append(data)  # behind what already waits: order is kept
+            if sum(map(len, self._waiting)) > WAITING_BYTES:
+                self.flow.pause_reading()  # a pipelining stranger waits in the kernel instead
+        elif self._was_refused:
+            self._unset_keepalive_if_required()
+            self._waiting = [data]
+            self._line.wait(self)
+        else:
+            super().data_received(data)
+
+    def read_waiting(self) -> None:
+        """Its turn in the StrangersLine."""
+        waiting, self._waiting = self._waiting or [], None
+        if self.parser is None:  # the connection was lost meanwhile
+            return
+        self._was_refused = False
+        super().data_received(b"".join(waiting))
+        if self.cycle is None or self.cycle.response_complete:
+            self.flow.resume_reading()  # else the response's completion resumes it
 
     def on_headers_complete(self) -> None:
         refused = self._refusal()
@@ -53,6 +89,7 @@ class FrontDoor(HttpToolsProtocol):
             return
         # Answered once the whole request is read, so the next one on the connection parses.
         response, self._refused = self._refused, None
+        self._was_refused = True
         self.transport.write(response)
         if self._close_after:
             self.transport.close()
@@ -104,6 +141,39 @@ class FrontDoor(HttpToolsProtocol):
                 )
                 host = trusted or host
         return host
+
+
+class StrangersLine:
+    """The refused connections' next requests, read PER_TURN at a time, one batch per turn of
+    the event loop, so that whatever else is ready runs between two batches."""
+
+    PER_TURN = 16
+    _lines: ClassVar[dict[asyncio.AbstractEventLoop, StrangersLine]] = {}
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiting: deque[FrontDoor] = deque()
+        self._scheduled = False
+
+    @classmethod
+    def of(cls, loop: asyncio.AbstractEventLoop) -> StrangersLine:
+        line = cls._lines.get(loop)
+        if line is None:
+            line = cls._lines[loop] = cls(loop)
+        return line
+
+    def wait(self, protocol: FrontDoor) -> None:
+        self._waiting.append(protocol)
+        if not self._scheduled:
+            self._scheduled = True
+            self._loop.call_soon(self._read_some)
+
+    def _read_some(self) -> None:
+        for _ in range(min(self.PER_TURN, len(self._waiting))):
+            self._waiting.popleft().read_waiting()
+        self._scheduled = bool(self._waiting)
+        if self._scheduled:
+            self._loop.call_soon(self._read_some)
 
 
 def _front_of(app: Any) -> tuple[AuthenticateFirst | None, Any]:
