@@ -41,6 +41,7 @@ MAX_WAITING_STRANGERS = 512
 # a core per worker (with 1,000 a second, tried first, a flood from many addresses had 2,200
 # keys read a second and ingest used 135% of a core).
 STRANGER_READS_PER_SECOND = 100
+STRANGERS_LINGER = 0.05  # seconds: a flood's reads are a few queries a second, not 100
 
 ReadKeys = Callable[[list[bytes]], Awaitable[dict[bytes, VerifiedKey]]]
 
@@ -76,6 +77,8 @@ class KeyLookups:
         self._lines: dict[Standing, deque[bytes]] = {standing: deque() for standing in Standing}
         self._running = 0
         self._running_strangers = 0
+        self._linger: asyncio.TimerHandle | None = None
+        self._lingered = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -129,7 +132,15 @@ class KeyLookups:
                         digests.append(line.popleft())
                 stranger = False
             elif strangers and self._running_strangers == 0:
-                # One strangers' query at a time: the other slot stays free for real keys.
+                # One strangers' query at a time: the other slot stays free for real keys. The
+                # budget lets them in one by one, so they gather for STRANGERS_LINGER first.
+                if len(strangers) < self._batch and not self._lingered:
+                    if self._linger is None:
+                        self._linger = asyncio.get_running_loop().call_later(
+                            STRANGERS_LINGER, self._end_linger
+                        )
+                    return
+                self._lingered = False
                 while strangers and len(digests) < self._batch:
                     digests.append(strangers.popleft())
                 stranger = True
@@ -140,6 +151,11 @@ class KeyLookups:
             task = asyncio.create_task(self._read_batch(digests, stranger))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+
+    def _end_linger(self) -> None:
+        self._linger = None
+        self._lingered = True
+        self._start_reads()
 
     async def _read_batch(self, digests: list[bytes], stranger: bool) -> None:
         try:
@@ -164,6 +180,8 @@ class KeyLookups:
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._linger is not None:
+            self._linger.cancel()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
