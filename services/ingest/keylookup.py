@@ -9,10 +9,10 @@ rest), and a flood costs one indexed query per BATCH keys instead of one per key
 Each miss has a standing (Standing): re-reads of keys that were verified go first, then keys
 whose public prefix some stored key has (or any key while the prefixes are not loaded yet), then
 strangers, keys whose prefix no stored key has (made-up keys, or one created less than a poll
-ago). Strangers' reads run one query at a time, so a slot is always left for the others, and
-at most STRANGER_READS_PER_SECOND of their keys are read per second: a stranger beyond that,
-or beyond MAX_WAITING_STRANGERS in line, is refused at once (RateLimited) without any database
-work. Keys that are not strangers wait in a line of MAX_WAITING (re-reads: unbounded, there are
+ago). Strangers' reads run one query at a time, gathered for STRANGERS_LINGER first, so a slot
+is always left for the others, and at most STRANGER_READS_PER_SECOND of their keys are read per
+second: a stranger beyond that, or beyond MAX_WAITING_STRANGERS in line, is refused at once
+(RateLimited) without any database work. Keys that are not strangers wait in a line of MAX_WAITING (re-reads: unbounded, there are
 only as many as cached keys) and are never refused for strangers' sake.
 """
 

@@ -208,6 +208,10 @@ def test_refusals_answered_before_the_app_read_as_the_apps_and_keep_their_order(
         valid = json.dumps(event()).encode()
         connection.sendall(_post(made_up) + _post(tenant.key, valid) + _post(made_up))
         answers = [_answer(reader) for _ in range(3)]
+        # The connection was refused: what it sends next waits its turn, and is still answered.
+        connection.sendall(_post(tenant.key, json.dumps(event()).encode()) + _post(made_up))
+        after_refusal = [_answer(reader)[0] for _ in range(2)]
+    assert after_refusal == [202, 401]
     assert by_app[0] == 401
     assert [status for status, _, _ in answers] == [401, 202, 401]
     for _, headers, body in (answers[0], answers[2]):
