@@ -12,8 +12,9 @@ strangers, keys whose prefix no stored key has (made-up keys, or one created les
 ago). Strangers' reads run one query at a time, gathered for STRANGERS_LINGER first, so a slot
 is always left for the others, and at most STRANGER_READS_PER_SECOND of their keys are read per
 second: a stranger beyond that, or beyond MAX_WAITING_STRANGERS in line, is refused at once
-(RateLimited) without any database work. Keys that are not strangers wait in a line of MAX_WAITING (re-reads: unbounded, there are
-only as many as cached keys) and are never refused for strangers' sake.
+(RateLimited) without any database work. Keys that are not strangers wait in a line of
+MAX_WAITING (re-reads: unbounded, there are only as many as cached keys) and are never refused
+for strangers' sake.
 """
 
 from __future__ import annotations
