@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
@@ -72,8 +73,11 @@ def drop_database(admin: sa.URL, name: str) -> None:
             with engine.connect() as connection:
                 connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
             return
-        except sa.exc.OperationalError:
-            if attempt == 9:
+        except (sa.exc.OperationalError, sa.exc.ProgrammingError) as exc:
+            # FORCE may not terminate a backend of another role (an autovacuum worker that
+            # started on the benchmark's fresh rows): it ends on its own, so try again.
+            refused = isinstance(exc.orig, psycopg.errors.InsufficientPrivilege)
+            if attempt == 9 or not (refused or isinstance(exc, sa.exc.OperationalError)):
                 raise
             time.sleep(2)
         finally:
