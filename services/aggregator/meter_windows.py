@@ -29,21 +29,25 @@ def meter_usage(
         return MeterUsage({}, values)
     grouped: dict[MeterWindowKey, list[UsageEvent]] = {}
     # A batch repeats few sets of dimension values: each is spelled (canonical JSON) once.
-    spelled: dict[tuple[str, tuple[str | None, ...]], str] = {}
+    spelled: dict[tuple[str | None, ...], str] = {}
     for e in events:
         usage = e.event
         meter = meters.get(usage.metric)
         if meter is None:
             continue
         properties = usage.properties
-        seen = tuple(properties.get(name) for name in meter.dimensions)
-        text = spelled.get((usage.metric, seen))
+        seen = (usage.metric, *map(properties.get, meter.dimensions))
+        text = spelled.get(seen)
         if text is None:
             text = dimensions_key(meter.dimension_values(properties))
-            spelled[(usage.metric, seen)] = text
+            spelled[seen] = text
         key = (e.organization_id, usage.project_id, e.api_key_id, usage.metric, text,
                e.window_start)  # fmt: skip
-        grouped.setdefault(key, []).append(usage)
+        group = grouped.get(key)
+        if group is None:
+            grouped[key] = [usage]
+        else:
+            group.append(usage)
         if meter.property is not None:
             value = properties.get(meter.property)
             if value is not None:
@@ -52,16 +56,24 @@ def meter_usage(
 
 
 def _total(events: list[UsageEvent]) -> MeterTotal:
-    quantities = [e.quantity for e in events]
-    total = quantities[0]
-    for quantity in quantities[1:]:
+    # One pass, no list or key tuple per event: a batch's windows see every metered event here.
+    first = events[0]
+    total = largest = smallest = first.quantity
+    latest = first
+    for e in events[1:]:
+        quantity = e.quantity
         total = SUM_CONTEXT.add(total, quantity)
-    latest = max(events, key=lambda e: (e.timestamp, e.id))
+        if quantity > largest:
+            largest = quantity
+        elif quantity < smallest:
+            smallest = quantity
+        if e.timestamp > latest.timestamp or (e.timestamp == latest.timestamp and e.id > latest.id):
+            latest = e
     return MeterTotal(
         quantity=total,
         event_count=len(events),
-        max_quantity=max(quantities),
-        min_quantity=min(quantities),
+        max_quantity=largest,
+        min_quantity=smallest,
         latest_quantity=latest.quantity,
         latest_at=latest.timestamp,
         latest_event_id=latest.id,
