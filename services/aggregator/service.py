@@ -5,8 +5,9 @@ The order of a batch (the guarantee rests on it; services/aggregator/app.py runs
   (2) one PostgreSQL transaction: the replay lock shared and the organizations' locks in sorted
       order, the ledger lookup, the insert of new ledger rows, the window upserts, the meter
       windows and distinct values of metered metrics (shared.meter_usage, with the meters read
-      in the same transaction) and the parts of the registered usage cuts inside those windows
-      (shared.usage_cuts) with their meter pieces (shared.meter_pieces); commit.
+      at most key_cache_ttl_seconds before: metercache.py) and the parts of the registered usage
+      cuts inside those windows (shared.usage_cuts) with their meter pieces
+      (shared.meter_pieces); commit.
   (3) send the dead letters (unreadable, unknown references, conflicting duplicates) and wait for
       the broker's ack.
   (4) only then return, so that Faust acks the messages and may commit their offsets.
@@ -42,11 +43,12 @@ from services.aggregator.batch import (
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor, months_for
 from services.aggregator.meter_windows import meter_usage, piece_events
+from services.aggregator.metercache import MeterCache
 from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolating
 from shared.logs import log_event
 from shared.meter_pieces import add_meter_pieces, pieces_of
 from shared.meter_usage import record_meter_usage
-from shared.meters import MeterDefinition, meters_by_metric
+from shared.meters import MeterDefinition
 from shared.settings import Settings
 from shared.usage import record_usage
 from shared.usage_cuts import add_cut_totals, cut_deltas, cuts_within_windows
@@ -84,6 +86,7 @@ class BatchApplier:
         self.engine = engine
         self._settings = settings
         self._partitions = PartitionKeeper(engine)
+        self._meters = MeterCache(ttl=settings.key_cache_ttl_seconds)
         self.rules = ReadRules(
             lateness_horizon=settings.lateness_horizon,
             max_future=timedelta(seconds=settings.max_future_seconds),
@@ -140,9 +143,10 @@ class BatchApplier:
                     countable.append(event)
             recorded = repository.counted_versions(connection, (e.key for e in countable))
             selection = select_new_events(countable, recorded)
-            # The meters are read in this transaction: the ledger rows keep what meter pieces
-            # need of each metered event, by the same meters the meter windows use below.
-            meters = meters_by_metric(connection) if selection.new else {}
+            # One reading of the meters for the whole batch (re-read in this transaction when
+            # older than the key-cache TTL): the ledger rows keep what meter pieces need of each
+            # metered event, by the same meters the meter windows use below.
+            meters = self._meters.get(connection) if selection.new else {}
             result.counted = repository.record_events(
                 connection, selection.new, self._settings.window_seconds, meters
             )
