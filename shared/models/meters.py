@@ -96,18 +96,16 @@ class MeterWindow(IdMixin, TimestampMixin, Base):
 
 # A distinct value of a unique_count meter's property seen in one window. One row per distinct
 # value and window is the hot path's costliest write, so the table holds only its unique index
-# (no surrogate key, no second index): a Core table, never an ORM class.
+# (no surrogate key, no second index, no foreign key): a Core table, never an ORM class. Each
+# row is written in the statement that upserts its meter_windows row, whose keys check the
+# organization, project and key; an organization's deletion removes its rows by a trigger
+# (migration 0024), as ON DELETE CASCADE would.
 meter_values = Table(
     "meter_values",
     Base.metadata,
-    Column(
-        "organization_id",
-        Uuid,
-        ForeignKey("organizations.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    Column("project_id", Uuid, ForeignKey("projects.id"), nullable=True),
-    Column("api_key_id", Uuid, ForeignKey("api_keys.id"), nullable=True),
+    Column("organization_id", Uuid, nullable=False),
+    Column("project_id", Uuid, nullable=True),
+    Column("api_key_id", Uuid, nullable=True),
     Column("metric", String(64), nullable=False),
     Column("dimensions", JSONB, nullable=False),
     Column("window_start", DateTime(timezone=True), nullable=False),

@@ -11,6 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, Forbidden
+from shared.meter_usage import MeterTotal, MeterUsage, record_meter_usage
 from shared.models import (
     Account,
     ApiKey,
@@ -19,6 +20,7 @@ from shared.models import (
     Role,
     Subscription,
     UsageRecord,
+    meter_values,
 )
 from shared.models import (
     Session as UserSession,
@@ -129,6 +131,32 @@ def test_deleting_organization_cascades_to_everything_it_owns(db: Session) -> No
     delete_organization(db, organization.id, actor_id=None)
     for model in (OrganizationMember, Project, ApiKey, Subscription, UsageRecord):
         assert _count(db, model, organization_id=organization.id) == 0, model.__name__
+
+
+def test_deleting_organization_removes_its_meter_values_and_no_others(db: Session) -> None:
+    # meter_values has no foreign key (its rows are many): a trigger does the cascade.
+    deleted, kept = factories.make_organization(db), factories.make_organization(db)
+    for organization in (deleted, kept):
+        window = (organization.id, None, None, "active_users", '{"region":"eu"}', NOW)
+        record_meter_usage(
+            db.connection(),
+            MeterUsage(
+                {window: MeterTotal.of(Decimal(1), NOW, "e-1")},
+                {(*window, "user-1"), (*window, "user-2")},
+            ),
+            3600,
+        )
+    delete_organization(db, deleted.id, actor_id=None)
+
+    def values_of(organization_id: object) -> int:
+        return db.execute(
+            sa.select(sa.func.count())
+            .select_from(meter_values)
+            .where(meter_values.c.organization_id == organization_id)
+        ).scalar_one()
+
+    assert values_of(deleted.id) == 0
+    assert values_of(kept.id) == 2
 
 
 def test_only_an_owner_deletes_an_organization(db: Session) -> None:
