@@ -19,6 +19,22 @@ from shared.meter_usage import MeterTotal, MeterUsage, MeterValueKey, MeterWindo
 from shared.meters import MeterDefinition, dimensions_key
 
 
+class DimensionSpellings:
+    """The canonical JSON of events' dimension values (dimensions_key), spelled once per metric
+    and set of values: a batch repeats few, and spelling one costs more than looking it up."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple[str | None, ...], str] = {}
+
+    def of(self, metric: str, meter: MeterDefinition, properties: Mapping[str, str]) -> str:
+        # A property's value is never None, so None stands for a missing dimension here.
+        seen = (metric, *map(properties.get, meter.dimensions))
+        text = self._known.get(seen)
+        if text is None:
+            text = self._known[seen] = dimensions_key(meter.dimension_values(properties))
+        return text
+
+
 def meter_usage(
     events: Iterable[CountableEvent], meters: Mapping[str, MeterDefinition]
 ) -> MeterUsage:
@@ -28,19 +44,14 @@ def meter_usage(
     if not meters:
         return MeterUsage({}, values)
     grouped: dict[MeterWindowKey, list[UsageEvent]] = {}
-    # A batch repeats few sets of dimension values: each is spelled (canonical JSON) once.
-    spelled: dict[tuple[str | None, ...], str] = {}
+    spelled = DimensionSpellings()
     for e in events:
         usage = e.event
         meter = meters.get(usage.metric)
         if meter is None:
             continue
         properties = usage.properties
-        seen = (usage.metric, *map(properties.get, meter.dimensions))
-        text = spelled.get(seen)
-        if text is None:
-            text = dimensions_key(meter.dimension_values(properties))
-            spelled[seen] = text
+        text = spelled.of(usage.metric, meter, properties)
         key = (e.organization_id, usage.project_id, e.api_key_id, usage.metric, text,
                e.window_start)  # fmt: skip
         group = grouped.get(key)
@@ -81,15 +92,18 @@ def _total(events: list[UsageEvent]) -> MeterTotal:
 
 
 def meter_facts(
-    usage: UsageEvent, meters: Mapping[str, MeterDefinition]
+    usage: UsageEvent,
+    meters: Mapping[str, MeterDefinition],
+    spelled: DimensionSpellings | None = None,
 ) -> tuple[str | None, str | None]:
     """What the ledger keeps of an event for its meter's pieces: its dimension values (canonical
-    JSON) and its unique_count property value; (None, None) for an event of no meter."""
+    JSON) and its unique_count property value; (None, None) for an event of no meter. Pass the
+    batch's `spelled` when calling it for many events."""
     meter = meters.get(usage.metric)
     if meter is None:
         return None, None
     value = usage.properties.get(meter.property) if meter.property is not None else None
-    return dimensions_key(meter.dimension_values(usage.properties)), value
+    return (spelled or DimensionSpellings()).of(usage.metric, meter, usage.properties), value
 
 
 def piece_events(
@@ -97,8 +111,9 @@ def piece_events(
 ) -> list[PieceEvent]:
     """What the events of metered metrics contribute to meter pieces (shared.meter_pieces)."""
     found = []
+    spelled = DimensionSpellings()
     for e in events:
-        dimensions, value = meter_facts(e.event, meters)
+        dimensions, value = meter_facts(e.event, meters, spelled)
         if dimensions is not None:
             usage = e.event
             piece = PieceEvent(

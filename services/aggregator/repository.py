@@ -25,7 +25,7 @@ from services.aggregator.batch import (
     WindowKey,
     WindowTotal,
 )
-from services.aggregator.meter_windows import meter_facts
+from services.aggregator.meter_windows import DimensionSpellings, meter_facts
 from shared.meters import MeterDefinition
 
 # The usage locks live with every other writer's; the batch and replay take them through here.
@@ -132,7 +132,8 @@ def record_events(
     first accepted wins)."""
     if not events:
         return 0
-    facts = [meter_facts(e.event, meters) for e in events]
+    spelled = DimensionSpellings()
+    facts = [meter_facts(e.event, meters, spelled) for e in events]
     result = connection.exec_driver_sql(
         _RECORD_EVENTS,
         {
