@@ -142,6 +142,11 @@ _INSERT_VALUES = sa.text(
                   CAST(:dimensions AS text[]), CAST(:window_start AS timestamptz[]),
                   CAST(:value AS text[]))
            AS d({_KEY_COLUMNS}, value)
+     -- meter_values has no foreign key: the organizations are locked as a key check would lock
+     -- them, so that one deleted meanwhile (its trigger removes its values) leaves no row behind.
+     WHERE d.organization_id IN (
+           SELECT id FROM organizations
+            WHERE id = ANY(CAST(:organization_id AS uuid[])) FOR KEY SHARE)
     ON CONFLICT DO NOTHING
     """  # noqa: S608 - fixed fragments only
 )

@@ -103,8 +103,8 @@ class FrontDoor(HttpToolsProtocol):
         if self.parser.should_upgrade():
             return None
         path = httptools.parse_url(self.url).path
-        if b"%" in path:
-            return None
+        if b"%" in path or not path.isascii() or self.root_path:
+            return None  # the app decodes and prefixes paths: it answers these itself
         authorization = None
         for name, value in self.headers:
             if name == b"authorization":

@@ -178,9 +178,12 @@ def test_missing_or_unknown_key_is_401(client: httpx.Client, headers: dict[str, 
 
 
 def _post(
-    key: str | None, body: bytes = b'{"id":"x","metric":"api_calls"}', version: str = "1.1"
+    key: str | None,
+    body: bytes = b'{"id":"x","metric":"api_calls"}',
+    version: str = "1.1",
+    path: str = "/v1/events",
 ) -> bytes:
-    head = [f"POST /v1/events HTTP/{version}", "Host: ingest", "Content-Type: application/json"]
+    head = [f"POST {path} HTTP/{version}", "Host: ingest", "Content-Type: application/json"]
     head += [f"Authorization: Bearer {key}"] if key else []
     head += [f"Content-Length: {len(body)}"]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body

@@ -11,7 +11,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 
 from shared.errors import Conflict, Forbidden
-from shared.meter_usage import MeterTotal, MeterUsage, record_meter_usage
+from shared.meter_usage import MeterTotal, MeterUsage, insert_meter_values, record_meter_usage
 from shared.models import (
     Account,
     ApiKey,
@@ -157,6 +157,10 @@ def test_deleting_organization_removes_its_meter_values_and_no_others(db: Sessio
 
     assert values_of(deleted.id) == 0
     assert values_of(kept.id) == 2
+    # A writer of values alone (replay repairing them) that comes after the delete writes none.
+    window = (deleted.id, None, None, "active_users", '{"region":"eu"}', NOW)
+    insert_meter_values(db.connection(), [(*window, "user-3")], 3600)
+    assert values_of(deleted.id) == 0
 
 
 def test_only_an_owner_deletes_an_organization(db: Session) -> None:
