@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from shared.meter_usage import MeterTotal
+from shared.meter_usage import MERGE_TOTALS, MeterTotal
 from shared.meters import dimensions_key
 
 if TYPE_CHECKING:
@@ -173,26 +173,7 @@ _PIECE_ROWS = f"""
                 latest_quantity, latest_at, latest_event_id)
     ON CONFLICT ON CONSTRAINT pk_meter_pieces
 """  # noqa: S608 - fixed fragments only
-# Merged as shared.meter_usage merges meter windows: the latest by (timestamp, event id), the ids
-# compared COLLATE "C".
-_LATER = (
-    '(excluded.latest_at, excluded.latest_event_id COLLATE "C")'
-    ' > (u.latest_at, u.latest_event_id COLLATE "C")'
-)
-_ADD = sa.text(
-    _PIECE_ROWS
-    + f"""
-    DO UPDATE SET quantity = u.quantity + excluded.quantity,
-                  event_count = u.event_count + excluded.event_count,
-                  max_quantity = GREATEST(u.max_quantity, excluded.max_quantity),
-                  min_quantity = LEAST(u.min_quantity, excluded.min_quantity),
-                  latest_quantity = CASE WHEN {_LATER} THEN excluded.latest_quantity
-                                         ELSE u.latest_quantity END,
-                  latest_event_id = CASE WHEN {_LATER} THEN excluded.latest_event_id
-                                         ELSE u.latest_event_id END,
-                  latest_at = GREATEST(u.latest_at, excluded.latest_at)
-    """
-)
+_ADD = sa.text(_PIECE_ROWS + f" DO UPDATE SET {MERGE_TOTALS}")
 _INSERT_VALUES = sa.text(
     f"""
     INSERT INTO meter_piece_values ({_PIECE_KEY_COLUMNS}, value)

@@ -100,8 +100,10 @@ _LATER = (
     '(excluded.latest_at, excluded.latest_event_id COLLATE "C")'
     ' > (u.latest_at, u.latest_event_id COLLATE "C")'
 )
-_ADD_SET = f"""
-    DO UPDATE SET quantity = u.quantity + excluded.quantity,
+# What an upsert of running totals sets on conflict (the existing row aliased `u`): every
+# aggregation merged as MeterTotal.merge does; meter pieces (shared.meter_pieces) merge alike.
+MERGE_TOTALS = f"""
+                  quantity = u.quantity + excluded.quantity,
                   event_count = u.event_count + excluded.event_count,
                   max_quantity = GREATEST(u.max_quantity, excluded.max_quantity),
                   min_quantity = LEAST(u.min_quantity, excluded.min_quantity),
@@ -109,9 +111,9 @@ _ADD_SET = f"""
                                          ELSE u.latest_quantity END,
                   latest_event_id = CASE WHEN {_LATER} THEN excluded.latest_event_id
                                          ELSE u.latest_event_id END,
-                  latest_at = GREATEST(u.latest_at, excluded.latest_at),
-                  updated_at = now()
+                  latest_at = GREATEST(u.latest_at, excluded.latest_at)
 """
+_ADD_SET = f"DO UPDATE SET {MERGE_TOTALS}, updated_at = now()"
 _SET = sa.text(
     _WINDOW_ROWS
     + """
