@@ -20,6 +20,7 @@ is read at once, as before.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from typing import Any, ClassVar
 
@@ -176,8 +177,10 @@ class StrangersLine:
             self._loop.call_soon(self._read_some)
 
 
+@functools.cache
 def _front_of(app: Any) -> tuple[AuthenticateFirst | None, Any]:
-    """Our app inside uvicorn's wrappers, and the trusted proxies if uvicorn reads their headers."""
+    """Our app inside uvicorn's wrappers, and the trusted proxies if uvicorn reads their headers
+    (found once per served app, not at every connection)."""
     proxies = None
     while app is not None:
         if isinstance(app, ProxyHeadersMiddleware):
