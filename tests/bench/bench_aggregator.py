@@ -45,6 +45,7 @@ from shared.events import Envelope, UsageEvent, encode_envelope
 from shared.meters import MeterDefinition, apply_meters
 from tests import components
 from tests.aggregator_support import AggregatorProcess, Producer, create_topics, wait_for
+from tests.bench import figures
 from tests.bench.bench_ingest import (
     bench_database,
     cpu_seconds,
@@ -61,6 +62,12 @@ STORM_EVENTS = int(os.environ.get("BENCH_AGG_STORM", "50000"))
 E2E_SECONDS = float(os.environ.get("BENCH_AGG_SECONDS", "15"))
 LATENCY_SECONDS = float(os.environ.get("BENCH_AGG_LATENCY_SECONDS", "20"))
 LATENCY_RPS = 50
+FIGURE_OF_ALONE = {
+    (100, 1): "aggregator_events_per_s",
+    (100, 2): "aggregator2_events_per_s",
+    (1, 1): "aggregator1_events_per_s",
+}
+FIGURE_OF_E2E = {1: "e2e_events_per_s", 2: "e2e2_events_per_s"}
 
 
 def counted(engine: sa.Engine) -> int:
@@ -239,6 +246,7 @@ def bench_alone(
                 )
                 if (per, instances) == (100, 1):
                     normal = rate
+                figures.record(**{FIGURE_OF_ALONE[per, instances]: rate})
             finally:
                 for aggregator in aggregators:
                     aggregator.stop()
@@ -279,6 +287,7 @@ def bench_meters(admin_url: str, env: dict[str, str], tmp: Path, normal: float) 
                 bootstrap, topic, organization_ids(engine), PREFILL_EVENTS, 100, dimensional=True
             )
             rate = measure_drain(engine, [aggregator], PREFILL_EVENTS, "metered, envelopes of 100")
+            figures.record(metered_events_per_s=rate)
             with engine.connect() as connection:
                 windows, values = connection.execute(
                     sa.text(
@@ -345,6 +354,7 @@ def bench_storm(admin_url: str, env: dict[str, str], tmp: Path, normal: float) -
             )
             assert counted(engine) == STORM_EVENTS, "a conflicting duplicate was counted"
             fresh, storm = STORM_EVENTS / fresh_wall, STORM_EVENTS / storm_wall
+            figures.record(storm_fresh_events_per_s=fresh, storm_events_per_s=storm)
             print(
                 f"  fresh: {fresh:,.0f} events/s ({fresh_wall:.1f}s; "
                 f"{STORM_EVENTS / fresh_batch:,.0f}/s of batch time)"
@@ -416,6 +426,7 @@ def bench_end_to_end(admin_url: str, env: dict[str, str], tmp: Path, instances: 
                     f"({total:,} events in usage_records {wall:.1f}s after the first request)"
                 )
                 print(f"    cpu: {cpu_report(before, cpu_of(pids), wall)}", flush=True)
+                figures.record(**{FIGURE_OF_E2E[instances]: total / wall})
             finally:
                 for aggregator in aggregators:
                     aggregator.stop()
@@ -434,12 +445,14 @@ def wait_until_stable(engine: sa.Engine, quiet: float = 15.0) -> tuple[int, floa
     return last, last_change
 
 
-async def open_loop_probes(url: str, keys: list[str], seconds: float) -> dict[str, float]:
+async def open_loop_probes(
+    url: str, keys: list[str], seconds: float, requests_per_s: float
+) -> dict[str, float]:
     import httpx
 
     acks: dict[str, float] = {}
     run = secrets.token_hex(3)
-    interval = 1 / LATENCY_RPS
+    interval = 1 / requests_per_s
     limits = httpx.Limits(max_connections=200, max_keepalive_connections=50)
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
 
@@ -470,7 +483,14 @@ async def open_loop_probes(url: str, keys: list[str], seconds: float) -> dict[st
 
 
 def bench_latency(admin_url: str, env: dict[str, str], tmp: Path) -> None:
-    print(f"(c) visibility latency at {LATENCY_RPS * 100:,} events/s", flush=True)
+    # Half of the end-to-end maximum this run measured (b), else LATENCY_RPS requests of 100.
+    e2e = figures.measured("e2e_events_per_s")
+    rate = e2e / 2 / 100 if e2e else LATENCY_RPS
+    print(
+        f"(c) visibility latency at {rate * 100:,.0f} events/s"
+        + (" (half of (b)'s end to end, 1 aggregator)" if e2e else ""),
+        flush=True,
+    )
     with bench_database(admin_url) as url:
         keys = seed_keys(url, ORGANIZATIONS)
         engine = sa.create_engine(url)
@@ -481,7 +501,7 @@ def bench_latency(admin_url: str, env: dict[str, str], tmp: Path) -> None:
             try:
                 wait_for(lambda: bool(aggregator.health()), timeout=60, what="aggregator up")
                 time.sleep(3)
-                acks = asyncio.run(open_loop_probes(server.url, keys, LATENCY_SECONDS))
+                acks = asyncio.run(open_loop_probes(server.url, keys, LATENCY_SECONDS, rate))
                 wait_for(
                     lambda: probes_visible(engine) >= len(acks), timeout=120, what="every probe"
                 )
@@ -504,6 +524,9 @@ def bench_latency(admin_url: str, env: dict[str, str], tmp: Path) -> None:
         f"  {len(latencies)} probes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
         f"max {latencies[-1] * 1000:.0f} ms (202 -> row in usage_records)",
         flush=True,
+    )
+    figures.record(
+        visibility_p50_ms=p50 * 1000, visibility_p99_ms=p99 * 1000, visibility_rate=rate * 100
     )
 
 

@@ -33,6 +33,7 @@ from sqlalchemy.engine import make_url
 
 from shared import migrate
 from shared.settings import load_settings
+from tests.bench import figures
 
 PERIOD_START = datetime(2026, 10, 1, tzinfo=UTC)
 HORIZON = timedelta(days=35)
@@ -357,6 +358,9 @@ def main() -> None:
             f"reading subscriptions and invoices {prepare_seconds:.2f}s"
         )
         first_ratio, second_ratio = first_seconds / totals_seconds, second_seconds / totals_seconds
+        figures.record(billing_subscriptions=subscriptions, billing_seconds=first_seconds)
+        if subscriptions == 10_000:
+            figures.record(billing_seconds_10k=first_seconds)
         print(
             f"ratios to the totals step: first run {first_ratio:.2f}x (goal <= 2: "
             f"{'met' if first_ratio <= 2 else 'NOT met'}), rerun {second_ratio:.2f}x (goal <= 0.5: "

@@ -40,6 +40,7 @@ from shared.ids import uuid7
 from shared.keys import generate_key, hash_key
 from shared.models import ApiKey, Organization
 from tests import components, factories
+from tests.bench import figures
 from tests.ingest_support import run_ingest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -459,14 +460,14 @@ def main() -> None:
                 watch=watch,
                 profile_pid=worker,
             )
-            run_wrk(
+            batch1 = run_wrk(
                 server.url, keys_file, batch=1, connections=32, seconds=BATCH_SECONDS, watch=watch
             )
             # "Half load": half the goal (25,000 events/s), then half of what was reached.
             half = run_open_loop(
                 server.url, keys_file, batch=100, rate=250, seconds=BATCH_SECONDS, watch=watch
             )
-            run_open_loop(
+            half_max = run_open_loop(
                 server.url,
                 keys_file,
                 batch=100,
@@ -480,6 +481,14 @@ def main() -> None:
         finally:
             delete_topics(env["KAFKA_BOOTSTRAP_SERVERS"], prefix)
     ratio = batch100["requests_per_s"] / raw["records_per_s"]
+    figures.record(
+        ingest_events_per_s=batch100["events_per_s"],
+        ingest_requests_per_s=batch100["requests_per_s"],
+        ingest1_events_per_s=batch1["events_per_s"],
+        ingest_openloop_rate=batch100["events_per_s"] / 2,
+        ingest_openloop_p99_ms=float(half_max["p99_ms"]),  # type: ignore[arg-type]
+        raw_producer_records_per_s=raw["records_per_s"],
+    )
     print(
         f"summary: {batch100['events_per_s']:,.0f} events/s accepted with batches of 100 "
         f"(goal 50,000); p99 {half['p99_ms']:.1f} ms at 25,000 events/s (goal < 50 ms); "

@@ -66,6 +66,10 @@ def main() -> int:
     failed = [name for name in chosen if not run_one(name)]
     total = time.perf_counter() - started
     print(f"\n{len(chosen) - len(failed)} of {len(chosen)} benchmarks finished in {total:.1f}s")
+    from tests.bench import figures  # importable once ROOT is on the path (above)
+
+    # The last line: this run's figures and their ratios, for a reader or a script.
+    print(figures.bench_line(), flush=True)
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
