@@ -95,16 +95,21 @@ def _first_line(exc: BaseException) -> str:
 
 
 def array_literal(values: Iterable[object]) -> str:
-    """A PostgreSQL array literal of uuids, numbers, dates, times or simple text (no quotes or
-    backslashes: ids, instants, metric names), for `CAST(:param AS type[])`.
+    """A PostgreSQL array literal of uuids, numbers, dates, times or text, for
+    `CAST(:param AS type[])`.
 
-    The driver adapts a Python list element by element in Python, which costs more than the
-    query for the arrays of tens of thousands of elements a billing run sends; PostgreSQL parses
-    the literal in C. None is NULL."""
+    The driver adapts a Python list element by element in Python (a regular expression and a
+    quoting pass per element), which costs more than the query for the arrays of tens of
+    thousands of elements a billing run or an aggregator batch sends; PostgreSQL parses the
+    literal in C. Every element is quoted, so commas, braces, spaces and the word NULL stay
+    text; a text's backslashes and double quotes are escaped. None is NULL. Text must be
+    storable (no NUL: the callers' input rules refuse it before)."""
     parts = []
     for value in values:
         if value is None:
             parts.append("NULL")
+        elif isinstance(value, str):
+            parts.append('"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"')
         elif isinstance(value, datetime | date):
             parts.append(f'"{value.isoformat()}"')
         else:
