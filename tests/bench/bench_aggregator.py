@@ -20,6 +20,7 @@
     created_at (the aggregator's transaction start, so a few ms early) minus the time the 202
     arrived. p50/p99.
 CPU of the aggregator, ingest, Kafka and PostgreSQL is read from /proc for each run.
+(d) Where one batch's time goes, in process: Python and each SQL statement (batch_profile.py).
 BENCH_AGG_PARTS=bc runs only (b) and (c).
 Goals on a 2-core box: >= 30,000 events/s end to end; p99 visibility < 2 s at 5,000 events/s.
 """
@@ -46,6 +47,7 @@ from shared.meters import MeterDefinition, apply_meters
 from tests import components
 from tests.aggregator_support import AggregatorProcess, Producer, create_topics, wait_for
 from tests.bench import figures
+from tests.bench.batch_profile import profile_batches
 from tests.bench.bench_ingest import (
     bench_database,
     cpu_seconds,
@@ -62,6 +64,7 @@ STORM_EVENTS = int(os.environ.get("BENCH_AGG_STORM", "50000"))
 E2E_SECONDS = float(os.environ.get("BENCH_AGG_SECONDS", "15"))
 LATENCY_SECONDS = float(os.environ.get("BENCH_AGG_LATENCY_SECONDS", "20"))
 LATENCY_RPS = 50
+BATCH_SECONDS = "meterline_aggregator_batch_seconds_sum"
 FIGURE_OF_ALONE = {
     (100, 1): "aggregator_events_per_s",
     (100, 2): "aggregator2_events_per_s",
@@ -186,11 +189,15 @@ def measure_drain(
     first = counted(engine)
     pids = groups(aggregator)
     before = cpu_of(pids)
+    batch_before = sum(a.metric(BATCH_SECONDS) for a in aggregator)
     wait_for(lambda: counted(engine) >= target, timeout=600, interval=0.05, what="all events")
     wall = time.monotonic() - started
+    batch = sum(a.metric(BATCH_SECONDS) for a in aggregator) - batch_before
     rate = (target - first) / wall
     print(f"  {label}: {rate:,.0f} events/s ({target - first:,} events in {wall:.1f}s)")
     print(f"    cpu: {cpu_report(before, cpu_of(pids), wall)}", flush=True)
+    # The rest of each instance's wall time it waited for records (Kafka, Faust's consumer).
+    print(f"    in batches: {100 * batch / (wall * len(aggregator)):.0f}% of the wall", flush=True)
     return rate
 
 
@@ -338,13 +345,13 @@ def bench_storm(admin_url: str, env: dict[str, str], tmp: Path, normal: float) -
             def phase(quantity: int, done: Callable[[], bool]) -> tuple[float, float, str]:
                 """Both phases timed alike: from the first record produced to the last
                 processed (wall), and the aggregator's own batch time over the phase."""
-                batch_before = aggregator.metric("meterline_aggregator_batch_seconds_sum")
+                batch_before = aggregator.metric(BATCH_SECONDS)
                 cpu_before = cpu_of(pids)
                 started = time.monotonic()
                 prefill(bootstrap, topic, orgs, STORM_EVENTS, 100, run=run, quantity=quantity)
                 wait_for(done, timeout=600, interval=0.05, what="the phase")
                 wall = time.monotonic() - started
-                batch = aggregator.metric("meterline_aggregator_batch_seconds_sum") - batch_before
+                batch = aggregator.metric(BATCH_SECONDS) - batch_before
                 return wall, batch, cpu_report(cpu_before, cpu_of(pids), wall)
 
             fresh_wall, fresh_batch, fresh_cpu = phase(1, lambda: counted(engine) >= STORM_EVENTS)
@@ -544,7 +551,7 @@ def main() -> None:
     env.setdefault("METERLINE_API_KEY_PEPPER", "bench-pepper-" + "x" * 32)
     env["METERLINE_LOG_LEVEL"] = "WARNING"
     admin_url = env["DATABASE_URL"]
-    parts = os.environ.get("BENCH_AGG_PARTS", "abc")  # "m": (a) plain and (a'') meters only
+    parts = os.environ.get("BENCH_AGG_PARTS", "abcd")  # "m": (a) plain and (a'') meters only
     with tempfile.TemporaryDirectory() as tmp:
         normal = 0.0
         if "a" in parts or "m" in parts:
@@ -557,6 +564,8 @@ def main() -> None:
                 bench_end_to_end(admin_url, env, Path(tmp), instances)
         if "c" in parts:
             bench_latency(admin_url, env, Path(tmp))
+        if "d" in parts:
+            profile_batches(admin_url, ORGANIZATIONS)
 
 
 if __name__ == "__main__":

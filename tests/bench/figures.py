@@ -33,8 +33,13 @@ def measured(name: str) -> float | None:
     return _measured.get(name)
 
 
+def _rounded(value: float) -> float:
+    """Shares and ratios keep three decimals, rates and times one."""
+    return round(value, 3) if abs(value) < 10 else round(value, 1)
+
+
 def bench_line() -> str:
-    line: dict[str, float] = {k: round(v, 1) for k, v in sorted(_measured.items())}
+    line: dict[str, float] = {k: _rounded(v) for k, v in sorted(_measured.items())}
     for name, (numerator, denominator) in RATIOS.items():
         if _measured.get(numerator) is not None and _measured.get(denominator):
             line[name] = round(_measured[numerator] / _measured[denominator], 3)

@@ -48,3 +48,12 @@ def test_a_zero_denominator_leaves_the_ratio_out() -> None:
     figures.record(aggregator1_events_per_s=2_000, ingest1_events_per_s=0)
 
     assert "aggregator1_per_ingest1" not in parsed()
+
+
+def test_shares_keep_three_decimals_and_rates_one() -> None:
+    figures.record(batch1_python_share=0.2634, ingest_events_per_s=49_962.46)
+
+    line = parsed()
+
+    assert line["batch1_python_share"] == 0.263
+    assert line["ingest_events_per_s"] == 49_962.5
