@@ -126,7 +126,7 @@ class Settings(BaseSettings):
         1000, ge=1, le=100_000, validation_alias="METERLINE_REPLAY_CHUNK_RECORDS"
     )
     replay_slice_events: int = Field(
-        20_000, ge=1, le=10_000_000, validation_alias="METERLINE_REPLAY_SLICE_EVENTS"
+        10_000, ge=1, le=10_000_000, validation_alias="METERLINE_REPLAY_SLICE_EVENTS"
     )
     ledger_grace_hours: int = Field(
         48, ge=0, le=24 * 30, validation_alias="METERLINE_LEDGER_GRACE_HOURS"

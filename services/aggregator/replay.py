@@ -235,18 +235,17 @@ def replay(
     _refuse_if_not_retained(reader, read_from)
     report = ReplayReport(start, end, request.organization_id, request.metric, request.dry_run)
     with engine.connect() as connection:
-        staging = ReplayStaging(connection, reader.topic, rules, request.organization_id)
-        connection.commit()
+        with connection.begin():
+            staging = ReplayStaging(connection, reader.topic, rules, request.organization_id)
         try:
             run = _StagedRun(engine, connection, staging, settings, reader, request, report)
             run.on_record, run.on_total = on_record, on_total
             # Phase 1: no locks.
             run.read_to(reader.offsets_since(read_from), reader.end_offsets())
-            staging.index()
-            connection.commit()
-            slices = plan_slices(
-                start, end, staging.window_counts(start, end), settings.replay_slice_events
-            )
+            with connection.begin():
+                staging.index()
+                counts = staging.window_counts(start, end)
+            slices = plan_slices(start, end, counts, settings.replay_slice_events)
             # Phase 2: live batches wait for one slice at a time.
             for done, (first, last) in enumerate(slices, 1):
                 run.rebuild_slice(first, last)
@@ -257,8 +256,8 @@ def replay(
             # A failed replay's connection is closed, not pooled: its staging goes with it.
             connection.invalidate()
             raise
-        staging.drop()
-        connection.commit()
+        with connection.begin():
+            staging.drop()
     report.skipped = run.unstorable + report.skipped
     with engine.begin() as connection:
         _record_run(connection, report, now)
@@ -323,9 +322,11 @@ class _StagedRun:
     def _stage(self, chunk: list[SourceRecord], commit: bool) -> None:
         if not chunk:
             return
-        staged = self._staging.stage(chunk)
         if commit:
-            self._connection.commit()
+            with self._connection.begin():
+                staged = self._staging.stage(chunk)
+        else:
+            staged = self._staging.stage(chunk)
         self._report.records_read += staged.records
         report = self._report
         self._months |= months_for(t for t in staged.event_times if report.start <= t < report.end)
@@ -341,16 +342,24 @@ class _StagedRun:
             PartitionKeeper(self._engine).ensure(self._months)
             self._ensured |= self._months
         connection = self._connection
-        connection.commit()
+        # The slice's staged versions are read and decoded before the lock; under it, only
+        # the ids that the records staged since hold a version of are read again.
+        with connection.begin():
+            events = self._staging.slice_events(first, last)
+        staged = self._staging.staged
         with connection.begin():
             repository.lock_exclusive(connection)
             _refuse_below_floor(self._report.start, ledger_floor(connection))
             self.read_to(self._read_end, self._reader.end_offsets(), commit=False)
+            if self._staging.staged > staged:
+                events = _with_versions(
+                    events, self._staging.slice_events(first, last, after=staged)
+                )
             # A savepoint: a dry run undoes the slice's writes and keeps what it staged.
             with connection.begin_nested() as work:
                 _rebuild(
                     connection,
-                    self._staging.slice_events(first, last),
+                    events,
                     self._request,
                     first,
                     last,
@@ -359,6 +368,15 @@ class _StagedRun:
                 )
                 if self._request.dry_run:
                     work.rollback()
+
+
+def _with_versions(
+    events: list[CountableEvent], again: list[CountableEvent]
+) -> list[CountableEvent]:
+    """`events` with every version of the ids `again` holds replaced by `again`'s (all their
+    versions, in read order)."""
+    replaced = {e.key for e in again}
+    return [e for e in events if e.key not in replaced] + again
 
 
 def _rebuild(

@@ -37,6 +37,7 @@ _CREATE = (
 _INDEX = (
     "CREATE INDEX ON replay_events (organization_id, event_id)",
     "CREATE INDEX ON replay_events (window_start)",
+    "CREATE INDEX ON replay_events (record_seq)",
     "ANALYZE replay_records",
     "ANALYZE replay_events",
 )
@@ -58,6 +59,20 @@ _SLICE_RECORDS = sa.text(
     "    WHERE (e.organization_id, e.event_id) IN ("
     "      SELECT s.organization_id, s.event_id FROM replay_events AS s"
     "       WHERE s.window_start >= :start AND s.window_start < :end))"
+    " ORDER BY r.seq"
+)
+# The same, for the event ids among them that records staged after :after hold a version of.
+_SLICE_RECORDS_SINCE = sa.text(
+    "SELECT r.seq, r.partition, r.record_offset, r.timestamp_ms, r.record_key, r.value"
+    "  FROM replay_records AS r"
+    " WHERE r.seq IN ("
+    "   SELECT e.record_seq FROM replay_events AS e"
+    "    WHERE (e.organization_id, e.event_id) IN ("
+    "      SELECT s.organization_id, s.event_id FROM replay_events AS s"
+    "       WHERE s.window_start >= :start AND s.window_start < :end"
+    "      INTERSECT"
+    "      SELECT t.organization_id, t.event_id FROM replay_events AS t"
+    "       WHERE t.record_seq > :after))"
     " ORDER BY r.seq"
 )
 
@@ -151,14 +166,31 @@ class ReplayStaging:
         )
         return [(row[0], int(row[1])) for row in rows]
 
-    def slice_events(self, start: datetime, end: datetime) -> list[CountableEvent]:
+    @property
+    def staged(self) -> int:
+        """The read order (`seq`) of the last record staged."""
+        return self._next_seq
+
+    def slice_events(
+        self, start: datetime, end: datetime, *, after: int | None = None
+    ) -> list[CountableEvent]:
         """Every staged version, in read order, of each event id with a version in
-        [start, end)."""
-        rows = self._connection.execute(_SLICE_RECORDS, {"start": start, "end": end})
-        records = [
-            SourceRecord(self._topic, row[1], row[2], row[3], _bytes(row[4]), bytes(row[5]))
-            for row in rows
-        ]
+        [start, end); with `after`, of those ids alone that a record staged after the record
+        `after` holds a version of."""
+        if after is None:
+            rows = self._connection.execute(_SLICE_RECORDS, {"start": start, "end": end})
+        else:
+            rows = self._connection.execute(
+                _SLICE_RECORDS_SINCE, {"start": start, "end": end, "after": after}
+            )
+        seqs: dict[int, int] = {}
+        records = []
+        for row in rows:
+            record = SourceRecord(
+                self._topic, row[1], row[2], row[3], _bytes(row[4]), bytes(row[5])
+            )
+            seqs[id(record)] = row[0]
+            records.append(record)
         events, _ = read_records(records, self._rules)
         org = self._organization_id
         wanted = {
@@ -166,6 +198,8 @@ class ReplayStaging:
             for e in events
             if start <= e.window_start < end and (org is None or e.organization_id == org)
         }
+        if after is not None:
+            wanted &= {e.key for e in events if seqs[id(e.source)] > after}
         return [e for e in events if e.key in wanted]
 
     def drop(self) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
@@ -18,6 +19,7 @@ from services.aggregator.service import BatchApplier
 from services.aggregator.topic_reader import InMemoryTopicReader
 from shared.events import UsageEvent, window_start
 from shared.settings import Settings
+from shared.usage_locks import REPLAY_LOCK
 from tests.aggregator_support import envelope_bytes, event, make_tenant, totals, windows
 
 NOW = datetime.now(UTC)
@@ -138,38 +140,72 @@ def test_replay_beyond_its_budget_is_exact_in_many_slices_and_a_second_run_chang
     assert again.meter_windows_changed == again.meter_values_changed == 0
 
 
+class ArrivingReader(InMemoryTopicReader):
+    """An in-memory topic that runs `arrive` each time a replay asks for its end offsets."""
+
+    arrive: Callable[[], None] = staticmethod(lambda: None)
+
+    def end_offsets(self) -> dict[int, int]:
+        self.arrive()
+        return super().end_offsets()
+
+
+def replay_lock_held(engine: Engine) -> bool:
+    with engine.connect() as connection:
+        return bool(
+            connection.execute(
+                sa.text(
+                    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory'"
+                    " AND classid = :ns AND objid = :key AND objsubid = 2"
+                    " AND mode = 'ExclusiveLock' AND granted)"
+                ),
+                {"ns": REPLAY_LOCK[0], "key": REPLAY_LOCK[1]},
+            ).scalar_one()
+        )
+
+
 def test_a_live_batch_during_a_replay_waits_one_slice_and_counts_once(
     engine: Engine, settings: Settings
 ) -> None:
     tenant = make_tenant(engine)
     org = tenant.organization_id
     topic = Topic(settings, org)
+    topic.reader = ArrivingReader(settings.events_topic, [0, 1])
     step = timedelta(hours=10) / 2000
     for i in range(0, 2000, 20):
         sent = [event(f"e{j}", quantity=2, timestamp=BASE + step * j) for j in range(i, i + 20)]
         topic.send(sent, BASE + step * (i + 20))
+    slices_done: list[int] = []
     live: list[threading.Thread] = []
-    waited: list[bool] = []
+
+    def arrive_while_the_second_slice_is_locked() -> None:
+        if slices_done != [1] or live or not replay_lock_held(engine):
+            return
+        # Written to the topic while the replay holds the lock for its second slice (window
+        # 1), and applied by a live batch, which waits: one event in the first slice (rebuilt
+        # already), one in the second, and repeats of events of both.
+        record = topic.send(
+            [
+                event("live-a", quantity=5, timestamp=BASE + timedelta(minutes=1)),
+                event("live-b", quantity=11, timestamp=BASE + timedelta(hours=1, minutes=30)),
+                event("e7", quantity=2, timestamp=BASE + step * 7),
+                event("e250", quantity=2, timestamp=BASE + step * 250),
+            ],
+            NOW - timedelta(minutes=1),
+        )
+        batch = threading.Thread(target=BatchApplier(engine, settings).apply, args=([record],))
+        batch.start()
+        live.append(batch)
+
+    topic.reader.arrive = arrive_while_the_second_slice_is_locked
+    finished_by_slice: list[bool] = []
 
     def between_slices(done: int, total: int) -> None:
-        if done == 1:
-            # Written to the topic and applied by a live batch while the replay goes on: one
-            # event in the slice just rebuilt, one in the last, and a repeat of a replayed one.
-            record = topic.send(
-                [
-                    event("live-a", quantity=5, timestamp=BASE + timedelta(minutes=1)),
-                    event("live-b", quantity=11, timestamp=BASE + timedelta(hours=9, minutes=59)),
-                    event("e7", quantity=2, timestamp=BASE + step * 7),
-                ],
-                NOW - timedelta(minutes=1),
-            )
-            batch = threading.Thread(target=BatchApplier(engine, settings).apply, args=([record],))
-            batch.start()
-            live.append(batch)
+        slices_done.append(done)
         if done == 2:
-            # The slice between took the lock once; the batch had it before or after that one.
+            # The batch waited for the second slice's lock and nothing more.
             live[0].join(timeout=60)
-            waited.append(not live[0].is_alive() and done < total)
+            finished_by_slice.append(not live[0].is_alive() and done < total)
 
     report = replay(
         engine,
@@ -180,9 +216,10 @@ def test_a_live_batch_during_a_replay_waits_one_slice_and_counts_once(
         on_slice=between_slices,
     )
 
-    assert waited == [True]
+    assert finished_by_slice == [True]
     assert totals(engine, org) == topic.expected_totals() == (Decimal(4016), 2002)
     assert windows(engine, org) == topic.expected_windows()
     assert ledger_rows(engine, org) == 2002
-    # live-a's slice was rebuilt before it arrived: the live batch added it there alone.
+    # live-a's slice was rebuilt before it arrived: the live batch added it there alone;
+    # live-b was staged under the second slice's lock and counted by the replay.
     assert report.events_counted == 2001
