@@ -120,6 +120,14 @@ class Settings(BaseSettings):
     aggregator_web_port: int = Field(
         6066, ge=0, le=65535, validation_alias="METERLINE_AGGREGATOR_PORT"
     )
+    # Replay: records read per staging write, and the most events one slice of the range is
+    # rebuilt from under the replay lock (live batches wait for one slice at a time).
+    replay_chunk_records: int = Field(
+        1000, ge=1, le=100_000, validation_alias="METERLINE_REPLAY_CHUNK_RECORDS"
+    )
+    replay_slice_events: int = Field(
+        10_000, ge=1, le=10_000_000, validation_alias="METERLINE_REPLAY_SLICE_EVENTS"
+    )
     ledger_grace_hours: int = Field(
         48, ge=0, le=24 * 30, validation_alias="METERLINE_LEDGER_GRACE_HOURS"
     )

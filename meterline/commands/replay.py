@@ -82,7 +82,7 @@ def replay_range(
         reader = KafkaTopicReader(config, config.events_topic)
         try:
             report = _with_progress(
-                lambda on_record, on_total: replay(
+                lambda on_record, on_total, on_slice: replay(
                     engine(),
                     config,
                     reader,
@@ -90,6 +90,7 @@ def replay_range(
                     now=datetime.now().astimezone(),
                     on_record=on_record,
                     on_total=on_total,
+                    on_slice=on_slice,
                 ),
                 quiet=as_json,
             )
@@ -104,20 +105,24 @@ def _with_progress(run: Any, *, quiet: bool) -> Any:
 
     console = Console(file=sys.stderr)
     with Progress(
-        TextColumn("replaying"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("records"),
         console=console,
         disable=quiet or not console.is_terminal,
         transient=True,
     ) as progress:
-        task = progress.add_task("replay", total=0)
+        # Records read (phase 1, then each slice's tail), then slices of the range rebuilt.
+        records = progress.add_task("records read", total=0)
+        slices = progress.add_task("slices rebuilt", total=None, visible=False)
 
         def on_total(more: int) -> None:
-            progress.update(task, total=(progress.tasks[0].total or 0) + more)
+            progress.update(records, total=(progress.tasks[records].total or 0) + more)
 
-        return run(lambda: progress.advance(task), on_total)
+        def on_slice(done: int, total: int) -> None:
+            progress.update(slices, completed=done, total=total, visible=True)
+
+        return run(lambda: progress.advance(records), on_total, on_slice)
 
 
 def _print_report(report: Any, as_json: bool) -> None:
@@ -137,6 +142,7 @@ def _print_report(report: Any, as_json: bool) -> None:
                 "windows_changed": report.windows_changed,
                 "meter_windows_changed": report.meter_windows_changed,
                 "meter_values_changed": report.meter_values_changed,
+                "slices": report.slices,
                 "changes": [change_document(c) for c in report.changes],
                 "skipped": [
                     {
@@ -157,7 +163,7 @@ def _print_report(report: Any, as_json: bool) -> None:
     typer.echo(
         f"replayed [{report.start.isoformat()}, {report.end.isoformat()}) ({mode}): "
         f"{report.records_read} records read, {report.events_counted} distinct events in range, "
-        f"{report.windows_changed} windows changed"
+        f"{report.windows_changed} windows changed in {report.slices} slices"
         + (
             f", {report.meter_windows_changed} meter windows and "
             f"{report.meter_values_changed} distinct values changed"

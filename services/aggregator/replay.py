@@ -1,18 +1,25 @@
 """Replay: rebuild the usage_records windows of a time range from the events topic.
 
-Safe while the live aggregator runs, in two phases:
+Safe while the live aggregator runs, in bounded memory, in two phases:
   phase 1  read the topic, without locks, from the offsets of (range start - max future) to the
-           end offsets E1 taken at the start (an event's timestamp is at most max_future ahead of
-           the record's, so nothing of the range lies before);
-  phase 2  one transaction: take the replay lock exclusive (live batches wait), read E1 -> E2 (the
-           end offsets now), look the range's event ids up in the ledger, record the events the
-           ledger lacks (first accepted wins: an id the ledger holds with other content is not
-           counted), and set every window of the range, its meter windows and distinct values
-           (shared.meter_usage), and the part of every usage cut inside those windows
-           (shared.usage_cuts) and their meter pieces (shared.meter_pieces), to the recomputed
-           totals; commit.
+           end offsets taken at the start (an event's timestamp is at most max_future ahead of
+           the record's, so nothing of the range lies before), staging the records in
+           PostgreSQL (services.aggregator.replay_staging) a chunk at a time;
+  phase 2  cut the range into slices of whole windows of at most replay_slice_events staged
+           events, and rebuild each in its own transaction: stage the tail written since, take
+           the replay lock exclusive (live batches wait for this slice alone), stage the tail
+           again up to the end offsets now, look the slice's event ids up in the ledger, record
+           the events the ledger lacks (first accepted wins: an id the ledger holds with other
+           content is not counted), and set every window of the slice, its meter windows and
+           distinct values (shared.meter_usage), and the part of every usage cut inside those
+           windows (shared.usage_cuts) and their meter pieces (shared.meter_pieces), to the
+           recomputed totals; commit.
 Whatever the live aggregator committed is in the ledger and replaced here; whatever it has not yet
-applied (before E2) is recorded here and becomes a duplicate there; after E2 it adds as usual.
+applied (before the slice's end offsets) is recorded here and becomes a duplicate there; after
+them it adds as usual. An event id's accepted version is decided over all its staged versions
+(the first read, or the one the ledger holds), so slices agree on it: it counts in the one slice
+that holds its accepted version's window. A replay stopped midway leaves its finished slices
+rebuilt and the rest as they were; running it again completes it.
 """
 
 from __future__ import annotations
@@ -38,7 +45,6 @@ from services.aggregator.batch import (
     WindowTotal,
     counted_version,
     cut_events,
-    read_records,
     sum_windows,
     usage_deltas,
     usage_windows,
@@ -51,6 +57,7 @@ from services.aggregator.ledger_partitions import (
 )
 from services.aggregator.meter_windows import meter_usage, piece_events
 from services.aggregator.refusals import write_isolating
+from services.aggregator.replay_staging import ReplayStaging, plan_slices
 from services.aggregator.topic_reader import RecordReader
 from shared.errors import ConfigurationError, InvalidInput, NotFound
 from shared.events import SUM_CONTEXT, stored_text_problem, window_start
@@ -124,6 +131,8 @@ class ReplayReport:
     # Meter windows and distinct values (shared.meter_usage) written or deleted.
     meter_windows_changed: int = 0
     meter_values_changed: int = 0
+    # The slices the range was rebuilt in, each in its own transaction under the replay lock.
+    slices: int = 0
 
     @property
     def windows_changed(self) -> int:
@@ -199,7 +208,10 @@ def replay(
     now: datetime,
     on_record: Callable[[], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    on_slice: Callable[[int, int], None] | None = None,
 ) -> ReplayReport:
+    """`on_record` is called per record read, `on_total` with each addition to the records to
+    read, `on_slice` with (slices done, slices) after each slice."""
     start, end = aligned_range(request.start, request.end, settings.window_seconds)
     cutoff = ledger_cutoff(now, settings)
     if start < cutoff:
@@ -222,66 +234,33 @@ def replay(
     _refuse_short_retention(reader, settings)
     _refuse_if_not_retained(reader, read_from)
     report = ReplayReport(start, end, request.organization_id, request.metric, request.dry_run)
-    versions = EventVersions(request.organization_id)
-
-    # Phase 1: no locks.
-    offsets = reader.offsets_since(read_from)
-    first_end = reader.end_offsets()
-    if on_total:
-        on_total(sum(first_end[p] - offsets[p] for p in offsets))
-    report.records_read += _read_into(versions, reader, offsets, first_end, rules, on_record)
-    # Partitions first: their DDL takes the lock exclusive, so it cannot run under phase 2's.
-    PartitionKeeper(engine).ensure(
-        months_for(v[0].event.timestamp for v in versions.versions.values())
-    )
-
-    # Phase 2: live batches wait from here until the commit.
-    with engine.connect() as connection, connection.begin() as transaction:
-        repository.lock_exclusive(connection)
-        _refuse_below_floor(start, ledger_floor(connection))
-        second_end = reader.end_offsets()
-        if on_total:
-            on_total(sum(second_end[p] - first_end.get(p, 0) for p in second_end))
-        report.records_read += _read_into(versions, reader, first_end, second_end, rules, on_record)
-        counted, to_record = _accepted_in_range(connection, versions, request, start, end)
-        # The ledger rows first, so that an event the database refuses is left out of the
-        # windows too (each part in a savepoint: a refusal undoes only its part).
-        meters = meters_by_metric(connection)
-        recorded = write_isolating(
-            to_record,
-            lambda part: _record_in_savepoint(connection, part, settings.window_seconds, meters),
-        )
-        report.skipped = _skipped(versions.unstorable, request, start, end) + [
-            _skipped_event(event, reason) for event, reason in recorded.refused
-        ]
-        counted = _without(counted, {event.key for event, _ in recorded.refused})
-        report.events_counted = len(counted)
-        before = repository.window_totals(
-            connection,
-            start=start,
-            end=end,
-            window_seconds=settings.window_seconds,
-            organization_id=request.organization_id,
-            metric=request.metric,
-        )
-        after = sum_windows(counted)
-        report.changes = metric_changes(before, after)
-        changed = {k: v for k, v in after.items() if before.get(k) != v}
-        # Written before a dry run's rollback too: the rollback undoes them with the rest.
-        report.meter_windows_changed, report.meter_values_changed = _rebuild_meters(
-            connection, counted, request, start, end, settings.window_seconds, meters
-        )
-        if request.dry_run:
-            transaction.rollback()
-        else:
-            report.events_recorded = sum(recorded.written)
-            _set_windows(connection, before, after, changed, settings.window_seconds)
-            _rebuild_cuts(connection, counted, request, start, end, settings.window_seconds, meters)
-            _record_run(connection, report, now)
-            transaction.commit()
-    if request.dry_run:
-        with engine.begin() as connection:
-            _record_run(connection, report, now)
+    with engine.connect() as connection:
+        with connection.begin():
+            staging = ReplayStaging(connection, reader.topic, rules, request.organization_id)
+        try:
+            run = _StagedRun(engine, connection, staging, settings, reader, request, report)
+            run.on_record, run.on_total = on_record, on_total
+            # Phase 1: no locks.
+            run.read_to(reader.offsets_since(read_from), reader.end_offsets())
+            with connection.begin():
+                staging.index()
+                counts = staging.window_counts(start, end)
+            slices = plan_slices(start, end, counts, settings.replay_slice_events)
+            # Phase 2: live batches wait for one slice at a time.
+            for done, (first, last) in enumerate(slices, 1):
+                run.rebuild_slice(first, last)
+                report.slices = done
+                if on_slice:
+                    on_slice(done, len(slices))
+        except BaseException:
+            # A failed replay's connection is closed, not pooled: its staging goes with it.
+            connection.invalidate()
+            raise
+        with connection.begin():
+            staging.drop()
+    report.skipped = run.unstorable + report.skipped
+    with engine.begin() as connection:
+        _record_run(connection, report, now)
     log_event(
         logger,
         "replay_finished",
@@ -293,8 +272,174 @@ def replay(
         events_recorded=report.events_recorded,
         windows_changed=report.windows_changed,
         skipped=len(report.skipped),
+        slices=report.slices,
     )
     return report
+
+
+class _StagedRun:
+    """One replay's reads into staging and its slices, adding up into its report."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        connection: Connection,
+        staging: ReplayStaging,
+        settings: Settings,
+        reader: RecordReader,
+        request: ReplayRequest,
+        report: ReplayReport,
+    ) -> None:
+        self._engine = engine
+        self._connection = connection
+        self._staging = staging
+        self._settings = settings
+        self._reader = reader
+        self._request = request
+        self._report = report
+        self._read_end: dict[int, int] = {}
+        self._months: set[datetime] = set()
+        self._ensured: set[datetime] = set()
+        self.unstorable: list[SkippedEvent] = []
+        self.on_record: Callable[[], None] | None = None
+        self.on_total: Callable[[int], None] | None = None
+
+    def read_to(self, since: dict[int, int], until: dict[int, int], *, commit: bool = True) -> None:
+        """Stage the records in [since, until) a chunk at a time; outside a slice each chunk is
+        committed (no long transaction holds back vacuum)."""
+        if self.on_total:
+            self.on_total(sum(until[p] - since.get(p, 0) for p in until))
+        chunk: list[SourceRecord] = []
+        records = self._reader.read(since, until, self.on_record)
+        for record in records:
+            chunk.append(record)
+            if len(chunk) >= self._settings.replay_chunk_records:
+                self._stage(chunk, commit)
+                chunk = []
+        self._stage(chunk, commit)
+        self._read_end = dict(until)
+
+    def _stage(self, chunk: list[SourceRecord], commit: bool) -> None:
+        if not chunk:
+            return
+        if commit:
+            with self._connection.begin():
+                staged = self._staging.stage(chunk)
+        else:
+            staged = self._staging.stage(chunk)
+        self._report.records_read += staged.records
+        report = self._report
+        self._months |= months_for(t for t in staged.event_times if report.start <= t < report.end)
+        self.unstorable += _skipped(staged.unstorable, self._request, report.start, report.end)
+
+    def rebuild_slice(self, first: datetime, last: datetime) -> None:
+        """Catch up with the topic, then rebuild [first, last) in one transaction under the
+        replay lock: under it, every event a live batch has committed was read from below the
+        end offsets read after taking it, so the slice's ledger and windows are exact."""
+        self.read_to(self._read_end, self._reader.end_offsets())
+        # Partitions first: their DDL takes the lock exclusive, so it cannot run under ours.
+        if self._months - self._ensured:
+            PartitionKeeper(self._engine).ensure(self._months)
+            self._ensured |= self._months
+        connection = self._connection
+        # The slice's staged versions are read and decoded before the lock; under it, only
+        # the ids that the records staged since hold a version of are read again.
+        with connection.begin():
+            events = self._staging.slice_events(first, last)
+        staged = self._staging.staged
+        with connection.begin():
+            repository.lock_exclusive(connection)
+            _refuse_below_floor(self._report.start, ledger_floor(connection))
+            self.read_to(self._read_end, self._reader.end_offsets(), commit=False)
+            if self._staging.staged > staged:
+                events = _with_versions(
+                    events, self._staging.slice_events(first, last, after=staged)
+                )
+            # A savepoint: a dry run undoes the slice's writes and keeps what it staged.
+            with connection.begin_nested() as work:
+                _rebuild(
+                    connection,
+                    events,
+                    self._request,
+                    first,
+                    last,
+                    self._settings.window_seconds,
+                    self._report,
+                )
+                if self._request.dry_run:
+                    work.rollback()
+
+
+def _with_versions(
+    events: list[CountableEvent], again: list[CountableEvent]
+) -> list[CountableEvent]:
+    """`events` with every version of the ids `again` holds replaced by `again`'s (all their
+    versions, in read order)."""
+    replaced = {e.key for e in again}
+    return [e for e in events if e.key not in replaced] + again
+
+
+def _rebuild(
+    connection: Connection,
+    events: list[CountableEvent],
+    request: ReplayRequest,
+    start: datetime,
+    end: datetime,
+    window_seconds: int,
+    report: ReplayReport,
+) -> None:
+    """Make the windows, meters and cuts of [start, end) those of its accepted events, recording
+    in the ledger those it lacks, and add what changed to the report."""
+    versions = EventVersions(request.organization_id)
+    versions.add(events)
+    counted, to_record = _accepted_in_range(connection, versions, request, start, end)
+    # The ledger rows first, so that an event the database refuses is left out of the
+    # windows too (each part in a savepoint: a refusal undoes only its part).
+    meters = meters_by_metric(connection)
+    recorded = write_isolating(
+        to_record,
+        lambda part: _record_in_savepoint(connection, part, window_seconds, meters),
+    )
+    report.skipped += [_skipped_event(event, reason) for event, reason in recorded.refused]
+    counted = _without(counted, {event.key for event, _ in recorded.refused})
+    report.events_counted += len(counted)
+    before = repository.window_totals(
+        connection,
+        start=start,
+        end=end,
+        window_seconds=window_seconds,
+        organization_id=request.organization_id,
+        metric=request.metric,
+    )
+    after = sum_windows(counted)
+    report.changes = _merged(report.changes, metric_changes(before, after))
+    changed = {k: v for k, v in after.items() if before.get(k) != v}
+    # Written in a dry run too: its savepoint's rollback undoes them with the rest.
+    meter_windows, meter_values = _rebuild_meters(
+        connection, counted, request, start, end, window_seconds, meters
+    )
+    report.meter_windows_changed += meter_windows
+    report.meter_values_changed += meter_values
+    if not request.dry_run:
+        report.events_recorded += sum(recorded.written)
+        _set_windows(connection, before, after, changed, window_seconds)
+        _rebuild_cuts(connection, counted, request, start, end, window_seconds, meters)
+
+
+def _merged(changes: list[MetricChange], more: list[MetricChange]) -> list[MetricChange]:
+    """Two slices' changes per metric as one (slices hold disjoint windows, so they add)."""
+    by_metric = {c.metric: c for c in changes}
+    for change in more:
+        known = by_metric.get(change.metric)
+        if known is None:
+            by_metric[change.metric] = change
+            continue
+        known.quantity_before = SUM_CONTEXT.add(known.quantity_before, change.quantity_before)
+        known.quantity_after = SUM_CONTEXT.add(known.quantity_after, change.quantity_after)
+        known.events_before += change.events_before
+        known.events_after += change.events_after
+        known.windows_changed += change.windows_changed
+    return sorted(by_metric.values(), key=lambda c: c.metric)
 
 
 def _record_in_savepoint(
@@ -449,32 +594,6 @@ def _refuse_if_not_retained(reader: RecordReader, read_from: datetime) -> None:
                 )
                 + "; pick a later --from"
             )
-
-
-def _read_into(
-    versions: EventVersions,
-    reader: RecordReader,
-    start: dict[int, int],
-    end: dict[int, int],
-    rules: ReadRules,
-    on_record: Callable[[], None] | None,
-) -> int:
-    count = 0
-    chunk = []
-    for record in reader.read(start, end, on_record):
-        chunk.append(record)
-        count += 1
-        if len(chunk) >= 1000:
-            _add_read(versions, chunk, rules)
-            chunk = []
-    _add_read(versions, chunk, rules)
-    return count
-
-
-def _add_read(versions: EventVersions, chunk: list[SourceRecord], rules: ReadRules) -> None:
-    events, letters = read_records(chunk, rules)
-    versions.add(events)
-    versions.refuse(letters)
 
 
 def _accepted_in_range(
