@@ -49,32 +49,31 @@ _COPY_EVENTS = (
     "COPY replay_events (organization_id, event_id, window_start, record_seq)"
     " FROM STDIN (FORMAT BINARY)"
 )
+_SLICE_IDS = (
+    "SELECT s.organization_id, s.event_id FROM replay_events AS s"
+    " WHERE s.window_start >= :start AND s.window_start < :end"
+)
+_TAIL_IDS = (
+    "SELECT t.organization_id, t.event_id FROM replay_events AS t WHERE t.record_seq > :after"
+)
+
+
+def _records_holding(ids: str) -> sa.TextClause:
+    return sa.text(
+        "SELECT r.seq, r.partition, r.record_offset, r.timestamp_ms, r.record_key, r.value"  # noqa: S608 - fixed fragments
+        "  FROM replay_records AS r"
+        " WHERE r.seq IN ("
+        "   SELECT e.record_seq FROM replay_events AS e"
+        f"    WHERE (e.organization_id, e.event_id) IN ({ids}))"
+        " ORDER BY r.seq"
+    )
+
+
 # Every record that holds a version of an event id with a version in the slice: the rules
 # need all the versions of an id (the first read wins) wherever their times fall.
-_SLICE_RECORDS = sa.text(
-    "SELECT r.seq, r.partition, r.record_offset, r.timestamp_ms, r.record_key, r.value"
-    "  FROM replay_records AS r"
-    " WHERE r.seq IN ("
-    "   SELECT e.record_seq FROM replay_events AS e"
-    "    WHERE (e.organization_id, e.event_id) IN ("
-    "      SELECT s.organization_id, s.event_id FROM replay_events AS s"
-    "       WHERE s.window_start >= :start AND s.window_start < :end))"
-    " ORDER BY r.seq"
-)
+_SLICE_RECORDS = _records_holding(_SLICE_IDS)
 # The same, for the event ids among them that records staged after :after hold a version of.
-_SLICE_RECORDS_SINCE = sa.text(
-    "SELECT r.seq, r.partition, r.record_offset, r.timestamp_ms, r.record_key, r.value"
-    "  FROM replay_records AS r"
-    " WHERE r.seq IN ("
-    "   SELECT e.record_seq FROM replay_events AS e"
-    "    WHERE (e.organization_id, e.event_id) IN ("
-    "      SELECT s.organization_id, s.event_id FROM replay_events AS s"
-    "       WHERE s.window_start >= :start AND s.window_start < :end"
-    "      INTERSECT"
-    "      SELECT t.organization_id, t.event_id FROM replay_events AS t"
-    "       WHERE t.record_seq > :after))"
-    " ORDER BY r.seq"
-)
+_SLICE_RECORDS_SINCE = _records_holding(f"{_SLICE_IDS} INTERSECT {_TAIL_IDS}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,7 @@ from services.aggregator.service import BatchApplier
 from shared.events import Envelope, UsageEvent, encode_envelope
 from shared.settings import load_settings
 from tests.bench import figures
-from tests.bench.bench_ingest import bench_database, seed_keys
+from tests.bench.bench_ingest import bench_database, organization_ids, seed_keys
 
 ROUNDS = int(os.environ.get("BENCH_BATCH_ROUNDS", "4"))
 MESSAGES = 500
@@ -60,8 +60,7 @@ def profile_batches(admin_url: str, organizations: int) -> None:
     with bench_database(admin_url) as url:
         seed_keys(url, organizations)
         engine = sa.create_engine(url)
-        with engine.connect() as connection:
-            orgs = list(connection.execute(sa.text("SELECT id FROM organizations")).scalars())
+        orgs = organization_ids(engine)
         applier = BatchApplier(engine, load_settings(database_url=url))
         spent: dict[str, float] = defaultdict(float)
 

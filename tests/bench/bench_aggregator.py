@@ -51,6 +51,7 @@ from tests.bench.batch_profile import profile_batches
 from tests.bench.bench_ingest import (
     bench_database,
     cpu_seconds,
+    organization_ids,
     processes,
     run_wrk,
     seed_keys,
@@ -80,11 +81,6 @@ def counted(engine: sa.Engine) -> int:
                 sa.text("SELECT coalesce(sum(event_count), 0) FROM usage_records")
             ).scalar_one()
         )
-
-
-def organization_ids(engine: sa.Engine) -> list[uuid.UUID]:
-    with engine.connect() as connection:
-        return list(connection.execute(sa.text("SELECT id FROM organizations")).scalars())
 
 
 def prefill(

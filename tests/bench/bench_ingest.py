@@ -25,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -83,6 +84,11 @@ def drop_database(admin: sa.URL, name: str) -> None:
             time.sleep(2)
         finally:
             engine.dispose()
+
+
+def organization_ids(engine: sa.Engine) -> list[uuid.UUID]:
+    with engine.connect() as connection:
+        return list(connection.execute(sa.text("SELECT id FROM organizations")).scalars())
 
 
 def seed_keys(database_url: str, count: int) -> list[str]:

@@ -34,8 +34,7 @@ from shared.events import Envelope, UsageEvent, encode_envelope
 from tests import components
 from tests.aggregator_support import AggregatorProcess, Producer, create_topics, wait_for
 from tests.bench import figures
-from tests.bench.bench_aggregator import organization_ids
-from tests.bench.bench_ingest import bench_database, seed_keys
+from tests.bench.bench_ingest import bench_database, organization_ids, seed_keys
 
 # 10,000,000 (the size) takes about half an hour on 2 cores: BENCH_REPLAY_EVENTS=10000000.
 EVENTS = int(os.environ.get("BENCH_REPLAY_EVENTS", "1000000"))
