@@ -75,6 +75,7 @@ from shared.settings import Settings
 from shared.topics import retention_message
 from shared.usage import delete_usage, set_usage
 from shared.usage_cuts import cut_deltas, cuts_between, replace_cut_totals, touch_usage_versions
+from shared.usage_locks import hold_for_rebuild, release_rebuild
 
 logger = logging.getLogger("meterline.replay")
 
@@ -246,12 +247,19 @@ def replay(
                 staging.index()
                 counts = staging.window_counts(start, end)
             slices = plan_slices(start, end, counts, settings.replay_slice_events)
-            # Phase 2: live batches wait for one slice at a time.
+            # Phase 2: live batches wait for one slice at a time; billing does not read the
+            # range half rebuilt (a dry run changes nothing, so billing may read meanwhile).
+            if not request.dry_run:
+                with connection.begin():
+                    hold_for_rebuild(connection)
             for done, (first, last) in enumerate(slices, 1):
                 run.rebuild_slice(first, last)
                 report.slices = done
                 if on_slice:
                     on_slice(done, len(slices))
+            if not request.dry_run:
+                with connection.begin():
+                    release_rebuild(connection)
         except BaseException:
             # A failed replay's connection is closed, not pooled: its staging goes with it.
             connection.invalidate()

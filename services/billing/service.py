@@ -73,6 +73,7 @@ from shared.usage_cuts import (
     registered_cut_parts,
     splits_windows,
 )
+from shared.usage_locks import no_rebuild_running
 
 logger = logging.getLogger("meterline.billing")
 
@@ -304,9 +305,11 @@ class _Run:
     def totals(
         self, queries: Sequence[tuple[_QueryKey, SegmentQuery]], missing: Sequence[Cut]
     ) -> dict[uuid.UUID, Totals]:
-        """(3) Every segment's usage, the windows and the cuts' parts from one snapshot."""
+        """(3) Every segment's usage, the windows and the cuts' parts from one snapshot, taken
+        while no replay is rebuilding (Conflict if one is)."""
         cuts = sorted({cut for _, q in queries for cut in q.cuts if splits_windows(cut.at)})
         with (
+            no_rebuild_running(self.engine),
             self.engine.connect().execution_options(
                 isolation_level="REPEATABLE READ"
             ) as connection,
