@@ -1128,7 +1128,9 @@ def test_dead_letters_are_listed_with_their_reason_and_republished(
         if r.key == str(organization_id).encode()
     ]
     assert on_topic == [payload]
-    assert len(_audit(engine, "dead_letter.republish", f"{partition}:{offset}")) == 1
+    # References repeat across the suite's topics (each module has its own): count this letter's.
+    audited = _audit(engine, "dead_letter.republish", f"{partition}:{offset}")
+    assert [a.details["organization_id"] for a in audited].count(str(organization_id)) == 1
 
     refused = client.post(
         f"{API_PREFIX}/dead-letters/{skip[0]}:{skip[1]}/republish", headers=bearer(admin.token)
