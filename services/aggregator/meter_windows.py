@@ -10,13 +10,17 @@ count does not add, so unique values are kept per window and counted over the ra
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 from services.aggregator.batch import CountableEvent
 from shared.events import SUM_CONTEXT, UsageEvent
 from shared.meter_pieces import PieceEvent
 from shared.meter_usage import MeterTotal, MeterUsage, MeterValueKey, MeterWindowKey
 from shared.meters import MeterDefinition, dimensions_key
+
+# What the ledger keeps of an event for its meter (meter_facts): its dimension values' canonical
+# JSON and its unique_count property value; (None, None) for an event of no meter.
+MeterFacts = tuple[str | None, str | None]
 
 
 class DimensionSpellings:
@@ -36,22 +40,20 @@ class DimensionSpellings:
 
 
 def meter_usage(
-    events: Iterable[CountableEvent], meters: Mapping[str, MeterDefinition]
+    events: Sequence[CountableEvent],
+    meters: Mapping[str, MeterDefinition],
+    facts: Sequence[MeterFacts] | None = None,
 ) -> MeterUsage:
     """The meter windows and distinct values of the events of metered metrics (the others are
-    usage_records' alone)."""
+    usage_records' alone). `facts`: the events' batch_meter_facts, when the caller has them."""
     values: set[MeterValueKey] = set()
     if not meters:
         return MeterUsage({}, values)
     grouped: dict[MeterWindowKey, list[UsageEvent]] = {}
-    spelled = DimensionSpellings()
-    for e in events:
-        usage = e.event
-        meter = meters.get(usage.metric)
-        if meter is None:
+    for e, (text, value) in zip(events, facts or batch_meter_facts(events, meters), strict=True):
+        if text is None:
             continue
-        properties = usage.properties
-        text = spelled.of(usage.metric, meter, properties)
+        usage = e.event
         key = (e.organization_id, usage.project_id, e.api_key_id, usage.metric, text,
                e.window_start)  # fmt: skip
         group = grouped.get(key)
@@ -59,10 +61,8 @@ def meter_usage(
             grouped[key] = [usage]
         else:
             group.append(usage)
-        if meter.property is not None:
-            value = properties.get(meter.property)
-            if value is not None:
-                values.add((*key, value))
+        if value is not None:
+            values.add((*key, value))
     return MeterUsage({key: _total(group) for key, group in grouped.items()}, values)
 
 
@@ -95,7 +95,7 @@ def meter_facts(
     usage: UsageEvent,
     meters: Mapping[str, MeterDefinition],
     spelled: DimensionSpellings | None = None,
-) -> tuple[str | None, str | None]:
+) -> MeterFacts:
     """What the ledger keeps of an event for its meter's pieces: its dimension values (canonical
     JSON) and its unique_count property value; (None, None) for an event of no meter. Pass the
     batch's `spelled` when calling it for many events."""
@@ -104,6 +104,15 @@ def meter_facts(
         return None, None
     value = usage.properties.get(meter.property) if meter.property is not None else None
     return (spelled or DimensionSpellings()).of(usage.metric, meter, usage.properties), value
+
+
+def batch_meter_facts(
+    events: Iterable[CountableEvent], meters: Mapping[str, MeterDefinition]
+) -> list[MeterFacts]:
+    """meter_facts of each event, in order: worked out once per batch, for the ledger's rows
+    and the meter windows alike."""
+    spelled = DimensionSpellings()
+    return [meter_facts(e.event, meters, spelled) for e in events]
 
 
 def piece_events(

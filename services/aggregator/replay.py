@@ -55,7 +55,7 @@ from services.aggregator.ledger_partitions import (
     ledger_floor,
     months_for,
 )
-from services.aggregator.meter_windows import meter_usage, piece_events
+from services.aggregator.meter_windows import batch_meter_facts, meter_usage, piece_events
 from services.aggregator.refusals import write_isolating
 from services.aggregator.replay_staging import ReplayStaging, plan_slices
 from services.aggregator.topic_reader import RecordReader
@@ -457,7 +457,9 @@ def _record_in_savepoint(
     meters: Mapping[str, MeterDefinition],
 ) -> int:
     with connection.begin_nested():
-        return repository.record_events(connection, events, window_seconds, meters)
+        return repository.record_events(
+            connection, events, window_seconds, batch_meter_facts(events, meters)
+        )
 
 
 def _skipped(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
@@ -25,9 +25,8 @@ from services.aggregator.batch import (
     WindowKey,
     WindowTotal,
 )
-from services.aggregator.meter_windows import DimensionSpellings, meter_facts
+from services.aggregator.meter_windows import MeterFacts
 from shared.db import array_literal
-from shared.meters import MeterDefinition
 
 # The usage locks live with every other writer's; the batch and replay take them through here.
 from shared.usage_locks import lock_exclusive, lock_shared_for_batch  # noqa: F401
@@ -88,9 +87,8 @@ def existing_references(connection: Connection, events: Sequence[CountableEvent]
     organizations = sorted({e.organization_id for e in events})
     projects = sorted({e.event.project_id for e in events if e.event.project_id is not None})
     keys = sorted({e.api_key_id for e in events if e.api_key_id is not None})
-    found_orgs = connection.execute(
-        sa.text("SELECT id FROM organizations WHERE id = ANY(CAST(:ids AS uuid[]))"),
-        {"ids": organizations},
+    found_orgs = connection.exec_driver_sql(
+        "SELECT id FROM organizations WHERE id = ANY(%(ids)b::uuid[])", {"ids": organizations}
     ).scalars()
     project_owner: dict[uuid.UUID, uuid.UUID] = {}
     if projects:
@@ -131,16 +129,14 @@ def record_events(
     connection: Connection,
     events: Sequence[CountableEvent],
     window_seconds: int,
-    meters: Mapping[str, MeterDefinition],
+    facts: Sequence[MeterFacts],
 ) -> int:
     """Insert the events into the ledger, with what each added to which window size (a usage
     cut's part is computed from them) and, for metered metrics, what a meter piece needs
-    (shared.meter_pieces); returns how many were new to it (the others are left as they are:
-    first accepted wins)."""
+    (shared.meter_pieces: `facts`, the events' batch_meter_facts); returns how many were new to
+    it (the others are left as they are: first accepted wins)."""
     if not events:
         return 0
-    spelled = DimensionSpellings()
-    facts = [meter_facts(e.event, meters, spelled) for e in events]
     result = connection.exec_driver_sql(
         _RECORD_EVENTS,
         {

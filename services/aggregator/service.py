@@ -42,7 +42,7 @@ from services.aggregator.batch import (
     usage_deltas,
 )
 from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor, months_for
-from services.aggregator.meter_windows import meter_usage, piece_events
+from services.aggregator.meter_windows import batch_meter_facts, meter_usage, piece_events
 from services.aggregator.metercache import MeterCache
 from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolating
 from shared.logs import log_event
@@ -147,8 +147,9 @@ class BatchApplier:
             # older than the key-cache TTL): the ledger rows keep what meter pieces need of each
             # metered event, by the same meters the meter windows use below.
             meters = self._meters.get(connection) if selection.new else {}
+            facts = batch_meter_facts(selection.new, meters)
             result.counted = repository.record_events(
-                connection, selection.new, self._settings.window_seconds, meters
+                connection, selection.new, self._settings.window_seconds, facts
             )
             if result.counted != len(selection.new):
                 # Only a writer that skipped the organization lock could get here: roll back
@@ -161,7 +162,9 @@ class BatchApplier:
             # Metered metrics also keep their windows per dimension values: same events, same
             # transaction, so the ledger that counts an event once counts it once here too.
             record_meter_usage(
-                connection, meter_usage(selection.new, meters), self._settings.window_seconds
+                connection,
+                meter_usage(selection.new, meters, facts),
+                self._settings.window_seconds,
             )
             # The cuts inside this batch's windows (usually none) get the events at or after
             # them, and their meter pieces the metered events, in the same transaction as the
