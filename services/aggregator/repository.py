@@ -84,7 +84,7 @@ class References:
 
 
 def existing_references(connection: Connection, events: Sequence[CountableEvent]) -> References:
-    organizations = sorted({e.organization_id for e in events})
+    organizations = list({e.organization_id for e in events})
     projects = sorted({e.event.project_id for e in events if e.event.project_id is not None})
     keys = sorted({e.api_key_id for e in events if e.api_key_id is not None})
     found_orgs = connection.exec_driver_sql(
