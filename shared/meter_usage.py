@@ -208,7 +208,10 @@ def _value_columns(values: Sequence[MeterValueKey], window_seconds: int) -> dict
 # dimensions) cost the batch more than PostgreSQL's own work on the rows.
 _RECORD = f"""
     WITH d AS (
-        SELECT * FROM unnest(
+        SELECT organization_id, project_id, api_key_id, metric,
+               CAST(dimensions AS jsonb) AS dimensions, window_start, quantity, event_count,
+               max_quantity, min_quantity, latest_quantity, latest_at, latest_event_id, n
+          FROM unnest(
             %(organization_id)b::uuid[], %(project_id)b::uuid[], %(api_key_id)b::uuid[],
             %(metric)b::text[], %(dimensions)b::text[], %(window_start)b::timestamptz[],
             %(quantity)b::numeric[], %(event_count)b::bigint[], %(max_quantity)b::numeric[],
@@ -223,7 +226,7 @@ _RECORD = f"""
              window_seconds, quantity, event_count, max_quantity, min_quantity,
              latest_quantity, latest_at, latest_event_id)
         SELECT gen_random_uuid(), d.organization_id, d.project_id, d.api_key_id, d.metric,
-               CAST(d.dimensions AS jsonb), d.window_start, %(window_seconds)b::integer,
+               d.dimensions, d.window_start, %(window_seconds)b::integer,
                d.quantity, d.event_count, d.max_quantity, d.min_quantity, d.latest_quantity,
                d.latest_at, d.latest_event_id
           FROM d
@@ -232,7 +235,7 @@ _RECORD = f"""
     )
     INSERT INTO meter_values (organization_id, project_id, api_key_id, metric, dimensions,
                               window_start, window_seconds, value)
-    SELECT d.organization_id, d.project_id, d.api_key_id, d.metric, CAST(d.dimensions AS jsonb),
+    SELECT d.organization_id, d.project_id, d.api_key_id, d.metric, d.dimensions,
            d.window_start, %(window_seconds)b::integer, v.value
       FROM unnest(%(value_window)b::bigint[], %(value)b::text[]) AS v(n, value)
       JOIN d ON d.n = v.n

@@ -48,6 +48,9 @@ class UsageRecord(IdMixin, TimestampMixin, Base):
         Index("ix_usage_records_org_window", "organization_id", "window_start"),
         Index("ix_usage_records_project_window", "project_id", "window_start"),
         Index("ix_usage_records_key_window", "api_key_id", "window_start"),
+        # Every batch updates the windows it adds to: room on each page keeps those updates in
+        # place (HOT), without new entries in the four indexes (migration 0025).
+        {"postgresql_with": {"fillfactor": "70"}},
     )
 
     organization_id: Mapped[uuid.UUID] = mapped_column(
@@ -174,6 +177,8 @@ class UsageVersion(Base):
     with the one it last billed with, so a rerun with nothing new reads no usage."""
 
     __tablename__ = "usage_versions"
+    # Bumped by every batch of the organization: updated in place (migration 0025).
+    __table_args__ = ({"postgresql_with": {"fillfactor": "70"}},)
 
     organization_id: Mapped[uuid.UUID] = mapped_column(
         ForeignKey("organizations.id", ondelete="CASCADE"), primary_key=True

@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 
 from shared import migrate
+from shared.models import Base
 from shared.usage import UsageDelta, record_usage
 
 DESIGN_TABLES = {
@@ -84,6 +85,31 @@ def test_usage_records_unique_is_nulls_not_distinct(empty_database: str) -> None
 def test_models_and_migrations_agree(empty_database: str) -> None:
     migrate.upgrade(empty_database)
     migrate.check(empty_database)  # raises if autogenerate finds any difference
+
+
+def test_every_storage_parameter_of_the_models_is_in_the_database(empty_database: str) -> None:
+    # Autogenerate compares no storage parameters: the fillfactors the models declare (room for
+    # in-place updates on the tables every batch or billing run rewrites) are checked here.
+    declared = {
+        table.name: {f"{k}={v}" for k, v in table.dialect_options["postgresql"]["with"].items()}
+        for table in Base.metadata.tables.values()
+        if table.dialect_options["postgresql"].get("with")
+    }
+    assert {"usage_records", "meter_windows", "usage_versions", "subscriptions"} <= set(declared)
+    migrate.upgrade(empty_database)
+    engine = sa.create_engine(empty_database)
+    with engine.connect() as connection:
+        found = {
+            name: set(options or [])
+            for name, options in connection.execute(
+                sa.text("SELECT relname, reloptions FROM pg_class WHERE relname = ANY(:names)"),
+                {"names": list(declared)},
+            )
+        }
+    engine.dispose()
+    assert {name: declared[name] - found.get(name, set()) for name in declared} == {
+        name: set() for name in declared
+    }
 
 
 def test_downgrade_to_base_and_upgrade_again(empty_database: str) -> None:
