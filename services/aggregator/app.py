@@ -29,6 +29,7 @@ from services.aggregator.ledger_partitions import maintain_ledger, prune_cutoff
 from services.aggregator.refusals import is_transient
 from services.aggregator.schemas import dead_letter_messages
 from services.aggregator.service import BatchApplier, BatchResult
+from shared import heap
 from shared.db import create_sync_engine
 from shared.errors import BrokerUnavailable, ConfigurationError
 from shared.kafka import faust_broker_options
@@ -42,6 +43,9 @@ MAINTENANCE_SECONDS = 3600.0
 BACKOFF_FIRST_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
 SESSION_TIMEOUT_SECONDS = 60.0
+# Allocations that start a young collection once the worker has started (shared/heap.py): about
+# one per batch of the default size instead of hundreds.
+BATCH_GC_THRESHOLD = 100_000
 # After a stall is seen, /healthz answers 503 this long before the worker exits, so a probe sees
 # why it is about to be restarted.
 STALL_EXIT_DELAY_SECONDS = 3.0
@@ -486,6 +490,10 @@ def create_app(settings: Settings) -> tuple[faust.App, Aggregator]:
     @app.task
     async def maintain_ledger_at_start() -> None:
         await aggregator.maintain()
+
+    @app.task
+    async def settle_heap_at_start() -> None:
+        heap.settle(young_threshold=BATCH_GC_THRESHOLD)
 
     @app.timer(interval=max(1.0, settings.aggregator_stall_seconds / 4))
     async def watch_for_stall() -> None:

@@ -1,0 +1,43 @@
+"""The collector's settings for long-running processes (shared/heap.py)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+
+from shared import heap
+
+
+@pytest.fixture
+def collector() -> Iterator[None]:
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_settle_freezes_what_exists_and_keeps_the_threshold(collector: None) -> None:
+    before = gc.get_threshold()
+    heap.settle()
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == before
+
+
+def test_settle_sets_only_the_young_threshold(collector: None) -> None:
+    _, middle, old = gc.get_threshold()
+    heap.settle(young_threshold=100_000)
+    assert gc.get_threshold() == (100_000, middle, old)
+
+
+def test_objects_made_after_settling_are_still_collected(collector: None) -> None:
+    heap.settle(young_threshold=100_000)
+
+    class Cycle:
+        pass
+
+    first, second = Cycle(), Cycle()
+    first.other, second.other = second, first  # type: ignore[attr-defined]
+    del first, second
+    assert gc.collect() >= 2
