@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from services.ingest import metrics
 from services.ingest.dropins import api as dropins
+from services.ingest.keycache import Admission
 from services.ingest.openapi import openapi_document
 from services.ingest.publisher import RETRY_AFTER_SECONDS
 from services.ingest.schemas import Accepted, encoder
@@ -116,8 +117,11 @@ class AuthenticateFirst:
             return
         service: IngestService = self.app.state.service
         try:
-            scope[_KEY] = await service.authenticate(_authorization(scope), _client(scope))
+            scope[_KEY] = await service.authenticate(
+                _authorization(scope), _client(scope), scope.get(ADMITTED)
+            )
         except MeterlineError as exc:
+            scope[REFUSED] = True  # the front door reads this connection's next request later
             await _send_refusal(send, refusal_parts(exc, scope["path"]))
             return
         except Exception as exc:
@@ -130,20 +134,27 @@ class AuthenticateFirst:
             return
         await self.app(scope, receive, send)
 
-    def refusal(
+    def screen(
         self, method: str, path: str, authorization: str | None, client: str | None
-    ) -> Refusal | None:
-        """The answer __call__ would give this request without waiting on anything, or None."""
+    ) -> Refusal | Admission | None:
+        """The answer __call__ would give this request without waiting on anything; else what
+        was taken to let it through (to be put in its scope under ADMITTED), or None."""
         if (method, path) not in AUTHENTICATED:
             return None
         service: IngestService | None = getattr(self.app.state, "service", None)
         if service is None:  # not started yet
             return None
-        refused = service.refusal(authorization, client)
-        return None if refused is None else refusal_parts(refused, path)
+        screened = service.screen(authorization, client)
+        if isinstance(screened, Admission):
+            return screened
+        return refusal_parts(screened, path)
 
 
 Refusal = tuple[int, list[tuple[bytes, bytes]], bytes]
+# Scope keys: what the front door took for a request it let through (KeyCache.screen), and the
+# mark of a request this app refused.
+ADMITTED = "meterline.admitted"
+REFUSED = "meterline.refused"
 
 
 def _authorization(scope: Scope) -> str | None:

@@ -30,7 +30,8 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from services.ingest.api import AuthenticateFirst
+from services.ingest.api import ADMITTED, REFUSED, AuthenticateFirst
+from services.ingest.keycache import Admission
 
 WAITING_BYTES = 64 * 1024
 
@@ -74,11 +75,21 @@ class FrontDoor(HttpToolsProtocol):
             self.flow.resume_reading()  # else the response's completion resumes it
 
     def on_headers_complete(self) -> None:
-        refused = self._refusal()
-        if refused is None:
-            super().on_headers_complete()
-        else:
-            self._refused = refused
+        screened = self._screen()
+        if isinstance(screened, bytes):
+            self._refused = screened
+            return
+        if screened is not None:
+            self.scope[ADMITTED] = screened  # type: ignore[literal-required]
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        # Refused by the app (a key read and found unknown, a line full): the connection's next
+        # request waits in the line too, as after a refusal of the front door's own.
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and REFUSED in cycle.scope:
+            self._was_refused = True
+        super().on_response_complete()
 
     def on_body(self, body: bytes) -> None:
         if self._refused is None:
@@ -96,7 +107,9 @@ class FrontDoor(HttpToolsProtocol):
             self.transport.close()
         self.on_response_complete()
 
-    def _refusal(self) -> bytes | None:
+    def _screen(self) -> bytes | Admission | None:
+        """The refusal to write now, or what the app's key check was given (Admission), or
+        None: the app decides alone."""
         if self._door is None or self.expect_100_continue or self.pipeline:
             return None
         if self.cycle is not None and not self.cycle.response_complete:
@@ -111,15 +124,15 @@ class FrontDoor(HttpToolsProtocol):
             if name == b"authorization":
                 authorization = value.decode("latin-1")
                 break
-        refusal = self._door.refusal(
+        screened = self._door.screen(
             self.parser.get_method().decode("ascii"),
             path.decode("ascii"),
             authorization,
             self._client(),
         )
-        if refusal is None:
-            return None
-        status, headers, body = refusal
+        if screened is None or isinstance(screened, Admission):
+            return screened
+        status, headers, body = screened
         head = [STATUS_LINE[status]]
         for name, value in (*self.server_state.default_headers, *headers):
             head += (name, b": ", value, b"\r\n")

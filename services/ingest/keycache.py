@@ -95,6 +95,25 @@ class PrefixFilter:
         return bool(self._bits[slot >> 3] & (1 << (slot & 7)))
 
 
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """What `screen` took for a request that it lets through to `get`: a token of the client's
+    failed-authentication bucket (`bucket`, None if none was taken) and a stranger's place in the
+    strangers' budget (`stranger_read`). `get` given it does not take them again.
+
+    Taking them when the request is let through, not when it is read, bounds what a flood gets
+    past the front door to the tokens there are. (Peeking at the buckets there and taking later
+    let every request of a turn of the event loop through while one token was left: during a
+    flood from many addresses most made-up keys then went on to the app, to be refused there
+    one by one, at twice a refusal's cost, each a task ahead of the real requests' steps.)"""
+
+    bucket: str | None = None
+    stranger_read: bool = False
+
+
+NOTHING_TAKEN = Admission()
+
+
 @dataclass(slots=True)
 class _Entry:
     key: VerifiedKey | None
@@ -155,48 +174,65 @@ class KeyCache:
         self._prefixes: PrefixFilter | None = None  # until the first poll
 
     async def get(
-        self, plaintext: str, now: datetime, client: str | None = None
+        self,
+        plaintext: str,
+        now: datetime,
+        client: str | None = None,
+        admission: Admission | None = None,
     ) -> VerifiedKey | None:
         """The key if valid at `now`; None if malformed, unknown, revoked or expired.
 
         RateLimited if the key is not known and `client` is over its failed-authentication
-        bucket (or too many first reads are already waiting)."""
+        bucket (or too many first reads are already waiting). `admission`: what `screen` took
+        for this request, not taken again."""
         prefix = parse_prefix(plaintext)
         if prefix is None:
             return None
         digest = hash_key(plaintext, self._pepper)
         entry = self._verified.get(digest)
         if entry is not None:
+            if admission is not None and admission.bucket is not None and self._failures:
+                self._failures.refund(admission.bucket)  # verified meanwhile: not a failure
             key = entry.key if self._current(entry) else await self._read(digest, Standing.VERIFIED)
         else:
             unknown = self._unknown.get(digest)
             if unknown is not None and self._current(unknown):
                 return None
-            key = await self._read_unknown(digest, client, self._standing(prefix))
+            key = await self._read_unknown(
+                digest, client, self._standing(prefix), admission or NOTHING_TAKEN
+            )
         if key is None or (key.expires_at is not None and key.expires_at <= now):
             return None
         return key
 
-    def refusal(
+    def screen(
         self, plaintext: str, client: str | None
-    ) -> Literal["unknown"] | RateLimited | None:
-        """What `get` would refuse without waiting on anything, taking nothing: "unknown" for a
-        malformed or remembered unknown key, RateLimited for a key that would be refused before
-        its read; None when `get` has to answer (a verified key, or a read to make)."""
+    ) -> Literal["unknown"] | RateLimited | Admission:
+        """For the front door, without waiting on anything: "unknown" for a malformed or
+        remembered unknown key and RateLimited for a key that `get` would refuse before its read
+        (taking nothing); else the Admission to hand to `get`: nothing taken for a verified key,
+        and for a key to read the address's token and, for a stranger, its place in the
+        strangers' budget."""
         prefix = parse_prefix(plaintext)
         if prefix is None:
             return "unknown"
         digest = hash_key(plaintext, self._pepper)
         if self._verified.get(digest) is not None:
-            return None
+            return NOTHING_TAKEN
         unknown = self._unknown.get(digest)
         if unknown is not None and self._current(unknown):
             return "unknown"
-        if self._failures is not None and client:
-            wait = self._failures.waiting(client_bucket(client))
+        bucket = client_bucket(client) if self._failures is not None and client else None
+        if self._failures is not None and bucket is not None:
+            wait = self._failures.waiting(bucket)
             if wait > 0:
                 return RateLimited(FAILED_FROM_ADDRESS, retry_after=wait)
-        return self._lookups.refusal(self._standing(prefix))
+        reserved = self._lookups.reserve(self._standing(prefix))
+        if isinstance(reserved, RateLimited):
+            return reserved
+        if self._failures is not None and bucket is not None:
+            self._failures.acquire(bucket)  # there is a token: `waiting` just said so
+        return Admission(bucket, reserved)
 
     def _standing(self, prefix: str) -> Standing:
         if self._prefixes is None or prefix in self._prefixes:
@@ -204,16 +240,17 @@ class KeyCache:
         return Standing.STRANGER
 
     async def _read_unknown(
-        self, digest: bytes, client: str | None, standing: Standing
+        self, digest: bytes, client: str | None, standing: Standing, admission: Admission
     ) -> VerifiedKey | None:
-        # The token is taken before the read, so a flood from one address is refused without
-        # touching the database; a key that proves valid gives it back.
-        bucket = client_bucket(client) if self._failures is not None and client else None
-        if self._failures is not None and bucket is not None:
+        # The token is taken before the read (by `screen`, or here), so a flood from one address
+        # is refused without touching the database; a key that proves valid gives it back.
+        bucket = admission.bucket
+        if bucket is None and self._failures is not None and client:
+            bucket = client_bucket(client)
             wait = self._failures.acquire(bucket)
             if wait > 0:
                 raise RateLimited(FAILED_FROM_ADDRESS, retry_after=wait)
-        key = await self._read(digest, standing)
+        key = await self._read(digest, standing, reserved=admission.stranger_read)
         if key is not None and self._failures is not None and bucket is not None:
             self._failures.refund(bucket)
         return key
@@ -228,9 +265,11 @@ class KeyCache:
             known_at = max(known_at, self._last_poll_started)
         return clock - known_at < self._ttl
 
-    async def _read(self, digest: bytes, standing: Standing) -> VerifiedKey | None:
+    async def _read(
+        self, digest: bytes, standing: Standing, *, reserved: bool = False
+    ) -> VerifiedKey | None:
         read_at = self._clock()
-        key = await self._lookups.lookup(digest, standing)
+        key = await self._lookups.lookup(digest, standing, reserved=reserved)
         entry = _Entry(key, read_at, self._clock())
         if key is None:
             self._verified.pop(digest)

@@ -47,6 +47,10 @@ STRANGERS_LINGER = 0.05  # seconds: a flood's reads are a few queries a second, 
 ReadKeys = Callable[[list[bytes]], Awaitable[dict[bytes, VerifiedKey]]]
 
 
+def _no_wait(_: None) -> float:
+    return 0.0
+
+
 class Standing(enum.Enum):
     """How likely an uncached key is to be real, which decides whose read goes first."""
 
@@ -84,13 +88,14 @@ class KeyLookups:
         self._closed = False
 
     async def lookup(
-        self, digest: bytes, standing: Standing = Standing.PLAUSIBLE
+        self, digest: bytes, standing: Standing = Standing.PLAUSIBLE, *, reserved: bool = False
     ) -> VerifiedKey | None:
         """The unrevoked key with this keyed hash, or None; DatabaseUnavailable if unreadable,
-        RateLimited if its line is full (never for a VERIFIED re-read)."""
+        RateLimited if its line is full (never for a VERIFIED re-read). `reserved`: `reserve`
+        already took this stranger's place in the budget."""
         future = self._pending.get(digest)
         if future is None:
-            self._admit(standing)
+            self._admit(standing, reserved)
             future = asyncio.get_running_loop().create_future()
             self._pending[digest] = future
             self._lines[standing].append(digest)
@@ -98,13 +103,21 @@ class KeyLookups:
         # Shielded: a request that gives up does not cancel the answer the others wait for.
         return await asyncio.shield(future)
 
-    def refusal(self, standing: Standing) -> RateLimited | None:
-        """What `lookup` of a key not yet waiting would refuse at once, without taking
-        anything (the front door answers from it before a request is handed on)."""
-        return self._refusal(standing, self._stranger_reads.waiting)
+    def reserve(self, standing: Standing) -> RateLimited | bool:
+        """For the front door, before it hands a request on: what `lookup` of a key not yet
+        waiting would refuse at once; else True if a stranger's place in the budget was taken
+        (then `lookup(..., reserved=True)` does not take another), False if none is needed."""
+        refused = self._refusal(standing, self._stranger_reads.waiting)
+        if refused is not None:
+            return refused
+        if standing is not Standing.STRANGER:
+            return False
+        self._stranger_reads.acquire(None)  # there is a token: `waiting` just said so
+        return True
 
-    def _admit(self, standing: Standing) -> None:
-        refused = self._refusal(standing, self._stranger_reads.acquire)
+    def _admit(self, standing: Standing, reserved: bool = False) -> None:
+        budget = _no_wait if reserved else self._stranger_reads.acquire
+        refused = self._refusal(standing, budget)
         if refused is not None:
             raise refused
 

@@ -24,7 +24,13 @@ import msgspec
 
 from services.ingest import metrics
 from services.ingest.customers import Directory, resolve_organizations, usage_organization
-from services.ingest.keycache import KeyCache, KeyUsageTally, ProjectCache, ProjectInfo
+from services.ingest.keycache import (
+    Admission,
+    KeyCache,
+    KeyUsageTally,
+    ProjectCache,
+    ProjectInfo,
+)
 from services.ingest.metercache import MeterCache
 from services.ingest.publisher import EventPublisher
 from services.ingest.ratelimit import RateLimiter
@@ -426,13 +432,17 @@ class IngestService:
         self.clock = clock
 
     async def authenticate(
-        self, authorization: str | None, client: str | None = None
+        self,
+        authorization: str | None,
+        client: str | None = None,
+        admission: Admission | None = None,
     ) -> VerifiedKey:
         """The verified key of a request, counted against its rate limit. `client` is the
-        caller's address: failed authentications are limited per address (keycache.py)."""
+        caller's address: failed authentications are limited per address (keycache.py).
+        `admission`: what `screen` took for this request."""
         plaintext = parse_bearer(authorization)
         now = self.clock()
-        key = await self.keys.get(plaintext, now, client) if plaintext else None
+        key = await self.keys.get(plaintext, now, client, admission) if plaintext else None
         if key is None:
             raise Unauthenticated(UNAUTHENTICATED_MESSAGE)
         self.tally.record(key.id, now)
@@ -441,15 +451,16 @@ class IngestService:
             raise RateLimited("over this key's rate limit", retry_after=wait)
         return key
 
-    def refusal(self, authorization: str | None, client: str | None) -> MeterlineError | None:
+    def screen(self, authorization: str | None, client: str | None) -> MeterlineError | Admission:
         """The refusal `authenticate` would give without waiting on anything (a missing,
         malformed or remembered unknown key; an address or strangers' budget over its limit),
-        taking nothing; None when `authenticate` has to answer."""
+        taking nothing; else what was taken to let it through, for `authenticate`
+        (KeyCache.screen)."""
         plaintext = parse_bearer(authorization)
-        refused = self.keys.refusal(plaintext, client) if plaintext else "unknown"
-        if refused == "unknown":
+        screened = self.keys.screen(plaintext, client) if plaintext else "unknown"
+        if screened == "unknown":
             return Unauthenticated(UNAUTHENTICATED_MESSAGE)
-        return refused
+        return screened
 
     async def ingest(
         self,

@@ -9,7 +9,15 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from services.ingest.keycache import KeyCache, KeyChanges, ProjectCache, ProjectInfo
+from services.ingest.keycache import (
+    FAILED_FROM_ADDRESS,
+    NOTHING_TAKEN,
+    Admission,
+    KeyCache,
+    KeyChanges,
+    ProjectCache,
+    ProjectInfo,
+)
 from services.ingest.keylookup import KeyLookups
 from services.ingest.ratelimit import RateLimiter
 from shared.apikeys import VerifiedKey
@@ -417,7 +425,7 @@ def test_verified_re_reads_never_wait_behind_strangers_queries() -> None:
     asyncio.run(scenario())
 
 
-def test_refusal_answers_like_get_without_waiting_or_taking_a_token() -> None:
+def test_screen_answers_like_get_without_waiting_and_takes_a_token_once() -> None:
     clock = FakeClock()
     real, key = generate_key().plaintext, verified()
     database = Database({real: key})
@@ -425,19 +433,57 @@ def test_refusal_answers_like_get_without_waiting_or_taking_a_token() -> None:
 
     async def scenario() -> None:
         keys = cache(database, clock, failures=failures)
-        assert keys.refusal("ml_live_not_a_key", "10.0.0.1") == "unknown"
+        assert keys.screen("ml_live_not_a_key", "10.0.0.1") == "unknown"
         first, second, third = made_up_keys(3)
-        assert keys.refusal(first, "10.0.0.1") is None  # it needs a read
-        assert await keys.get(first, NOW, "10.0.0.1") is None
-        assert keys.refusal(first, "10.0.0.1") == "unknown"  # remembered
-        assert keys.refusal(second, "10.0.0.1") is None  # asking took no token
-        assert await keys.get(second, NOW, "10.0.0.1") is None
-        refused = keys.refusal(third, "10.0.0.1")
+        admitted = keys.screen(first, "10.0.0.1")  # it needs a read: the address's token taken
+        assert admitted == Admission("10.0.0.1", False)
+        assert await keys.get(first, NOW, "10.0.0.1", admitted) is None
+        assert keys.screen(first, "10.0.0.1") == "unknown"  # remembered, no token taken
+        admitted = keys.screen(second, "10.0.0.1")
+        assert isinstance(admitted, Admission)
+        # get does not take the token screen took: the bucket (burst 2) had room for both.
+        assert await keys.get(second, NOW, "10.0.0.1", admitted) is None
+        refused = keys.screen(third, "10.0.0.1")
         assert isinstance(refused, RateLimited) and refused.retry_after > 0
+        assert refused.message == FAILED_FROM_ADDRESS
         with pytest.raises(RateLimited):
-            await keys.get(third, NOW, "10.0.0.1")
-        # A verified key is get's to answer, whatever its address's bucket says.
+            await keys.get(third, NOW, "10.0.0.1")  # without an admission, get takes its own
+        # A verified key is let through whatever its address's bucket says, taking nothing.
         assert await keys.get(real, NOW, "10.0.0.2") == key
-        assert keys.refusal(real, "10.0.0.1") is None
+        assert keys.screen(real, "10.0.0.1") is NOTHING_TAKEN
+
+    asyncio.run(scenario())
+
+
+def test_screen_lets_through_only_as_many_strangers_as_the_budget_has_room_for() -> None:
+    clock = FakeClock()
+    real, key = generate_key().plaintext, verified()
+    database = Database({real: key})
+
+    async def changes(since: datetime | None) -> KeyChanges:
+        return KeyChanges([], NOW, [prefix_of(real)])
+
+    async def scenario() -> None:
+        lookups = KeyLookups(database.read, strangers=RateLimiter(rate=1, burst=5, clock=clock))
+        keys = KeyCache(lookups, pepper=PEPPER, ttl=2.0, changes=changes, clock=clock)
+        await keys.poll()
+        strangers = made_up_keys(100)
+        # Screened one after another before any is read, as in one turn of the event loop.
+        screened = [keys.screen(k, f"10.0.{i // 250}.{i % 250}") for i, k in enumerate(strangers)]
+        admitted = [
+            (k, s) for k, s in zip(strangers, screened, strict=True) if isinstance(s, Admission)
+        ]
+        assert len(admitted) == 5
+        assert all(s.stranger_read for _, s in admitted)
+        refused = [s for s in screened if not isinstance(s, Admission)]
+        assert all(isinstance(s, RateLimited) for s in refused) and len(refused) == 95
+        # Those let through are read, not refused again for the budget they already hold.
+        results = await asyncio.gather(*(keys.get(k, NOW, None, s) for k, s in admitted))
+        assert results == [None] * 5
+        assert database.hashes_read == 5
+        # The budget is spent, yet a real key, never read before, is let through and accepted.
+        let_through = keys.screen(real, "10.9.9.9")
+        assert isinstance(let_through, Admission) and not let_through.stranger_read
+        assert await keys.get(real, NOW, "10.9.9.9", let_through) == key
 
     asyncio.run(scenario())
