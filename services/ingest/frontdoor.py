@@ -6,7 +6,10 @@ callbacks, in one write: no task, no ASGI call, no middleware.
 A flood of made-up keys is mostly such requests, and on the ASGI path each cost a worker about
 60 microseconds of CPU (a task, the cycle's objects, two writes for head and body). Everything
 else (a verified key, a key to read, a pipelined request, an encoded path, Expect: 100-continue)
-takes the ASGI path, where api.AuthenticateFirst decides again, the same way.
+takes the ASGI path, where api.AuthenticateFirst decides again, the same way. For a key it lets
+through to be read, the front door takes the address's token and a stranger's place in the
+strangers' budget there and then (KeyCache.screen) and hands what it took on in the scope, so
+that no more of a flood gets past it than there are tokens, and none is charged twice.
 
 Refusals never go before real work: once a connection has been refused, its next requests wait
 in the worker's StrangersLine, which reads at most PER_TURN of them each turn of the event loop
@@ -14,7 +17,8 @@ in the worker's StrangersLine, which reads at most PER_TURN of them each turn of
 Without it a loop answering hundreds of flooding connections at once ran every step of a real
 request (its task, the broker's acknowledgement, its answer) a whole sweep of refusals later:
 the client's p50 went from 6 ms to seconds. A connection that was never refused (a real client)
-is read at once, as before.
+is read at once, as before; one the app refused (its key read and found unknown) waits in line
+like one refused here.
 """
 
 from __future__ import annotations

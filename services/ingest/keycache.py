@@ -20,6 +20,8 @@ remembered (under the same rules as a verified one) and refused without a query 
 holds. A key not cached at all is read through KeyLookups (batched, at most two connections),
 and only after the client's address takes a token from the failed-authentication bucket
 (given back if the key proves valid): a client over it gets 429 without any database work.
+The front door takes that token, and a stranger's place in the strangers' budget, when it lets
+the request through (`screen`), and `get` given its Admission does not take them again.
 The polls also keep a PrefixFilter of the stored keys' public prefixes (all of them at the first
 poll, then those of keys created since), so a key whose prefix no stored key has is read as a
 stranger: last, and within the strangers' budget (keylookup.py). A key created a moment ago is

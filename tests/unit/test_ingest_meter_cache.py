@@ -33,7 +33,7 @@ class Meters:
             await self.release.wait()
         if self.fail:
             raise DatabaseUnavailable("database down")
-        return {f"v{self.version}": None}  # type: ignore[dict-item]
+        return {f"v{self.version}": None}
 
 
 def test_requests_never_wait_for_a_re_read_while_the_meters_are_current() -> None:
