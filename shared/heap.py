@@ -16,8 +16,9 @@ import gc
 
 
 def settle(young_threshold: int | None = None) -> None:
-    """Freeze what exists now out of the collector's passes; optionally set the number of
-    allocations (less deallocations) that starts a young pass."""
+    """Collect, then freeze what is left out of the collector's passes; optionally set the
+    number of allocations (less deallocations) that starts a young pass."""
+    gc.collect()  # what is garbage already goes first: frozen, it would stay for good
     gc.freeze()
     if young_threshold is not None:
         _, middle, old = gc.get_threshold()

@@ -205,9 +205,10 @@ def _value_columns(values: Sequence[MeterValueKey], window_seconds: int) -> dict
 # values. Each value names its window by position (`value_window`, 1-based) instead of repeating
 # the window's six key columns, and the parameters go in PostgreSQL's binary format (`%(...)b`):
 # dumping the arrays as text (a regular expression per element, escapes for the JSON of the
-# dimensions) cost the batch more than PostgreSQL's own work on the rows.
+# dimensions) cost the batch more than PostgreSQL's own work on the rows. `d` is MATERIALIZED so
+# that each window's dimensions are cast to JSONB once, for its upsert and its values alike.
 _RECORD = f"""
-    WITH d AS (
+    WITH d AS MATERIALIZED (
         SELECT organization_id, project_id, api_key_id, metric,
                CAST(dimensions AS jsonb) AS dimensions, window_start, quantity, event_count,
                max_quantity, min_quantity, latest_quantity, latest_at, latest_event_id, n

@@ -15,11 +15,13 @@ of 606 (-23%); within a whole aggregator batch the gain is within the run-to-run
 
 The index is built CONCURRENTLY beside the old one (writes go on), then the old one is dropped
 and the new one takes its name. A build interrupted midway leaves an invalid index under the
-new name: running the migration again drops it and starts over.
+new name: running the migration again drops it and builds it again; a finished build is kept
+(the old index may already be gone, and then it is the one enforcing uniqueness).
 """
 
 from collections.abc import Sequence
 
+import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0026_meter_values_value_first"
@@ -41,16 +43,37 @@ _DIMENSIONS_FIRST = (
 
 def _rebuild(columns: str) -> None:
     with op.get_context().autocommit_block():
-        # A table of every distinct value of every window takes its time to index.
-        op.execute("SET statement_timeout = 0")
-        op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {_BUILDING}")
-        op.execute(
-            f"CREATE UNIQUE INDEX CONCURRENTLY {_BUILDING} ON meter_values ({columns})"
-            " NULLS NOT DISTINCT"
-        )
+        bind = op.get_bind()
+        kept = {
+            name: bind.execute(sa.text(f"SHOW {name}")).scalar_one()
+            for name in ("lock_timeout", "statement_timeout")
+        }
+        # CONCURRENTLY blocks no writer but waits for every older transaction, and a table of
+        # every distinct value of every window takes its time to index: no timeout here.
+        bind.execute(sa.text("SET lock_timeout = 0"))
+        bind.execute(sa.text("SET statement_timeout = 0"))
+        # A rerun after an interruption: an invalid build is dropped and made again; a valid one
+        # may be the only index left enforcing uniqueness (the old one dropped), so it is kept.
+        valid = bind.execute(
+            sa.text(
+                "SELECT i.indisvalid FROM pg_index AS i"
+                " JOIN pg_class AS c ON c.oid = i.indexrelid WHERE c.relname = :name"
+            ),
+            {"name": _BUILDING},
+        ).scalar_one_or_none()
+        if valid is False:
+            op.execute(f"DROP INDEX CONCURRENTLY {_BUILDING}")
+        if not valid:
+            op.execute(
+                f"CREATE UNIQUE INDEX CONCURRENTLY {_BUILDING} ON meter_values ({columns})"
+                " NULLS NOT DISTINCT"
+            )
         op.execute(f"DROP INDEX CONCURRENTLY IF EXISTS {_NAME}")
         op.execute(f"ALTER INDEX {_BUILDING} RENAME TO {_NAME}")
-        op.execute("SET statement_timeout = '5min'")
+        for name, value in kept.items():
+            bind.execute(
+                sa.text("SELECT set_config(:name, :value, false)"), {"name": name, "value": value}
+            )
 
 
 def upgrade() -> None:

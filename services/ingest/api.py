@@ -22,12 +22,13 @@ from services.ingest.keycache import Admission
 from services.ingest.openapi import openapi_document
 from services.ingest.publisher import RETRY_AFTER_SECONDS
 from services.ingest.schemas import Accepted, encoder
-from services.ingest.service import IngestService
+from services.ingest.service import IngestService, KeyOverLimit
 from shared.apikeys import VerifiedKey
 from shared.errors import (
     InvalidInput,
     MeterlineError,
     RateLimited,
+    Unauthenticated,
     UnsupportedMediaType,
 )
 from shared.events import MAX_BODY_BYTES, parse_timestamp
@@ -97,6 +98,14 @@ AUTHENTICATED = frozenset(
 _KEY = "meterline.key"
 
 
+def _stranger_refusal(exc: MeterlineError) -> bool:
+    """A refusal of the key itself (unknown, or its address or the strangers' budget over the
+    limit), not a verified key's own limit or a database outage."""
+    return isinstance(exc, Unauthenticated) or (
+        isinstance(exc, RateLimited) and not isinstance(exc, KeyOverLimit)
+    )
+
+
 def authenticate_first(app: Starlette) -> AuthenticateFirst:
     return AuthenticateFirst(app)
 
@@ -105,7 +114,7 @@ class AuthenticateFirst:
     """The ASGI app uvicorn runs: requests to AUTHENTICATED routes are authenticated here,
     before routing, middleware or a Request object, so that a made-up key (the bulk of a flood)
     is refused in a few microseconds with a pre-rendered body. The verified key travels on in
-    the scope for the endpoint. `refusal` answers the front door (frontdoor.py), which refuses
+    the scope for the endpoint. `screen` answers the front door (frontdoor.py), which refuses
     what needs no waiting before a request even reaches this app."""
 
     def __init__(self, app: Starlette) -> None:
@@ -121,7 +130,8 @@ class AuthenticateFirst:
                 _authorization(scope), _client(scope), scope.get(ADMITTED)
             )
         except MeterlineError as exc:
-            scope[REFUSED] = True  # the front door reads this connection's next request later
+            if _stranger_refusal(exc):
+                scope[REFUSED] = True  # the front door reads this connection's next request later
             await _send_refusal(send, refusal_parts(exc, scope["path"]))
             return
         except Exception as exc:

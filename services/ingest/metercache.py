@@ -7,9 +7,9 @@ on with the meters it has; only a request that finds them `ttl` old or more (the
 or there was none yet) waits, for the one re-read in flight, never for one of its own. (Every
 request used to read them itself once `ttl` had passed: during a flood of made-up keys, with the
 event loop and the database slow, the real requests of that moment queued for their own reads,
-hundreds of milliseconds, the client's whole tail.) If a re-read fails (the database is down)
-the meters last read stay in force: ingest keeps accepting what it accepted a moment ago, and
-tries again half a `ttl` later.
+hundreds of milliseconds, the client's whole tail.) If a re-read fails (the database is down, or
+anything else: logged as meters_read_failed) the meters last read stay in force: ingest keeps
+accepting what it accepted a moment ago, and tries again half a `ttl` later.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class MeterCache:
             self._meters = await self._fetch()
         except DatabaseUnavailable as exc:
             log_event(logger, "meters_read_failed", logging.WARNING, error=exc.message)
+        except Exception as exc:
+            # Not an outage (a bug, a schema being changed): said loudly, and tried again half a
+            # ttl later like an outage, not by every request meanwhile.
+            log_event(logger, "meters_read_failed", logging.ERROR, error=repr(exc)[:300])
         finally:
             self._reading = None
         self._read_at = started

@@ -394,6 +394,11 @@ class Limits:
     publish_timeout: float
 
 
+class KeyOverLimit(RateLimited):
+    """A verified key over its own rate limit: answered 429 like any, but its client is no
+    stranger (the front door does not put its connection in the strangers' line)."""
+
+
 class IngestService:
     """One per worker process: the caches, the rate limiter and the publisher it decides with."""
 
@@ -448,7 +453,7 @@ class IngestService:
         self.tally.record(key.id, now)
         wait = self.limiter.acquire(key.id)
         if wait > 0:
-            raise RateLimited("over this key's rate limit", retry_after=wait)
+            raise KeyOverLimit("over this key's rate limit", retry_after=wait)
         return key
 
     def screen(self, authorization: str | None, client: str | None) -> MeterlineError | Admission:

@@ -112,6 +112,45 @@ def test_every_storage_parameter_of_the_models_is_in_the_database(empty_database
     }
 
 
+def _index_of(url: str, name: str) -> tuple[bool, str] | None:
+    engine = sa.create_engine(url)
+    with engine.connect() as connection:
+        row = connection.execute(
+            sa.text(
+                "SELECT i.indisvalid, pg_get_indexdef(i.indexrelid) FROM pg_index AS i"
+                " JOIN pg_class AS c ON c.oid = i.indexrelid WHERE c.relname = :name"
+            ),
+            {"name": name},
+        ).one_or_none()
+    engine.dispose()
+    return None if row is None else (row[0], row[1])
+
+
+def test_0026_rerun_keeps_a_finished_build_that_is_the_only_unique_index(
+    empty_database: str,
+) -> None:
+    # An earlier run built the new index and dropped the old one, then stopped before the
+    # rename: the new index is all that enforces uniqueness, and the rerun must keep it.
+    migrate.upgrade(empty_database, "0025_update_room")
+    engine = sa.create_engine(empty_database)
+    with engine.begin() as connection:
+        connection.execute(
+            sa.text(
+                "CREATE UNIQUE INDEX uq_meter_values_value_next ON meter_values (organization_id,"
+                " metric, window_start, window_seconds, value, project_id, api_key_id, dimensions)"
+                " NULLS NOT DISTINCT"
+            )
+        )
+        connection.execute(sa.text("DROP INDEX uq_meter_values_value"))
+    engine.dispose()
+    migrate.upgrade(empty_database)
+    assert _index_of(empty_database, "uq_meter_values_value_next") is None
+    found = _index_of(empty_database, "uq_meter_values_value")
+    assert found is not None and found[0]
+    assert "(organization_id, metric, window_start, window_seconds, value," in found[1]
+    migrate.check(empty_database)
+
+
 def test_downgrade_to_base_and_upgrade_again(empty_database: str) -> None:
     migrate.upgrade(empty_database)
     migrate.downgrade(empty_database, "base")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import weakref
 from collections.abc import Iterator
 
 import pytest
@@ -31,7 +32,19 @@ def test_settle_sets_only_the_young_threshold(collector: None) -> None:
     assert gc.get_threshold() == (100_000, middle, old)
 
 
-def test_objects_made_after_settling_are_still_collected(collector: None) -> None:
+def test_garbage_made_before_settling_is_collected_not_frozen(collector: None) -> None:
+    class Cycle:
+        pass
+
+    first, second = Cycle(), Cycle()
+    first.other, second.other = second, first  # type: ignore[attr-defined]
+    gone = weakref.ref(first)
+    del first, second
+    heap.settle(young_threshold=100_000)
+    assert gone() is None
+
+
+def test_garbage_made_after_settling_is_still_collected(collector: None) -> None:
     heap.settle(young_threshold=100_000)
 
     class Cycle:
@@ -39,5 +52,7 @@ def test_objects_made_after_settling_are_still_collected(collector: None) -> Non
 
     first, second = Cycle(), Cycle()
     first.other, second.other = second, first  # type: ignore[attr-defined]
+    gone = weakref.ref(first)
     del first, second
-    assert gc.collect() >= 2
+    gc.collect()
+    assert gone() is None

@@ -4,6 +4,9 @@ database while the meters it has are current."""
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from services.ingest.metercache import MeterCache
 from shared.errors import DatabaseUnavailable
@@ -25,15 +28,15 @@ class Meters:
         self.reads = 0
         self.version = 0
         self.release: asyncio.Event | None = None
-        self.fail = False
+        self.fail: Exception | None = None
 
     async def fetch(self) -> dict[str, MeterDefinition]:
         self.reads += 1
         if self.release is not None:
             await self.release.wait()
-        if self.fail:
-            raise DatabaseUnavailable("database down")
-        return {f"v{self.version}": None}
+        if self.fail is not None:
+            raise self.fail
+        return {f"v{self.version}": None}  # type: ignore[dict-item]
 
 
 def test_requests_never_wait_for_a_re_read_while_the_meters_are_current() -> None:
@@ -55,24 +58,42 @@ def test_requests_never_wait_for_a_re_read_while_the_meters_are_current() -> Non
         assert not waiting.done()
         meters.release.set()
         assert list(await waiting) == ["v1"] and meters.reads == 2
-        clock.now = 2.5
-        assert list(await cache.get()) == ["v1"] and meters.reads == 2  # read at 1.2: current
+        clock.now = 2.15  # 0.95 after the re-read started (1.2): current, no read
+        assert list(await cache.get()) == ["v1"]
+        await asyncio.sleep(0)
+        assert meters.reads == 2
 
     asyncio.run(scenario())
 
 
-def test_a_failed_re_read_keeps_the_meters_in_force_and_is_tried_again() -> None:
+@pytest.mark.parametrize(
+    ("failure", "level"),
+    [
+        (DatabaseUnavailable("database down"), logging.WARNING),
+        (RuntimeError("column meters.dimensions is gone"), logging.ERROR),
+    ],
+    ids=["outage", "unexpected"],
+)
+def test_a_failed_re_read_keeps_the_meters_in_force_and_is_tried_again(
+    failure: Exception, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
     clock, meters = FakeClock(), Meters()
 
     async def scenario() -> None:
         cache = MeterCache(meters.fetch, ttl=2.0, clock=clock)
         assert list(await cache.get()) == ["v0"]
-        meters.fail = True
+        meters.fail = failure
         clock.now = 2.5  # stale: this request waits for the read, which fails
-        assert list(await cache.get()) == ["v0"] and meters.reads == 2
-        clock.now = 3.0
-        assert list(await cache.get()) == ["v0"] and meters.reads == 2  # tried again later
-        meters.fail, meters.version = False, 1
+        with caplog.at_level(logging.WARNING, logger="meterline.ingest"):
+            assert list(await cache.get()) == ["v0"] and meters.reads == 2
+        assert [(r.getMessage(), r.levelno) for r in caplog.records] == [
+            ("meters_read_failed", level)
+        ]
+        clock.now = 3.0  # half a TTL after the failed read started: not yet tried again
+        assert list(await cache.get()) == ["v0"]
+        await asyncio.sleep(0)
+        assert meters.reads == 2
+        meters.fail, meters.version = None, 1
         clock.now = 3.6
         await cache.get()  # starts the re-read in the background
         await asyncio.sleep(0)
