@@ -32,27 +32,25 @@ def test_settle_sets_only_the_young_threshold(collector: None) -> None:
     assert gc.get_threshold() == (100_000, middle, old)
 
 
-def test_garbage_made_before_settling_is_collected_not_frozen(collector: None) -> None:
-    class Cycle:
-        pass
+class Cycle:
+    other: Cycle
 
+
+def unreachable_cycle() -> weakref.ref[Cycle]:
+    """A reference to one of two objects that hold each other and nothing else holds."""
     first, second = Cycle(), Cycle()
-    first.other, second.other = second, first  # type: ignore[attr-defined]
-    gone = weakref.ref(first)
-    del first, second
+    first.other, second.other = second, first
+    return weakref.ref(first)
+
+
+def test_garbage_made_before_settling_is_collected_not_frozen(collector: None) -> None:
+    gone = unreachable_cycle()
     heap.settle(young_threshold=100_000)
     assert gone() is None
 
 
 def test_garbage_made_after_settling_is_still_collected(collector: None) -> None:
     heap.settle(young_threshold=100_000)
-
-    class Cycle:
-        pass
-
-    first, second = Cycle(), Cycle()
-    first.other, second.other = second, first  # type: ignore[attr-defined]
-    gone = weakref.ref(first)
-    del first, second
+    gone = unreachable_cycle()
     gc.collect()
     assert gone() is None
