@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -26,6 +25,7 @@ from services.ingest.publisher import EventPublisher, KafkaPublisher
 from services.ingest.queries import IngestQueries
 from services.ingest.ratelimit import RateLimiter
 from services.ingest.service import IngestService
+from shared import heap
 from shared.db import create_async_db_engine
 from shared.errors import MeterlineError
 from shared.logs import configure_logging, log_event, register_secret
@@ -100,7 +100,7 @@ def create_app(
         app.state.value_paths = meters.value_path
         # Everything built so far lives as long as the process: keep it out of the collector's
         # full passes, which otherwise rescan every module object and stall requests.
-        gc.freeze()
+        heap.settle()
         # The producer's I/O thread needs the GIL to send and to settle acknowledgements; with
         # the default 5 ms switch interval a busy event loop (a flood of refused requests) hands
         # it over so rarely that every publish queues behind it.
