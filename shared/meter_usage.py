@@ -134,33 +134,33 @@ _DELETE_WINDOWS = sa.text(
     f"DELETE FROM meter_windows AS u USING {_KEY_ARRAYS}"  # noqa: S608 - fixed fragments
     f" AS d({_KEY_COLUMNS}) WHERE {_MATCH_KEY}"
 )
-# A distinct value names its window by id: replay's values are joined to their windows (which it
-# sets first) by the window's key. Each value's window is locked as a key check would lock it, so
-# that one deleted meanwhile (its trigger removes its values) leaves no row behind.
 _INSERT_VALUES = sa.text(
     f"""
-    INSERT INTO meter_values (window_id, value)
-    SELECT u.id, d.value
+    INSERT INTO meter_values ({_KEY_COLUMNS}, window_seconds, value)
+    SELECT d.organization_id, d.project_id, d.api_key_id, d.metric,
+           CAST(d.dimensions AS jsonb), d.window_start, CAST(:window_seconds AS integer), d.value
       FROM unnest(CAST(:organization_id AS uuid[]), CAST(:project_id AS uuid[]),
                   CAST(:api_key_id AS uuid[]), CAST(:metric AS text[]),
                   CAST(:dimensions AS text[]), CAST(:window_start AS timestamptz[]),
                   CAST(:value AS text[]))
            AS d({_KEY_COLUMNS}, value)
-      JOIN meter_windows AS u ON {_MATCH_KEY}
-       FOR KEY SHARE OF u
+     -- meter_values has no foreign key: the organizations are locked as a key check would lock
+     -- them, so that one deleted meanwhile (its trigger removes its values) leaves no row behind.
+     WHERE d.organization_id IN (
+           SELECT id FROM organizations
+            WHERE id = ANY(CAST(:organization_id AS uuid[])) FOR KEY SHARE)
     ON CONFLICT DO NOTHING
     """  # noqa: S608 - fixed fragments only
 )
 _DELETE_VALUES = sa.text(
     f"""
-    DELETE FROM meter_values AS v
-     USING meter_windows AS u,
-           unnest(CAST(:organization_id AS uuid[]), CAST(:project_id AS uuid[]),
+    DELETE FROM meter_values AS u
+     USING unnest(CAST(:organization_id AS uuid[]), CAST(:project_id AS uuid[]),
                   CAST(:api_key_id AS uuid[]), CAST(:metric AS text[]),
                   CAST(:dimensions AS text[]), CAST(:window_start AS timestamptz[]),
                   CAST(:value AS text[]))
            AS d({_KEY_COLUMNS}, value)
-     WHERE v.window_id = u.id AND {_MATCH_KEY} AND v.value = d.value
+     WHERE {_MATCH_KEY} AND u.value = d.value
     """  # noqa: S608 - fixed fragments only
 )
 
@@ -203,12 +203,10 @@ def _value_columns(values: Sequence[MeterValueKey], window_seconds: int) -> dict
 
 # The aggregator's one statement per batch: the windows' upsert and the insert of their distinct
 # values. Each value names its window by position (`value_window`, 1-based) instead of repeating
-# the window's six key columns, and is stored under the id the upsert returns for that window
-# (the existing row's or the new one's); the parameters go in PostgreSQL's binary format
-# (`%(...)b`): dumping the arrays as text (a regular expression per element, escapes for the JSON
-# of the dimensions) cost the batch more than PostgreSQL's own work on the rows. `d` is
-# MATERIALIZED so that each window's dimensions are cast to JSONB once, for its upsert and the
-# match of its returned row alike.
+# the window's six key columns, and the parameters go in PostgreSQL's binary format (`%(...)b`):
+# dumping the arrays as text (a regular expression per element, escapes for the JSON of the
+# dimensions) cost the batch more than PostgreSQL's own work on the rows. `d` is MATERIALIZED so
+# that each window's dimensions are cast to JSONB once, for its upsert and its values alike.
 _RECORD = f"""
     WITH d AS MATERIALIZED (
         SELECT organization_id, project_id, api_key_id, metric,
@@ -235,18 +233,13 @@ _RECORD = f"""
           FROM d
     {_CONFLICT}
     {_ADD_SET}
-    RETURNING u.id, u.organization_id, u.project_id, u.api_key_id, u.metric, u.dimensions,
-              u.window_start
     )
-    INSERT INTO meter_values (window_id, value)
-    SELECT w.id, v.value
+    INSERT INTO meter_values (organization_id, project_id, api_key_id, metric, dimensions,
+                              window_start, window_seconds, value)
+    SELECT d.organization_id, d.project_id, d.api_key_id, d.metric, d.dimensions,
+           d.window_start, %(window_seconds)b::integer, v.value
       FROM unnest(%(value_window)b::bigint[], %(value)b::text[]) AS v(n, value)
       JOIN d ON d.n = v.n
-      JOIN windows AS w
-        ON w.organization_id = d.organization_id AND w.metric = d.metric
-       AND w.window_start = d.window_start AND w.dimensions = d.dimensions
-       AND w.project_id IS NOT DISTINCT FROM d.project_id
-       AND w.api_key_id IS NOT DISTINCT FROM d.api_key_id
     ON CONFLICT DO NOTHING
 """  # noqa: S608 - fixed fragments only
 
@@ -342,10 +335,7 @@ def meter_usage_between(
     values: set[MeterValueKey] = {
         (row[0], row[1], row[2], row[3], dimensions_key(row[4]), row[5], row[6])
         for row in connection.execute(
-            sa.text(
-                f"SELECT {_KEY_COLUMNS}, value FROM meter_values"  # noqa: S608
-                f" JOIN meter_windows ON id = window_id{where}"
-            ),
+            sa.text(f"SELECT {_KEY_COLUMNS}, value FROM meter_values{where}"),  # noqa: S608
             params,
         )
     }
@@ -443,7 +433,6 @@ def query_meter_usage(
             for row in connection.execute(
                 sa.text(
                     f"SELECT {select}, count(DISTINCT value) FROM meter_values"  # noqa: S608
-                    f" JOIN meter_windows ON id = window_id"
                     f" WHERE {condition} GROUP BY {group}"
                 ),
                 params,

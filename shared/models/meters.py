@@ -97,18 +97,38 @@ class MeterWindow(IdMixin, TimestampMixin, Base):
     latest_event_id: Mapped[str] = mapped_column(String(128))
 
 
-# A distinct value of a unique_count meter's property seen in one window, named by the window's
-# id. One row per distinct value and window is the hot path's costliest write, so the row is the
-# id and the value, its only index their primary key, and it has no foreign key: each row is
-# written in the statement that upserts its window, and a statement trigger on meter_windows
-# deletes the values of the windows a statement deletes (migration 0027), as ON DELETE CASCADE
-# would. A Core table, never an ORM class.
+# A distinct value of a unique_count meter's property seen in one window. One row per distinct
+# value and window is the hot path's costliest write, so the table holds only its unique index
+# (no surrogate key, no second index, no foreign key): a Core table, never an ORM class. Each
+# row is written in the statement that upserts its meter_windows row, whose keys check the
+# organization, project and key; an organization's deletion removes its rows by a trigger
+# (migration 0024), as ON DELETE CASCADE would.
 meter_values = Table(
     "meter_values",
     Base.metadata,
-    Column("window_id", Uuid, nullable=False),
+    Column("organization_id", Uuid, nullable=False),
+    Column("project_id", Uuid, nullable=True),
+    Column("api_key_id", Uuid, nullable=True),
+    Column("metric", String(64), nullable=False),
+    Column("dimensions", JSONB, nullable=False),
+    Column("window_start", DateTime(timezone=True), nullable=False),
+    Column("window_seconds", Integer, nullable=False),
     Column("value", String(256), nullable=False),
-    PrimaryKeyConstraint("window_id", "value", name="pk_meter_values"),
+    # The value before the dimensions: a descent of this index compares two JSONB values only
+    # between rows of the same value (migration 0026).
+    Index(
+        "uq_meter_values_value",
+        "organization_id",
+        "metric",
+        "window_start",
+        "window_seconds",
+        "value",
+        "project_id",
+        "api_key_id",
+        "dimensions",
+        unique=True,
+        postgresql_nulls_not_distinct=True,
+    ),
 )
 
 

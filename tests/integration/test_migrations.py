@@ -143,84 +143,11 @@ def test_0026_rerun_keeps_a_finished_build_that_is_the_only_unique_index(
         )
         connection.execute(sa.text("DROP INDEX uq_meter_values_value"))
     engine.dispose()
-    migrate.upgrade(empty_database, "0026_meter_values_value_first")
+    migrate.upgrade(empty_database)
     assert _index_of(empty_database, "uq_meter_values_value_next") is None
     found = _index_of(empty_database, "uq_meter_values_value")
     assert found is not None and found[0]
     assert "(organization_id, metric, window_start, window_seconds, value," in found[1]
-    migrate.upgrade(empty_database)
-    migrate.check(empty_database)
-
-
-_OLD_SHAPE_VALUES = (
-    "SELECT w.organization_id, w.metric, w.dimensions::text, w.project_id, v.value"
-    " FROM meter_values AS v JOIN meter_windows AS w"
-    " ON w.organization_id = v.organization_id AND w.metric = v.metric"
-    " AND w.window_start = v.window_start AND w.window_seconds = v.window_seconds"
-    " AND w.dimensions = v.dimensions AND w.project_id IS NOT DISTINCT FROM v.project_id"
-    " AND w.api_key_id IS NOT DISTINCT FROM v.api_key_id"
-)
-
-
-def test_0027_moves_every_value_to_its_window_id_and_back(empty_database: str) -> None:
-    # Values written in the old shape (seven key columns) are each found under their window's id
-    # after the upgrade, deleted with their window, and the downgrade writes them back.
-    migrate.upgrade(empty_database, "0026_meter_values_value_first")
-    engine = sa.create_engine(empty_database)
-    hour = datetime(2026, 12, 4, 5, tzinfo=UTC)
-    with engine.begin() as connection:
-        org = connection.execute(
-            sa.text("INSERT INTO organizations (id, name, slug) VALUES (gen_random_uuid(),"
-                    " 'm', 'm-' || substr(md5(random()::text), 1, 8)) RETURNING id")
-        ).scalar_one()  # fmt: skip
-        project = connection.execute(
-            sa.text("INSERT INTO projects (id, organization_id, name, slug)"
-                    " VALUES (gen_random_uuid(), :org, 'p', 'p') RETURNING id"), {"org": org},
-        ).scalar_one()  # fmt: skip
-        # Two windows that differ only by dimensions, a third only by project.
-        for dimensions, project_id in (('{"r": "eu"}', None), ('{"r": "us"}', None),
-                                       ('{"r": "eu"}', project)):  # fmt: skip
-            connection.execute(
-                sa.text(
-                    "INSERT INTO meter_windows (id, organization_id, project_id, metric,"
-                    " dimensions, window_start, window_seconds, quantity, event_count,"
-                    " max_quantity, min_quantity, latest_quantity, latest_at, latest_event_id)"
-                    " VALUES (gen_random_uuid(), :org, :project, 'users', CAST(:dims AS jsonb),"
-                    " :hour, 3600, 1, 1, 1, 1, 1, :hour, 'e')"
-                ),
-                {"org": org, "project": project_id, "dims": dimensions, "hour": hour},
-            )
-            for value in ("u-1", f"u-{dimensions}-{project_id}"):
-                connection.execute(
-                    sa.text(
-                        "INSERT INTO meter_values (organization_id, project_id, metric,"
-                        " dimensions, window_start, window_seconds, value) VALUES (:org,"
-                        " :project, 'users', CAST(:dims AS jsonb), :hour, 3600, :value)"
-                    ),
-                    {"org": org, "project": project_id, "dims": dimensions, "hour": hour,
-                     "value": value},
-                )  # fmt: skip
-        before = set(connection.execute(sa.text(_OLD_SHAPE_VALUES)).all())
-    assert len(before) == 6
-    migrate.upgrade(empty_database, "0027_meter_values_by_window")
-    with engine.begin() as connection:
-        moved = set(
-            connection.execute(
-                sa.text(
-                    "SELECT w.organization_id, w.metric, w.dimensions::text, w.project_id,"
-                    " v.value FROM meter_values AS v JOIN meter_windows AS w ON w.id = v.window_id"
-                )
-            ).all()
-        )
-        assert moved == before
-        connection.execute(sa.text("DELETE FROM meter_windows WHERE project_id IS NOT NULL"))
-        assert connection.execute(sa.text("SELECT count(*) FROM meter_values")).scalar_one() == 4
-    migrate.downgrade(empty_database, "0026_meter_values_value_first")
-    with engine.connect() as connection:
-        back = set(connection.execute(sa.text(_OLD_SHAPE_VALUES)).all())
-    engine.dispose()
-    assert back == {row for row in before if row[3] is None}
-    migrate.upgrade(empty_database)
     migrate.check(empty_database)
 
 
