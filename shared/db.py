@@ -7,6 +7,7 @@ from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 
+import psycopg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
@@ -15,6 +16,31 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from shared.errors import ConfigurationError, DatabaseUnavailable
 from shared.settings import Settings
+
+
+@contextmanager
+def pipelined(connection: sa.Connection) -> Iterator[None]:
+    """The statements executed inside the block go to PostgreSQL at once, without waiting for
+    each other's results (its pipeline mode): the process goes on with its own work while the
+    database runs what was sent. The block's end waits for all of them; each statement's row
+    count is known only then (rows_affected), and an error of any is raised there, as
+    SQLAlchemy's DBAPIError (OperationalError for a lost connection), so that callers tell a
+    database that is down from one that refuses as they do outside the block."""
+    driver = connection.connection.driver_connection
+    try:
+        with driver.pipeline():  # type: ignore[union-attr]
+            yield
+    except psycopg.Error as exc:
+        raise sa_exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+
+
+def rows_affected(result: sa.CursorResult[Any] | None) -> int:
+    """The rows a statement wrote. Inside `pipelined`, the result's own rowcount was read before
+    the statement ran (-1): its cursor has the count once the block has ended."""
+    if result is None:
+        return 0
+    count = result.rowcount
+    return int(count if count >= 0 else result.context.cursor.rowcount)
 
 
 def where(database_url: str) -> str:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -26,7 +27,7 @@ from services.aggregator.batch import (
     WindowTotal,
 )
 from services.aggregator.meter_windows import MeterFacts
-from shared.db import array_literal
+from shared.db import array_literal, rows_affected
 
 # The usage locks live with every other writer's; the batch and replay take them through here.
 from shared.usage_locks import lock_exclusive, lock_shared_for_batch  # noqa: F401
@@ -135,9 +136,20 @@ def record_events(
     cut's part is computed from them) and, for metered metrics, what a meter piece needs
     (shared.meter_pieces: `facts`, the events' batch_meter_facts); returns how many were new to
     it (the others are left as they are: first accepted wins)."""
+    return rows_affected(send_events(connection, events, window_seconds, facts))
+
+
+def send_events(
+    connection: Connection,
+    events: Sequence[CountableEvent],
+    window_seconds: int,
+    facts: Sequence[MeterFacts],
+) -> sa.CursorResult[Any] | None:
+    """record_events' insert, for a caller that reads how many rows were new later (with
+    shared.db.rows_affected, after its pipelined block); None when there is no event."""
     if not events:
-        return 0
-    result = connection.exec_driver_sql(
+        return None
+    return connection.exec_driver_sql(
         _RECORD_EVENTS,
         {
             "orgs": [e.organization_id for e in events],
@@ -151,7 +163,6 @@ def record_events(
             "values": [value for _, value in facts],
         },
     )
-    return int(result.rowcount)
 
 
 def window_totals(

@@ -45,6 +45,7 @@ from services.aggregator.ledger_partitions import PartitionKeeper, ledger_floor,
 from services.aggregator.meter_windows import batch_meter_facts, meter_usage, piece_events
 from services.aggregator.metercache import MeterCache
 from services.aggregator.refusals import LedgerChangedUnderBatch, write_isolating
+from shared.db import pipelined, rows_affected
 from shared.logs import log_event
 from shared.meter_pieces import add_meter_pieces, pieces_of
 from shared.meter_usage import record_meter_usage
@@ -148,24 +149,29 @@ class BatchApplier:
             # metered event, by the same meters the meter windows use below.
             meters = self._meters.get(connection) if selection.new else {}
             facts = batch_meter_facts(selection.new, meters)
-            result.counted = repository.record_events(
-                connection, selection.new, self._settings.window_seconds, facts
-            )
+            # Pipelined: the ledger's insert runs in PostgreSQL while the windows are summed
+            # here, and the window upserts while the meter windows are; the block's end waits
+            # for all three, and only then is the ledger's row count known.
+            with pipelined(connection):
+                ledger = repository.send_events(
+                    connection, selection.new, self._settings.window_seconds, facts
+                )
+                windows = sum_windows(selection.new)
+                record_usage(connection, usage_deltas(windows, self._settings.window_seconds))
+                # Metered metrics also keep their windows per dimension values: same events,
+                # same transaction, so the ledger that counts an event once counts it once here.
+                record_meter_usage(
+                    connection,
+                    meter_usage(selection.new, meters, facts),
+                    self._settings.window_seconds,
+                )
+            result.counted = rows_affected(ledger)
             if result.counted != len(selection.new):
                 # Only a writer that skipped the organization lock could get here: roll back
-                # and let the retry's lookup see what it wrote.
+                # (the windows too) and let the retry's lookup see what it wrote.
                 raise LedgerChangedUnderBatch(
                     f"{len(selection.new) - result.counted} ledger rows appeared during the batch"
                 )
-            windows = sum_windows(selection.new)
-            record_usage(connection, usage_deltas(windows, self._settings.window_seconds))
-            # Metered metrics also keep their windows per dimension values: same events, same
-            # transaction, so the ledger that counts an event once counts it once here too.
-            record_meter_usage(
-                connection,
-                meter_usage(selection.new, meters, facts),
-                self._settings.window_seconds,
-            )
             # The cuts inside this batch's windows (usually none) get the events at or after
             # them, and their meter pieces the metered events, in the same transaction as the
             # windows, so a cut's part or piece never lags its window.
