@@ -4,7 +4,6 @@ outside the block, so that the aggregator's batch tells a refusal from an outage
 from __future__ import annotations
 
 import pytest
-import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine
 
@@ -12,7 +11,10 @@ from services.aggregator.refusals import is_refusal, is_transient
 from shared.db import pipelined, rows_affected
 
 TABLE = "CREATE TEMPORARY TABLE piped (n integer PRIMARY KEY CHECK (n < 1000)) ON COMMIT DROP"
-INSERT = "INSERT INTO piped SELECT generate_series(%(low)s::integer, %(high)s::integer) ON CONFLICT DO NOTHING"
+INSERT = (
+    "INSERT INTO piped SELECT generate_series(%(low)s::integer, %(high)s::integer)"
+    " ON CONFLICT DO NOTHING"
+)
 
 
 def test_each_statement_counts_its_own_rows_once_the_block_has_ended(engine: Engine) -> None:
@@ -40,10 +42,13 @@ def test_a_refused_statement_raises_as_a_refusal(engine: Engine) -> None:
 
 
 def test_a_lost_connection_raises_as_transient(engine: Engine) -> None:
-    with pytest.raises(sa_exc.DBAPIError) as lost, engine.begin() as connection:
-        with pipelined(connection):
-            connection.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
-            connection.exec_driver_sql("SELECT 1")
+    with (
+        pytest.raises(sa_exc.DBAPIError) as lost,
+        engine.begin() as connection,
+        pipelined(connection),
+    ):
+        connection.exec_driver_sql("SELECT pg_terminate_backend(pg_backend_pid())")
+        connection.exec_driver_sql("SELECT 1")
 
     assert is_transient(lost.value)
     with engine.connect() as connection:  # the pool hands out a working connection again
