@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from datetime import date, datetime
 from typing import Any
 
-import psycopg
 import sqlalchemy as sa
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Engine, make_url
@@ -23,15 +22,19 @@ def pipelined(connection: sa.Connection) -> Iterator[None]:
     """The statements executed inside the block go to PostgreSQL at once, without waiting for
     each other's results (its pipeline mode): the process goes on with its own work while the
     database runs what was sent. The block's end waits for all of them; each statement's row
-    count is known only then (rows_affected), and an error of any is raised there, as
-    SQLAlchemy's DBAPIError (OperationalError for a lost connection), so that callers tell a
-    database that is down from one that refuses as they do outside the block."""
-    driver = connection.connection.driver_connection
+    count is known only then (rows_affected), and an error of any is raised there. SQLAlchemy
+    handles that error as it handles one of a statement outside the block (the same DBAPIError
+    classes; a lost connection is invalidated, so the pool does not hand it out again), so that
+    callers tell a database that is down from one that refuses as they do elsewhere."""
+    raw = connection.connection.driver_connection
+    assert raw is not None
+    driver_error = connection.dialect.loaded_dbapi.Error
     try:
-        with driver.pipeline():  # type: ignore[union-attr]
+        with raw.pipeline():
             yield
-    except psycopg.Error as exc:
-        raise sa_exc.DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+    except driver_error as exc:
+        # SQLAlchemy's own path for a driver error (no statement: the sync raised it).
+        connection._handle_dbapi_exception(exc, None, None, None, None)
 
 
 def rows_affected(result: sa.CursorResult[Any] | None) -> int:
